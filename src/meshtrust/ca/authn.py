@@ -1,0 +1,269 @@
+"""Who is calling: authenticators for the CA.
+
+Tried in order (DESIGN.md "Certificate authority"): the caller's client certificate (a still
+valid SVID of this trust domain renews itself without a token), then the bearer token —
+a Kubernetes projected service-account token, verified offline against the JWKS of each
+trusted issuer (a cluster's, and the CA's own for hosts outside Kubernetes).
+
+Verified tokens are cached until they expire: a workload fleet presents the same token for
+every renewal, and an ECDSA verify costs more than the rest of the request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography import x509
+
+from meshtrust.ca.cadir import TokenSigningKey
+from meshtrust.errors import (
+    AuthenticationError,
+    ConfigError,
+    InvalidSpiffeId,
+    SvidVerificationError,
+)
+from meshtrust.pki import TrustBundle, verify_svid
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "Caller",
+    "ClientCertAuthenticator",
+    "JwtAuthenticator",
+    "TrustedIssuer",
+    "load_jwks_file",
+    "mint_token",
+]
+
+#: Asymmetric algorithms only: ``none`` and HMAC (which would let anyone holding the public
+#: key forge tokens) are refused before any key is touched.
+ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384")
+LEEWAY = dt.timedelta(seconds=30)
+MAX_TOKEN_BYTES = 16 * 1024
+_SA_PREFIX = "system:serviceaccount:"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated caller: the identity it may get, and how we know."""
+
+    identity: SpiffeId
+    authenticator: str  # "client-cert" | "jwt"
+    subject: str  # what the credential said: token sub or certificate serial
+    expires: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedIssuer:
+    issuer: str
+    jwks: jwt.PyJWKSet
+
+
+def load_jwks_file(issuer: str, path: Path) -> TrustedIssuer:
+    """Load a JWKS file for ``issuer``; raises :class:`ConfigError` naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"JWKS file {path} for issuer {issuer!r}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"JWKS file {path} for issuer {issuer!r} is not JSON: {exc}") from exc
+    return trusted_issuer_from_jwks(issuer, data, source=str(path))
+
+
+def trusted_issuer_from_jwks(issuer: str, data: object, *, source: str) -> TrustedIssuer:
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
+        raise ConfigError(f"{source}: a JWKS needs a non-empty 'keys' list")
+    try:
+        jwks = jwt.PyJWKSet.from_dict(data)
+    except jwt.PyJWTError as exc:
+        raise ConfigError(f"{source}: JWKS has no usable key ({exc})") from exc
+    for key in jwks.keys:
+        if key.key_type == "oct":
+            raise ConfigError(f"{source}: symmetric (oct) keys are not accepted")
+    return TrustedIssuer(issuer=issuer, jwks=jwks)
+
+
+def mint_token(
+    signing_key: TokenSigningKey,
+    issuer: str,
+    namespace: str,
+    service_account: str,
+    now: dt.datetime,
+    ttl: dt.timedelta,
+    audience: str = "istio-ca",
+) -> str:
+    """A Kubernetes-style service-account token signed by the CA's own issuer key."""
+    iat = int(now.timestamp())
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": f"{_SA_PREFIX}{namespace}:{service_account}",
+        "aud": [audience],
+        "iat": iat,
+        "nbf": iat,
+        "exp": iat + int(ttl.total_seconds()),
+        "jti": str(uuid.uuid4()),
+        "kubernetes.io": {
+            "namespace": namespace,
+            "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())},
+        },
+    }
+    return jwt.encode(
+        claims, signing_key.key, algorithm="ES256", headers={"kid": signing_key.kid, "typ": "JWT"}
+    )
+
+
+class JwtAuthenticator:
+    """Verifies bearer tokens offline against trusted issuers' JWKS."""
+
+    def __init__(
+        self,
+        trust_domain: TrustDomain,
+        issuers: Sequence[TrustedIssuer],
+        audience: str = "istio-ca",
+        cache_size: int = 65536,
+    ) -> None:
+        self._td = trust_domain
+        self._issuers: Mapping[str, TrustedIssuer] = {i.issuer: i for i in issuers}
+        self._audience = audience
+        self._cache: OrderedDict[bytes, Caller] = OrderedDict()
+        self._cache_size = cache_size
+
+    def authenticate(self, token: str, now: dt.datetime) -> Caller:
+        """Verify ``token`` at ``now``; raises :class:`AuthenticationError` saying why."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise AuthenticationError("bearer token is too large")
+        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if now <= cached.expires + LEEWAY:
+                self._cache.move_to_end(digest)
+                return cached
+            del self._cache[digest]
+        caller = self._verify(token, now)
+        self._cache[digest] = caller
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return caller
+
+    def _verify(self, token: str, now: dt.datetime) -> Caller:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise AuthenticationError("bearer token is not a well-formed JWT") from None
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise AuthenticationError(
+                f"token algorithm {str(alg)[:16]!r} is not accepted "
+                f"(allowed: {', '.join(ALLOWED_ALGORITHMS)})"
+            )
+        iss = unverified.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise AuthenticationError(f"token issuer {str(iss)[:100]!r} is not trusted")
+        kid = header.get("kid")
+        keys = [k for k in issuer.jwks.keys if kid is None or k.key_id in (None, kid)]
+        if not keys:
+            raise AuthenticationError(f"no key {str(kid)[:64]!r} in the JWKS of issuer {iss!r}")
+        claims: dict[str, Any] | None = None
+        for key in keys:
+            try:
+                # Time claims are checked against the injected clock in _caller_from_claims.
+                claims = jwt.decode(
+                    token,
+                    key=key.key,
+                    algorithms=[alg],
+                    audience=self._audience,
+                    issuer=iss,
+                    options={
+                        "require": ["exp", "sub", "iss", "aud"],
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                    },
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.InvalidAudienceError:
+                raise AuthenticationError(f"token audience is not {self._audience!r}") from None
+            except jwt.MissingRequiredClaimError as exc:
+                raise AuthenticationError(f"token lacks the {exc.claim!r} claim") from None
+            except jwt.PyJWTError as exc:
+                raise AuthenticationError(f"token rejected: {type(exc).__name__}") from None
+        if claims is None:
+            raise AuthenticationError("token signature does not verify")
+        return self._caller_from_claims(claims, now)
+
+    def _caller_from_claims(self, claims: Mapping[str, Any], now: dt.datetime) -> Caller:
+        ts = now.timestamp()
+        leeway = LEEWAY.total_seconds()
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if not isinstance(exp, int | float):
+            raise AuthenticationError("token lacks a numeric 'exp' claim")
+        if ts > exp + leeway:
+            raise AuthenticationError("token has expired")
+        if isinstance(nbf, int | float) and ts + leeway < nbf:
+            raise AuthenticationError("token is not valid yet (nbf in the future)")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub.startswith(_SA_PREFIX):
+            raise AuthenticationError(
+                "token subject is not a service account (system:serviceaccount:<ns>:<sa>)"
+            )
+        parts = sub[len(_SA_PREFIX) :].split(":")
+        if len(parts) != 2 or not all(parts):
+            raise AuthenticationError("token subject is not system:serviceaccount:<ns>:<sa>")
+        namespace, service_account = parts
+        k8s = claims.get("kubernetes.io")
+        if isinstance(k8s, Mapping):
+            sa = k8s.get("serviceaccount")
+            if k8s.get("namespace", namespace) != namespace or (
+                isinstance(sa, Mapping) and sa.get("name", service_account) != service_account
+            ):
+                raise AuthenticationError("token kubernetes.io claim disagrees with its subject")
+        try:
+            identity = SpiffeId.for_workload(self._td, namespace, service_account)
+        except InvalidSpiffeId as exc:
+            raise AuthenticationError(f"token names an invalid identity: {exc}") from None
+        return Caller(
+            identity=identity,
+            authenticator="jwt",
+            subject=sub,
+            expires=dt.datetime.fromtimestamp(exp, dt.UTC),
+        )
+
+
+class ClientCertAuthenticator:
+    """Accepts a still-valid SVID of this trust domain, issued under the CA's roots.
+
+    The TLS layer already checked the chain; we check it again with the SVID rules, since the
+    TLS layer knows nothing of SPIFFE IDs.
+    """
+
+    def __init__(self, bundle: TrustBundle, intermediates: Sequence[x509.Certificate]) -> None:
+        self._bundle = bundle
+        self._intermediates = list(intermediates)
+
+    def authenticate(self, leaf_der: bytes, now: dt.datetime) -> Caller:
+        try:
+            leaf = x509.load_der_x509_certificate(leaf_der)
+            verified = verify_svid([leaf, *self._intermediates], self._bundle, now)
+        except ValueError:
+            raise AuthenticationError("client certificate cannot be parsed") from None
+        except SvidVerificationError as exc:
+            raise AuthenticationError(f"client certificate is not a valid SVID: {exc}") from None
+        return Caller(
+            identity=verified.spiffe_id,
+            authenticator="client-cert",
+            subject=f"serial {leaf.serial_number:x}",
+            expires=leaf.not_valid_after_utc,
+        )

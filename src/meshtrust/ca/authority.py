@@ -1,0 +1,228 @@
+"""The certificate authority's decisions: who is asking, what they may get, and signing.
+
+Pure decisions (:func:`check_ttl`, :func:`decide_identity`) are plain functions; the
+:class:`CertificateAuthority` strings them together with the authenticators, the signer,
+the ledger and the metrics, all passed in. Transport (gRPC, TLS) lives in
+:mod:`meshtrust.ca.server`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from meshtrust.ca.authn import Caller, ClientCertAuthenticator, JwtAuthenticator
+from meshtrust.ca.cadir import CaMaterial
+from meshtrust.ca.ledger import IssuedRecord, LedgerWriter
+from meshtrust.ca.metrics import CaEvent, CaMetricsSink
+from meshtrust.clock import Clock
+from meshtrust.durations import format_duration
+from meshtrust.errors import (
+    AuthenticationError,
+    InvalidCSR,
+    InvalidInput,
+    InvalidSpiffeId,
+    LedgerError,
+    PermissionDenied,
+)
+from meshtrust.pki import CsrRequest, issue_leaf, parse_csr
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+__all__ = [
+    "CaPolicy",
+    "CertificateAuthority",
+    "Credentials",
+    "InvalidTTL",
+    "check_ttl",
+    "decide_identity",
+]
+
+log = logging.getLogger("meshtrust.ca")
+
+
+class InvalidTTL(InvalidInput):
+    """A requested certificate lifetime that is negative or above the maximum."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaPolicy:
+    trust_domain: TrustDomain
+    default_ttl: dt.timedelta = dt.timedelta(hours=24)
+    max_ttl: dt.timedelta = dt.timedelta(days=90)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the transport learned about the caller."""
+
+    bearer_token: str | None
+    peer_cert_der: bytes | None
+
+
+def check_ttl(validity_seconds: int, policy: CaPolicy) -> dt.timedelta:
+    """The lifetime to issue for a requested ``validity_duration``.
+
+    0 means the default (as in Istio); negative or above ``max_ttl`` is refused, never clamped.
+    """
+    if validity_seconds < 0:
+        raise InvalidTTL(f"requested TTL {validity_seconds}s is negative")
+    if validity_seconds == 0:
+        return policy.default_ttl
+    ttl = dt.timedelta(seconds=validity_seconds)
+    if ttl > policy.max_ttl:
+        raise InvalidTTL(
+            f"requested TTL {format_duration(ttl)} is above the maximum "
+            f"{format_duration(policy.max_ttl)}"
+        )
+    return ttl
+
+
+def decide_identity(csr: CsrRequest, caller: Caller) -> SpiffeId:
+    """The identity to certify: always the caller's. The CSR may only ask for exactly that.
+
+    Raises :class:`PermissionDenied` when the CSR asks for another SPIFFE ID, extra SANs or a
+    CA certificate, and :class:`InvalidCSR` for more than one URI SAN or a malformed one.
+    """
+    if csr.requests_ca:
+        raise PermissionDenied("CSR asks for a CA certificate; workloads get leaf certificates")
+    if csr.other_sans:
+        raise PermissionDenied(
+            f"CSR asks for SANs other than a SPIFFE ID ({len(csr.other_sans)} extra); "
+            "only the caller's own SPIFFE ID can be certified"
+        )
+    if len(csr.uri_sans) > 1:
+        raise InvalidCSR(f"CSR has {len(csr.uri_sans)} URI SANs; an SVID has exactly one")
+    if csr.uri_sans:
+        try:
+            asked = SpiffeId.parse(csr.uri_sans[0])
+        except InvalidSpiffeId as exc:
+            raise InvalidCSR(f"CSR URI SAN is not a valid SPIFFE ID: {exc}") from exc
+        if asked != caller.identity:
+            raise PermissionDenied(
+                f"CSR asks for {asked} but the caller is authenticated as {caller.identity}"
+            )
+    return caller.identity
+
+
+class CertificateAuthority:
+    """Authenticate, decide, sign, record. One instance per process."""
+
+    def __init__(
+        self,
+        material: CaMaterial,
+        policy: CaPolicy,
+        clock: Clock,
+        ledger: LedgerWriter,
+        metrics: CaMetricsSink,
+        jwt_authenticator: JwtAuthenticator | None,
+        cert_authenticator: ClientCertAuthenticator | None,
+    ) -> None:
+        self.material = material
+        self.policy = policy
+        self._clock = clock
+        self._ledger = ledger
+        self._metrics = metrics
+        self._jwt = jwt_authenticator
+        self._certauth = cert_authenticator
+        # The tail of every response: intermediates one per element, the root bundle last.
+        self._chain_tail: list[str] = [
+            c.public_bytes(serialization.Encoding.PEM).decode() for c in material.intermediates
+        ] + [material.root_bundle_pem]
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self.policy.trust_domain
+
+    def authenticate(self, creds: Credentials) -> Caller:
+        """Client certificate first, then bearer token. Raises :class:`AuthenticationError`."""
+        now = self._clock.now()
+        reasons: list[str] = []
+        if creds.peer_cert_der is not None and self._certauth is not None:
+            try:
+                return self._certauth.authenticate(creds.peer_cert_der, now)
+            except AuthenticationError as exc:
+                reasons.append(str(exc))
+        if creds.bearer_token is not None and self._jwt is not None:
+            try:
+                return self._jwt.authenticate(creds.bearer_token, now)
+            except AuthenticationError as exc:
+                reasons.append(str(exc))
+        if not reasons:
+            reasons.append("no bearer token and no client certificate")
+        raise AuthenticationError("; ".join(reasons))
+
+    async def create_certificate(
+        self, csr_pem: str, validity_seconds: int, creds: Credentials
+    ) -> list[str]:
+        """Handle one CreateCertificate: returns ``[leaf, intermediates..., root bundle]``.
+
+        Raises :class:`AuthenticationError`, :class:`InvalidCSR`, :class:`InvalidTTL`,
+        :class:`PermissionDenied` or :class:`LedgerError`; each is counted and logged.
+        """
+        self._metrics.observe(CaEvent.CSR)
+        try:
+            caller = self.authenticate(creds)
+        except AuthenticationError as exc:
+            self._metrics.observe(CaEvent.AUTHN_FAILURE)
+            log.warning("refused: unauthenticated: %s", exc)
+            raise
+        try:
+            csr = parse_csr(csr_pem)
+        except InvalidCSR as exc:
+            self._metrics.observe(CaEvent.CSR_PARSE_ERROR)
+            log.warning("refused %s: bad CSR: %s", caller.identity, exc)
+            raise
+        try:
+            ttl = check_ttl(validity_seconds, self.policy)
+        except InvalidTTL as exc:
+            self._metrics.observe(CaEvent.INVALID_TTL)
+            log.warning("refused %s: %s", caller.identity, exc)
+            raise
+        try:
+            identity = decide_identity(csr, caller)
+        except PermissionDenied as exc:
+            self._metrics.observe(CaEvent.PERMISSION_DENIED)
+            log.warning(
+                "refused %s (%s %s): %s", caller.identity, caller.authenticator, caller.subject, exc
+            )
+            raise
+        except InvalidCSR as exc:
+            self._metrics.observe(CaEvent.CSR_PARSE_ERROR)
+            log.warning("refused %s: bad CSR: %s", caller.identity, exc)
+            raise
+
+        now = self._clock.now()
+        leaf = issue_leaf(self.material.signer, csr.public_key, identity, now, ttl)
+        leaf_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        serial = format(leaf.serial_number, "x")
+        record = IssuedRecord(
+            serial=serial,
+            spiffe_id=str(identity),
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            key_type=csr.key_type,
+            requester=caller.subject,
+            authenticator=caller.authenticator,
+            issued_at=now,
+            cert_pem=leaf_pem,
+        )
+        try:
+            await self._ledger.record(record)
+        except LedgerError as exc:
+            self._metrics.observe(CaEvent.LEDGER_ERROR)
+            log.error("not issuing %s: ledger write failed: %s", identity, exc)
+            raise
+        self._metrics.observe(CaEvent.ISSUED)
+        log.info(
+            "issued serial=%s to %s via %s (%s) key=%s ttl=%s",
+            serial,
+            identity,
+            caller.authenticator,
+            caller.subject,
+            csr.key_type,
+            format_duration(ttl),
+        )
+        return [leaf_pem, *self._chain_tail]

@@ -1,0 +1,319 @@
+"""The CA directory: creating one (``ca init``) and loading one (``ca serve``).
+
+Two layouts are understood, both from Istio's plugged-in CA:
+
+* ``ca-cert.pem``, ``ca-key.pem``, ``cert-chain.pem``, ``root-cert.pem`` (Istio ``cacerts``);
+* ``tls.crt``, ``tls.key``, ``ca.crt`` (a cert-manager / Kubernetes TLS secret).
+
+``ca init`` also writes ``root-key.pem`` (move it offline once the CA runs) and the CA's own
+token-issuer key pair ``token-key.pem`` / ``token-jwks.json``. Private keys are 0600.
+Loading checks everything a CA needs and stops with one clear message per problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import verification as xv
+
+from meshtrust.errors import CADirectoryError, InvalidCertificate, InvalidSpiffeId
+from meshtrust.pki import (
+    KeyType,
+    Signer,
+    certs_pem,
+    generate_key,
+    load_certs_pem,
+    load_private_key_pem,
+    make_intermediate,
+    make_root,
+    private_key_pem,
+    write_private_file,
+)
+from meshtrust.spiffe import TrustDomain
+
+__all__ = [
+    "ISTIO_FILES",
+    "TLS_FILES",
+    "CaMaterial",
+    "TokenSigningKey",
+    "init_ca_dir",
+    "load_ca_dir",
+    "load_token_signing_key",
+    "token_issuer_for",
+]
+
+ISTIO_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+TLS_FILES = ("tls.crt", "tls.key", "ca.crt")
+TOKEN_KEY = "token-key.pem"
+TOKEN_JWKS = "token-jwks.json"
+ROOT_LIFETIME = dt.timedelta(days=3650)
+INTERMEDIATE_LIFETIME = dt.timedelta(days=365)
+
+
+def token_issuer_for(trust_domain: TrustDomain) -> str:
+    """The ``iss`` of tokens minted by the CA of ``trust_domain``."""
+    return f"meshtrust://{trust_domain.name}/ca"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSigningKey:
+    key: ec.EllipticCurvePrivateKey
+    kid: str
+    jwks: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class CaMaterial:
+    """A loaded, checked CA: the signing certificate and key, intermediates, trusted roots."""
+
+    signer: Signer
+    intermediates: tuple[x509.Certificate, ...]  # signing cert first, up to (not incl.) the root
+    roots: tuple[x509.Certificate, ...]
+    layout: str
+
+    @property
+    def root_bundle_pem(self) -> str:
+        return certs_pem(self.roots).decode()
+
+    def trust_domain_hint(self) -> TrustDomain | None:
+        """The trust domain named by the root's O (how ``ca init`` records it), if valid."""
+        for root in self.roots:
+            for attr in root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME):
+                try:
+                    return TrustDomain.parse(str(attr.value))
+                except InvalidSpiffeId:
+                    continue
+        return None
+
+
+def _jwk_for(key: ec.EllipticCurvePrivateKey) -> tuple[str, dict[str, object]]:
+    numbers = key.public_key().public_numbers()
+
+    def b64(n: int) -> str:
+        return base64.urlsafe_b64encode(n.to_bytes(32, "big")).rstrip(b"=").decode()
+
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    kid = base64.urlsafe_b64encode(hashlib.sha256(der).digest()[:12]).rstrip(b"=").decode()
+    jwk: dict[str, object] = {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": b64(numbers.x),
+        "y": b64(numbers.y),
+        "use": "sig",
+        "alg": "ES256",
+        "kid": kid,
+    }
+    return kid, jwk
+
+
+def init_ca_dir(
+    directory: Path,
+    trust_domain: TrustDomain,
+    now: dt.datetime,
+    key_type: KeyType = KeyType.EC_P256,
+    *,
+    force: bool = False,
+) -> None:
+    """Create a root, an intermediate signing CA and a token-issuer key in ``directory``.
+
+    Refuses (:class:`CADirectoryError`) when a CA is already there, unless ``force``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in (*ISTIO_FILES, *TLS_FILES, "root-key.pem") if (directory / n).exists()]
+    if existing and not force:
+        raise CADirectoryError(
+            f"{directory} already holds a CA ({', '.join(existing)}); "
+            "refusing to overwrite it (use --force to replace it)"
+        )
+    root_key = generate_key(key_type)
+    root = make_root(root_key, trust_domain.name, now, ROOT_LIFETIME)
+    ca_key = generate_key(key_type)
+    ca_cert = make_intermediate(
+        ca_key, Signer(root, root_key), trust_domain.name, now, INTERMEDIATE_LIFETIME
+    )
+    token_key = ec.generate_private_key(ec.SECP256R1())
+    _, jwk = _jwk_for(token_key)
+
+    write_private_file(directory / "root-key.pem", private_key_pem(root_key))
+    write_private_file(directory / "ca-key.pem", private_key_pem(ca_key))
+    write_private_file(directory / TOKEN_KEY, private_key_pem(token_key))
+    _write_public(directory / "root-cert.pem", certs_pem([root]))
+    _write_public(directory / "ca-cert.pem", certs_pem([ca_cert]))
+    _write_public(directory / "cert-chain.pem", certs_pem([ca_cert, root]))
+    _write_public(directory / TOKEN_JWKS, json.dumps({"keys": [jwk]}, indent=2).encode())
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CADirectoryError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return load_certs_pem(_read(path), source=str(path))
+    except InvalidCertificate as exc:
+        raise CADirectoryError(str(exc)) from exc
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, Exception):
+        return False
+    return True
+
+
+def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
+    """Load and check the CA in ``directory`` (either layout).
+
+    Raises :class:`CADirectoryError` when the directory is missing, incomplete (names the
+    missing files), or inconsistent: key does not match certificate, signing certificate is
+    not a CA, chain does not lead to a root of the bundle, or something has expired.
+    """
+    if not directory.is_dir():
+        raise CADirectoryError(
+            f"CA directory {directory} does not exist (create one with `meshtrust ca init`)"
+        )
+    istio = [n for n in ISTIO_FILES if (directory / n).exists()]
+    tls = [n for n in TLS_FILES if (directory / n).exists()]
+    if istio:
+        missing = [n for n in ISTIO_FILES if n not in istio]
+        if missing:
+            raise CADirectoryError(
+                f"CA directory {directory} is incomplete: has {', '.join(istio)} "
+                f"but is missing {', '.join(missing)}"
+            )
+        layout = "istio"
+        cert_path, key_path = directory / "ca-cert.pem", directory / "ca-key.pem"
+        chain_path, root_path = directory / "cert-chain.pem", directory / "root-cert.pem"
+    elif tls:
+        missing = [n for n in TLS_FILES if n not in tls]
+        if missing:
+            raise CADirectoryError(
+                f"CA directory {directory} is incomplete: has {', '.join(tls)} "
+                f"but is missing {', '.join(missing)}"
+            )
+        layout = "tls"
+        cert_path = chain_path = directory / "tls.crt"
+        key_path, root_path = directory / "tls.key", directory / "ca.crt"
+    else:
+        raise CADirectoryError(
+            f"no CA found in {directory}: expected {', '.join(ISTIO_FILES)} "
+            f"or {', '.join(TLS_FILES)} (create one with `meshtrust ca init`)"
+        )
+
+    ca_cert = _certs(cert_path)[0]
+    try:
+        ca_key = load_private_key_pem(_read(key_path), source=str(key_path))
+    except InvalidCertificate as exc:
+        raise CADirectoryError(str(exc)) from exc
+    roots = _certs(root_path)
+    chain = _certs(chain_path)
+
+    if ca_key.public_key() != ca_cert.public_key():
+        raise CADirectoryError(f"{key_path} does not match the certificate in {cert_path}")
+    _check_is_ca(ca_cert, cert_path)
+    for root in roots:
+        if not _is_self_signed(root):
+            raise CADirectoryError(
+                f"{root_path} holds a certificate that is not a self-signed root"
+            )
+        _check_is_ca(root, root_path)
+
+    # Intermediates: the chain file minus roots; the signing cert first.
+    root_ders = {r.public_bytes(serialization.Encoding.DER) for r in roots}
+    inters = [
+        c
+        for c in chain
+        if c.public_bytes(serialization.Encoding.DER) not in root_ders and not _is_self_signed(c)
+    ]
+    if not inters or inters[0] != ca_cert:
+        inters = [ca_cert, *[c for c in inters if c != ca_cert]]
+    if _is_self_signed(ca_cert):
+        inters = []  # the signing CA is itself a root (allowed: Istio's self-signed mode)
+        if ca_cert.public_bytes(serialization.Encoding.DER) not in root_ders:
+            raise CADirectoryError(f"{cert_path} is a self-signed CA that is not in {root_path}")
+
+    for cert, path in [(ca_cert, cert_path), *((r, root_path) for r in roots)]:
+        if now > cert.not_valid_after_utc:
+            raise CADirectoryError(
+                f"{path}: certificate expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+            )
+        if now < cert.not_valid_before_utc:
+            raise CADirectoryError(f"{path}: certificate is not valid yet")
+
+    verifier = (
+        xv.PolicyBuilder()
+        .store(xv.Store(list(roots)))
+        .time(now)
+        .extension_policies(
+            ca_policy=xv.ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=xv.ExtensionPolicy.webpki_defaults_ca(),
+        )
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(ca_cert, inters[1:])
+    except xv.VerificationError as exc:
+        raise CADirectoryError(
+            f"the chain of {cert_path} does not lead to a root in {root_path}: {exc}"
+        ) from exc
+    return CaMaterial(
+        signer=Signer(ca_cert, ca_key),
+        intermediates=tuple(inters),
+        roots=tuple(roots),
+        layout=layout,
+    )
+
+
+def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise CADirectoryError(f"{path}: certificate is not a CA (no BasicConstraints)") from None
+    if not bc.ca:
+        raise CADirectoryError(f"{path}: certificate is not a CA (BasicConstraints CA=false)")
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            raise CADirectoryError(
+                f"{path}: certificate may not sign certificates (no keyCertSign)"
+            )
+    except x509.ExtensionNotFound:
+        pass
+
+
+def load_token_signing_key(directory: Path) -> TokenSigningKey | None:
+    """The CA's own token-issuer key, or None when the directory has none."""
+    path = directory / TOKEN_KEY
+    if not path.exists():
+        return None
+    try:
+        key = load_private_key_pem(_read(path), source=str(path))
+    except InvalidCertificate as exc:
+        raise CADirectoryError(str(exc)) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise CADirectoryError(f"{path}: the token key must be an ECDSA P-256 key")
+    kid, jwk = _jwk_for(key)
+    return TokenSigningKey(key=key, kid=kid, jwks={"keys": [jwk]})

@@ -1,0 +1,233 @@
+"""Running the CA: assemble the pieces from a :class:`CaServeConfig` and serve until told to
+stop. One process by default; with ``workers > 1`` a supervisor forks workers that share
+the listening socket (see :mod:`meshtrust.ca.workers`).
+
+Start-up checks everything before it binds anything a client could reach: CA directory,
+trust domain, JWKS files, ledger. Each failure is a :class:`MeshTrustError` with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+import socket
+import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry
+
+from meshtrust.ca.authn import (
+    ClientCertAuthenticator,
+    JwtAuthenticator,
+    TrustedIssuer,
+    load_jwks_file,
+    trusted_issuer_from_jwks,
+)
+from meshtrust.ca.authority import CaPolicy, CertificateAuthority
+from meshtrust.ca.cadir import CaMaterial, load_ca_dir, load_token_signing_key, token_issuer_for
+from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.ledger import (
+    AuditEvent,
+    GroupCommitLedger,
+    LedgerWriter,
+    SqlLedger,
+    default_ledger_url,
+)
+from meshtrust.ca.metrics import CaMetricsSink, PrometheusCaMetrics
+from meshtrust.ca.server import (
+    CaGrpcService,
+    StatusHttpServer,
+    bind_listener,
+    parse_host_port,
+    serve_grpc,
+    server_ssl_context,
+)
+from meshtrust.clock import Clock, SystemClock
+from meshtrust.errors import ConfigError
+from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
+
+__all__ = ["PreparedCa", "build_authority", "prepare_ca", "run_ca", "serve_in_process"]
+
+log = logging.getLogger("meshtrust.ca")
+SERVING_CERT_TTL = dt.timedelta(days=30)
+
+
+@dataclass
+class PreparedCa:
+    """Everything checked and loaded, nothing served yet."""
+
+    config: CaServeConfig
+    material: CaMaterial
+    policy: CaPolicy
+    issuers: list[TrustedIssuer]
+    ledger_url: str
+    serving_chain: list[x509.Certificate]
+    serving_key: PrivateKey
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return server_ssl_context(
+            self.serving_chain, self.serving_key, self.material.root_bundle_pem
+        )
+
+
+def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
+    """Load and check the CA directory, trust domain and token issuers."""
+    now = clock.now()
+    material = load_ca_dir(config.ca_dir, now)
+    td = config.trust_domain or material.trust_domain_hint()
+    if td is None:
+        raise ConfigError(
+            "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
+        )
+    issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
+    own = load_token_signing_key(config.ca_dir)
+    if own is not None:
+        issuers.append(
+            trusted_issuer_from_jwks(
+                token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
+            )
+        )
+    else:
+        log.warning("no token-key.pem in %s: the CA's own token issuer is off", config.ca_dir)
+    serving_key = generate_key(KeyType.EC_P256)
+    names = [n for n in config.server_names]
+    host, _ = parse_host_port(config.listen, what="--listen")
+    if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
+        names.append(host)
+    serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
+    return PreparedCa(
+        config=config,
+        material=material,
+        policy=CaPolicy(td, config.default_ttl, config.max_ttl),
+        issuers=issuers,
+        ledger_url=config.ledger or default_ledger_url(config.ca_dir),
+        serving_chain=[serving, *material.intermediates],
+        serving_key=serving_key,
+    )
+
+
+def build_authority(
+    prepared: PreparedCa, clock: Clock, ledger: LedgerWriter, metrics: CaMetricsSink
+) -> CertificateAuthority:
+    material = prepared.material
+    return CertificateAuthority(
+        material=material,
+        policy=prepared.policy,
+        clock=clock,
+        ledger=ledger,
+        metrics=metrics,
+        jwt_authenticator=JwtAuthenticator(
+            prepared.policy.trust_domain, prepared.issuers, prepared.config.audience
+        ),
+        cert_authenticator=ClientCertAuthenticator(
+            TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
+        ),
+    )
+
+
+async def serve_until_stopped(
+    service: CaGrpcService,
+    sock: socket.socket,
+    ssl_ctx: ssl.SSLContext,
+    stop: asyncio.Event,
+    drain_grace: float,
+) -> None:
+    """Serve on ``sock`` until ``stop`` is set, then drain in-flight requests and close."""
+    server = await serve_grpc(service, sock, ssl_ctx)
+    await stop.wait()
+    drained = await service.drain(drain_grace)
+    if not drained:
+        log.warning(
+            "shutdown: %d requests still in flight after the grace period", service.in_flight
+        )
+    server.close()
+    await server.wait_closed()
+
+
+async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
+    """The single-process CA: gRPC, ledger and metrics in this process, until SIGTERM/SIGINT."""
+    config = prepared.config
+    sql = SqlLedger(prepared.ledger_url)
+    ledger = GroupCommitLedger(sql)
+    registry = CollectorRegistry()
+    metrics = PrometheusCaMetrics(registry)
+    m = prepared.material
+    metrics.set_expiries(
+        min(r.not_valid_after_utc for r in m.roots),
+        min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
+    )
+    authority = build_authority(prepared, clock, ledger, metrics)
+    service = CaGrpcService(authority)
+    stop = asyncio.Event()
+    status = _start_status(config, registry, lambda: service.accepting)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sql.add_audit(
+        AuditEvent(
+            clock.now(),
+            "meshtrust ca serve",
+            "ca-start",
+            f"listen={config.listen} trust_domain={prepared.policy.trust_domain}",
+        )
+    )
+    log.info(
+        "CA for trust domain %s serving on %s (ledger %s)",
+        prepared.policy.trust_domain,
+        config.listen,
+        _ledger_display(prepared.ledger_url),
+    )
+    try:
+        await serve_until_stopped(
+            service, sock, prepared.ssl_context(), stop, config.drain_grace.total_seconds()
+        )
+    finally:
+        await ledger.aclose()
+        sql.close()
+        if status is not None:
+            status.stop()
+    log.info("CA stopped")
+
+
+def _start_status(
+    config: CaServeConfig, registry: CollectorRegistry, ready: object
+) -> StatusHttpServer | None:
+    if not config.metrics_listen:
+        return None
+    host, port = parse_host_port(config.metrics_listen, what="--metrics-listen")
+    status = StatusHttpServer(host, port, registry, ready)  # type: ignore[arg-type]
+    status.start()
+    return status
+
+
+def _ledger_display(url: str) -> str:
+    from meshtrust.ca.ledger import _safe_url
+
+    return _safe_url(url)
+
+
+def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
+    """Run the CA described by ``config`` until SIGTERM/SIGINT. Raises MeshTrustError."""
+    clock = clock or SystemClock()
+    prepared = prepare_ca(config, clock)
+    SqlLedger(prepared.ledger_url).close()  # fail before binding if the ledger is unusable
+    host, port = parse_host_port(config.listen, what="--listen")
+    sock = bind_listener(host, port, what="--listen")
+    if config.workers > 1:
+        from meshtrust.ca.workers import run_supervisor
+
+        run_supervisor(prepared, sock, clock)
+        return
+    _run_loop(serve_in_process(prepared, sock, clock))
+
+
+def _run_loop(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(coro)  # type: ignore[arg-type]

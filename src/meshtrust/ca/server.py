@@ -1,0 +1,253 @@
+"""The CA on the wire: ``istio.v1.auth.IstioCertificateService`` over gRPC + TLS.
+
+We serve with grpclib on Python's ``ssl`` module rather than grpcio: grpcio's Python server
+can only "not request" or "require" a client certificate, while Istio's CA port asks for one
+*optionally* (a workload renews with its current certificate, a new one comes with a token).
+``ssl.CERT_OPTIONAL`` does exactly that on one port. The cost, measured by
+``benchmarks/ca_throughput.py``, is that grpclib's HTTP/2 is pure Python; uvloop and several
+worker processes (:mod:`meshtrust.ca.workers`) more than make up for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from grpclib import GRPCError, Status
+from grpclib.server import Server, Stream
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshtrust._proto.istio import ca_grpc, ca_pb2
+from meshtrust.ca.authority import CertificateAuthority, Credentials
+from meshtrust.errors import (
+    AddressInUse,
+    AuthenticationError,
+    ConfigError,
+    InvalidInput,
+    LedgerError,
+    MeshTrustError,
+    PermissionDenied,
+)
+from meshtrust.pki import PrivateKey, certs_pem, private_key_pem
+
+__all__ = [
+    "CaGrpcService",
+    "StatusHttpServer",
+    "bind_listener",
+    "parse_host_port",
+    "server_ssl_context",
+    "status_for",
+]
+
+log = logging.getLogger("meshtrust.ca")
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:15012`` for IPv6) -> (host, port); :class:`ConfigError` if bad."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT (for example 127.0.0.1:15012)")
+    return host.strip("[]"), int(port)
+
+
+def bind_listener(host: str, port: int, *, what: str) -> socket.socket:
+    """A listening TCP socket, bound *without* SO_REUSEPORT.
+
+    A second CA on the same port must fail here, at once: with SO_REUSEPORT (grpcio's
+    default) two CAs with different keys would silently share the port. Worker processes of
+    one CA share this one socket by inheriting it instead.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{what}: cannot resolve {host!r}: {exc.strerror}") from exc
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise AddressInUse(
+                f"{what}: {host}:{port} is already in use (is another CA running?)"
+            ) from exc
+        raise ConfigError(f"{what}: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def server_ssl_context(
+    serving_chain: list[x509.Certificate], serving_key: PrivateKey, client_roots_pem: str
+) -> ssl.SSLContext:
+    """TLS for the CA port: our serving chain, client certificate *optional*, HTTP/2 ALPN."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with tempfile.TemporaryDirectory(prefix="meshtrust-ca-") as tmp:
+        # ssl only loads keys from files; the directory is private (0700) and removed at once.
+        cert_file, key_file = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+        cert_file.write_bytes(certs_pem(serving_chain))
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_key_pem(serving_key))
+        ctx.load_cert_chain(cert_file, key_file)
+    ctx.load_verify_locations(cadata=client_roots_pem)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def status_for(exc: MeshTrustError) -> Status:
+    """The gRPC status for one of our errors (DESIGN.md "Error codes")."""
+    if isinstance(exc, AuthenticationError):
+        return Status.UNAUTHENTICATED
+    if isinstance(exc, PermissionDenied):
+        return Status.PERMISSION_DENIED
+    if isinstance(exc, InvalidInput):
+        return Status.INVALID_ARGUMENT
+    return Status.UNAVAILABLE
+
+
+def _bearer(value: str | bytes | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return ""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ""  # present but unusable: authenticates as nothing, never echoed
+    return token.strip()
+
+
+def _peer_cert_der(stream: Stream[object, object]) -> bytes | None:
+    # grpclib's Peer.cert() returns only the parsed dict; the DER leaf (needed for the SVID
+    # rules) comes from the same ssl object. grpclib is pinned < 0.5 for this.
+    transport = getattr(stream.peer, "_transport", None)
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return der if der else None
+
+
+class CaGrpcService(ca_grpc.IstioCertificateServiceBase):
+    """The gRPC handler. Counts in-flight requests so shutdown can drain them."""
+
+    def __init__(self, authority: CertificateAuthority) -> None:
+        self._authority = authority
+        self.accepting = True
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def CreateCertificate(  # noqa: N802 (gRPC method name)
+        self,
+        stream: Stream[ca_pb2.IstioCertificateRequest, ca_pb2.IstioCertificateResponse],
+    ) -> None:
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "empty request")
+        if not self.accepting:
+            raise GRPCError(Status.UNAVAILABLE, "CA is shutting down; retry another replica")
+        creds = Credentials(
+            bearer_token=_bearer(stream.metadata.get("authorization") if stream.metadata else None),
+            peer_cert_der=_peer_cert_der(stream),  # type: ignore[arg-type]
+        )
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            chain = await self._authority.create_certificate(
+                request.csr, request.validity_duration, creds
+            )
+        except LedgerError as exc:
+            raise GRPCError(Status.UNAVAILABLE, f"CA cannot record certificates: {exc}") from exc
+        except MeshTrustError as exc:
+            raise GRPCError(status_for(exc), str(exc)) from exc
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+        await stream.send_message(ca_pb2.IstioCertificateResponse(cert_chain=chain))
+
+    async def drain(self, grace: float) -> bool:
+        """Stop taking new requests and wait up to ``grace`` s for in-flight ones to finish."""
+        self.accepting = False
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+async def serve_grpc(
+    service: CaGrpcService, sock: socket.socket, ssl_ctx: ssl.SSLContext
+) -> Server:
+    server = Server([service])
+    await server.start(sock=sock, ssl=ssl_ctx)
+    return server
+
+
+class StatusHttpServer:
+    """``/metrics`` (Prometheus) and ``/ready`` on a small HTTP server thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+    ) -> None:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.split("?")[0] == "/metrics":
+                    body, ctype, code = generate_latest(outer.registry), CONTENT_TYPE_LATEST, 200
+                elif self.path.split("?")[0] in ("/ready", "/healthz/ready"):
+                    ok = outer.ready()
+                    body = b"ready\n" if ok else b"not ready\n"
+                    ctype, code = "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.registry = registry
+        self.ready = ready
+        try:
+            self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            if exc.errno == 98:
+                raise AddressInUse(
+                    f"metrics listen address {host}:{port} is already in use"
+                ) from exc
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, daemon=True, name="ca-status-http"
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,283 @@
+"""Several CA worker processes on one port, one supervisor owning the ledger and metrics.
+
+Theory of operation (the pre-fork model of gunicorn/nginx):
+
+* The supervisor binds the listening socket once (no SO_REUSEPORT, so a *second* CA fails
+  loudly) and forks N workers before it starts any thread. Each worker inherits the socket
+  and runs the full gRPC + TLS + authentication + signing path on its own core.
+* The ledger has one writer, the supervisor. A worker sends each issued record over its
+  socketpair and answers the client only after the supervisor acknowledged the commit, so
+  the durability promise of the single-process CA holds. Group commit then spans all
+  workers: one fsync covers every record that arrived during the previous one.
+* Workers send metric events the same way (fire and forget); ``/metrics`` and ``/ready``
+  are served by the supervisor from the one registry.
+* SIGTERM/SIGINT to the supervisor: it tells every worker to drain and stop, waits, flushes
+  the ledger, exits. A worker that sees its socketpair close (supervisor gone, even by
+  SIGKILL) stops at once: without the ledger it must not issue anything.
+* A worker that dies unexpectedly stops the whole CA with a non-zero exit, so the service
+  manager (systemd, Kubernetes) restarts it whole; forking again from a threaded supervisor
+  would be unsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from meshtrust.ca.ledger import AuditEvent, GroupCommitLedger, IssuedRecord, SqlLedger
+from meshtrust.ca.metrics import CaEvent, PrometheusCaMetrics
+from meshtrust.clock import Clock
+from meshtrust.errors import LedgerError
+
+__all__ = ["run_supervisor"]
+
+log = logging.getLogger("meshtrust.ca")
+_HEADER = struct.Struct("!I")
+
+
+async def _send(writer: asyncio.StreamWriter, message: object) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_HEADER.pack(len(data)) + data)
+
+
+async def _recv(reader: asyncio.StreamReader) -> object:
+    header = await reader.readexactly(_HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    # Both ends are this program, forked from one process: the pickle is trusted.
+    return pickle.loads(await reader.readexactly(length))  # noqa: S301
+
+
+class RemoteLedger:
+    """Worker side of the ledger: records go to the supervisor, which commits them."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._next = 0
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    async def record(self, rec: IssuedRecord) -> None:
+        self._next += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[self._next] = fut
+        await _send(self._writer, ("rec", self._next, rec))
+        await fut
+
+    def resolve(self, msg_id: int, error: str | None) -> None:
+        fut = self._waiting.pop(msg_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None) if error is None else fut.set_exception(LedgerError(error))
+
+    def fail_all(self, reason: str) -> None:
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(LedgerError(reason))
+        self._waiting.clear()
+
+
+class RemoteMetrics:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def observe(self, event: CaEvent) -> None:
+        data = pickle.dumps(("ev", event.value))
+        self._writer.write(_HEADER.pack(len(data)) + data)
+
+
+async def _worker_main(
+    prepared: object, sock: socket.socket, ipc: socket.socket, clock: Clock, index: int
+) -> None:
+    from meshtrust.ca.runtime import PreparedCa, build_authority, serve_until_stopped
+    from meshtrust.ca.server import CaGrpcService
+
+    assert isinstance(prepared, PreparedCa)
+    reader, writer = await asyncio.open_connection(sock=ipc)
+    ledger = RemoteLedger(writer)
+    authority = build_authority(prepared, clock, ledger, RemoteMetrics(writer))
+    service = CaGrpcService(authority)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+
+    async def read_acks() -> None:
+        try:
+            while True:
+                msg = await _recv(reader)
+                assert isinstance(msg, tuple)
+                if msg[0] == "ack":
+                    ledger.resolve(msg[1], msg[2])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        ledger.fail_all("the CA supervisor is gone")
+        log.error("worker %d: supervisor gone; stopping", index)
+        os._exit(3)  # no ledger, no certificates: stop at once
+
+    acks = asyncio.create_task(read_acks())
+    await _send(writer, ("hello", index, os.getpid()))
+    await serve_until_stopped(
+        service, sock, prepared.ssl_context(), stop, prepared.config.drain_grace.total_seconds()
+    )
+    acks.cancel()
+    writer.close()
+
+
+@dataclass
+class _Child:
+    index: int
+    pid: int
+    ipc: socket.socket
+    connected: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def run_supervisor(prepared: object, sock: socket.socket, clock: Clock) -> None:
+    """Fork ``config.workers`` workers on ``sock`` and supervise them (see module docs)."""
+    from meshtrust.ca.runtime import PreparedCa, _run_loop
+
+    assert isinstance(prepared, PreparedCa)
+    children: list[tuple[int, int, socket.socket]] = []
+    for index in range(prepared.config.workers):
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # worker
+            parent_end.close()
+            for _, _, other in children:
+                other.close()
+            code = 0
+            try:
+                _run_loop(_worker_main(prepared, sock, child_end, clock, index))
+            except BaseException:
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child_end.close()
+        children.append((index, pid, parent_end))
+    sock.close()  # the supervisor itself serves no gRPC
+    _run_loop(_supervise(prepared, children, clock))
+
+
+async def _supervise(
+    prepared: object, spawned: list[tuple[int, int, socket.socket]], clock: Clock
+) -> None:
+    from meshtrust.ca.runtime import PreparedCa, _ledger_display, _start_status
+
+    assert isinstance(prepared, PreparedCa)
+    config = prepared.config
+    sql = SqlLedger(prepared.ledger_url)
+    ledger = GroupCommitLedger(sql)
+    registry = CollectorRegistry()
+    metrics = PrometheusCaMetrics(registry)
+    m = prepared.material
+    metrics.set_expiries(
+        min(r.not_valid_after_utc for r in m.roots),
+        min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
+    )
+    children = [_Child(i, pid, s) for i, pid, s in spawned]
+    stopping = asyncio.Event()
+    failed = False
+
+    def ready() -> bool:
+        return not stopping.is_set() and all(
+            c.connected and not c.exited.is_set() for c in children
+        )
+
+    status = _start_status(config, registry, ready)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    async def commit(writer: asyncio.StreamWriter, msg_id: int, rec: IssuedRecord) -> None:
+        try:
+            await ledger.record(rec)
+            error = None
+        except LedgerError as exc:
+            error = str(exc)
+        await _send(writer, ("ack", msg_id, error))
+
+    async def serve_child(child: _Child) -> None:
+        nonlocal failed
+        reader, writer = await asyncio.open_connection(sock=child.ipc)
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                msg = await _recv(reader)
+                assert isinstance(msg, tuple)
+                if msg[0] == "rec":
+                    task = asyncio.create_task(commit(writer, msg[1], msg[2]))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                elif msg[0] == "ev":
+                    metrics.observe(CaEvent(msg[1]))
+                elif msg[0] == "hello":
+                    child.connected = True
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        _, status_code = await loop.run_in_executor(None, os.waitpid, child.pid, 0)
+        code = os.waitstatus_to_exitcode(status_code)
+        child.exited.set()
+        if not stopping.is_set():
+            log.error(
+                "worker %d (pid %d) exited unexpectedly (code %d); stopping the CA",
+                child.index,
+                child.pid,
+                code,
+            )
+            failed = True
+            stopping.set()
+        writer.close()
+
+    tasks = [asyncio.create_task(serve_child(c)) for c in children]
+    sql.add_audit(
+        AuditEvent(
+            clock.now(),
+            "meshtrust ca serve",
+            "ca-start",
+            f"listen={config.listen} workers={len(children)} "
+            f"trust_domain={prepared.policy.trust_domain}",
+        )
+    )
+    log.info(
+        "CA for trust domain %s serving on %s with %d workers (ledger %s)",
+        prepared.policy.trust_domain,
+        config.listen,
+        len(children),
+        _ledger_display(prepared.ledger_url),
+    )
+    await stopping.wait()
+    for c in children:
+        if not c.exited.is_set():
+            try:
+                os.kill(c.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    grace = config.drain_grace.total_seconds() + 5
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.gather(*tasks)
+    except TimeoutError:
+        for c in children:
+            if not c.exited.is_set():
+                log.error("worker %d did not stop in %.0fs; killing it", c.index, grace)
+                os.kill(c.pid, signal.SIGKILL)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await ledger.aclose()
+    sql.close()
+    if status is not None:
+        status.stop()
+    log.info("CA stopped")
+    if failed:
+        raise SystemExit(1)

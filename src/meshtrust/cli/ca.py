@@ -1,0 +1,224 @@
+"""``meshtrust ca``: create, run and inspect the certificate authority."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from meshtrust.ca.cadir import init_ca_dir
+from meshtrust.ca.config import CaServeConfig, load_config_file, parse_issuer_flag
+from meshtrust.ca.ledger import SqlLedger, default_ledger_url
+from meshtrust.ca.runtime import run_ca
+from meshtrust.cli.options import DURATION
+from meshtrust.clock import SystemClock
+from meshtrust.durations import format_duration
+from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.pki import KeyType
+from meshtrust.spiffe import TrustDomain
+
+__all__ = ["ca"]
+
+KEY_TYPES = [k.value for k in KeyType]
+
+
+@click.group()
+def ca() -> None:
+    """Create, run and inspect the certificate authority."""
+
+
+@ca.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory to create the CA in (Istio's cacerts layout).",
+)
+@click.option(
+    "--trust-domain",
+    required=True,
+    help="Trust domain of the identities this CA signs, e.g. example.org.",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice(KEY_TYPES),
+    default=KeyType.EC_P256.value,
+    show_default=True,
+    help="Key algorithm of the root and intermediate CA.",
+)
+@click.option("--force", is_flag=True, help="Replace a CA that is already in --dir.")
+def init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None:
+    """Create a root CA, an intermediate signing CA and a token-issuer key.
+
+    Writes ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem (Istio's plugged-in
+    CA layout), root-key.pem (move it somewhere safe once the CA runs), and
+    token-key.pem / token-jwks.json for `meshtrust token create`. Key files are 0600.
+    Refuses to overwrite an existing CA unless --force is given.
+    """
+    try:
+        td = TrustDomain.parse(trust_domain)
+    except InvalidSpiffeId as exc:
+        raise ConfigError(f"--trust-domain: {exc}") from exc
+    init_ca_dir(directory, td, SystemClock().now(), KeyType(key_type), force=force)
+    click.echo(f"created CA for trust domain {td} in {directory}")
+    click.echo(f"  root:         {directory / 'root-cert.pem'}  (give this to clients)")
+    click.echo(f"  signing CA:   {directory / 'ca-cert.pem'}")
+    click.echo(f"  root key:     {directory / 'root-key.pem'}  (keep offline; not needed to serve)")
+    click.echo(f"  token issuer: {directory / 'token-jwks.json'}")
+
+
+@ca.command("serve")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML file with any of the settings below (flags override it).",
+)
+@click.option(
+    "--ca-dir",
+    type=click.Path(path_type=Path),
+    help="CA directory (Istio cacerts or tls.crt layout).  [default: ./ca]",
+)
+@click.option("--listen", help="gRPC+TLS address.  [default: 127.0.0.1:15012]")
+@click.option(
+    "--ledger",
+    help="SQLAlchemy URL of the ledger.  [default: sqlite file ledger.db in the CA directory]",
+)
+@click.option(
+    "--jwt-issuer",
+    multiple=True,
+    metavar="ISSUER=JWKS_FILE",
+    help="Trust bearer tokens from ISSUER, verified with the keys in JWKS_FILE. "
+    "Repeatable. The CA's own issuer is always trusted.",
+)
+@click.option("--audience", help="Required token audience.  [default: istio-ca]")
+@click.option(
+    "--default-ttl", type=DURATION, help="Lifetime when the request names none. [default: 24h]"
+)
+@click.option(
+    "--max-ttl",
+    type=DURATION,
+    help="Longest lifetime a request may ask for; longer requests are refused.  [default: 90d]",
+)
+@click.option(
+    "--metrics-listen",
+    help="HTTP address for /metrics and /ready; 'off' to disable.  [default: 127.0.0.1:15014]",
+)
+@click.option(
+    "--server-name",
+    multiple=True,
+    metavar="NAME",
+    help="Extra DNS name for the CA's serving certificate (it always covers "
+    "localhost and 127.0.0.1). Repeatable.",
+)
+@click.option("--trust-domain", help="Trust domain.  [default: the root certificate's O]")
+@click.option("--workers", type=int, help="Worker processes sharing the port.  [default: 1]")
+def serve(config_file: Path | None, **flags: Any) -> None:
+    """Run the CA: Istio's IstioCertificateService/CreateCertificate on gRPC over TLS.
+
+    Workloads authenticate with a client certificate this CA issued (renewal) or a
+    bearer token from a trusted issuer (Kubernetes service-account tokens, or
+    `meshtrust token create`). Every issued certificate is recorded in the ledger before
+    the response is sent. Stop with Ctrl-C or SIGTERM: in-flight requests are drained.
+    """
+    settings: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    for key, value in flags.items():
+        if value is None or value == ():
+            continue
+        if key == "jwt_issuer":
+            settings["jwt_issuers"] = tuple(parse_issuer_flag(v) for v in value)
+        elif key == "server_name":
+            settings["server_names"] = tuple(value)
+        elif key == "trust_domain":
+            try:
+                settings["trust_domain"] = TrustDomain.parse(value)
+            except InvalidSpiffeId as exc:
+                raise ConfigError(f"--trust-domain: {exc}") from exc
+        else:
+            settings[key] = value
+    if str(settings.get("metrics_listen", "")).lower() == "off":
+        settings["metrics_listen"] = None
+    valid = {f.name for f in dataclasses.fields(CaServeConfig)}
+    config = CaServeConfig(**{k: v for k, v in settings.items() if k in valid})
+    run_ca(config)
+
+
+@ca.group("certs")
+def certs() -> None:
+    """Inspect the certificates recorded in the ledger."""
+
+
+@certs.command("list")
+@click.option("--ledger", help="SQLAlchemy URL of the ledger.")
+@click.option(
+    "--ca-dir",
+    type=click.Path(path_type=Path),
+    default=Path("./ca"),
+    show_default=True,
+    help="CA directory whose ledger.db to read when --ledger is not given.",
+)
+@click.option(
+    "--expiring-within",
+    type=DURATION,
+    help="Only certificates that are still valid and expire within this time.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def certs_list(
+    ledger: str | None, ca_dir: Path, expiring_within: dt.timedelta | None, as_json: bool
+) -> None:
+    """List issued certificates, soonest expiry first."""
+    if ledger is None:
+        if not (ca_dir / "ledger.db").exists():
+            raise ConfigError(f"no ledger at {ca_dir / 'ledger.db'}; pass --ledger URL or --ca-dir")
+        ledger = default_ledger_url(ca_dir)
+    now = SystemClock().now()
+    sql = SqlLedger(ledger)
+    try:
+        records = sql.certificates(
+            expiring_before=now + expiring_within if expiring_within is not None else None,
+            not_expired_at=now if expiring_within is not None else None,
+        )
+    finally:
+        sql.close()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "serial": r.serial,
+                        "spiffe_id": r.spiffe_id,
+                        "not_before": r.not_before.isoformat(),
+                        "not_after": r.not_after.isoformat(),
+                        "key_type": r.key_type,
+                        "requester": r.requester,
+                        "authenticator": r.authenticator,
+                        "issued_at": r.issued_at.isoformat(),
+                        "expired": r.not_after <= now,
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{len(records)} certificates")
+    for col in ("SERIAL", "SPIFFE ID", "NOT AFTER", "EXPIRES IN", "KEY", "VIA"):
+        table.add_column(col)
+    for r in records:
+        left = r.not_after - now
+        table.add_row(
+            r.serial,
+            r.spiffe_id,
+            f"{r.not_after:%Y-%m-%d %H:%M:%SZ}",
+            "expired" if left.total_seconds() <= 0 else format_duration(left),
+            r.key_type,
+            r.authenticator,
+        )
+    Console().print(table)

@@ -1,0 +1,95 @@
+"""``meshtrust token``: bearer tokens for workloads outside Kubernetes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+
+from meshtrust.ca.authn import mint_token
+from meshtrust.ca.cadir import load_ca_dir, load_token_signing_key, token_issuer_for
+from meshtrust.cli.options import DURATION
+from meshtrust.clock import SystemClock
+from meshtrust.errors import CADirectoryError, ConfigError, InvalidSpiffeId
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+__all__ = ["token"]
+
+
+@click.group()
+def token() -> None:
+    """Bearer tokens for workloads outside Kubernetes."""
+
+
+@token.command("create")
+@click.option(
+    "--ca-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CA directory holding token-key.pem (from `meshtrust ca init`).",
+)
+@click.option("--namespace", required=True, help="Namespace of the workload.")
+@click.option("--service-account", required=True, help="Service account of the workload.")
+@click.option(
+    "--ttl", type=DURATION, default="24h", show_default=True, help="How long the token is valid."
+)
+@click.option("--audience", default="istio-ca", show_default=True, help="Token audience.")
+@click.option("--trust-domain", help="Trust domain.  [default: the root certificate's O]")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the token to this file (mode 0600) instead of printing it.",
+)
+def create(
+    ca_dir: Path,
+    namespace: str,
+    service_account: str,
+    ttl: dt.timedelta,
+    audience: str,
+    trust_domain: str | None,
+    output: Path | None,
+) -> None:
+    """Mint a service-account token the CA accepts.
+
+    The token has Kubernetes' projected-token form (sub system:serviceaccount:NS:SA,
+    audience istio-ca) and is signed by the CA's own issuer key, so a VM or laptop
+    workload can get spiffe://TD/ns/NS/sa/SA without a Kubernetes cluster.
+    """
+    clock = SystemClock()
+    key = load_token_signing_key(ca_dir)
+    if key is None:
+        raise CADirectoryError(
+            f"{ca_dir} has no token-key.pem; it was not made by "
+            "`meshtrust ca init`, so the CA has no token issuer"
+        )
+    if trust_domain is not None:
+        try:
+            td = TrustDomain.parse(trust_domain)
+        except InvalidSpiffeId as exc:
+            raise ConfigError(f"--trust-domain: {exc}") from exc
+    else:
+        hint = load_ca_dir(ca_dir, clock.now()).trust_domain_hint()
+        if hint is None:
+            raise ConfigError("cannot tell the trust domain from the root; pass --trust-domain")
+        td = hint
+    try:
+        SpiffeId.for_workload(td, namespace, service_account)
+    except InvalidSpiffeId as exc:
+        raise ConfigError(str(exc)) from exc
+    if ttl.total_seconds() <= 0:
+        raise ConfigError("--ttl must be positive")
+    jwt_text = mint_token(
+        key, token_issuer_for(td), namespace, service_account, clock.now(), ttl, audience
+    )
+    if output is None:
+        click.echo(jwt_text)
+    else:
+        from meshtrust.pki import write_private_file
+
+        write_private_file(output, jwt_text.encode() + b"\n")
+        click.echo(
+            f"wrote a token for spiffe://{td}/ns/{namespace}/sa/{service_account} to {output}",
+            err=True,
+        )

@@ -1,0 +1,109 @@
+"""The one exception hierarchy of meshtrust.
+
+Every error we raise derives from :class:`MeshTrustError`. Subclasses say *who is at fault*,
+which is what decides the gRPC status code and what the user should do next::
+
+    MeshTrustError
+    ├── InvalidInput                 the caller sent something malformed   -> INVALID_ARGUMENT
+    │   ├── InvalidSpiffeId          an ID or trust domain breaks the SPIFFE-ID standard
+    │   ├── InvalidCSR               unparsable CSR, bad self-signature, forbidden extensions
+    │   ├── InvalidCertificate       a PEM/DER certificate or chain that cannot be used
+    │   ├── InvalidDuration          "90x" where "90s" was meant
+    │   └── ConfigError              a config file or flag value (names the file and the key)
+    ├── Refused                      the input is well-formed but the answer is no
+    │   ├── AuthenticationError      no/bad/expired token or client certificate -> UNAUTHENTICATED
+    │   ├── PermissionDenied         asks for another identity  -> PERMISSION_DENIED
+    │   └── SvidVerificationError    a chain that does not verify against the trust bundle
+    └── EnvironmentFault             the world around us failed
+        ├── CAUnavailable            the CA is not ready / not reachable          -> UNAVAILABLE
+        ├── CADirectoryError         a CA directory that is missing, incomplete or inconsistent
+        ├── LedgerError              the ledger could not durably record something
+        └── AddressInUse             a listen address is taken by someone else
+
+Messages are written for a person and never contain a token, a key or other secret.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AddressInUse",
+    "AuthenticationError",
+    "CADirectoryError",
+    "CAUnavailable",
+    "ConfigError",
+    "EnvironmentFault",
+    "InvalidCSR",
+    "InvalidCertificate",
+    "InvalidDuration",
+    "InvalidInput",
+    "InvalidSpiffeId",
+    "LedgerError",
+    "MeshTrustError",
+    "PermissionDenied",
+    "Refused",
+    "SvidVerificationError",
+]
+
+
+class MeshTrustError(Exception):
+    """Root of every error meshtrust raises on purpose."""
+
+
+class InvalidInput(MeshTrustError):
+    """Something from outside is malformed."""
+
+
+class InvalidSpiffeId(InvalidInput):
+    """A SPIFFE ID or trust domain breaks a rule of the SPIFFE-ID standard."""
+
+
+class InvalidCSR(InvalidInput):
+    """A certificate signing request that cannot be accepted as such."""
+
+
+class InvalidCertificate(InvalidInput):
+    """A certificate, chain or PEM file that cannot be parsed or used."""
+
+
+class InvalidDuration(InvalidInput):
+    """A duration string such as ``90s`` or ``24h`` that does not parse."""
+
+
+class ConfigError(InvalidInput):
+    """A configuration file or option that is wrong; the message names where."""
+
+
+class Refused(MeshTrustError):
+    """A well-formed request that is refused."""
+
+
+class AuthenticationError(Refused):
+    """The caller could not be authenticated (token or client certificate)."""
+
+
+class PermissionDenied(Refused):
+    """The caller is authenticated but asked for something it may not have."""
+
+
+class SvidVerificationError(Refused):
+    """An X.509-SVID chain does not verify against the trust bundle."""
+
+
+class EnvironmentFault(MeshTrustError):
+    """A failure of the environment rather than of the input."""
+
+
+class CAUnavailable(EnvironmentFault):
+    """The certificate authority is not ready or cannot be reached."""
+
+
+class CADirectoryError(EnvironmentFault):
+    """A CA directory that is missing, incomplete or inconsistent."""
+
+
+class LedgerError(EnvironmentFault):
+    """The ledger could not record or read something."""
+
+
+class AddressInUse(EnvironmentFault):
+    """A listen address is already taken."""
