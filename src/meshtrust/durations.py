@@ -9,6 +9,7 @@ from meshtrust.errors import InvalidDuration
 
 __all__ = ["format_duration", "parse_duration"]
 
+_MAX_SECONDS = 100 * 365 * 86400
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
@@ -23,10 +24,12 @@ def parse_duration(text: str | int | float, *, what: str = "duration") -> dt.tim
     if isinstance(text, int | float):
         if text < 0:
             raise InvalidDuration(f"{what}: must not be negative, got {text}")
+        if not text <= _MAX_SECONDS:  # also refuses NaN
+            raise InvalidDuration(f"{what}: {text!r} is not a duration between 0 and 100 years")
         return dt.timedelta(seconds=text)
     s = text.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", s):
-        return dt.timedelta(seconds=float(s))
+        return _bounded(float(s), text, what)
     pos = 0
     total = 0.0
     for m in _PART.finditer(s):
@@ -36,10 +39,16 @@ def parse_duration(text: str | int | float, *, what: str = "duration") -> dt.tim
         pos = m.end()
     if pos != len(s) or not s:
         raise InvalidDuration(
-            f"{what}: {text!r} is not a duration; use a number with a unit s, m, h or d "
+            f"{what}: {text!r} is not a duration; use a number with a unit ms, s, m, h or d "
             "(for example 90s, 15m, 24h, 90d)"
         )
-    return dt.timedelta(seconds=total)
+    return _bounded(total, text, what)
+
+
+def _bounded(seconds: float, text: str, what: str) -> dt.timedelta:
+    if not 0 <= seconds <= _MAX_SECONDS:
+        raise InvalidDuration(f"{what}: {text!r} is longer than 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 def format_duration(delta: dt.timedelta) -> str:

@@ -141,7 +141,9 @@ class JwtAuthenticator:
         """Verify ``token`` at ``now``; raises :class:`AuthenticationError` saying why."""
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthenticationError("bearer token is too large")
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        if not token.isascii():
+            raise AuthenticationError("bearer token is not a well-formed JWT")
+        digest = hashlib.sha256(token.encode("ascii")).digest()
         cached = self._cache.get(digest)
         if cached is not None:
             if now <= cached.expires + LEEWAY:
@@ -192,7 +194,9 @@ class JwtAuthenticator:
                     },
                 )
                 break
-            except jwt.InvalidSignatureError:
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError, TypeError, ValueError):
+                # TypeError/ValueError: PyJWT's answer to a key of the wrong family for the
+                # token's alg (an RSA key for ES256, ...): that key cannot have signed it.
                 continue
             except jwt.InvalidAudienceError:
                 raise AuthenticationError(f"token audience is not {self._audience!r}") from None
@@ -208,11 +212,11 @@ class JwtAuthenticator:
         ts = now.timestamp()
         leeway = LEEWAY.total_seconds()
         exp, nbf = claims.get("exp"), claims.get("nbf")
-        if not isinstance(exp, int | float):
-            raise AuthenticationError("token lacks a numeric 'exp' claim")
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 < exp < 2**40:
+            raise AuthenticationError("token lacks a valid numeric 'exp' claim")
         if ts > exp + leeway:
             raise AuthenticationError("token has expired")
-        if isinstance(nbf, int | float) and ts + leeway < nbf:
+        if isinstance(nbf, int | float) and not ts + leeway >= nbf:  # NaN nbf: refused
             raise AuthenticationError("token is not valid yet (nbf in the future)")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.startswith(_SA_PREFIX):

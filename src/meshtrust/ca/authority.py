@@ -71,13 +71,17 @@ def check_ttl(validity_seconds: int, policy: CaPolicy) -> dt.timedelta:
         raise InvalidTTL(f"requested TTL {validity_seconds}s is negative")
     if validity_seconds == 0:
         return policy.default_ttl
-    ttl = dt.timedelta(seconds=validity_seconds)
-    if ttl > policy.max_ttl:
-        raise InvalidTTL(
-            f"requested TTL {format_duration(ttl)} is above the maximum "
-            f"{format_duration(policy.max_ttl)}"
+    # Compare as integers first: an int64 from the wire may not fit a timedelta.
+    if validity_seconds > policy.max_ttl.total_seconds():
+        shown = (
+            format_duration(dt.timedelta(seconds=validity_seconds))
+            if validity_seconds < 10**12
+            else f"{validity_seconds}s"
         )
-    return ttl
+        raise InvalidTTL(
+            f"requested TTL {shown} is above the maximum {format_duration(policy.max_ttl)}"
+        )
+    return dt.timedelta(seconds=validity_seconds)
 
 
 def decide_identity(csr: CsrRequest, caller: Caller) -> SpiffeId:

@@ -129,7 +129,8 @@ def init_ca_dir(
     Refuses (:class:`CADirectoryError`) when a CA is already there, unless ``force``.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    existing = [n for n in (*ISTIO_FILES, *TLS_FILES, "root-key.pem") if (directory / n).exists()]
+    ours = (*ISTIO_FILES, *TLS_FILES, "root-key.pem", TOKEN_KEY, TOKEN_JWKS)
+    existing = [n for n in ours if (directory / n).exists()]
     if existing and not force:
         raise CADirectoryError(
             f"{directory} already holds a CA ({', '.join(existing)}); "

@@ -143,8 +143,7 @@ async def serve_until_stopped(
         log.warning(
             "shutdown: %d requests still in flight after the grace period", service.in_flight
         )
-    server.close()
-    await server.wait_closed()
+    await server.shutdown()
 
 
 async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:

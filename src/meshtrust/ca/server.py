@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from grpclib import GRPCError, Status
@@ -191,10 +192,52 @@ class CaGrpcService(ca_grpc.IstioCertificateServiceBase):
         return True
 
 
+class GrpcServer(Server):
+    """grpclib's server, plus closing client connections on shutdown.
+
+    grpclib's ``close()`` stops listening and cancels handlers but leaves idle client
+    connections (agents keep theirs open between renewals) to whoever owns the loop; we close
+    their transports so an in-process shutdown leaves nothing behind.
+    """
+
+    def __init__(self, handlers: list[CaGrpcService]) -> None:
+        super().__init__(handlers)
+        self._transports: set[asyncio.BaseTransport] = set()  # uvloop's are not weakref-able
+
+    def _protocol_factory(self) -> Any:  # grpclib < 0.5 hook; see the class docstring
+        protocol = super()._protocol_factory()
+        made, lost = protocol.connection_made, protocol.connection_lost
+        current: list[asyncio.BaseTransport] = []
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            self._transports.add(transport)
+            current.append(transport)
+            made(transport)
+
+        def connection_lost(exc: BaseException | None) -> None:
+            for transport in current:
+                self._transports.discard(transport)
+            lost(exc)
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        return protocol
+
+    async def shutdown(self) -> None:
+        self.close()
+        await self.wait_closed()
+        for transport in list(self._transports):
+            # abort, not close: nothing is in flight any more, and a TLS close_notify
+            # exchange with an idle client could hold the socket open for 30 s.
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+        await asyncio.sleep(0)  # let the transports run their connection_lost callbacks
+
+
 async def serve_grpc(
     service: CaGrpcService, sock: socket.socket, ssl_ctx: ssl.SSLContext
-) -> Server:
-    server = Server([service])
+) -> GrpcServer:
+    server = GrpcServer([service])
     await server.start(sock=sock, ssl=ssl_ctx)
     return server
 

@@ -40,8 +40,8 @@ class Signer:
 
 
 def random_serial() -> int:
-    """A random positive serial below 2**128 (never 0; top bit free for DER positivity)."""
-    return secrets.randbits(127) | 1
+    """A random serial in [1, 2**128), as Istio's CA draws them (DER needs at most 17 bytes)."""
+    return secrets.randbelow(2**128 - 1) + 1
 
 
 def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:

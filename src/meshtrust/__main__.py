@@ -1,0 +1,3 @@
+from meshtrust.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""Shared fixtures: a fresh CA directory, and a real CA served in-process on loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+import pytest_asyncio
+from prometheus_client import CollectorRegistry
+
+from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
+from meshtrust.ca import (
+    CaServeConfig,
+    GroupCommitLedger,
+    PrometheusCaMetrics,
+    SqlLedger,
+    init_ca_dir,
+    load_token_signing_key,
+    mint_token,
+    prepare_ca,
+    token_issuer_for,
+)
+from meshtrust.ca.runtime import build_authority
+from meshtrust.ca.server import CaGrpcService, bind_listener, serve_grpc
+from meshtrust.clock import SystemClock
+from meshtrust.pki import KeyType
+from meshtrust.spiffe import TrustDomain
+
+TD = TrustDomain.parse("example.org")
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "ca"
+    init_ca_dir(directory, TD, SystemClock().now(), KeyType.EC_P256)
+    return directory
+
+
+@dataclass
+class RunningCa:
+    """A real CA (TLS, grpclib, ledger on disk) on 127.0.0.1:<random port>."""
+
+    address: str
+    ca_dir: Path
+    root_pem: bytes
+    ledger: SqlLedger
+    metrics: PrometheusCaMetrics
+    service: CaGrpcService
+
+    def token(
+        self,
+        namespace: str = "default",
+        service_account: str = "web",
+        *,
+        now: dt.datetime | None = None,
+        ttl: dt.timedelta = dt.timedelta(hours=1),
+        audience: str = "istio-ca",
+    ) -> str:
+        key = load_token_signing_key(self.ca_dir)
+        assert key is not None
+        return mint_token(
+            key,
+            token_issuer_for(TD),
+            namespace,
+            service_account,
+            now or SystemClock().now(),
+            ttl,
+            audience,
+        )
+
+    def channel(self, client_cert: tuple[bytes, bytes] | None = None) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.root_pem,
+            private_key=client_cert[1] if client_cert else None,
+            certificate_chain=client_cert[0] if client_cert else None,
+        )
+        return grpc.aio.secure_channel(
+            self.address, creds, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+
+    async def call(
+        self,
+        csr: str,
+        token: str | None,
+        ttl: int = 0,
+        client_cert: tuple[bytes, bytes] | None = None,
+    ) -> list[str]:
+        """One CreateCertificate; raises grpc.aio.AioRpcError on refusal."""
+        async with self.channel(client_cert) as channel:
+            stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+            md = [("authorization", f"Bearer {token}")] if token is not None else []
+            resp = await stub.CreateCertificate(
+                ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=ttl),
+                metadata=md,
+                timeout=10,
+            )
+            return list(resp.cert_chain)
+
+
+@pytest_asyncio.fixture
+async def running_ca(ca_dir: Path) -> AsyncIterator[RunningCa]:
+    config = CaServeConfig(
+        ca_dir=ca_dir,
+        listen="127.0.0.1:0",
+        metrics_listen=None,
+        max_ttl=dt.timedelta(days=90),
+    )
+    clock = SystemClock()
+    prepared = prepare_ca(config, clock)
+    sql = SqlLedger(prepared.ledger_url)
+    ledger = GroupCommitLedger(sql)
+    metrics = PrometheusCaMetrics(CollectorRegistry())
+    service = CaGrpcService(build_authority(prepared, clock, ledger, metrics))
+    sock = bind_listener("127.0.0.1", 0, what="test")
+    port = sock.getsockname()[1]
+    server = await serve_grpc(service, sock, prepared.ssl_context())
+    try:
+        yield RunningCa(
+            address=f"127.0.0.1:{port}",
+            ca_dir=ca_dir,
+            root_pem=(ca_dir / "root-cert.pem").read_bytes(),
+            ledger=sql,
+            metrics=metrics,
+            service=service,
+        )
+    finally:
+        await server.shutdown()
+        await ledger.aclose()
+        sql.close()

@@ -1,0 +1,211 @@
+"""The CA as a real process: crash safety, shutdown, port ownership, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from cryptography import x509
+
+from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
+from meshtrust.ca import SqlLedger, default_ledger_url, load_token_signing_key, mint_token
+from meshtrust.ca.cadir import token_issuer_for
+from meshtrust.clock import SystemClock
+from meshtrust.pki import build_csr, generate_key
+from meshtrust.spiffe import SpiffeId
+from tests.conftest import TD
+from tests.processes import CaProcess, run_cli
+
+pytestmark = pytest.mark.slow
+
+WEB = SpiffeId.for_workload(TD, "default", "web")
+
+
+def _token(ca_dir: Path) -> str:
+    key = load_token_signing_key(ca_dir)
+    assert key is not None
+    import datetime as dt
+
+    return mint_token(
+        key, token_issuer_for(TD), "default", "web", SystemClock().now(), dt.timedelta(hours=1)
+    )
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+class Load:
+    """Concurrent CreateCertificate calls; remembers every serial a client received."""
+
+    def __init__(self, ca: CaProcess) -> None:
+        self.ca = ca
+        self.received: set[str] = set()
+        self.failures: list[grpc.StatusCode] = []
+        self.token = _token(ca.ca_dir)
+        self.csr = build_csr(generate_key(), WEB)
+
+    async def run(self, concurrency: int, stop: asyncio.Event, limit: int | None = None) -> None:
+        root = (self.ca.ca_dir / "root-cert.pem").read_bytes()
+        creds = grpc.ssl_channel_credentials(root_certificates=root)
+        async with grpc.aio.secure_channel(self.ca.address, creds) as channel:
+            stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+
+            async def worker() -> None:
+                while not stop.is_set() and (limit is None or len(self.received) < limit):
+                    try:
+                        resp = await stub.CreateCertificate(
+                            ca_pb2.IstioCertificateRequest(csr=self.csr),
+                            metadata=[("authorization", f"Bearer {self.token}")],
+                            timeout=10,
+                        )
+                    except grpc.aio.AioRpcError as exc:
+                        self.failures.append(exc.code())
+                        return
+                    leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+                    self.received.add(format(leaf.serial_number, "x"))
+
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigkill_loses_no_certificate_a_client_received(ca_dir: Path, workers: int) -> None:
+    ca = CaProcess(ca_dir, "--workers", str(workers))
+    try:
+        ca.wait_ready()
+        load = Load(ca)
+        stop = asyncio.Event()
+        task = asyncio.create_task(load.run(32, stop))
+        await _until(lambda: len(load.received) >= 150 or task.done())
+        ca.signal(signal.SIGKILL)  # mid-load, with requests in flight
+        await asyncio.wait_for(task, 30)
+    finally:
+        ca.stop()
+    assert ca.proc.returncode == -signal.SIGKILL
+
+    restarted = CaProcess(ca_dir, "--workers", str(workers), port=ca.port)
+    try:
+        restarted.wait_ready()  # the port and the ledger are usable again
+    finally:
+        restarted.stop()
+    db = ca_dir / "ledger.db"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    ledger = SqlLedger(default_ledger_url(ca_dir))
+    try:
+        missing = load.received - ledger.serials()
+    finally:
+        ledger.close()
+    assert len(load.received) >= 150
+    assert missing == set()
+
+
+@pytest.mark.asyncio
+async def test_sigterm_drains_in_flight_requests_and_exits_cleanly(ca_dir: Path) -> None:
+    ca = CaProcess(ca_dir, "--workers", "2")
+    try:
+        ca.wait_ready()
+        load = Load(ca)
+        stop = asyncio.Event()
+        task = asyncio.create_task(load.run(32, stop))
+        await _until(lambda: len(load.received) >= 100 or task.done())
+        ca.signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, ca.wait, 30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        ca.stop()
+    assert code == 0, ca.log()
+    # Requests in flight finished; later ones were told to go elsewhere or found no server —
+    # nothing half-done: every certificate a client received is recorded.
+    assert set(load.failures) <= {grpc.StatusCode.UNAVAILABLE}
+    ledger = SqlLedger(default_ledger_url(ca_dir))
+    try:
+        assert load.received <= ledger.serials()
+    finally:
+        ledger.close()
+    assert "CA stopped" in ca.log()
+    assert "Traceback" not in ca.log()
+
+
+def test_second_ca_on_a_taken_port_fails_at_once(ca_dir: Path) -> None:
+    first = CaProcess(ca_dir, "--workers", "2")
+    try:
+        first.wait_ready()
+        second = run_cli(
+            "ca",
+            "serve",
+            "--ca-dir",
+            str(ca_dir),
+            "--listen",
+            first.address,
+            "--metrics-listen",
+            "off",
+            timeout=20,
+        )
+    finally:
+        first.stop()
+    assert second.returncode == 1
+    assert f"{first.address} is already in use" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+@pytest.mark.asyncio
+async def test_workers_share_one_ledger_and_one_metrics_endpoint(ca_dir: Path) -> None:
+    ca = CaProcess(ca_dir, "--workers", "2")
+    try:
+        ca.wait_ready()
+        load = Load(ca)
+        await load.run(16, asyncio.Event(), limit=200)
+        metrics = ca.metrics()
+    finally:
+        ca.stop()
+    assert load.failures == []
+    issued = len(load.received)
+    lines = metrics.splitlines()
+    counted = next(
+        float(line.split()[1])
+        for line in lines
+        if line.startswith("citadel_server_success_cert_issuance_count ")
+    )
+    assert counted >= issued >= 200
+    ledger = SqlLedger(default_ledger_url(ca_dir))
+    try:
+        assert load.received <= ledger.serials()
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing-key", "is incomplete: has ca-cert.pem, cert-chain.pem, root-cert.pem"),
+        ("no-dir", "does not exist"),
+        ("garbage-cert", "no PEM certificate found"),
+    ],
+)
+def test_broken_ca_directory_stops_startup_with_a_message(
+    ca_dir: Path, tmp_path: Path, breakage: str, message: str
+) -> None:
+    target = ca_dir
+    if breakage == "missing-key":
+        (ca_dir / "ca-key.pem").unlink()
+    elif breakage == "no-dir":
+        target = tmp_path / "nowhere"
+    elif breakage == "garbage-cert":
+        (ca_dir / "ca-cert.pem").write_text("garbage\n")
+    out = run_cli(
+        "ca", "serve", "--ca-dir", str(target), "--listen", "127.0.0.1:0", "--metrics-listen", "off"
+    )
+    assert out.returncode == 1
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
