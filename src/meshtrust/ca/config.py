@@ -9,11 +9,11 @@ from typing import Any
 
 import yaml
 
-from meshtrust.durations import parse_duration
+from meshtrust.durations import format_duration, parse_duration
 from meshtrust.errors import ConfigError, InvalidDuration, InvalidSpiffeId
 from meshtrust.spiffe import TrustDomain
 
-__all__ = ["CaServeConfig", "load_config_file", "parse_issuer_flag"]
+__all__ = ["CaServeConfig", "load_config_file", "parse_host_port", "parse_issuer_flag"]
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,26 @@ class CaServeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        parse_host_port(self.listen, what="listen")
+        if self.metrics_listen is not None:
+            parse_host_port(self.metrics_listen, what="metrics-listen")
         if self.default_ttl > self.max_ttl:
             raise ConfigError(
-                f"default TTL {self.default_ttl} is above the maximum TTL {self.max_ttl}"
+                f"default TTL {format_duration(self.default_ttl)} is above the maximum TTL "
+                f"{format_duration(self.max_ttl)}"
             )
         if self.default_ttl <= dt.timedelta(0):
             raise ConfigError("default TTL must be positive")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be between 1 and 64, got {self.workers}")
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:15012`` for IPv6) -> (host, port); :class:`ConfigError` if bad."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT (for example 127.0.0.1:15012)")
+    return host.strip("[]"), int(port)
 
 
 # YAML key -> (field name, converter)

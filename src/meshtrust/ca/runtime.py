@@ -28,7 +28,7 @@ from meshtrust.ca.authn import (
 )
 from meshtrust.ca.authority import CaPolicy, CertificateAuthority
 from meshtrust.ca.cadir import CaMaterial, load_ca_dir, load_token_signing_key, token_issuer_for
-from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.config import CaServeConfig, parse_host_port
 from meshtrust.ca.ledger import (
     AuditEvent,
     GroupCommitLedger,
@@ -41,7 +41,6 @@ from meshtrust.ca.server import (
     CaGrpcService,
     StatusHttpServer,
     bind_listener,
-    parse_host_port,
     serve_grpc,
     server_ssl_context,
 )

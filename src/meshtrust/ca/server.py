@@ -45,20 +45,11 @@ __all__ = [
     "CaGrpcService",
     "StatusHttpServer",
     "bind_listener",
-    "parse_host_port",
     "server_ssl_context",
     "status_for",
 ]
 
 log = logging.getLogger("meshtrust.ca")
-
-
-def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:15012`` for IPv6) -> (host, port); :class:`ConfigError` if bad."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what}: {text!r} is not HOST:PORT (for example 127.0.0.1:15012)")
-    return host.strip("[]"), int(port)
 
 
 def bind_listener(host: str, port: int, *, what: str) -> socket.socket:
