@@ -1,0 +1,142 @@
+"""The agent's one in-memory secret cache, which every output (SDS, Workload API, files)
+serves from.
+
+A :class:`WorkloadSecret` is immutable; the cache swaps whole secrets and bumps a generation
+number, so a reader always sees a key with its own certificate. Servers wait for the next
+generation with :meth:`SecretCache.wait_newer` instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshtrust.pki import PrivateKey, certs_pem, private_key_pem
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+__all__ = ["SecretCache", "WorkloadSecret"]
+
+
+@dataclass(frozen=True)
+class WorkloadSecret:
+    """A workload's key, its verified certificate chain, and the trusted roots."""
+
+    spiffe_id: SpiffeId
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates; no root
+    roots: tuple[x509.Certificate, ...]
+    received_at: dt.datetime
+    generation: int = 0
+    _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.leaf.serial_number, "x")
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self.spiffe_id.trust_domain
+
+    def expired(self, now: dt.datetime) -> bool:
+        return now >= self.not_after
+
+    # PEM/DER renderings, computed once per secret.
+    def chain_pem(self) -> bytes:
+        """Leaf and intermediates (what ``cert-chain.pem`` holds)."""
+        return self._cached("chain", lambda: certs_pem(self.chain))
+
+    def chain_with_root_pem(self) -> bytes:
+        """Leaf, intermediates and roots concatenated (Istio's SDS ``default`` chain)."""
+        return self._cached("chain+root", lambda: certs_pem((*self.chain, *self.roots)))
+
+    def key_pem(self) -> bytes:
+        return self._cached("key", lambda: private_key_pem(self.key))
+
+    def roots_pem(self) -> bytes:
+        return self._cached("roots", lambda: certs_pem(self.roots))
+
+    def chain_der(self) -> bytes:
+        """The X.509-SVID as the Workload API wants it: DER certificates concatenated."""
+        return self._cached(
+            "chain-der",
+            lambda: b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.chain),
+        )
+
+    def key_der(self) -> bytes:
+        """PKCS#8 DER private key (Workload API ``x509_svid_key``)."""
+        return self._cached(
+            "key-der",
+            lambda: self.key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+
+    def roots_der(self) -> bytes:
+        return self._cached(
+            "roots-der",
+            lambda: b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.roots),
+        )
+
+    def _cached(self, name: str, make: object) -> bytes:
+        value = self._pem.get(name)
+        if value is None:
+            assert callable(make)
+            value = make()
+            self._pem[name] = value
+        return value
+
+
+class SecretCache:
+    """Holds the current :class:`WorkloadSecret`; wakes waiters when it changes."""
+
+    def __init__(self) -> None:
+        self._secret: WorkloadSecret | None = None
+        self._generation = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def current(self) -> WorkloadSecret | None:
+        return self._secret
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    async def publish(self, secret: WorkloadSecret) -> WorkloadSecret:
+        """Make ``secret`` current (stamped with the next generation) and wake every waiter."""
+        async with self._changed:
+            self._generation += 1
+            stamped = WorkloadSecret(
+                spiffe_id=secret.spiffe_id,
+                key=secret.key,
+                chain=secret.chain,
+                roots=secret.roots,
+                received_at=secret.received_at,
+                generation=self._generation,
+            )
+            self._secret = stamped
+            self._changed.notify_all()
+        return stamped
+
+    async def wait_newer(self, generation: int) -> WorkloadSecret:
+        """Return the first secret whose generation is above ``generation`` (wait for it)."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._secret is not None and self._generation > generation
+            )
+            assert self._secret is not None
+            return self._secret
