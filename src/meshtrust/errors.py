@@ -18,7 +18,8 @@ which is what decides the gRPC status code and what the user should do next::
         ├── CAUnavailable            the CA is not ready / not reachable          -> UNAVAILABLE
         ├── CADirectoryError         a CA directory that is missing, incomplete or inconsistent
         ├── LedgerError              the ledger could not durably record something
-        └── AddressInUse             a listen address is taken by someone else
+        ├── AddressInUse             a listen address is taken by someone else
+        └── EnvoyFailed              the Envoy sidecar would not start or died
 
 Messages are written for a person and never contain a token, a key or other secret.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "CAUnavailable",
     "ConfigError",
     "EnvironmentFault",
+    "EnvoyFailed",
     "InvalidCSR",
     "InvalidCertificate",
     "InvalidDuration",
@@ -107,3 +109,7 @@ class LedgerError(EnvironmentFault):
 
 class AddressInUse(EnvironmentFault):
     """A listen address is already taken."""
+
+
+class EnvoyFailed(EnvironmentFault):
+    """The Envoy sidecar would not start, refused its configuration, or died."""

@@ -39,7 +39,6 @@ from meshtrust.ca.ledger import (
 from meshtrust.ca.metrics import CaMetricsSink, PrometheusCaMetrics
 from meshtrust.ca.server import (
     CaGrpcService,
-    StatusHttpServer,
     bind_listener,
     serve_grpc,
     server_ssl_context,
@@ -47,6 +46,7 @@ from meshtrust.ca.server import (
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
+from meshtrust.status_http import StatusHttpServer
 
 __all__ = ["PreparedCa", "build_authority", "prepare_ca", "run_ca", "serve_in_process"]
 

@@ -1,0 +1,92 @@
+"""Certificate files for everything that is not Envoy or a SPIFFE client (nginx, gRPC apps).
+
+``cert-chain.pem``, ``key.pem`` (0600) and ``root-cert.pem`` are replaced atomically on every
+rotation, the way kubelet updates a Secret volume: each generation is written in full into
+a fresh hidden directory, then one ``rename()`` swaps the ``..data`` symlink to it. The
+three visible names are symlinks through ``..data``, so every open sees a complete file
+of one generation; a reader that needs a matching *pair* resolves ``..data`` once and reads
+both files from there. The previous generation is kept until the next swap, so a reader
+that resolved it just before a swap still finds its files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from meshtrust.agent.cache import WorkloadSecret
+from meshtrust.errors import ConfigError
+
+__all__ = ["CertificateFiles"]
+
+NAMES = ("cert-chain.pem", "key.pem", "root-cert.pem")
+DATA = "..data"
+
+
+class CertificateFiles:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def prepare(self) -> None:
+        """Create the directory (0755) and check that our names are ours to manage."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output directory {self.directory}: {exc.strerror}") from exc
+        for name in NAMES:
+            path = self.directory / name
+            if path.exists() and not path.is_symlink():
+                # An old plain file (from another tool, or istio-agent): replace it with our
+                # symlink on the first write rather than refuse to start.
+                continue
+
+    def write(self, secret: WorkloadSecret) -> Path:
+        """Write ``secret`` as a new generation and switch to it atomically."""
+        d = self.directory
+        gen_dir = d / f"..gen-{secret.generation:08d}-{os.getpid()}"
+        if gen_dir.exists():
+            shutil.rmtree(gen_dir)
+        gen_dir.mkdir(mode=0o755)
+        _write(gen_dir / "cert-chain.pem", secret.chain_pem(), 0o644)
+        _write(gen_dir / "key.pem", secret.key_pem(), 0o600)
+        _write(gen_dir / "root-cert.pem", secret.roots_pem(), 0o644)
+        _fsync_dir(gen_dir)
+
+        previous = os.readlink(d / DATA) if (d / DATA).is_symlink() else None
+        tmp_link = d / f"..data_tmp-{os.getpid()}"
+        tmp_link.unlink(missing_ok=True)
+        os.symlink(gen_dir.name, tmp_link)
+        os.replace(tmp_link, d / DATA)  # the one atomic switch
+        for name in NAMES:
+            link = d / name
+            target = f"{DATA}/{name}"
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            tmp = d / f".{name}.link-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
+        _fsync_dir(d)
+        # Keep exactly the previous generation; remove older ones.
+        for entry in d.iterdir():
+            if entry.name.startswith("..gen-") and entry.name not in (gen_dir.name, previous):
+                shutil.rmtree(entry, ignore_errors=True)
+        return gen_dir
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, mode)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,72 @@
+"""A small HTTP server for ``/metrics`` (Prometheus) and readiness, on a thread.
+
+Used by the CA (``/ready``) and the agent (``/healthz/ready``, Istio's path); both paths
+answer on both.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshtrust.errors import AddressInUse, ConfigError
+
+__all__ = ["StatusHttpServer"]
+
+
+class StatusHttpServer:
+    """``/metrics`` (Prometheus) and ``/ready`` on a small HTTP server thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+    ) -> None:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.split("?")[0] == "/metrics":
+                    body, ctype, code = generate_latest(outer.registry), CONTENT_TYPE_LATEST, 200
+                elif self.path.split("?")[0] in ("/ready", "/healthz/ready"):
+                    ok = outer.ready()
+                    body = b"ready\n" if ok else b"not ready\n"
+                    ctype, code = "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.registry = registry
+        self.ready = ready
+        try:
+            self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            if exc.errno == 98:
+                raise AddressInUse(
+                    f"metrics listen address {host}:{port} is already in use"
+                ) from exc
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, daemon=True, name="ca-status-http"
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
