@@ -88,7 +88,11 @@ class FakeClock:
                 await self._changed.wait()
 
     async def advance(self, seconds: float) -> None:
-        """Move time forward, waking sleepers in deadline order and letting each run."""
+        """Move time forward, waking sleepers in deadline order.
+
+        After waking one, let it run until it sleeps on this clock again (or finishes), so
+        a loop that sleeps repeatedly sees every one of its deadlines inside the interval.
+        """
         target = self._mono + seconds
         while True:
             due = sorted(
@@ -98,12 +102,19 @@ class FakeClock:
             if not due:
                 break
             deadline, fut = due[0]
+            asleep = self.sleepers
             self._set(deadline)
             fut.set_result(None)
-            # Let the woken task run until it blocks again.
-            for _ in range(5):
-                await asyncio.sleep(0)
+            await self._settle(asleep)
         self._set(target)
+
+    async def _settle(self, asleep: int, max_spins: int = 1000) -> None:
+        # The woken task's work is in-memory in tests; a bounded number of loop turns lets
+        # it reach its next sleep. A task that ends instead simply leaves one sleeper fewer.
+        for _ in range(max_spins):
+            await asyncio.sleep(0)
+            if self.sleepers >= asleep:
+                return
 
     def _set(self, mono: float) -> None:
         delta = mono - self._mono

@@ -29,17 +29,12 @@ class CertificateFiles:
         self.directory = directory
 
     def prepare(self) -> None:
-        """Create the directory (0755) and check that our names are ours to manage."""
+        """Create the directory. Plain files already there under our names (from another
+        tool, or istio-agent) are replaced by our symlinks on the first write."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"output directory {self.directory}: {exc.strerror}") from exc
-        for name in NAMES:
-            path = self.directory / name
-            if path.exists() and not path.is_symlink():
-                # An old plain file (from another tool, or istio-agent): replace it with our
-                # symlink on the first write rather than refuse to start.
-                continue
 
     def write(self, secret: WorkloadSecret) -> Path:
         """Write ``secret`` as a new generation and switch to it atomically."""

@@ -1,0 +1,156 @@
+"""``meshtrust agent`` settings, and working out which identity the agent is for."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.pki import KeyType
+from meshtrust.settings import (
+    Converter,
+    as_duration,
+    as_float,
+    as_path,
+    as_str,
+    as_trust_domain,
+    load_settings,
+)
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+__all__ = ["AgentConfig", "identity_from_token", "load_agent_settings", "resolve_identity"]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    ca_root: Path
+    ca_address: str = "127.0.0.1:15012"
+    ca_server_name: str | None = None
+    token_file: Path | None = None
+    trust_domain: TrustDomain | None = None
+    namespace: str | None = None
+    service_account: str | None = None
+    key_type: KeyType = KeyType.EC_P256
+    cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    rotation_ratio: float = 0.5
+    rotation_jitter: float = 0.01
+    sds_socket: Path | None = None
+    workload_socket: Path | None = None
+    output_dir: Path | None = None
+    status_listen: str | None = "127.0.0.1:15021"
+
+    def __post_init__(self) -> None:
+        from meshtrust.ca.config import parse_host_port
+
+        parse_host_port(self.ca_address, what="ca-address")
+        if self.status_listen is not None:
+            parse_host_port(self.status_listen, what="status-listen")
+        if self.cert_ttl < dt.timedelta(seconds=1):
+            raise ConfigError("cert-ttl must be at least 1s")
+        if not 0.0 < self.rotation_ratio < 1.0:
+            raise ConfigError(f"rotation-ratio must be between 0 and 1, got {self.rotation_ratio}")
+        margin = min(self.rotation_ratio, 1.0 - self.rotation_ratio)
+        if not 0.0 <= self.rotation_jitter < margin:
+            raise ConfigError(
+                f"rotation-jitter must be >= 0 and below {margin:g} for ratio "
+                f"{self.rotation_ratio:g}, got {self.rotation_jitter}"
+            )
+        if not (self.sds_socket or self.workload_socket or self.output_dir):
+            raise ConfigError(
+                "nothing to serve: give at least one of --sds-socket, --workload-socket, "
+                "--output-dir"
+            )
+
+
+def _key_type(value: object, where: str, base: Path) -> KeyType:
+    try:
+        return KeyType.parse(as_str(value, where, base))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+_KEYS: dict[str, tuple[str, Converter]] = {
+    "ca-address": ("ca_address", as_str),
+    "ca-root": ("ca_root", as_path),
+    "ca-server-name": ("ca_server_name", as_str),
+    "token-file": ("token_file", as_path),
+    "trust-domain": ("trust_domain", as_trust_domain),
+    "namespace": ("namespace", as_str),
+    "service-account": ("service_account", as_str),
+    "key-type": ("key_type", _key_type),
+    "cert-ttl": ("cert_ttl", as_duration),
+    "rotation-ratio": ("rotation_ratio", as_float),
+    "rotation-jitter": ("rotation_jitter", as_float),
+    "sds-socket": ("sds_socket", as_path),
+    "workload-socket": ("workload_socket", as_path),
+    "output-dir": ("output_dir", as_path),
+    "status-listen": ("status_listen", as_str),
+}
+
+
+def load_agent_settings(path: Path) -> dict[str, object]:
+    return load_settings(path, _KEYS)
+
+
+def identity_from_token(token: str) -> tuple[str, str]:
+    """(namespace, service account) from a service-account token's ``sub``, unverified.
+
+    Only used to *expect* an identity; the CA verifies the token. Raises ConfigError.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ConfigError("the token is not a JWT; pass --namespace and --service-account")
+    try:
+        padded = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(
+            "the token's claims cannot be read; pass --namespace and --service-account"
+        ) from None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    prefix = "system:serviceaccount:"
+    if not isinstance(sub, str) or not sub.startswith(prefix) or sub.count(":") != 3:
+        raise ConfigError(
+            "the token's subject is not a service account; pass --namespace and --service-account"
+        )
+    namespace, service_account = sub[len(prefix) :].split(":")
+    return namespace, service_account
+
+
+def resolve_identity(
+    config: AgentConfig, token: str | None, trust_domain_hint: TrustDomain | None
+) -> SpiffeId:
+    """The SPIFFE ID this agent must obtain: flags first, then the token's claims.
+
+    Flags and token must agree (the CA would refuse otherwise; better to say so at start).
+    """
+    td = config.trust_domain or trust_domain_hint
+    if td is None:
+        raise ConfigError("cannot tell the trust domain from the CA root; pass --trust-domain")
+    ns, sa = config.namespace, config.service_account
+    if token is not None and (ns is None or sa is None):
+        tns, tsa = identity_from_token(token)
+        ns, sa = ns or tns, sa or tsa
+    elif token is not None:
+        try:
+            claimed: tuple[str | None, str | None] = identity_from_token(token)
+        except ConfigError:
+            claimed = (ns, sa)  # an opaque token: the CA will judge it
+        if claimed != (ns, sa):
+            raise ConfigError(
+                f"the token is for namespace {claimed[0]!r} service account {claimed[1]!r}, "
+                "but the flags "
+                f"say {ns!r} / {sa!r}"
+            )
+    if ns is None or sa is None:
+        raise ConfigError(
+            "which workload is this? pass --namespace and --service-account "
+            "(or --token-file with a service-account token)"
+        )
+    try:
+        return SpiffeId.for_workload(td, ns, sa)
+    except InvalidSpiffeId as exc:
+        raise ConfigError(str(exc)) from exc
