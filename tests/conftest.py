@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -102,26 +103,28 @@ class RunningCa:
             return list(resp.cert_chain)
 
 
-@pytest_asyncio.fixture
-async def running_ca(ca_dir: Path) -> AsyncIterator[RunningCa]:
-    config = CaServeConfig(
-        ca_dir=ca_dir,
-        listen="127.0.0.1:0",
-        metrics_listen=None,
-        max_ttl=dt.timedelta(days=90),
-    )
+@contextlib.asynccontextmanager
+async def serve_ca(ca_dir: Path, port: int = 0, **config: object) -> AsyncIterator[RunningCa]:
+    """The real CA (TLS, grpclib, ledger on disk) in this event loop, on 127.0.0.1:port."""
+    settings: dict[str, object] = {
+        "ca_dir": ca_dir,
+        "listen": "127.0.0.1:0",
+        "metrics_listen": None,
+        "max_ttl": dt.timedelta(days=90),
+        **config,
+    }
     clock = SystemClock()
-    prepared = prepare_ca(config, clock)
+    prepared = prepare_ca(CaServeConfig(**settings), clock)  # type: ignore[arg-type]
     sql = SqlLedger(prepared.ledger_url)
     ledger = GroupCommitLedger(sql)
     metrics = PrometheusCaMetrics(CollectorRegistry())
     service = CaGrpcService(build_authority(prepared, clock, ledger, metrics))
-    sock = bind_listener("127.0.0.1", 0, what="test")
-    port = sock.getsockname()[1]
+    sock = bind_listener("127.0.0.1", port, what="test")
+    bound = sock.getsockname()[1]
     server = await serve_grpc(service, sock, prepared.ssl_context())
     try:
         yield RunningCa(
-            address=f"127.0.0.1:{port}",
+            address=f"127.0.0.1:{bound}",
             ca_dir=ca_dir,
             root_pem=(ca_dir / "root-cert.pem").read_bytes(),
             ledger=sql,
@@ -132,3 +135,9 @@ async def running_ca(ca_dir: Path) -> AsyncIterator[RunningCa]:
         await server.shutdown()
         await ledger.aclose()
         sql.close()
+
+
+@pytest_asyncio.fixture
+async def running_ca(ca_dir: Path) -> AsyncIterator[RunningCa]:
+    async with serve_ca(ca_dir) as ca:
+        yield ca

@@ -24,6 +24,7 @@ COMMANDS = [
     ["token", "create"],
     ["cert"],
     ["cert", "request"],
+    ["agent"],
 ]
 
 

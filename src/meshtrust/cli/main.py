@@ -56,11 +56,13 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
+    from meshtrust.cli.agent import agent
     from meshtrust.cli.ca import ca
     from meshtrust.cli.cert import cert
     from meshtrust.cli.token import token
 
     cli.add_command(ca)
+    cli.add_command(agent)
     cli.add_command(token)
     cli.add_command(cert)
 

@@ -1,0 +1,194 @@
+"""The agent process: one rotator, one cache, and the outputs that serve it.
+
+Start order: load and check the configuration, start the status port and the sockets (so
+Envoy and SPIFFE clients can connect and wait), then the rotator. Stop order is the
+reverse; sockets are removed. Dependencies (the certificate source, the clock) are
+constructor arguments, so tests run the whole agent against a fake clock or a hostile CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable
+from typing import Protocol
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry
+
+from meshtrust.agent.cache import SecretCache
+from meshtrust.agent.config import AgentConfig, resolve_identity
+from meshtrust.agent.files import CertificateFiles
+from meshtrust.agent.issuance import CertificateSource, GrpcCertificateSource, TokenFile
+from meshtrust.agent.metrics import AgentMetrics
+from meshtrust.agent.rotation import SlotState
+from meshtrust.agent.rotator import RotationPolicy, Rotator
+from meshtrust.clock import Clock, SystemClock
+from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId, MeshTrustError
+from meshtrust.pki import TrustBundle, load_certs_pem
+from meshtrust.spiffe import SpiffeId, TrustDomain
+from meshtrust.status_http import StatusHttpServer
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("meshtrust.agent")
+
+
+class _Server(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float = 1.0) -> None: ...
+
+
+def _root_trust_domain(roots: list[x509.Certificate]) -> TrustDomain | None:
+    for root in roots:
+        for attr in root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME):
+            with contextlib.suppress(InvalidSpiffeId):
+                return TrustDomain.parse(str(attr.value))
+    return None
+
+
+class Agent:
+    """Keeps one workload's identity fresh and serves it over SDS, the Workload API, files."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Clock | None = None,
+        source: CertificateSource | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        try:
+            root_pem = config.ca_root.read_bytes()
+            roots = load_certs_pem(root_pem, source=str(config.ca_root))
+        except OSError as exc:
+            raise ConfigError(f"--ca-root {config.ca_root}: {exc.strerror}") from exc
+        except InvalidCertificate as exc:
+            raise ConfigError(f"--ca-root: {exc}") from exc
+        self.token = TokenFile(config.token_file)
+        first_token = None
+        if config.token_file is not None:
+            try:
+                first_token = self.token.read()
+            except ConfigError:
+                if config.namespace is None or config.service_account is None:
+                    raise
+                log.warning(
+                    "token file %s is not readable yet; will retry at each request",
+                    config.token_file,
+                )
+        self.identity: SpiffeId = resolve_identity(config, first_token, _root_trust_domain(roots))
+        self.anchors = TrustBundle(self.identity.trust_domain, tuple(roots))
+        self.cache = SecretCache()
+        self.registry = CollectorRegistry()
+        self.metrics = AgentMetrics(self.registry, self._expiry_seconds)
+        self.source = source or GrpcCertificateSource(
+            config.ca_address, root_pem, server_name=config.ca_server_name
+        )
+        self.rotator = Rotator(
+            identity=self.identity,
+            source=self.source,
+            token=self.token,
+            anchors=self.anchors,
+            cache=self.cache,
+            clock=self.clock,
+            metrics=self.metrics,
+            policy=RotationPolicy(
+                cert_ttl=config.cert_ttl,
+                ratio=config.rotation_ratio,
+                jitter=config.rotation_jitter,
+            ),
+            key_type=config.key_type,
+            rng=rng,
+        )
+        self._servers: list[_Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._status: StatusHttpServer | None = None
+        self.started = False
+
+    def _expiry_seconds(self) -> float | None:
+        secret = self.cache.current
+        if secret is None:
+            return None
+        return (secret.not_after - self.clock.now()).total_seconds()
+
+    def ready(self) -> bool:
+        """Ready: a certificate is held, it has not expired, and the outputs are up."""
+        secret = self.cache.current
+        return (
+            self.started
+            and secret is not None
+            and not secret.expired(self.clock.now())
+            and self.rotator.state != SlotState.EXPIRED
+        )
+
+    async def start(self) -> None:
+        """Open the outputs and start rotating. Raises MeshTrustError on bad setup."""
+        cfg = self.config
+        try:
+            if cfg.status_listen:
+                from meshtrust.ca.config import parse_host_port
+
+                host, port = parse_host_port(cfg.status_listen, what="--status-listen")
+                self._status = StatusHttpServer(host, port, self.registry, self.ready)
+                self._status.start()
+            if cfg.sds_socket is not None:
+                from meshtrust.agent.sds import SdsServer
+
+                self._servers.append(SdsServer(self.cache, cfg.sds_socket))
+            if cfg.workload_socket is not None:
+                from meshtrust.agent.workload_api import WorkloadApiServer
+
+                self._servers.append(WorkloadApiServer(self.cache, cfg.workload_socket))
+            for server in self._servers:
+                await server.start()
+            if cfg.output_dir is not None:
+                files = CertificateFiles(cfg.output_dir)
+                files.prepare()
+                self._tasks.append(asyncio.create_task(self._write_files(files)))
+        except BaseException:
+            await self.stop()
+            raise
+        self._tasks.append(asyncio.create_task(self.rotator.run()))
+        self.started = True
+        log.info("agent for %s started (CA %s)", self.identity, cfg.ca_address)
+
+    async def _write_files(self, files: CertificateFiles) -> None:
+        generation = 0
+        while True:
+            secret = await self.cache.wait_newer(generation)
+            generation = secret.generation
+            try:
+                await asyncio.to_thread(files.write, secret)
+            except OSError as exc:  # a full disk must not stop SDS or the Workload API
+                log.error("cannot write certificate files to %s: %s", files.directory, exc)
+
+    async def stop(self) -> None:
+        """Stop rotating, close the sockets (removing them) and the status port."""
+        self.started = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, MeshTrustError):
+                await task
+        self._tasks.clear()
+        for server in reversed(self._servers):
+            with contextlib.suppress(Exception):
+                await server.stop()
+        self._servers.clear()
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    async def run_until(self, stop: Awaitable[object]) -> None:
+        await self.start()
+        try:
+            await stop
+        finally:
+            await self.stop()
+            log.info("agent for %s stopped", self.identity)

@@ -1,0 +1,464 @@
+"""The SPIFFE Workload API on a Unix socket, served from the agent's secret cache.
+
+Theory of operation
+-------------------
+One grpcio ``grpc.aio`` server listens on ``unix:<socket_path>``; the socket is 0600 so only
+the agent's own user can connect. Every call must carry the metadata ``workload.spiffe.io:
+true`` (SPIFFE Workload Endpoint spec); without it the call ends with INVALID_ARGUMENT.
+
+``FetchX509SVID`` and ``FetchX509Bundles`` are server streams. Each waits on the cache for a
+generation newer than the one it last handled (``SecretCache.wait_newer``, no polling),
+builds a *complete* response and sends it. Nothing is sent before the first secret exists,
+and a secret that could not make a complete response is skipped: py-spiffe closes an
+``X509Source`` for good on a response it cannot parse, so a half-formed answer would be
+worse than a late one. ``FetchX509Bundles`` only sends when the trusted roots change (a leaf
+rotation does not change them).
+
+:meth:`WorkloadApiServer.stop` first ends every open stream with UNAVAILABLE ("shutting
+down"): a status py-spiffe and go-spiffe retry, unlike CANCELLED or INVALID_ARGUMENT after
+which py-spiffe gives up. Then it stops the gRPC server and removes the socket.
+
+The messages and the descriptor pool
+------------------------------------
+The Workload API proto has no package, so its message names (``X509SVIDResponse``, ...) are
+global. py-spiffe registers the very same names in protobuf's *default* descriptor pool, from
+a file of another name, and protobuf refuses the second registration ("duplicate symbol")
+whichever module is imported first. So we never import the generated
+``meshtrust._proto.spiffe.workload_pb2`` (nor its gRPC stubs, which import it): we read its
+serialized file descriptor, without executing the module, into a private
+:class:`~google.protobuf.descriptor_pool.DescriptorPool`, make the message classes from
+there, and register the handlers by hand. The wire format does not depend on the pool, and
+py-spiffe, go-spiffe and meshtrust can live in one process. The generated ``.pyi`` still
+gives the classes their static types.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import errno
+import importlib.resources
+import logging
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor_pool, message_factory, struct_pb2
+
+from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.errors import AddressInUse, ConfigError
+
+if TYPE_CHECKING:
+    from meshtrust._proto.spiffe.workload_pb2 import (
+        X509SVID,
+        X509BundlesRequest,
+        X509BundlesResponse,
+        X509SVIDRequest,
+        X509SVIDResponse,
+    )
+
+__all__ = [
+    "JWT_UNSUPPORTED",
+    "SECURITY_HEADER",
+    "WorkloadApiServer",
+    "has_security_header",
+    "x509_bundles_response",
+    "x509_svid_response",
+]
+
+log = logging.getLogger("meshtrust.agent")
+
+#: The metadata every Workload API call must carry (SPIFFE Workload Endpoint spec).
+SECURITY_HEADER = ("workload.spiffe.io", "true")
+#: Status message of the JWT-SVID methods.
+JWT_UNSUPPORTED = "JWT-SVIDs are not supported yet"
+_MISSING_HEADER = (
+    "security header missing from request: Workload API calls must carry the metadata "
+    "'workload.spiffe.io: true'"
+)
+_SHUTTING_DOWN = "the meshtrust agent is shutting down; reconnect to its new instance"
+#: Longest path a Unix socket address holds on Linux (sun_path is 108 bytes with the NUL).
+_MAX_SOCKET_PATH_BYTES = 107
+_GENERATED_MODULE = ("meshtrust._proto.spiffe", "workload_pb2.py")
+
+
+# --- the protobuf messages, in a private descriptor pool --------------------------------------
+
+
+@dataclass(frozen=True)
+class _WorkloadProto:
+    service: str  # full service name, "SpiffeWorkloadAPI": the method paths' prefix
+    X509SVIDResponse: type[X509SVIDResponse]
+    X509SVID: type[X509SVID]
+    X509BundlesResponse: type[X509BundlesResponse]
+    request_types: dict[str, Any]  # method name -> its request message class
+
+
+def _serialized_workload_descriptor() -> bytes:
+    """The ``FileDescriptorProto`` protoc embedded in the generated ``workload_pb2.py``.
+
+    Read from the module's source (``AddSerializedFile(b'...')``) rather than by importing
+    it: importing it would register the global names in the default pool (see the module
+    docstring). Raises ``RuntimeError`` if the generated file no longer has that shape.
+    """
+    package, filename = _GENERATED_MODULE
+    source = importlib.resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(source, filename)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "AddSerializedFile"
+            and len(node.args) == 1
+        ):
+            value = ast.literal_eval(node.args[0])
+            if isinstance(value, bytes):
+                return value
+    raise RuntimeError(
+        f"{package}.{filename} holds no serialized file descriptor; "
+        "regenerate it with scripts/gen-protos.py"
+    )
+
+
+def _load_workload_proto() -> _WorkloadProto:
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)  # ValidateJWTSVIDResponse.claims
+    file = pool.AddSerializedFile(_serialized_workload_descriptor())
+    (service,) = file.services_by_name.values()
+
+    def message(name: str) -> Any:
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+    return _WorkloadProto(
+        service=service.full_name,
+        X509SVIDResponse=message("X509SVIDResponse"),
+        X509SVID=message("X509SVID"),
+        X509BundlesResponse=message("X509BundlesResponse"),
+        request_types={m.name: message(m.input_type.full_name) for m in service.methods},
+    )
+
+
+_PROTO = _load_workload_proto()
+
+
+# --- what goes on the wire (pure) -------------------------------------------------------------
+
+
+def has_security_header(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether call metadata carries ``workload.spiffe.io: true`` exactly once, as SPIRE wants."""
+    key, expected = SECURITY_HEADER
+    values = [value for name, value in metadata or () if name.lower() == key]
+    return values == [expected]
+
+
+def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
+    """The ``X509SVIDResponse`` for ``secret``, or None when it cannot make a complete one.
+
+    The SVID is the DER leaf and intermediates concatenated, its key PKCS#8 DER, its bundle
+    the DER roots concatenated; no federated bundles, no CRLs.
+    """
+    if not secret.chain or not secret.roots:
+        return None
+    svid = _PROTO.X509SVID(
+        spiffe_id=str(secret.spiffe_id),
+        x509_svid=secret.chain_der(),
+        x509_svid_key=secret.key_der(),
+        bundle=secret.roots_der(),
+    )
+    return _PROTO.X509SVIDResponse(svids=[svid])
+
+
+def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
+    """The ``X509BundlesResponse`` for ``secret``'s trust domain, or None without roots.
+
+    Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://example.org``) as the
+    standard says and SPIRE does; py-spiffe and go-spiffe accept that and the bare name.
+    """
+    if not secret.roots:
+        return None
+    return _PROTO.X509BundlesResponse(bundles={secret.trust_domain.id_string(): secret.roots_der()})
+
+
+# --- the socket file --------------------------------------------------------------------------
+
+
+def _check_socket_path(path: Path) -> None:
+    """Make ``path`` ready to bind: parent directory present, no stale socket in the way.
+
+    grpcio unlinks whatever socket is at the path before binding, even one a live agent
+    still serves on, so we look first. Raises :class:`ConfigError` when the path is unusable
+    or is not a socket, :class:`AddressInUse` when a live server answers on it.
+    """
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"Workload API socket path {str(path)!r} is too long for a Unix socket "
+            f"({len(os.fsencode(path))} bytes; the limit is {_MAX_SOCKET_PATH_BYTES})"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the Workload API socket directory {str(path.parent)!r}: {exc.strerror}"
+        ) from exc
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(
+            f"Workload API socket path {str(path)!r} exists and is not a socket; "
+            "refusing to replace it (remove it or choose another path)"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        result = probe.connect_ex(os.fspath(path))
+    finally:
+        probe.close()
+    if result in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise AddressInUse(
+            f"Workload API socket {str(path)!r} is in use by a running server "
+            "(is another agent serving this workload?)"
+        )
+    if result not in (errno.ECONNREFUSED, errno.ENOENT):
+        raise ConfigError(
+            f"Workload API socket {str(path)!r} exists and cannot be checked: {os.strerror(result)}"
+        )
+    # Nobody listens: a stale socket left by an agent that died.
+    log.info("removing stale Workload API socket %s", path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+class WorkloadApiServer:
+    """The SPIFFE Workload API (``SpiffeWorkloadAPI``) over ``unix:<socket_path>``.
+
+    Serves X.509-SVIDs and bundles from ``cache``; the JWT methods answer UNIMPLEMENTED.
+    """
+
+    def __init__(self, cache: SecretCache, socket_path: Path) -> None:
+        self._cache = cache
+        self._socket_path = Path(socket_path)
+        self._server: grpc.aio.Server | None = None
+        self._socket_identity: tuple[int, int] | None = None  # (st_dev, st_ino) we bound
+        self._stopping = asyncio.Event()
+        self._open_streams = 0
+
+    @property
+    def socket_path(self) -> Path:
+        return self._socket_path
+
+    @property
+    def address(self) -> str:
+        """The gRPC target of this server, ``unix:<socket_path>``."""
+        return f"unix:{self._socket_path}"
+
+    @property
+    def open_streams(self) -> int:
+        """How many FetchX509SVID/FetchX509Bundles streams are open right now."""
+        return self._open_streams
+
+    async def start(self) -> None:
+        """Bind the socket (0600) and start serving.
+
+        Raises :class:`ConfigError` for an unusable socket path (too long, not a socket,
+        directory not creatable) and :class:`AddressInUse` when a live server owns it.
+        """
+        if self._server is not None:
+            raise RuntimeError("WorkloadApiServer is already started")
+        path = self._socket_path
+        _check_socket_path(path)
+        self._stopping = asyncio.Event()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((self._handlers(),))
+        # grpcio creates the socket file in add_insecure_port, 0777 & ~umask. The umask makes
+        # it 0600 from the first moment; chmod makes sure. No await inside this window: the
+        # umask is process-wide, and other coroutines must not create files under it.
+        try:
+            old_umask = os.umask(0o177)
+            try:
+                server.add_insecure_port(self.address)
+            finally:
+                os.umask(old_umask)
+        except RuntimeError as exc:
+            await server.stop(None)
+            raise ConfigError(
+                f"cannot listen on the Workload API socket {str(path)!r} (see the grpc log)"
+            ) from exc
+        try:
+            os.chmod(path, 0o600)
+            st = path.lstat()
+            self._socket_identity = (st.st_dev, st.st_ino)
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            self._remove_socket()
+            raise
+        self._server = server
+        log.info("Workload API listening on %s", self.address)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """End every open stream (UNAVAILABLE), stop serving, remove the socket.
+
+        Calls still running after ``grace`` seconds are cancelled. Safe to call twice.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        try:
+            await server.stop(grace)
+        finally:
+            self._remove_socket()
+        log.info("Workload API on %s stopped", self.address)
+
+    def _remove_socket(self) -> None:
+        """Remove the socket file, if it is still the one we bound (grpcio may have already)."""
+        identity, self._socket_identity = self._socket_identity, None
+        try:
+            st = self._socket_path.lstat()
+        except FileNotFoundError:
+            return
+        if identity == (st.st_dev, st.st_ino):
+            with contextlib.suppress(FileNotFoundError):
+                self._socket_path.unlink()
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        def request(name: str) -> Any:
+            return _PROTO.request_types[name].FromString
+
+        def serialize(message: Any) -> bytes:
+            return cast(bytes, message.SerializeToString())
+
+        return grpc.method_handlers_generic_handler(
+            _PROTO.service,
+            {
+                "FetchX509SVID": grpc.unary_stream_rpc_method_handler(
+                    self._fetch_x509_svid,
+                    request_deserializer=request("FetchX509SVID"),
+                    response_serializer=serialize,
+                ),
+                "FetchX509Bundles": grpc.unary_stream_rpc_method_handler(
+                    self._fetch_x509_bundles,
+                    request_deserializer=request("FetchX509Bundles"),
+                    response_serializer=serialize,
+                ),
+                "FetchJWTSVID": grpc.unary_unary_rpc_method_handler(
+                    self._fetch_jwt_svid,
+                    request_deserializer=request("FetchJWTSVID"),
+                    response_serializer=serialize,
+                ),
+                "FetchJWTBundles": grpc.unary_stream_rpc_method_handler(
+                    self._fetch_jwt_bundles,
+                    request_deserializer=request("FetchJWTBundles"),
+                    response_serializer=serialize,
+                ),
+                "ValidateJWTSVID": grpc.unary_unary_rpc_method_handler(
+                    self._validate_jwt_svid,
+                    request_deserializer=request("ValidateJWTSVID"),
+                    response_serializer=serialize,
+                ),
+            },
+        )
+
+    # --- handlers ---
+
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Refuse (INVALID_ARGUMENT) a call without the security header."""
+        if not has_security_header(context.invocation_metadata()):
+            log.debug("Workload API %s refused: security header missing", method)
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _MISSING_HEADER)
+        log.debug("Workload API client connected: %s (%s)", method, context.peer())
+
+    async def _next_secret(
+        self, generation: int, context: grpc.aio.ServicerContext
+    ) -> WorkloadSecret:
+        """The first secret newer than ``generation``; aborts the call when the server stops."""
+        newer = asyncio.ensure_future(self._cache.wait_newer(generation))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((newer, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            newer.cancel()
+            stopping.cancel()
+        if self._stopping.is_set():
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        return newer.result()
+
+    async def _fetch_x509_svid(
+        self, request: X509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[X509SVIDResponse]:
+        await self._admit(context, "FetchX509SVID")
+        self._open_streams += 1
+        try:
+            generation = 0
+            while True:
+                secret = await self._next_secret(generation, context)
+                generation = secret.generation
+                response = x509_svid_response(secret)
+                if response is None:
+                    log.error(
+                        "not sending X.509-SVID generation %d: it has no chain or no roots",
+                        generation,
+                    )
+                    continue
+                log.debug(
+                    "Workload API: sending X.509-SVID %s serial %s (generation %d)",
+                    secret.spiffe_id,
+                    secret.serial_hex,
+                    generation,
+                )
+                yield response
+        finally:
+            self._open_streams -= 1
+            log.debug("Workload API FetchX509SVID stream closed")
+
+    async def _fetch_x509_bundles(
+        self, request: X509BundlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[X509BundlesResponse]:
+        await self._admit(context, "FetchX509Bundles")
+        self._open_streams += 1
+        try:
+            generation = 0
+            sent: bytes | None = None
+            while True:
+                secret = await self._next_secret(generation, context)
+                generation = secret.generation
+                response = x509_bundles_response(secret)
+                if response is None or secret.roots_der() == sent:
+                    continue  # no roots, or the same roots as last time: nothing to tell
+                sent = secret.roots_der()
+                log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
+                yield response
+        finally:
+            self._open_streams -= 1
+            log.debug("Workload API FetchX509Bundles stream closed")
+
+    async def _fetch_jwt_svid(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._admit(context, "FetchJWTSVID")
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, JWT_UNSUPPORTED)
+
+    async def _fetch_jwt_bundles(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._admit(context, "FetchJWTBundles")
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, JWT_UNSUPPORTED)
+
+    async def _validate_jwt_svid(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._admit(context, "ValidateJWTSVID")
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, JWT_UNSUPPORTED)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
+) -> NoReturn:
+    """``context.abort`` (which always raises), typed as never returning."""
+    await context.abort(code, details)
+    raise AssertionError("grpc.aio ServicerContext.abort returned")  # pragma: no cover

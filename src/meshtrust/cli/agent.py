@@ -1,0 +1,124 @@
+"""``meshtrust agent``: keep one workload's certificate fresh and hand it out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meshtrust.cli.options import DURATION
+from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.pki import KeyType
+from meshtrust.spiffe import TrustDomain
+
+__all__ = ["agent"]
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML file with any of the settings below (flags override it).",
+)
+@click.option("--ca-address", help="The CA's gRPC address.  [default: 127.0.0.1:15012]")
+@click.option(
+    "--ca-root",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Root certificate(s) that verify the CA and every certificate it returns "
+    "(root-cert.pem).  [required]",
+)
+@click.option(
+    "--ca-server-name",
+    help="Name to expect in the CA's certificate, if not the host of --ca-address.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Bearer token file, re-read for every request (Kubernetes projected "
+    "token, or `meshtrust token create -o FILE`).",
+)
+@click.option("--trust-domain", help="Trust domain.  [default: the CA root's O]")
+@click.option("--namespace", help="Workload namespace.  [default: from the token]")
+@click.option("--service-account", help="Workload service account.  [default: from the token]")
+@click.option(
+    "--key-type",
+    type=click.Choice([k.value for k in KeyType]),
+    help="Workload key algorithm.  [default: ec-p256]",
+)
+@click.option("--cert-ttl", type=DURATION, help="Certificate lifetime to ask for.  [default: 24h]")
+@click.option(
+    "--rotation-ratio",
+    type=float,
+    help="Renew when this fraction of the lifetime is left.  [default: 0.5]",
+)
+@click.option(
+    "--rotation-jitter", type=float, help="± spread of the ratio across a fleet.  [default: 0.01]"
+)
+@click.option(
+    "--sds-socket",
+    type=click.Path(path_type=Path),
+    help="Serve Envoy SDS (secrets 'default' and 'ROOTCA') on this Unix socket.",
+)
+@click.option(
+    "--workload-socket",
+    type=click.Path(path_type=Path),
+    help="Serve the SPIFFE Workload API on this Unix socket "
+    "(SPIFFE_ENDPOINT_SOCKET=unix://PATH for clients).",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write cert-chain.pem, key.pem (0600) and root-cert.pem here, replaced "
+    "atomically on every rotation.",
+)
+@click.option(
+    "--status-listen",
+    help="HTTP address for /healthz/ready and /metrics; 'off' to "
+    "disable.  [default: 127.0.0.1:15021]",
+)
+def agent(config_file: Path | None, **flags: Any) -> None:
+    """Keep a workload's key and certificate fresh (the istio-agent role).
+
+    The key is generated here and never leaves the process; the agent sends a CSR with
+    the token (and, once it has one, its current certificate), verifies the answer
+    against --ca-root, and renews at half the lifetime (--rotation-ratio). It serves the
+    certificate to Envoy over SDS, to SPIFFE clients over the Workload API, and as files
+    — any of the three. If the CA is away it keeps serving the current certificate while
+    it is valid and retries with backoff. Stop with Ctrl-C or SIGTERM.
+    """
+    from meshtrust.agent.agent import Agent
+    from meshtrust.agent.config import AgentConfig, load_agent_settings
+
+    settings: dict[str, Any] = load_agent_settings(config_file) if config_file else {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "trust_domain":
+            try:
+                value = TrustDomain.parse(value)
+            except InvalidSpiffeId as exc:
+                raise ConfigError(f"--trust-domain: {exc}") from exc
+        elif key == "key_type":
+            value = KeyType(value)
+        settings[key] = value
+    if str(settings.get("status_listen", "")).lower() == "off":
+        settings["status_listen"] = None
+    if "ca_root" not in settings:
+        raise ConfigError("--ca-root is required (the CA's root-cert.pem)")
+    valid = {f.name for f in dataclasses.fields(AgentConfig)}
+    config = AgentConfig(**{k: v for k, v in settings.items() if k in valid})
+
+    async def main() -> None:
+        the_agent = Agent(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await the_agent.run_until(stop.wait())
+
+    asyncio.run(main())
