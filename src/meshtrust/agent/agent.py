@@ -25,6 +25,8 @@ from meshtrust.agent.issuance import CertificateSource, GrpcCertificateSource, T
 from meshtrust.agent.metrics import AgentMetrics
 from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
+from meshtrust.agent.sds import SdsServer
+from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId, MeshTrustError
 from meshtrust.pki import TrustBundle, load_certs_pem
@@ -138,12 +140,8 @@ class Agent:
                 self._status = StatusHttpServer(host, port, self.registry, self.ready)
                 self._status.start()
             if cfg.sds_socket is not None:
-                from meshtrust.agent.sds import SdsServer
-
                 self._servers.append(SdsServer(self.cache, cfg.sds_socket))
             if cfg.workload_socket is not None:
-                from meshtrust.agent.workload_api import WorkloadApiServer
-
                 self._servers.append(WorkloadApiServer(self.cache, cfg.workload_socket))
             for server in self._servers:
                 await server.start()

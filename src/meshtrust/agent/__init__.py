@@ -1,0 +1,36 @@
+"""The workload agent (the istio-agent role): key, rotation, SDS, Workload API, files."""
+
+from meshtrust.agent.agent import Agent
+from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.config import AgentConfig, resolve_identity
+from meshtrust.agent.files import CertificateFiles
+from meshtrust.agent.issuance import (
+    CertificateSource,
+    GrpcCertificateSource,
+    TokenFile,
+    verify_issued,
+)
+from meshtrust.agent.rotation import SlotState, backoff_delay, rotation_deadline
+from meshtrust.agent.rotator import RotationPolicy, Rotator
+from meshtrust.agent.sds import SdsServer
+from meshtrust.agent.workload_api import WorkloadApiServer
+
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "CertificateFiles",
+    "CertificateSource",
+    "GrpcCertificateSource",
+    "RotationPolicy",
+    "Rotator",
+    "SdsServer",
+    "SecretCache",
+    "SlotState",
+    "TokenFile",
+    "WorkloadApiServer",
+    "WorkloadSecret",
+    "backoff_delay",
+    "resolve_identity",
+    "rotation_deadline",
+    "verify_issued",
+]

@@ -1,0 +1,582 @@
+"""Envoy SDS v3 (``envoy.service.secret.v3.SecretDiscoveryService``) over a Unix socket.
+
+Theory of operation
+-------------------
+Envoy opens one state-of-the-world ``StreamSecrets`` stream per secret name (it uses no ADS
+here) and names what it wants in each ``DiscoveryRequest``. We answer from the agent's one
+:class:`~meshtrust.agent.cache.SecretCache`. Two resources exist, as in istio-agent:
+
+* ``default`` -- ``Secret.tls_certificate``: leaf + intermediates + roots, and the private key;
+* ``ROOTCA``  -- ``Secret.validation_context.trusted_ca``: the trusted roots.
+
+What to send is decided by :class:`SdsStream`, a small socket-free state machine fed with two
+kinds of events, and nothing else:
+
+``on_request(request, secret)``  a ``DiscoveryRequest`` arrived; ``secret`` is the cache's
+                                 current secret (or None before the first one).
+``on_secret(secret)``            the cache published a new generation.
+
+Its rules, in the order it applies them to a request:
+
+1. A request whose ``response_nonce`` is set but is not the nonce of our latest response is
+   *stale* (Envoy answered an older response that a newer one has overtaken): ignored.
+2. A request with ``error_detail`` is a *NACK*: Envoy refused our latest response. We log
+   Envoy's message and send nothing more on this stream until the cache has a newer
+   generation than the one refused -- resending what Envoy just refused would loop.
+3. A request carrying the latest nonce and no error is an *ACK*. If its ``resource_names``
+   differ from the previous request's, we answer for the new set; otherwise nothing.
+4. A request without a nonce is a (re)subscription: we answer for every requested name we
+   have. So is any request before our first response on the stream, whatever its nonce
+   (Envoy reconnecting after an agent restart may quote the previous agent's nonce; Istio
+   answers those too).
+
+When the cache changes, every stream that asked for a name whose content changed gets a
+response (a stream holding only ``ROOTCA`` is not woken by a leaf rotation that kept the
+roots). A response carries every requested resource we have -- with one name per stream, that
+is the one Envoy asked for. Names other than ``default`` and ``ROOTCA`` are never answered and
+never break a stream (logged once per stream at info). ``version_info`` is the cache
+generation the response was built from; nonces are unique per response.
+
+:class:`SdsServer` is the thin edge: a ``grpc.aio`` server on the Unix socket. Each stream has
+one task reading requests and one waiting on :meth:`SecretCache.wait_newer`; both feed the same
+:class:`SdsStream` (plain method calls on one event loop, so they never interleave), and one
+writer sends what it decides. Delta and Fetch answer UNIMPLEMENTED, as istio-agent's do.
+
+No key material is ever logged: log lines name resources, versions and serials only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf import any_pb2
+
+from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.errors import AddressInUse, ConfigError
+
+__all__ = [
+    "DEFAULT_SECRET",
+    "ROOT_SECRET",
+    "SECRET_TYPE_URL",
+    "SdsCounters",
+    "SdsPush",
+    "SdsRequest",
+    "SdsServer",
+    "SdsStats",
+    "SdsStream",
+    "secret_resource",
+]
+
+log = logging.getLogger("meshtrust.agent")
+
+#: The workload's certificate chain and key (istio-agent's name).
+DEFAULT_SECRET = "default"
+#: The trusted roots (istio-agent's name).
+ROOT_SECRET = "ROOTCA"
+SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+KNOWN_SECRETS = frozenset({DEFAULT_SECRET, ROOT_SECRET})
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+# Envoy's NACK messages are short; cap what we copy into our log anyway.
+_MAX_LOGGED_ERROR = 1000
+
+
+# --- resources ------------------------------------------------------------------------------
+
+
+def secret_resource(name: str, secret: WorkloadSecret) -> Any:
+    """The ``envoy.extensions.transport_sockets.tls.v3.Secret`` named ``name`` built from
+    ``secret``. Raises :class:`ValueError` for a name other than ``default`` and ``ROOTCA``."""
+    if name == DEFAULT_SECRET:
+        return secret_pb2.Secret(
+            name=name,
+            tls_certificate=common_pb2.TlsCertificate(
+                # Leaf + intermediates + roots, as istio-agent serves it.
+                certificate_chain=base_pb2.DataSource(inline_bytes=secret.chain_with_root_pem()),
+                private_key=base_pb2.DataSource(inline_bytes=secret.key_pem()),
+            ),
+        )
+    if name == ROOT_SECRET:
+        return secret_pb2.Secret(
+            name=name,
+            validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(inline_bytes=secret.roots_pem()),
+            ),
+        )
+    raise ValueError(f"no secret named {name!r}; only {DEFAULT_SECRET!r} and {ROOT_SECRET!r}")
+
+
+def _fingerprint(name: str, secret: WorkloadSecret) -> bytes:
+    """A digest of what resource ``name`` would carry (kept instead of the key itself)."""
+    digest = hashlib.sha256(name.encode())
+    if name == DEFAULT_SECRET:
+        digest.update(secret.chain_with_root_pem())
+        digest.update(b"\0")
+        digest.update(secret.key_pem())
+    else:
+        digest.update(secret.roots_pem())
+    return digest.digest()
+
+
+# --- the pure per-stream state ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SdsRequest:
+    """The parts of a ``DiscoveryRequest`` that decide what we send."""
+
+    resource_names: tuple[str, ...]
+    version_info: str = ""
+    response_nonce: str = ""
+    #: ``error_detail.message`` of a NACK; None when the request carries no error.
+    error_detail: str | None = None
+    type_url: str = SECRET_TYPE_URL
+
+    @classmethod
+    def from_proto(cls, request: Any) -> SdsRequest:
+        """From an ``envoy.service.discovery.v3.DiscoveryRequest``."""
+        error: str | None = None
+        if request.HasField("error_detail"):
+            error = request.error_detail.message or f"(status code {request.error_detail.code})"
+        return cls(
+            resource_names=tuple(request.resource_names),
+            version_info=request.version_info,
+            response_nonce=request.response_nonce,
+            error_detail=error,
+            type_url=request.type_url,
+        )
+
+
+@dataclass(frozen=True)
+class SdsPush:
+    """One response to send: the secrets, the version they come from and a fresh nonce."""
+
+    version_info: str
+    nonce: str
+    generation: int
+    serial_hex: str
+    secrets: tuple[Any, ...] = field(repr=False)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.secrets)
+
+    def to_proto(self) -> Any:
+        """The ``envoy.service.discovery.v3.DiscoveryResponse`` to write."""
+        resources = []
+        for secret in self.secrets:
+            packed = any_pb2.Any()
+            packed.Pack(secret)
+            resources.append(packed)
+        return discovery_pb2.DiscoveryResponse(
+            version_info=self.version_info,
+            resources=resources,
+            type_url=SECRET_TYPE_URL,
+            nonce=self.nonce,
+        )
+
+
+@dataclass
+class SdsCounters:
+    """Running totals, shared by every stream of one server (and readable by metrics)."""
+
+    requests: int = 0
+    pushes: int = 0
+    acks: int = 0
+    nacks: int = 0
+    stale: int = 0
+    unknown_names: int = 0
+    wrong_type: int = 0
+    last_nack: str | None = None
+
+
+def _counting_nonces() -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: str(next(counter))
+
+
+class SdsStream:
+    """What one SotW ``StreamSecrets`` stream should send next; see the module docstring.
+
+    No sockets, no clock, no randomness: ``nonces`` makes the nonces (a counter by default;
+    the server shares one between streams so nonces are unique across the server).
+    """
+
+    def __init__(
+        self,
+        *,
+        nonces: Callable[[], str] | None = None,
+        counters: SdsCounters | None = None,
+        peer: str = "envoy",
+    ) -> None:
+        self._nonces = nonces or _counting_nonces()
+        self.counters = counters if counters is not None else SdsCounters()
+        self._peer = peer
+        self.names: tuple[str, ...] = ()
+        self.last_nonce = ""
+        self.acked_version = ""
+        #: Digest per name of what this stream last sent (what Envoy has, or refused).
+        self._sent: dict[str, bytes] = {}
+        #: After a NACK: the generation Envoy refused; nothing is sent until a newer one.
+        self._refused_generation: int | None = None
+        self._sent_generation = 0
+        self._logged_unknown: set[str] = set()
+
+    @property
+    def blocked(self) -> bool:
+        """True after a NACK, until a newer secret generation arrives."""
+        return self._refused_generation is not None
+
+    def on_request(self, request: SdsRequest, secret: WorkloadSecret | None) -> SdsPush | None:
+        """Take one request from Envoy; return the response to send, if any."""
+        self.counters.requests += 1
+        if request.type_url and request.type_url != SECRET_TYPE_URL:
+            self.counters.wrong_type += 1
+            if request.type_url not in self._logged_unknown:
+                self._logged_unknown.add(request.type_url)
+                log.info(
+                    "SDS: %s asked for type %r; we serve only Secret", self._peer, request.type_url
+                )
+            return None
+        # Before our first response, any request is a subscription, whatever nonce it carries:
+        # Envoy reconnecting after an agent restart may still quote the old agent's nonce.
+        first = not self.last_nonce
+        if not first and request.response_nonce and request.response_nonce != self.last_nonce:
+            self.counters.stale += 1
+            return None
+
+        names = self._dedupe(request.resource_names)
+        self._note_unknown(names)
+        changed_names = names != self.names
+        self.names = names
+
+        if request.error_detail is not None and not first:
+            self.counters.nacks += 1
+            self.counters.last_nack = request.error_detail[:_MAX_LOGGED_ERROR]
+            self._refused_generation = self._sent_generation
+            log.warning(
+                "SDS: %s rejected %s version %s (keeping version %r): %s",
+                self._peer,
+                ",".join(names) or "(no names)",
+                self._sent_generation,
+                request.version_info,
+                request.error_detail[:_MAX_LOGGED_ERROR],
+            )
+            return None
+
+        if request.response_nonce and not first:
+            self.counters.acks += 1
+            self.acked_version = request.version_info
+            if not changed_names:
+                return None
+        else:
+            # A (re)subscription: answer even what we may have sent before on this stream.
+            self._sent.clear()
+        if secret is None or self.blocked:
+            return None
+        return self._push(secret, force=True)
+
+    def on_secret(self, secret: WorkloadSecret) -> SdsPush | None:
+        """The cache has a new secret: return a response if it changes what Envoy asked for."""
+        if self._refused_generation is not None:
+            if secret.generation <= self._refused_generation:
+                return None
+            self._refused_generation = None
+        return self._push(secret, force=False)
+
+    def _push(self, secret: WorkloadSecret, *, force: bool) -> SdsPush | None:
+        wanted = [n for n in self.names if n in KNOWN_SECRETS]
+        if not wanted:
+            return None
+        prints = {n: _fingerprint(n, secret) for n in wanted}
+        if not force and all(self._sent.get(n) == p for n, p in prints.items()):
+            return None
+        resources = tuple(secret_resource(n, secret) for n in wanted)
+        self._sent.update(prints)
+        self._sent_generation = secret.generation
+        self.last_nonce = self._nonces()
+        self.counters.pushes += 1
+        return SdsPush(
+            version_info=str(secret.generation),
+            nonce=self.last_nonce,
+            generation=secret.generation,
+            serial_hex=secret.serial_hex,
+            secrets=resources,
+        )
+
+    @staticmethod
+    def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(names))
+
+    def _note_unknown(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name not in KNOWN_SECRETS and name not in self._logged_unknown:
+                self._logged_unknown.add(name)
+                self.counters.unknown_names += 1
+                log.info(
+                    "SDS: %s asked for unknown secret %r; only %s are served",
+                    self._peer,
+                    name,
+                    " and ".join(sorted(KNOWN_SECRETS)),
+                )
+
+
+# --- the gRPC edge ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SdsStats:
+    """A snapshot of an :class:`SdsServer`'s streams and counters."""
+
+    streams_active: int
+    streams_total: int
+    requests: int
+    pushes: int
+    acks: int
+    nacks: int
+    stale: int
+    unknown_names: int
+    last_nack: str | None
+
+
+_END = object()  # queued to end a stream
+
+
+class SdsServer:
+    """Serves SDS from ``cache`` on the Unix socket ``socket_path`` (mode 0600).
+
+    Use ``await start()`` / ``await stop()``, or ``async with``. Raises
+    :class:`~meshtrust.errors.ConfigError` when the path is unusable (a non-socket file is in
+    the way, or the path is too long for a Unix socket) and
+    :class:`~meshtrust.errors.AddressInUse` when another live server answers on it.
+    """
+
+    def __init__(self, cache: SecretCache, socket_path: Path) -> None:
+        self.cache = cache
+        self.socket_path = Path(socket_path)
+        self.counters = SdsCounters()
+        self._server: grpc.aio.Server | None = None
+        self._nonce_counter = itertools.count(1)
+        self._streams_active = 0
+        self._streams_total = 0
+        self._queues: set[asyncio.Queue[object]] = set()
+        self._tick = asyncio.Event()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Bind the socket and start serving."""
+        if self._server is not None:
+            raise RuntimeError("SdsServer already started")
+        path = self.socket_path
+        _prepare_socket_path(path)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        # The socket must never be reachable by others, not even between bind and chmod.
+        old_umask = os.umask(0o177)
+        try:
+            try:
+                bound = server.add_insecure_port(f"unix:{path}")
+            except RuntimeError as exc:
+                raise ConfigError(f"SDS socket {path}: cannot listen: {exc}") from exc
+            if not bound:
+                raise ConfigError(f"SDS socket {path}: cannot listen")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._server = server
+        log.info("SDS: serving on %s", path)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """End every stream, stop serving within ``grace`` seconds, remove the socket."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for queue in list(self._queues):
+            queue.put_nowait(_END)
+        try:
+            await server.stop(grace)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                    self.socket_path.unlink()
+        log.info("SDS: stopped serving on %s", self.socket_path)
+
+    async def __aenter__(self) -> SdsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- introspection
+
+    @property
+    def stats(self) -> SdsStats:
+        c = self.counters
+        return SdsStats(
+            streams_active=self._streams_active,
+            streams_total=self._streams_total,
+            requests=c.requests,
+            pushes=c.pushes,
+            acks=c.acks,
+            nacks=c.nacks,
+            stale=c.stale,
+            unknown_names=c.unknown_names,
+            last_nack=c.last_nack,
+        )
+
+    async def wait_for(self, predicate: Callable[[SdsStats], bool], timeout: float) -> SdsStats:
+        """Wait until ``predicate(stats)`` holds; raises :class:`TimeoutError` after
+        ``timeout`` seconds. For tests and readiness checks."""
+        async with asyncio.timeout(timeout):
+            while True:
+                snapshot = self.stats
+                if predicate(snapshot):
+                    return snapshot
+                tick = self._tick
+                await tick.wait()
+
+    def _changed(self) -> None:
+        self._tick.set()
+        self._tick = asyncio.Event()
+
+    def _next_nonce(self) -> str:
+        return format(next(self._nonce_counter), "x")
+
+    # -- one stream
+
+    async def stream_secrets(self, requests: AsyncIterator[Any], context: Any) -> None:
+        """Run one SotW ``StreamSecrets`` stream until Envoy closes it or we stop."""
+        self._streams_active += 1
+        self._streams_total += 1
+        peer = f"envoy stream {self._streams_total}"
+        state = SdsStream(nonces=self._next_nonce, counters=self.counters, peer=peer)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self._queues.add(queue)
+        self._changed()
+
+        def emit(push: SdsPush | None) -> None:
+            if push is not None:
+                log.info(
+                    "SDS: %s <- %s version %s (serial %s)",
+                    peer,
+                    ",".join(push.names),
+                    push.version_info,
+                    push.serial_hex,
+                )
+                queue.put_nowait(push)
+            self._changed()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    emit(state.on_request(SdsRequest.from_proto(request), self.cache.current))
+            finally:
+                queue.put_nowait(_END)
+
+        async def watch() -> None:
+            seen = self.cache.generation
+            try:
+                while True:
+                    secret = await self.cache.wait_newer(seen)
+                    seen = secret.generation
+                    emit(state.on_secret(secret))
+            finally:
+                queue.put_nowait(_END)
+
+        tasks = [asyncio.create_task(read()), asyncio.create_task(watch())]
+        try:
+            while (item := await queue.get()) is not _END:
+                assert isinstance(item, SdsPush)
+                await context.write(item.to_proto())
+            for task in tasks:
+                # A task that failed (rather than reaching the end of the stream) says why.
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.warning("SDS: %s ended: %r", peer, task.exception())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._queues.discard(queue)
+            self._streams_active -= 1
+            self._changed()
+
+
+class _Servicer:
+    """The grpcio servicer: SotW streams go to the server; Delta and Fetch are refused."""
+
+    def __init__(self, server: SdsServer) -> None:
+        self._server = server
+
+    async def StreamSecrets(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._server.stream_secrets(requests, context)
+
+    async def DeltaSecrets(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "DeltaSecrets is not implemented; use StreamSecrets"
+        )
+
+    async def FetchSecrets(self, request: Any, context: Any) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "FetchSecrets is not implemented; use StreamSecrets"
+        )
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make ``path`` ready to bind: parent directory present (0700 when we create it), a stale
+    socket from a previous run removed, anything else in the way refused."""
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"SDS socket path {path} is {len(os.fsencode(path))} bytes long; "
+            f"a Unix socket path must be at most {_MAX_SOCKET_PATH}"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"SDS socket {path}: cannot create directory {path.parent}: {exc.strerror}"
+        ) from exc
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(
+            f"SDS socket {path}: a file that is not a socket is in the way; "
+            "remove it or choose another path"
+        )
+    if _socket_is_live(path):
+        raise AddressInUse(f"SDS socket {path}: another server is listening on it")
+    path.unlink()
+
+
+def _socket_is_live(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fspath(path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise ConfigError(f"SDS socket {path}: cannot use it: {exc.strerror}") from exc
+    return True

