@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import http.client
 import json
 import shutil
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
-from cryptography import x509
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 (registers Any type)
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
@@ -39,94 +36,21 @@ from meshtrust.envoy import (
     admin,
     envoy_binary,
     node,
-    sds_cluster,
     sds_secret_config,
 )
 from meshtrust.errors import EnvoyFailed
 from meshtrust.spiffe import SpiffeId
-from tests.badcerts import CaFixture, Leaf, cert_pem, make_ca, svid_leaf
+from tests.badcerts import CaFixture, Leaf, make_ca, svid_leaf
+from tests.envoy_helpers import WAIT, Response, eventually, https_get, sidecar_bootstrap, uri_sans
 from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
 
 SERVER_ID = SpiffeId.parse("spiffe://example.org/ns/default/sa/server")
 CLIENT_ID = SpiffeId.parse("spiffe://example.org/ns/default/sa/client")
-WAIT = 15.0  # upper bound for anything Envoy should do "at once"
-T = TypeVar("T")
 
 
 # --- bootstrap --------------------------------------------------------------------------------
-
-
-def inbound_listener(port: int) -> dict[str, Any]:
-    """127.0.0.1:``port``: mTLS with SDS ``default`` and ``ROOTCA``, answering 200 "hello"."""
-    return {
-        "name": "inbound",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/"
-                        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                        "require_client_certificate": True,
-                        "common_tls_context": {
-                            "tls_certificate_sds_secret_configs": [sds_secret_config("default")],
-                            "validation_context_sds_secret_config": sds_secret_config("ROOTCA"),
-                        },
-                    },
-                },
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                            "http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "inbound",
-                            "http_filters": [
-                                {
-                                    "name": "envoy.filters.http.router",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/"
-                                        "envoy.extensions.filters.http.router.v3.Router"
-                                    },
-                                }
-                            ],
-                            "route_config": {
-                                "virtual_hosts": [
-                                    {
-                                        "name": "all",
-                                        "domains": ["*"],
-                                        "routes": [
-                                            {
-                                                "match": {"prefix": "/"},
-                                                "direct_response": {
-                                                    "status": 200,
-                                                    "body": {"inline_string": "hello"},
-                                                },
-                                            }
-                                        ],
-                                    }
-                                ]
-                            },
-                        },
-                    }
-                ],
-            }
-        ],
-    }
-
-
-def sidecar_bootstrap(socket_path: Path, listener_port: int) -> dict[str, Any]:
-    return {
-        "node": node("sidecar~127.0.0.1~server.default~default.svc.cluster.local", "server"),
-        "admin": admin(0),
-        "static_resources": {
-            "clusters": [sds_cluster(socket_path)],
-            "listeners": [inbound_listener(listener_port)],
-        },
-    }
 
 
 def test_bootstrap_is_a_valid_envoy_v3_bootstrap() -> None:
@@ -215,60 +139,6 @@ class Mesh:
             chains += [int(c["serial_number"], 16) for c in entry.get("cert_chain", [])]
             cas += [int(c["serial_number"], 16) for c in entry.get("ca_cert", [])]
         return chains, cas
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    peer: x509.Certificate
-
-
-def https_get(
-    port: int, trusted_root: x509.Certificate, client: Leaf | None, workdir: Path
-) -> Response:
-    """GET / verifying the server's chain up to ``trusted_root``.
-
-    The hostname is not checked: an SVID names a SPIFFE ID in a URI SAN, not a host; the
-    callers check the peer's URI SAN themselves. Chain verification stays on.
-    """
-    context = ssl.create_default_context(cadata=cert_pem(trusted_root).decode())
-    context.check_hostname = False
-    assert context.verify_mode == ssl.CERT_REQUIRED
-    if client is not None:
-        directory = Path(tempfile.mkdtemp(dir=workdir))
-        (directory / "chain.pem").write_bytes(client.chain_pem)
-        (directory / "key.pem").write_bytes(client.key_pem)
-        context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=WAIT)
-    try:
-        conn.request("GET", "/")
-        response = conn.getresponse()
-        body = response.read()
-        assert isinstance(conn.sock, ssl.SSLSocket)
-        der = conn.sock.getpeercert(binary_form=True)
-        assert der is not None
-        return Response(response.status, body, x509.load_der_x509_certificate(der))
-    finally:
-        conn.close()
-
-
-def uri_sans(cert: x509.Certificate) -> list[str]:
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
-    """Poll ``probe`` until ``check`` accepts its value; fail after :data:`WAIT` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"still {value!r} after {WAIT}s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
