@@ -71,9 +71,9 @@ class PrometheusCaMetrics:
         self._chain_expiry: float | None = None
         registry.register(self)
 
-    def observe(self, event: CaEvent) -> None:
+    def observe(self, event: CaEvent, count: int = 1) -> None:
         with self._lock:
-            self._counts[event] += 1
+            self._counts[event] += count
 
     def count(self, event: CaEvent) -> int:
         return self._counts[event]
