@@ -4,6 +4,7 @@ Envoy, with real TLS; and py-spiffe's own client against the agent's Workload AP
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -102,6 +103,13 @@ class AgentProcess:
         url = f"http://127.0.0.1:{self.status_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
+
+    def status(self) -> dict[str, object]:
+        url = f"http://127.0.0.1:{self.status_port}/debug/status"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.loads(resp.read())
+        assert isinstance(data, dict)
+        return data
 
     def log(self) -> str:
         if not self._log.closed:
@@ -208,6 +216,9 @@ async def test_envoy_gets_rotates_and_keeps_the_agents_certificate(stack: Stack)
         assert (before.status, before.body) == (200, b"hello")
         assert before.peer.serial_number == first
         assert uri_sans(before.peer) == [SERVER]
+        status = agent.status()
+        assert status["spiffe_id"] == SERVER and status["serial"] == format(first, "x")
+        assert status["state"] == "valid" and status["ready"] is True
 
         # Rotation (8 s certificates renew after ~4 s): new serial, same Envoy process.
         second = await wait_for(lambda: served_serial(envoy), lambda s: s not in (0, first))

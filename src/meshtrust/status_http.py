@@ -1,4 +1,5 @@
-"""A small HTTP server for ``/metrics`` (Prometheus) and readiness, on a thread.
+"""A small HTTP server for ``/metrics`` (Prometheus), readiness and a JSON status, on a
+thread (``/debug/status``: what ``meshtrust status`` shows; no secrets in it).
 
 Used by the CA (``/ready``) and the agent (``/healthz/ready``, Istio's path); both paths
 answer on both.
@@ -7,8 +8,9 @@ answer on both.
 from __future__ import annotations
 
 import http.server
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -27,6 +29,7 @@ class StatusHttpServer:
         port: int,
         registry: CollectorRegistry,
         ready: Callable[[], bool],
+        status: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         outer = self
 
@@ -38,6 +41,9 @@ class StatusHttpServer:
                     ok = outer.ready()
                     body = b"ready\n" if ok else b"not ready\n"
                     ctype, code = "text/plain", 200 if ok else 503
+                elif self.path.split("?")[0] == "/debug/status" and outer.status is not None:
+                    body = json.dumps(outer.status(), indent=2, default=str).encode()
+                    ctype, code = "application/json", 200
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)
@@ -51,6 +57,7 @@ class StatusHttpServer:
 
         self.registry = registry
         self.ready = ready
+        self.status = status
         try:
             self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:

@@ -129,6 +129,31 @@ class Agent:
             and self.rotator.state != SlotState.EXPIRED
         )
 
+    def status_snapshot(self) -> dict[str, object]:
+        """What ``meshtrust status`` shows for this workload (no secrets)."""
+        now = self.clock.now()
+        secret = self.cache.current
+        out: dict[str, object] = {
+            "spiffe_id": str(self.identity),
+            "state": self.rotator.state.value,
+            "ready": self.ready(),
+            "issued": self.metrics.rotations_ok,
+            "rotations": max(0, self.metrics.rotations_ok - 1),
+            "failed_attempts": self.metrics.rotations_failed,
+            "last_error": self.rotator.last_error,
+        }
+        if secret is not None:
+            out.update(
+                serial=secret.serial_hex,
+                not_before=secret.leaf.not_valid_before_utc.isoformat(),
+                not_after=secret.not_after.isoformat(),
+                expires_in_seconds=(secret.not_after - now).total_seconds(),
+            )
+        if self.rotator.deadline is not None:
+            out["next_rotation"] = self.rotator.deadline.isoformat()
+            out["next_rotation_in_seconds"] = (self.rotator.deadline - now).total_seconds()
+        return out
+
     async def start(self) -> None:
         """Open the outputs and start rotating. Raises MeshTrustError on bad setup."""
         cfg = self.config
@@ -137,7 +162,9 @@ class Agent:
                 from meshtrust.ca.config import parse_host_port
 
                 host, port = parse_host_port(cfg.status_listen, what="--status-listen")
-                self._status = StatusHttpServer(host, port, self.registry, self.ready)
+                self._status = StatusHttpServer(
+                    host, port, self.registry, self.ready, self.status_snapshot
+                )
                 self._status.start()
             if cfg.sds_socket is not None:
                 self._servers.append(SdsServer(self.cache, cfg.sds_socket))
