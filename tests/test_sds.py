@@ -706,7 +706,7 @@ async def test_non_socket_in_the_way_is_a_config_error(
 @pytest.mark.asyncio
 async def test_too_long_socket_path_is_a_config_error(sock_dir: Path, cache: SecretCache) -> None:
     path = sock_dir / ("x" * 120) / "sds.sock"
-    with pytest.raises(ConfigError, match="at most 107"):
+    with pytest.raises(ConfigError, match="the limit is 107"):
         await SdsServer(cache, path).start()
 
 

@@ -41,6 +41,12 @@ class AgentConfig:
     workload_socket: Path | None = None
     output_dir: Path | None = None
     status_listen: str | None = "127.0.0.1:15021"
+    # The Envoy sidecar (optional): its YAML config, the Istio policy files, where Envoy's
+    # generated files live (default: beside the SDS socket).
+    sidecar: Path | None = None
+    policy_files: tuple[Path, ...] = ()
+    root_namespace: str = "istio-system"
+    envoy_workdir: Path | None = None
 
     def __post_init__(self) -> None:
         from meshtrust.ca.config import parse_host_port
@@ -58,6 +64,10 @@ class AgentConfig:
                 f"rotation-jitter must be >= 0 and below {margin:g} for ratio "
                 f"{self.rotation_ratio:g}, got {self.rotation_jitter}"
             )
+        if self.sidecar is not None and self.sds_socket is None:
+            raise ConfigError("--sidecar needs --sds-socket: Envoy gets its certificates over SDS")
+        if self.policy_files and self.sidecar is None:
+            raise ConfigError("--policy applies to the Envoy sidecar; give --sidecar too")
         if not (self.sds_socket or self.workload_socket or self.output_dir):
             raise ConfigError(
                 "nothing to serve: give at least one of --sds-socket, --workload-socket, "
@@ -70,6 +80,11 @@ def _key_type(value: object, where: str, base: Path) -> KeyType:
         return KeyType.parse(as_str(value, where, base))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _paths(value: object, where: str, base: Path) -> tuple[Path, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(as_path(item, where, base) for item in items)
 
 
 _KEYS: dict[str, tuple[str, Converter]] = {
@@ -88,6 +103,10 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "workload-socket": ("workload_socket", as_path),
     "output-dir": ("output_dir", as_path),
     "status-listen": ("status_listen", as_str),
+    "sidecar": ("sidecar", as_path),
+    "policy": ("policy_files", _paths),
+    "root-namespace": ("root_namespace", as_str),
+    "envoy-workdir": ("envoy_workdir", as_path),
 }
 
 

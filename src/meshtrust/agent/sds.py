@@ -48,14 +48,9 @@ No key material is ever logged: log lines name resources, versions and serials o
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import hashlib
 import itertools
 import logging
-import os
-import socket
-import stat
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +65,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
-from meshtrust.errors import AddressInUse, ConfigError
+from meshtrust.agent.uds import PrivateSocket
 
 __all__ = [
     "DEFAULT_SECRET",
@@ -95,7 +90,6 @@ SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3
 KNOWN_SECRETS = frozenset({DEFAULT_SECRET, ROOT_SECRET})
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 # Envoy's NACK messages are short; cap what we copy into our log anyway.
 _MAX_LOGGED_ERROR = 1000
 
@@ -373,6 +367,7 @@ class SdsServer:
     def __init__(self, cache: SecretCache, socket_path: Path) -> None:
         self.cache = cache
         self.socket_path = Path(socket_path)
+        self._socket = PrivateSocket(self.socket_path, "SDS socket")
         self.counters = SdsCounters()
         self._server: grpc.aio.Server | None = None
         self._nonce_counter = itertools.count(1)
@@ -384,28 +379,25 @@ class SdsServer:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Bind the socket and start serving."""
+        """Bind the socket (0600) and start serving.
+
+        Raises :class:`ConfigError` for an unusable socket path and :class:`AddressInUse`
+        when a live server owns it.
+        """
         if self._server is not None:
             raise RuntimeError("SdsServer already started")
-        path = self.socket_path
-        _prepare_socket_path(path)
+        self._socket.prepare()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        # The socket must never be reachable by others, not even between bind and chmod.
-        old_umask = os.umask(0o177)
         try:
-            try:
-                bound = server.add_insecure_port(f"unix:{path}")
-            except RuntimeError as exc:
-                raise ConfigError(f"SDS socket {path}: cannot listen: {exc}") from exc
-            if not bound:
-                raise ConfigError(f"SDS socket {path}: cannot listen")
+            self._socket.bind(server)
             await server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
+        except BaseException:
+            await server.stop(None)
+            self._socket.remove()
+            raise
         self._server = server
-        log.info("SDS: serving on %s", path)
+        log.info("SDS: serving on %s", self.socket_path)
 
     async def stop(self, grace: float = 1.0) -> None:
         """End every stream, stop serving within ``grace`` seconds, remove the socket."""
@@ -417,9 +409,7 @@ class SdsServer:
         try:
             await server.stop(grace)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                    self.socket_path.unlink()
+            self._socket.remove()
         log.info("SDS: stopped serving on %s", self.socket_path)
 
     async def __aenter__(self) -> SdsServer:
@@ -541,42 +531,3 @@ class _Servicer:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "FetchSecrets is not implemented; use StreamSecrets"
         )
-
-
-def _prepare_socket_path(path: Path) -> None:
-    """Make ``path`` ready to bind: parent directory present (0700 when we create it), a stale
-    socket from a previous run removed, anything else in the way refused."""
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        raise ConfigError(
-            f"SDS socket path {path} is {len(os.fsencode(path))} bytes long; "
-            f"a Unix socket path must be at most {_MAX_SOCKET_PATH}"
-        )
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"SDS socket {path}: cannot create directory {path.parent}: {exc.strerror}"
-        ) from exc
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(
-            f"SDS socket {path}: a file that is not a socket is in the way; "
-            "remove it or choose another path"
-        )
-    if _socket_is_live(path):
-        raise AddressInUse(f"SDS socket {path}: another server is listening on it")
-    path.unlink()
-
-
-def _socket_is_live(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(os.fspath(path))
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return False
-            raise ConfigError(f"SDS socket {path}: cannot use it: {exc.strerror}") from exc
-    return True

@@ -36,13 +36,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
-import errno
 import importlib.resources
 import logging
-import os
-import socket
-import stat
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +48,7 @@ import grpc.aio
 from google.protobuf import descriptor_pool, message_factory, struct_pb2
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
-from meshtrust.errors import AddressInUse, ConfigError
+from meshtrust.agent.uds import PrivateSocket
 
 if TYPE_CHECKING:
     from meshtrust._proto.spiffe.workload_pb2 import (
@@ -84,8 +79,6 @@ _MISSING_HEADER = (
     "'workload.spiffe.io: true'"
 )
 _SHUTTING_DOWN = "the meshtrust agent is shutting down; reconnect to its new instance"
-#: Longest path a Unix socket address holds on Linux (sun_path is 108 bytes with the NUL).
-_MAX_SOCKET_PATH_BYTES = 107
 _GENERATED_MODULE = ("meshtrust._proto.spiffe", "workload_pb2.py")
 
 
@@ -188,54 +181,6 @@ def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
 # --- the socket file --------------------------------------------------------------------------
 
 
-def _check_socket_path(path: Path) -> None:
-    """Make ``path`` ready to bind: parent directory present, no stale socket in the way.
-
-    grpcio unlinks whatever socket is at the path before binding, even one a live agent
-    still serves on, so we look first. Raises :class:`ConfigError` when the path is unusable
-    or is not a socket, :class:`AddressInUse` when a live server answers on it.
-    """
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
-        raise ConfigError(
-            f"Workload API socket path {str(path)!r} is too long for a Unix socket "
-            f"({len(os.fsencode(path))} bytes; the limit is {_MAX_SOCKET_PATH_BYTES})"
-        )
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create the Workload API socket directory {str(path.parent)!r}: {exc.strerror}"
-        ) from exc
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(
-            f"Workload API socket path {str(path)!r} exists and is not a socket; "
-            "refusing to replace it (remove it or choose another path)"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        result = probe.connect_ex(os.fspath(path))
-    finally:
-        probe.close()
-    if result in (0, errno.EAGAIN, errno.EINPROGRESS):
-        raise AddressInUse(
-            f"Workload API socket {str(path)!r} is in use by a running server "
-            "(is another agent serving this workload?)"
-        )
-    if result not in (errno.ECONNREFUSED, errno.ENOENT):
-        raise ConfigError(
-            f"Workload API socket {str(path)!r} exists and cannot be checked: {os.strerror(result)}"
-        )
-    # Nobody listens: a stale socket left by an agent that died.
-    log.info("removing stale Workload API socket %s", path)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 # --- the server -------------------------------------------------------------------------------
 
 
@@ -249,7 +194,7 @@ class WorkloadApiServer:
         self._cache = cache
         self._socket_path = Path(socket_path)
         self._server: grpc.aio.Server | None = None
-        self._socket_identity: tuple[int, int] | None = None  # (st_dev, st_ino) we bound
+        self._socket = PrivateSocket(self._socket_path, "Workload API socket")
         self._stopping = asyncio.Event()
         self._open_streams = 0
 
@@ -275,33 +220,16 @@ class WorkloadApiServer:
         """
         if self._server is not None:
             raise RuntimeError("WorkloadApiServer is already started")
-        path = self._socket_path
-        _check_socket_path(path)
+        self._socket.prepare()
         self._stopping = asyncio.Event()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((self._handlers(),))
-        # grpcio creates the socket file in add_insecure_port, 0777 & ~umask. The umask makes
-        # it 0600 from the first moment; chmod makes sure. No await inside this window: the
-        # umask is process-wide, and other coroutines must not create files under it.
         try:
-            old_umask = os.umask(0o177)
-            try:
-                server.add_insecure_port(self.address)
-            finally:
-                os.umask(old_umask)
-        except RuntimeError as exc:
-            await server.stop(None)
-            raise ConfigError(
-                f"cannot listen on the Workload API socket {str(path)!r} (see the grpc log)"
-            ) from exc
-        try:
-            os.chmod(path, 0o600)
-            st = path.lstat()
-            self._socket_identity = (st.st_dev, st.st_ino)
+            self._socket.bind(server)
             await server.start()
         except BaseException:
             await server.stop(None)
-            self._remove_socket()
+            self._socket.remove()
             raise
         self._server = server
         log.info("Workload API listening on %s", self.address)
@@ -318,19 +246,8 @@ class WorkloadApiServer:
         try:
             await server.stop(grace)
         finally:
-            self._remove_socket()
+            self._socket.remove()
         log.info("Workload API on %s stopped", self.address)
-
-    def _remove_socket(self) -> None:
-        """Remove the socket file, if it is still the one we bound (grpcio may have already)."""
-        identity, self._socket_identity = self._socket_identity, None
-        try:
-            st = self._socket_path.lstat()
-        except FileNotFoundError:
-            return
-        if identity == (st.st_dev, st.st_ino):
-            with contextlib.suppress(FileNotFoundError):
-                self._socket_path.unlink()
 
     def _handlers(self) -> grpc.GenericRpcHandler:
         def request(name: str) -> Any:
