@@ -9,6 +9,7 @@ which is what decides the gRPC status code and what the user should do next::
     │   ├── InvalidCSR               unparsable CSR, bad self-signature, forbidden extensions
     │   ├── InvalidCertificate       a PEM/DER certificate or chain that cannot be used
     │   ├── InvalidDuration          "90x" where "90s" was meant
+    │   ├── PolicyError              Istio policy YAML (names the file, object and field)
     │   └── ConfigError              a config file or flag value (names the file and the key)
     ├── Refused                      the input is well-formed but the answer is no
     │   ├── AuthenticationError      no/bad/expired token or client certificate -> UNAUTHENTICATED
@@ -26,6 +27,8 @@ Messages are written for a person and never contain a token, a key or other secr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "AddressInUse",
     "AuthenticationError",
@@ -41,6 +44,7 @@ __all__ = [
     "InvalidSpiffeId",
     "LedgerError",
     "MeshTrustError",
+    "PolicyError",
     "PermissionDenied",
     "Refused",
     "SvidVerificationError",
@@ -73,6 +77,28 @@ class InvalidDuration(InvalidInput):
 
 class ConfigError(InvalidInput):
     """A configuration file or option that is wrong; the message names where."""
+
+
+class PolicyError(InvalidInput):
+    """A policy file that cannot be applied.
+
+    ``file`` is the file, ``obj`` the object (``"AuthorizationPolicy default/allow-a"``, or
+    ``"document 2"`` before its kind and name are known, ``""`` for the file as a whole),
+    ``field`` the path inside it (``"spec.rules[0].from[0].source.principals[1]"``; ``""`` when
+    the problem is the whole object), ``line`` the 1-based line when known.
+    """
+
+    def __init__(
+        self, file: Path | str, obj: str, field: str, problem: str, *, line: int | None = None
+    ) -> None:
+        self.file = Path(file)
+        self.obj = obj
+        self.field = field
+        self.problem = problem
+        self.line = line
+        where = f"policy file {self.file}" + (f", line {line}" if line else "")
+        parts = [where, obj, f"field {field}" if field else ""]
+        super().__init__(": ".join(part for part in parts if part) + ": " + problem)
 
 
 class Refused(MeshTrustError):

@@ -1,0 +1,737 @@
+"""Istio security policies read from YAML: PeerAuthentication and AuthorizationPolicy.
+
+Theory of operation: :func:`load_policy_files` reads every file (multi-document YAML, also
+``kind: List``), validates every object strictly and returns one immutable
+:class:`PolicySet`. Anything wrong in any file — YAML syntax, an unknown kind or field, a
+wrong type, a principal, port or mode that cannot mean what the author thought — raises one
+:class:`PolicyError` naming the file (and line), the object and the field; nothing is
+returned, so the caller keeps the PolicySet it had. Selection and translation to Envoy are in
+:mod:`meshtrust.policy.compile`; :meth:`PolicySet.inbound_for` is the door to it.
+
+What is accepted follows Istio's API (``security.istio.io/v1`` and ``v1beta1``) and Istio's
+own validation webhook (``pkg/config/validation``): e.g. a DENY policy without ``rules`` and
+port-level mTLS on a policy without a selector are refused, as ``kubectl apply`` would refuse
+them. Istio fields meshtrust does not implement (``when``, ``hosts``, ``ipBlocks``,
+``requestPrincipals``, ``CUSTOM``/``AUDIT`` ...) are refused with "not supported" rather
+than silently ignored: ignoring a condition widens an ALLOW policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshtrust.errors import InvalidSpiffeId, PolicyError
+from meshtrust.policy.model import InboundPolicy, MtlsMode, WorkloadRef
+from meshtrust.policy.yamllines import LineMap, LineSeq, read_yaml_documents
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+__all__ = [
+    "API_VERSIONS",
+    "Action",
+    "AuthorizationPolicy",
+    "Operation",
+    "PeerAuthentication",
+    "PolicySet",
+    "Rule",
+    "Source",
+    "load_policy_files",
+]
+
+API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+PEER_AUTHENTICATION = "PeerAuthentication"
+AUTHORIZATION_POLICY = "AuthorizationPolicy"
+DEFAULT_NAMESPACE = "default"  # what kubectl uses for an object without metadata.namespace
+
+
+class Action(enum.StrEnum):
+    """AuthorizationPolicy ``action`` values meshtrust enforces."""
+
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+
+
+@dataclass(frozen=True)
+class PeerAuthentication:
+    """One PeerAuthentication. ``mode`` None is UNSET (inherit from the parent level)."""
+
+    namespace: str
+    name: str
+    selector: Mapping[str, str] | None = None  # matchLabels; None: namespace- or mesh-wide
+    mode: MtlsMode | None = None
+    port_level_mtls: Mapping[int, MtlsMode | None] = field(default_factory=dict)
+    file: Path | None = None
+    line: int | None = None
+
+    @property
+    def obj(self) -> str:
+        return f"{PEER_AUTHENTICATION} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """``from[].source``: fields AND'd, values within a field OR'd (Istio's wildcards kept)."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Operation:
+    """``to[].operation``: fields AND'd, values within a field OR'd."""
+
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+
+    @property
+    def http_only_fields(self) -> tuple[str, ...]:
+        """The Istio names of the HTTP-only fields this operation sets."""
+        named = (
+            ("paths", self.paths),
+            ("notPaths", self.not_paths),
+            ("methods", self.methods),
+            ("notMethods", self.not_methods),
+        )
+        return tuple(name for name, values in named if values)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: any of ``sources`` AND any of ``operations``; empty means "any"."""
+
+    sources: tuple[Source, ...] = ()
+    operations: tuple[Operation, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthorizationPolicy:
+    """One AuthorizationPolicy. No rules: an ALLOW policy that matches nothing (deny all)."""
+
+    namespace: str
+    name: str
+    selector: Mapping[str, str] = field(default_factory=dict)  # empty: all workloads in scope
+    action: Action = Action.ALLOW
+    rules: tuple[Rule, ...] = ()
+    file: Path | None = None
+    line: int | None = None
+
+    @property
+    def obj(self) -> str:
+        return f"{AUTHORIZATION_POLICY} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Every policy loaded, in load order (which stands in for Istio's creation time)."""
+
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+
+    def inbound_for(
+        self,
+        workload: WorkloadRef,
+        *,
+        root_namespace: str = "istio-system",
+        trust_domain: str | TrustDomain,
+    ) -> InboundPolicy:
+        """The inbound mTLS mode and RBAC filters for ``workload``; see :mod:`.compile`.
+
+        ``trust_domain`` is the mesh's: policy principals written with Istio's
+        ``cluster.local`` trust domain are read as this one, as Istio does.
+        """
+        # Imported here: compile imports this module's types.
+        from meshtrust.policy.compile import inbound_policy
+
+        return inbound_policy(
+            self, workload, root_namespace=root_namespace, trust_domain=trust_domain
+        )
+
+
+# --- validation helpers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _At:
+    """Where a value is: file, object, field path and line — everything an error names."""
+
+    file: Path
+    obj: str
+    field: str = ""
+    line: int | None = None
+
+    def key(self, mapping: Mapping[str, Any], key: str) -> _At:
+        line = mapping.key_lines.get(key) if isinstance(mapping, LineMap) else None
+        path = f"{self.field}.{key}" if self.field else key
+        return _At(self.file, self.obj, path, line or self.line)
+
+    def item(self, sequence: Sequence[Any], index: int) -> _At:
+        line = None
+        if isinstance(sequence, LineSeq) and index < len(sequence.item_lines):
+            line = sequence.item_lines[index]
+        return _At(self.file, self.obj, f"{self.field}[{index}]", line or self.line)
+
+    def naming(self, obj: str) -> _At:
+        return _At(self.file, obj, self.field, self.line)
+
+    def error(self, problem: str) -> PolicyError:
+        return PolicyError(self.file, self.obj, self.field, problem, line=self.line)
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({_quote(value)})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _quote(text: str) -> str:
+    return ascii(text) if len(text) <= 80 else f"{ascii(text[:80])}..."
+
+
+def _mapping(
+    value: object,
+    at: _At,
+    fields: Collection[str],
+    unsupported: Mapping[str, str] | None = None,
+) -> Mapping[str, Any]:
+    """``value`` as a mapping whose keys are all in ``fields``; null is an empty mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise at.error(f"expected a mapping, got {_type_name(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise at.error(f"field names must be strings, got {key!r}")
+        if unsupported and key in unsupported:
+            raise at.key(value, key).error(unsupported[key])
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise at.key(value, key).error(f"unknown field {key!r} (known fields: {known})")
+    return value
+
+
+def _string(value: object, at: _At) -> str:
+    if not isinstance(value, str):
+        raise at.error(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _list(value: object, at: _At) -> Sequence[Any]:
+    """``value`` as a list; null is an empty list."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise at.error(f"expected a list, got {_type_name(value)}")
+    return value
+
+
+def _strings(
+    container: Mapping[str, Any],
+    key: str,
+    at: _At,
+    check: Callable[[str], str | None] | None = None,
+) -> tuple[str, ...]:
+    """A list of non-empty strings, each checked by ``check`` (problem text or None)."""
+    if key not in container:
+        return ()
+    where = at.key(container, key)
+    values = _list(container[key], where)
+    out: list[str] = []
+    for index, item in enumerate(values):
+        item_at = where.item(values, index)
+        text = _string(item, item_at)
+        if not text:
+            raise item_at.error("values must not be empty strings")
+        problem = check(text) if check else None
+        if problem:
+            raise item_at.error(problem)
+        out.append(text)
+    return tuple(out)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _labels(value: object, at: _At, *, what: str) -> dict[str, str]:
+    """A string-to-string mapping (labels, matchLabels, annotations)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise at.error(f"expected a mapping of {what}, got {_type_name(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise at.error(f"{what} keys must be non-empty strings, got {key!r}")
+        out[key] = _string(item, at.key(value, key))
+    return out
+
+
+# --- values: principals, namespaces, ports, paths, methods --------------------------------------
+
+_SPIFFE_PREFIX = "spiffe://"
+_PRINCIPAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
+_SEGMENT_CHARS = _PRINCIPAL_CHARS - {"/"}
+_TOKEN_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'+-.^_`|~"
+)
+
+
+def _first_outside(text: str, allowed: frozenset[str]) -> str | None:
+    return next((char for char in text if char not in allowed), None)
+
+
+def _wildcard_problem(value: str) -> str | None:
+    """Istio's wildcards: ``*`` alone, or one ``*`` at the start or at the end."""
+    if value == "*":
+        return None
+    inner = value[1:] if value.startswith("*") else value[:-1] if value.endswith("*") else value
+    if "*" in inner:
+        return (
+            f"{_quote(value)}: '*' may only be the whole value or its first or last character "
+            "(exact, prefix*, *suffix or * as in Istio)"
+        )
+    return None
+
+
+def _principal_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable ``principals``/``notPrincipals`` entry, or None."""
+    if value.startswith(_SPIFFE_PREFIX):
+        return (
+            f"invalid principal {_quote(value)}: write principals without 'spiffe://', "
+            "as <trust-domain>/ns/<namespace>/sa/<service-account>"
+        )
+    problem = _wildcard_problem(value)
+    if problem:
+        return f"invalid principal {problem}"
+    if value == "*":
+        return None
+    literal = value.strip("*")
+    if value.startswith("*") or value.endswith("*"):
+        bad = _first_outside(literal, _PRINCIPAL_CHARS)
+        if bad:
+            return (
+                f"invalid principal {_quote(value)}: character {bad!r} cannot occur in a "
+                "SPIFFE ID (only A-Z a-z 0-9 . - _ /)"
+            )
+        return None
+    try:
+        sid = SpiffeId.parse(_SPIFFE_PREFIX + value)
+    except InvalidSpiffeId as exc:
+        return f"invalid principal {_quote(value)}: {exc}"
+    if sid.istio_namespace is None:
+        return (
+            f"invalid principal {_quote(value)}: expected "
+            "<trust-domain>/ns/<namespace>/sa/<service-account> (or a * wildcard at one end)"
+        )
+    return None
+
+
+def _namespace_value_problem(value: str) -> str | None:
+    problem = _wildcard_problem(value)
+    if problem:
+        return f"invalid namespace {problem}"
+    bad = _first_outside(value.strip("*"), _SEGMENT_CHARS)
+    if bad:
+        return f"invalid namespace {_quote(value)}: character {bad!r} is not allowed"
+    return None
+
+
+def _path_problem(value: str) -> str | None:
+    problem = _wildcard_problem(value)
+    if problem:
+        return f"invalid path {problem}"
+    if "{" in value or "}" in value:
+        return f"invalid path {_quote(value)}: path templates ({{*}}, {{**}}) are not supported"
+    if any(not ("!" <= char <= "~") for char in value):
+        return (
+            f"invalid path {_quote(value)}: whitespace, control and non-ASCII characters "
+            "are not allowed"
+        )
+    if not value.startswith(("/", "*")):
+        return f"invalid path {_quote(value)}: a path starts with '/' (or is '*' / '*suffix')"
+    return None
+
+
+def _method_problem(value: str) -> str | None:
+    problem = _wildcard_problem(value)
+    if problem:
+        return f"invalid method {problem}"
+    bad = _first_outside(value.strip("*"), _TOKEN_CHARS)
+    if bad:
+        return f"invalid method {_quote(value)}: character {bad!r} is not allowed"
+    return None
+
+
+def _ports(container: Mapping[str, Any], key: str, at: _At) -> tuple[int, ...]:
+    """Istio writes ports as strings ("8080"); plain integers are accepted too."""
+    if key not in container:
+        return ()
+    where = at.key(container, key)
+    values = _list(container[key], where)
+    return tuple(_port(item, where.item(values, index)) for index, item in enumerate(values))
+
+
+def _port(value: object, at: _At) -> int:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise at.error(f"expected a port number, got {_type_name(value)}")
+    if not 1 <= number <= 65535:
+        raise at.error(f"port {number} is not in 1-65535")
+    return number
+
+
+def _mtls_mode(container: Mapping[str, Any], at: _At) -> MtlsMode | None:
+    body = _mapping(container, at, {"mode"})
+    if "mode" not in body or body["mode"] is None:
+        return None
+    where = at.key(body, "mode")
+    mode = _string(body["mode"], where)
+    if mode == "UNSET":
+        return None
+    try:
+        return MtlsMode(mode)
+    except ValueError:
+        known = ", ".join(["UNSET", *MtlsMode])
+        raise where.error(f"unknown mTLS mode {_quote(mode)} (expected one of {known})") from None
+
+
+def _selector(spec: Mapping[str, Any], at: _At) -> dict[str, str]:
+    if "selector" not in spec:
+        return {}
+    where = at.key(spec, "selector")
+    body = _mapping(spec["selector"], where, {"matchLabels"})
+    if "matchLabels" not in body:
+        return {}
+    labels_at = where.key(body, "matchLabels")
+    labels = _labels(body["matchLabels"], labels_at, what="labels")
+    for key, value in labels.items():
+        if "*" in key or "*" in value:
+            raise labels_at.key(body["matchLabels"], key).error(
+                "wildcards are not supported in a selector"
+            )
+    return labels
+
+
+# --- objects ------------------------------------------------------------------------------------
+
+_NOT_SUPPORTED = "is not supported by meshtrust"
+
+
+def _parse_peer_authentication(
+    raw_spec: object, at: _At, namespace: str, name: str, line: int | None
+) -> PeerAuthentication:
+    spec = _mapping(raw_spec, at, {"selector", "mtls", "portLevelMtls"})
+    selector = _selector(spec, at)
+    mode = _mtls_mode(spec["mtls"], at.key(spec, "mtls")) if "mtls" in spec else None
+    port_modes: dict[int, MtlsMode | None] = {}
+    if "portLevelMtls" in spec and spec["portLevelMtls"] is not None:
+        where = at.key(spec, "portLevelMtls")
+        ports = spec["portLevelMtls"]
+        if not isinstance(ports, dict):
+            raise where.error(f"expected a mapping of port to mtls, got {_type_name(ports)}")
+        if not ports:
+            raise where.error("portLevelMtls, if present, must have at least one port")
+        if not selector:
+            # Istio's validation refuses it too: port-level settings only mean something for
+            # the workloads a selector names.
+            raise where.error(
+                "a mesh- or namespace-wide PeerAuthentication (no selector) cannot have "
+                "portLevelMtls; add spec.selector.matchLabels"
+            )
+        for port, body in ports.items():
+            port_at = where.key(ports, port)
+            port_at = _At(port_at.file, port_at.obj, f"{where.field}[{port}]", port_at.line)
+            number = _port(port, port_at)
+            if number in port_modes:
+                raise port_at.error(f"port {number} is given more than once")
+            port_modes[number] = _mtls_mode(body, port_at)
+    return PeerAuthentication(
+        namespace=namespace,
+        name=name,
+        selector=selector or None,
+        mode=mode,
+        port_level_mtls=port_modes,
+        file=at.file,
+        line=line,
+    )
+
+
+_SOURCE_FIELDS = {"principals", "notPrincipals", "namespaces", "notNamespaces"}
+_SOURCE_UNSUPPORTED = {
+    name: f"{name} {_NOT_SUPPORTED} (supported: {', '.join(sorted(_SOURCE_FIELDS))})"
+    for name in (
+        "requestPrincipals",
+        "notRequestPrincipals",
+        "ipBlocks",
+        "notIpBlocks",
+        "remoteIpBlocks",
+        "notRemoteIpBlocks",
+        "serviceAccounts",
+        "notServiceAccounts",
+    )
+}
+_OPERATION_FIELDS = {"ports", "notPorts", "paths", "notPaths", "methods", "notMethods"}
+_OPERATION_UNSUPPORTED = {
+    name: f"{name} {_NOT_SUPPORTED} (supported: {', '.join(sorted(_OPERATION_FIELDS))})"
+    for name in ("hosts", "notHosts")
+}
+
+
+def _parse_source(raw: object, at: _At) -> Source:
+    body = _mapping(raw, at, _SOURCE_FIELDS, _SOURCE_UNSUPPORTED)
+    source = Source(
+        principals=_strings(body, "principals", at, _principal_problem),
+        not_principals=_strings(body, "notPrincipals", at, _principal_problem),
+        namespaces=_strings(body, "namespaces", at, _namespace_value_problem),
+        not_namespaces=_strings(body, "notNamespaces", at, _namespace_value_problem),
+    )
+    if source == Source():
+        raise at.error("a source must set at least one of " + ", ".join(sorted(_SOURCE_FIELDS)))
+    return source
+
+
+def _parse_operation(raw: object, at: _At) -> Operation:
+    body = _mapping(raw, at, _OPERATION_FIELDS, _OPERATION_UNSUPPORTED)
+    operation = Operation(
+        ports=_ports(body, "ports", at),
+        not_ports=_ports(body, "notPorts", at),
+        paths=_strings(body, "paths", at, _path_problem),
+        not_paths=_strings(body, "notPaths", at, _path_problem),
+        methods=_strings(body, "methods", at, _method_problem),
+        not_methods=_strings(body, "notMethods", at, _method_problem),
+    )
+    if operation == Operation():
+        raise at.error(
+            "an operation must set at least one of " + ", ".join(sorted(_OPERATION_FIELDS))
+        )
+    return operation
+
+
+def _parse_clauses(
+    rule: Mapping[str, Any], key: str, inner: str, at: _At
+) -> list[tuple[Mapping[str, Any], _At]]:
+    """``from: [{source: ...}]`` / ``to: [{operation: ...}]``: the inner bodies."""
+    if key not in rule:
+        return []
+    where = at.key(rule, key)
+    items = _list(rule[key], where)
+    if rule[key] is not None and not items:
+        raise where.error(f"'{key}' must not be an empty list (leave it out to match any)")
+    out = []
+    for index, item in enumerate(items):
+        item_at = where.item(items, index)
+        if item is None:
+            raise item_at.error(f"expected a mapping with '{inner}', got null")
+        clause = _mapping(item, item_at, {inner})
+        if clause.get(inner) is None:
+            raise item_at.error(f"'{inner}' is missing")
+        out.append((clause[inner], item_at.key(clause, inner)))
+    return out
+
+
+def _parse_rule(body: object, at: _At) -> Rule:
+    if body is None:
+        raise at.error("a rule must not be null (use {} for a rule that matches everything)")
+    rule = _mapping(body, at, {"from", "to"}, {"when": f"when {_NOT_SUPPORTED}"})
+    sources = tuple(
+        _parse_source(s, s_at) for s, s_at in _parse_clauses(rule, "from", "source", at)
+    )
+    operations = tuple(
+        _parse_operation(o, o_at) for o, o_at in _parse_clauses(rule, "to", "operation", at)
+    )
+    return Rule(sources=sources, operations=operations)
+
+
+def _parse_authorization_policy(
+    raw_spec: object, at: _At, namespace: str, name: str, line: int | None
+) -> AuthorizationPolicy:
+    spec = _mapping(
+        raw_spec,
+        at,
+        {"selector", "action", "rules"},
+        {
+            "provider": f"provider (CUSTOM authorization) {_NOT_SUPPORTED}",
+            "targetRef": f"targetRef {_NOT_SUPPORTED}; use selector.matchLabels",
+            "targetRefs": f"targetRefs {_NOT_SUPPORTED}; use selector.matchLabels",
+        },
+    )
+    selector = _selector(spec, at)
+    action = Action.ALLOW
+    if spec.get("action") is not None:
+        where = at.key(spec, "action")
+        text = _string(spec["action"], where)
+        if text in ("AUDIT", "CUSTOM"):
+            raise where.error(f"action {text} {_NOT_SUPPORTED} (supported: ALLOW, DENY)")
+        try:
+            action = Action(text)
+        except ValueError:
+            raise where.error(f"unknown action {_quote(text)} (expected ALLOW or DENY)") from None
+    rules: list[Rule] = []
+    if "rules" in spec:
+        where = at.key(spec, "rules")
+        items = _list(spec["rules"], where)
+        rules = [_parse_rule(item, where.item(items, index)) for index, item in enumerate(items)]
+    if action is Action.DENY and not rules:
+        # Istio's validation refuses this too: it would deny nothing, which is never what the
+        # author of a DENY policy meant.
+        raise at.key(spec, "rules").error(
+            "a DENY policy without rules would never deny anything; add an empty rule {} "
+            "to deny every request"
+        )
+    return AuthorizationPolicy(
+        namespace=namespace,
+        name=name,
+        selector=selector,
+        action=action,
+        rules=tuple(rules),
+        file=at.file,
+        line=line,
+    )
+
+
+def _parse_metadata(raw: Mapping[str, Any], at: _At) -> tuple[str, str]:
+    """``(namespace, name)``; unknown metadata keys are ignored, as Kubernetes does."""
+    if raw.get("metadata") is None:
+        raise _At(at.file, at.obj, "metadata.name", at.line).error("metadata.name is missing")
+    where = at.key(raw, "metadata")
+    metadata = raw["metadata"]
+    if not isinstance(metadata, dict):
+        raise where.error(f"expected a mapping, got {_type_name(metadata)}")
+    if metadata.get("name") is None:
+        missing = _At(where.file, where.obj, "metadata.name", where.line)
+        raise missing.error("metadata.name is missing")
+    name_at = where.key(metadata, "name")
+    name = _string(metadata["name"], name_at)
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        raise name_at.error(
+            f"invalid name {_quote(name)}: lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit (at most 253)"
+        )
+    namespace = DEFAULT_NAMESPACE
+    if metadata.get("namespace") is not None:
+        ns_at = where.key(metadata, "namespace")
+        namespace = _string(metadata["namespace"], ns_at)
+        if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
+            raise ns_at.error(
+                f"invalid namespace {_quote(namespace)}: lower-case letters, digits and '-', "
+                "starting and ending with a letter or digit (at most 63)"
+            )
+    for key in ("labels", "annotations"):
+        if key in metadata:
+            _labels(metadata[key], where.key(metadata, key), what=key)
+    return namespace, name
+
+
+_KINDS = (AUTHORIZATION_POLICY, PEER_AUTHENTICATION)
+
+
+def _parse_object(
+    raw: object, at: _At, *, in_list: bool = False
+) -> list[PeerAuthentication | AuthorizationPolicy]:
+    """One document (or ``kind: List`` item): its policies."""
+    if not isinstance(raw, dict):
+        raise at.error(
+            "expected a Kubernetes object (apiVersion, kind, metadata, spec), "
+            f"got {_type_name(raw)}"
+        )
+    if raw.get("kind") is None:
+        raise _At(at.file, at.obj, "kind", at.line).error("kind is missing")
+    kind = _string(raw["kind"], at.key(raw, "kind"))
+    if kind == "List":
+        if in_list:
+            raise at.key(raw, "kind").error("a List cannot contain another List")
+        body = _mapping(raw, at, {"apiVersion", "kind", "items", "metadata"})
+        where = at.key(body, "items")
+        items = _list(body.get("items"), where)
+        out: list[PeerAuthentication | AuthorizationPolicy] = []
+        for index, item in enumerate(items):
+            item_at = where.item(items, index)
+            item_obj = _At(item_at.file, f"{at.obj}, {item_at.field}", "", item_at.line)
+            out += _parse_object(item, item_obj, in_list=True)
+        return out
+    if kind not in _KINDS:
+        raise at.key(raw, "kind").error(
+            f"unknown kind {_quote(kind)} (supported: {', '.join(_KINDS)})"
+        )
+    at = at.naming(f"{kind} {at.obj}")
+    body = _mapping(raw, at, {"apiVersion", "kind", "metadata", "spec", "status"})
+    if body.get("apiVersion") is None:
+        raise _At(at.file, at.obj, "apiVersion", at.line).error("apiVersion is missing")
+    version_at = at.key(body, "apiVersion")
+    version = _string(body["apiVersion"], version_at)
+    if version not in API_VERSIONS:
+        raise version_at.error(
+            f"unsupported apiVersion {_quote(version)} (supported: {', '.join(API_VERSIONS)})"
+        )
+    namespace, name = _parse_metadata(body, at)
+    line = at.line
+    at = _At(at.file, f"{kind} {namespace}/{name}", "", line)
+    spec = body.get("spec")
+    spec_at = at.key(body, "spec") if "spec" in body else at
+    spec_at = _At(spec_at.file, spec_at.obj, "spec", spec_at.line)
+    if kind == PEER_AUTHENTICATION:
+        return [_parse_peer_authentication(spec, spec_at, namespace, name, line)]
+    return [_parse_authorization_policy(spec, spec_at, namespace, name, line)]
+
+
+def load_policy_files(paths: Sequence[Path]) -> PolicySet:
+    """Read and validate every policy in ``paths``, all or nothing.
+
+    Files may hold several YAML documents and ``kind: List`` objects; empty files and empty
+    documents are fine. Order matters only among equally specific PeerAuthentications (the
+    first loaded wins, standing in for Istio's oldest-wins). Raises :class:`PolicyError` for
+    the first problem found in any file (unreadable file, bad YAML, unknown kind or field,
+    wrong type, bad principal/port/mode/action, a duplicate kind+namespace+name, ...).
+    """
+    peer: list[PeerAuthentication] = []
+    authz: list[AuthorizationPolicy] = []
+    seen: dict[tuple[str, str, str], tuple[Path, int | None]] = {}
+    for path in map(Path, paths):
+        for number, document in read_yaml_documents(path):
+            line = document.line if isinstance(document, LineMap | LineSeq) else None
+            for policy in _parse_object(document, _At(path, f"document {number}", "", line)):
+                kind = (
+                    PEER_AUTHENTICATION
+                    if isinstance(policy, PeerAuthentication)
+                    else AUTHORIZATION_POLICY
+                )
+                key = (kind, policy.namespace, policy.name)
+                if key in seen:
+                    first_file, first_line = seen[key]
+                    first = f"{first_file}" + (f", line {first_line}" if first_line else "")
+                    raise PolicyError(
+                        path,
+                        policy.obj,
+                        "metadata.name",
+                        f"defined more than once (first in {first})",
+                        line=policy.line,
+                    )
+                seen[key] = (path, policy.line)
+                if isinstance(policy, PeerAuthentication):
+                    peer.append(policy)
+                else:
+                    authz.append(policy)
+    return PolicySet(peer_authentications=tuple(peer), authorization_policies=tuple(authz))
