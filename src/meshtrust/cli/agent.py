@@ -81,6 +81,27 @@ __all__ = ["agent"]
     help="HTTP address for /healthz/ready and /metrics; 'off' to "
     "disable.  [default: 127.0.0.1:15021]",
 )
+@click.option(
+    "--sidecar",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Sidecar YAML (app port, inbound port, protocol, upstreams): launch and "
+    "supervise an Envoy sidecar fed by this agent. Needs --sds-socket.",
+)
+@click.option(
+    "--policy",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Istio policy YAML (PeerAuthentication, AuthorizationPolicy) for the "
+    "sidecar. Repeatable; edits apply live, a bad edit is refused.",
+)
+@click.option(
+    "--root-namespace", help="Namespace whose policies apply mesh-wide.  [default: istio-system]"
+)
+@click.option(
+    "--envoy-workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where the sidecar's generated Envoy files and log go.  [default: beside the SDS socket]",
+)
 def agent(config_file: Path | None, **flags: Any) -> None:
     """Keep a workload's key and certificate fresh (the istio-agent role).
 
@@ -88,16 +109,20 @@ def agent(config_file: Path | None, **flags: Any) -> None:
     the token (and, once it has one, its current certificate), verifies the answer
     against --ca-root, and renews at half the lifetime (--rotation-ratio). It serves the
     certificate to Envoy over SDS, to SPIFFE clients over the Workload API, and as files
-    — any of the three. If the CA is away it keeps serving the current certificate while
-    it is valid and retries with backoff. Stop with Ctrl-C or SIGTERM.
+    — any of the three. With --sidecar it also runs the Envoy sidecar (restarting it if
+    it dies) and applies Istio policies to it. If the CA is away it keeps serving the
+    current certificate while it is valid and retries with backoff. Stop with Ctrl-C or
+    SIGTERM.
     """
     from meshtrust.agent.agent import Agent
     from meshtrust.agent.config import AgentConfig, load_agent_settings
 
     settings: dict[str, Any] = load_agent_settings(config_file) if config_file else {}
     for key, value in flags.items():
-        if value is None:
+        if value is None or value == ():
             continue
+        if key == "policy":
+            key = "policy_files"
         if key == "trust_domain":
             try:
                 value = TrustDomain.parse(value)

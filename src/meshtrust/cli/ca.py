@@ -14,8 +14,6 @@ from rich.table import Table
 
 from meshtrust.ca.cadir import init_ca_dir
 from meshtrust.ca.config import CaServeConfig, load_config_file, parse_issuer_flag
-from meshtrust.ca.ledger import SqlLedger, default_ledger_url
-from meshtrust.ca.runtime import run_ca
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
 from meshtrust.durations import format_duration
@@ -147,6 +145,8 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         settings["metrics_listen"] = None
     valid = {f.name for f in dataclasses.fields(CaServeConfig)}
     config = CaServeConfig(**{k: v for k, v in settings.items() if k in valid})
+    from meshtrust.ca.runtime import run_ca  # the server's imports only when serving
+
     run_ca(config)
 
 
@@ -174,6 +174,8 @@ def certs_list(
     ledger: str | None, ca_dir: Path, expiring_within: dt.timedelta | None, as_json: bool
 ) -> None:
     """List issued certificates, soonest expiry first."""
+    from meshtrust.ca.ledger import SqlLedger, default_ledger_url
+
     if ledger is None:
         if not (ca_dir / "ledger.db").exists():
             raise ConfigError(f"no ledger at {ca_dir / 'ledger.db'}; pass --ledger URL or --ca-dir")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from meshtrust.ca.authn import mint_token
 from meshtrust.ca.cadir import load_ca_dir, load_token_signing_key, token_issuer_for
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
@@ -57,6 +56,8 @@ def create(
     audience istio-ca) and is signed by the CA's own issuer key, so a VM or laptop
     workload can get spiffe://TD/ns/NS/sa/SA without a Kubernetes cluster.
     """
+    from meshtrust.ca.authn import mint_token
+
     clock = SystemClock()
     key = load_token_signing_key(ca_dir)
     if key is None:
