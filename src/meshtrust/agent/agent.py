@@ -26,8 +26,10 @@ from meshtrust.agent.metrics import AgentMetrics
 from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.agent.sds import SdsServer
+from meshtrust.agent.sidecar import EnvoySidecar, SidecarSettings
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock, SystemClock
+from meshtrust.envoy.sidecar import load_sidecar_config
 from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId, MeshTrustError
 from meshtrust.pki import TrustBundle, load_certs_pem
 from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -108,6 +110,30 @@ class Agent:
             key_type=config.key_type,
             rng=rng,
         )
+        self.sidecar: EnvoySidecar | None = None
+        if config.sidecar is not None:
+            sidecar_config = load_sidecar_config(config.sidecar)
+            if sidecar_config.namespace != self.identity.istio_namespace:
+                raise ConfigError(
+                    f"sidecar {config.sidecar} is for namespace {sidecar_config.namespace!r} "
+                    f"but this agent's identity is {self.identity}"
+                )
+            assert config.sds_socket is not None  # AgentConfig checks this
+            workdir = (
+                config.envoy_workdir or config.sds_socket.parent / f"envoy-{sidecar_config.name}"
+            )
+            self.sidecar = EnvoySidecar(
+                SidecarSettings(
+                    config=sidecar_config,
+                    policy_files=config.policy_files,
+                    workdir=workdir,
+                    root_namespace=config.root_namespace,
+                ),
+                self.identity,
+                config.sds_socket,
+                self.clock,
+            )
+            self.sidecar.compile_policy()  # a bad policy stops the agent before anything runs
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._status: StatusHttpServer | None = None
@@ -127,6 +153,7 @@ class Agent:
             and secret is not None
             and not secret.expired(self.clock.now())
             and self.rotator.state != SlotState.EXPIRED
+            and (self.sidecar is None or self.sidecar.live)
         )
 
     def status_snapshot(self) -> dict[str, object]:
@@ -152,6 +179,18 @@ class Agent:
         if self.rotator.deadline is not None:
             out["next_rotation"] = self.rotator.deadline.isoformat()
             out["next_rotation_in_seconds"] = (self.rotator.deadline - now).total_seconds()
+        if self.sidecar is not None:
+            sc = self.sidecar
+            out["envoy"] = {
+                "live": sc.live,
+                "pid": sc.envoy.pid if sc.envoy is not None else None,
+                "admin": sc.admin_url,
+                "restarts": sc.restarts,
+                "inbound_port": sc.settings.config.inbound_port,
+                "mtls_mode": sc.policy.mode.value if sc.policy is not None else None,
+                "policy_version": sc.policy_version,
+                "policy_error": sc.last_policy_error,
+            }
         return out
 
     async def start(self) -> None:
@@ -180,6 +219,13 @@ class Agent:
             await self.stop()
             raise
         self._tasks.append(asyncio.create_task(self.rotator.run()))
+        if self.sidecar is not None:
+            try:
+                await self.sidecar.start()
+            except BaseException:
+                await self.stop()
+                raise
+            self._tasks.append(asyncio.create_task(self.sidecar.run()))
         self.started = True
         log.info("agent for %s started (CA %s)", self.identity, cfg.ca_address)
 
@@ -202,6 +248,9 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, MeshTrustError):
                 await task
         self._tasks.clear()
+        if self.sidecar is not None:
+            with contextlib.suppress(Exception):
+                await self.sidecar.stop()
         for server in reversed(self._servers):
             with contextlib.suppress(Exception):
                 await server.stop()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from meshtrust.envoy.sidecar import (
     SidecarConfig,
     inbound_listeners,
     sidecar_bootstrap,
+    sidecar_envoy_args,
     write_lds_file,
 )
 from meshtrust.errors import EnvoyFailed, InvalidInput
@@ -75,14 +75,7 @@ class EnvoySidecar:
         self.sds_socket = sds_socket
         self.clock = clock
         cfg = settings.config
-        self.workload = WorkloadRef(
-            name=cfg.name,
-            namespace=cfg.namespace,
-            spiffe_id=identity,
-            app_port=cfg.app_port,
-            protocol=cfg.protocol,
-            labels=dict(cfg.labels),
-        )
+        self.workload: WorkloadRef = cfg.workload(identity)
         self.lds_path = settings.workdir / "lds" / "listeners.json"
         self.envoy: EnvoyProcess | None = None
         self.policy: InboundPolicy | None = None
@@ -109,8 +102,13 @@ class EnvoySidecar:
         listeners = inbound_listeners(self.settings.config, policy)
         write_lds_file(self.lds_path, listeners, str(self.policy_version))
         self.policy = policy
-        log.info("inbound policy v%d for %s: mTLS %s, %d RBAC filter(s)", self.policy_version,
-                 self.workload.name, policy.mode, len(policy.rbac_filters))
+        log.info(
+            "inbound policy v%d for %s: mTLS %s, %d RBAC filter(s)",
+            self.policy_version,
+            self.workload.name,
+            policy.mode,
+            len(policy.rbac_filters),
+        )
 
     # -- lifecycle
 
@@ -125,16 +123,35 @@ class EnvoySidecar:
             node_id=f"sidecar~127.0.0.1~{cfg.name}.{cfg.namespace}~{cfg.namespace}.svc",
             admin_port=cfg.admin_port,
         )
-        self.envoy = EnvoyProcess(bootstrap, self.settings.workdir, name=f"envoy-{cfg.name}")
+        self.envoy = EnvoyProcess(
+            bootstrap,
+            self.settings.workdir,
+            name=f"envoy-{cfg.name}",
+            extra_args=sidecar_envoy_args(),
+        )
         await self._launch()
 
     async def _launch(self) -> None:
-        assert self.envoy is not None
-        await asyncio.to_thread(self.envoy.start)
-        await asyncio.to_thread(self.envoy.wait_ready, 60)
-        self.live = True
-        log.info("Envoy for %s is live (pid %s, admin %s)", self.workload.name, self.envoy.pid,
-                 self.admin_url)
+        """Start Envoy and wait until its admin answers (the config was accepted).
+
+        Not until it is LIVE: that needs the first certificate, which may wait for the CA;
+        liveness is watched by :meth:`run`.
+        """
+        envoy = self.envoy
+        assert envoy is not None
+        await asyncio.to_thread(envoy.start)
+        async with asyncio.timeout(30):
+            while True:
+                if not envoy.running:
+                    raise EnvoyFailed(
+                        f"Envoy for {self.workload.name} exited at start:\n{envoy.log_tail()}"
+                    )
+                if envoy.admin_address_path.exists():
+                    break
+                await asyncio.sleep(0.02)
+        log.info(
+            "Envoy for %s started (pid %s, admin %s)", self.workload.name, envoy.pid, self.admin_url
+        )
 
     @property
     def admin_url(self) -> str | None:
@@ -154,8 +171,12 @@ class EnvoySidecar:
             if not self.envoy.running:
                 self.live = False
                 self.restarts += 1
-                log.error("Envoy for %s exited; restarting it (restart %d). Log tail:\n%s",
-                          self.workload.name, self.restarts, self.envoy.log_tail())
+                log.error(
+                    "Envoy for %s exited; restarting it (restart %d). Log tail:\n%s",
+                    self.workload.name,
+                    self.restarts,
+                    self.envoy.log_tail(),
+                )
                 await asyncio.to_thread(self.envoy.stop)
                 try:
                     await self._launch()
@@ -163,11 +184,18 @@ class EnvoySidecar:
                 except EnvoyFailed as exc:
                     delay = backoff_delay(attempt, base=1.0, cap=30.0)
                     attempt += 1
-                    log.error("Envoy for %s did not come back: %s; retrying in %.0fs",
-                              self.workload.name, exc, delay)
+                    log.error(
+                        "Envoy for %s did not come back: %s; retrying in %.0fs",
+                        self.workload.name,
+                        exc,
+                        delay,
+                    )
                     await self.clock.sleep(delay)
                 continue
+            was_live = self.live
             self.live = await asyncio.to_thread(self._probe_live)
+            if self.live and not was_live:
+                log.info("Envoy for %s is live", self.workload.name)
             seen = _mtimes(self.settings.policy_files)
             if seen != self._seen:
                 self._seen = seen
@@ -196,10 +224,3 @@ class EnvoySidecar:
         self.live = False
         if self.envoy is not None:
             await asyncio.to_thread(self.envoy.stop)
-
-
-def sidecar_workdir(base: Path, name: str) -> Path:
-    path = base / f"envoy-{name}"
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
