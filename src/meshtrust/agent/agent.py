@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable
 from typing import Protocol
 
 from cryptography import x509
@@ -259,10 +258,10 @@ class Agent:
             self._status.stop()
             self._status = None
 
-    async def run_until(self, stop: Awaitable[object]) -> None:
+    async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()
         try:
-            await stop
+            await stop.wait()
         finally:
             await self.stop()
             log.info("agent for %s stopped", self.identity)

@@ -100,7 +100,11 @@ class EnvoySidecar:
     def _apply(self, policy: InboundPolicy) -> None:
         self.policy_version += 1
         listeners = inbound_listeners(self.settings.config, policy)
-        write_lds_file(self.lds_path, listeners, str(self.policy_version))
+        try:
+            self.lds_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_lds_file(self.lds_path, listeners, str(self.policy_version))
+        except OSError as exc:
+            raise EnvoyFailed(f"cannot write Envoy's listener file {self.lds_path}: {exc}") from exc
         self.policy = policy
         log.info(
             "inbound policy v%d for %s: mTLS %s, %d RBAC filter(s)",

@@ -144,6 +144,6 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await the_agent.run_until(stop.wait())
+        await the_agent.run_until(stop)
 
     asyncio.run(main())

@@ -59,10 +59,14 @@ def _register() -> None:
     from meshtrust.cli.agent import agent
     from meshtrust.cli.ca import ca
     from meshtrust.cli.cert import cert
+    from meshtrust.cli.mesh import down, status, up
     from meshtrust.cli.token import token
 
     cli.add_command(ca)
     cli.add_command(agent)
+    cli.add_command(up)
+    cli.add_command(status)
+    cli.add_command(down)
     cli.add_command(token)
     cli.add_command(cert)
 

@@ -1,0 +1,181 @@
+"""``meshtrust up``, ``status``, ``down``: a whole local mesh from one YAML file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from meshtrust.durations import format_duration
+
+__all__ = ["down", "status", "up"]
+
+MESH_FILE = click.Path(path_type=Path, dir_okay=False)
+
+
+def _short(serial: object) -> str:
+    text = str(serial or "-")
+    return text if len(text) <= 12 else text[:12] + "…"
+
+
+def _secs(value: object) -> str:
+    import datetime as dt
+
+    if not isinstance(value, int | float):
+        return "-"
+    if value < 0:
+        return "EXPIRED"
+    return format_duration(dt.timedelta(seconds=int(value)))
+
+
+def status_view(data: dict[str, Any]) -> Group:
+    ca = data["ca"]
+    head = Text.assemble(
+        ("meshtrust ", "bold"),
+        f"{data['trust_domain']}  ",
+        ("CA ", "bold"),
+        f"{ca['address']} {ca['state']}  ",
+        f"issued {int(ca['issued']) if ca['issued'] is not None else '-'}  ",
+        f"refused {int(ca['refused']) if ca['refused'] is not None else '-'}",
+    )
+    table = Table(expand=False)
+    for col in (
+        "SERVICE",
+        "SPIFFE ID",
+        "SERIAL",
+        "EXPIRES IN",
+        "ROTATES IN",
+        "ROTATIONS",
+        "ENVOY",
+        "MTLS",
+        "ALLOWED",
+        "DENIED",
+        "APP",
+    ):
+        table.add_column(col)
+    for svc in data["services"]:
+        envoy, conns = svc["envoy"], svc["connections"]
+        envoy_state = envoy["state"]
+        if envoy.get("restarts"):
+            envoy_state += f" (restarted {envoy['restarts']}×)"
+        table.add_row(
+            svc["name"],
+            svc["spiffe_id"],
+            _short(svc.get("serial")),
+            _secs(svc.get("expires_in_seconds")),
+            _secs(svc.get("next_rotation_in_seconds")),
+            str(svc.get("rotations") if svc.get("rotations") is not None else "-"),
+            envoy_state if svc["agent"] == "running" else "agent down",
+            str(envoy.get("mtls_mode") or "-"),
+            str(conns["allowed"]),
+            str(conns["denied"]),
+            svc["app"] or "-",
+        )
+    return Group(head, table)
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # piped or logged: don't squeeze the table into 80 columns
+        console = Console(width=160)
+    return console
+
+
+def _load_running(mesh_file: Path | None) -> Any:
+    from meshtrust.mesh.state import find_state, read_state
+
+    return read_state(find_state(mesh_file))
+
+
+@click.command()
+@click.argument("mesh_file", type=MESH_FILE)
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Start the mesh, then return and leave it running in the background.",
+)
+def up(mesh_file: Path, detach: bool) -> None:
+    """Start a whole zero-trust mesh from MESH_FILE.
+
+    Starts the CA, then for every service its agent (which runs the Envoy sidecar and
+    applies the policies) and its app, and returns once every sidecar has its
+    certificate and is ready. Without --detach it then shows a live view (identities,
+    serials, time to rotation, allowed/denied connections) until Ctrl-C, and stops
+    everything. The mesh file format is in the README.
+    """
+    from meshtrust.mesh.config import load_mesh_config
+    from meshtrust.mesh.runner import start_mesh, stop_mesh
+    from meshtrust.mesh.status import mesh_status
+
+    console = _console()
+    config = load_mesh_config(mesh_file)
+    state = start_mesh(config, progress=lambda m: console.print(f"[green]•[/green] {m}"))
+    if detach:
+        console.print(
+            f"the mesh is running; `meshtrust status`, `meshtrust down` "
+            f"(logs in {config.work_dir / 'logs'})"
+        )
+        return
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:
+            while not stopping:
+                time.sleep(1)
+                live.update(status_view(mesh_status(state)))
+    except KeyboardInterrupt:
+        pass
+    console.print("stopping the mesh …")
+    for line in stop_mesh(state):
+        console.print(f"  {line}")
+
+
+@click.command()
+@click.argument("mesh_file", type=MESH_FILE, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(mesh_file: Path | None, as_json: bool) -> None:
+    """Show the running mesh: per workload its SPIFFE ID, serial, expiry, time to the next
+    rotation, rotations so far, Envoy state, mTLS mode and allowed/denied connections.
+
+    Without MESH_FILE: the mesh started last on this machine.
+    """
+    from meshtrust.mesh.status import mesh_status
+
+    data = mesh_status(_load_running(mesh_file))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _console().print(status_view(data))
+
+
+@click.command()
+@click.argument("mesh_file", type=MESH_FILE, required=False)
+def down(mesh_file: Path | None) -> None:
+    """Stop every process of the mesh and remove its sockets (safe to run twice).
+
+    Without MESH_FILE: the mesh started last on this machine.
+    """
+    from meshtrust.errors import ConfigError
+    from meshtrust.mesh.runner import stop_mesh
+
+    try:
+        state = _load_running(mesh_file)
+    except ConfigError as exc:
+        click.echo(f"nothing to stop: {exc}")
+        return
+    done = stop_mesh(state)
+    click.echo("\n".join(done) if done else "nothing was running")

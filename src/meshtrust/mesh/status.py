@@ -1,0 +1,138 @@
+"""Reading a running mesh: each agent's ``/debug/status``, each Envoy's stats, the CA's
+metrics, and whether every process is alive. Used by ``status``, the live view and
+``check``. Every probe has a short timeout; a component that does not answer is reported
+as such, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from typing import Any
+
+from meshtrust.mesh.runner import alive
+from meshtrust.mesh.state import MeshState, ServiceState
+
+__all__ = ["envoy_stats", "fetch", "mesh_status", "service_status"]
+
+
+def fetch(url: str, timeout: float = 1.0) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return str(resp.read().decode(errors="replace"))
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def envoy_stats(admin: str | None, pattern: str = "") -> dict[str, int]:
+    """Envoy's counters and gauges (``name: value`` lines) whose name matches ``pattern``."""
+    if not admin:
+        return {}
+    text = fetch(f"{admin}/stats?filter={pattern}" if pattern else f"{admin}/stats")
+    out: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+def _rbac_counts(stats: dict[str, int], svc: ServiceState) -> tuple[int, int]:
+    allowed = denied = 0
+    for name, value in stats.items():
+        if ".rbac." not in name or ".shadow_" in name:
+            continue
+        if name.endswith("denied"):
+            denied += value
+        elif name.endswith("allowed") and (
+            # With a DENY and an ALLOW filter a request passes both; count it once.
+            "allow_" in name or not any("allow_" in n for n in stats)
+        ):
+            allowed += value
+    return allowed, denied
+
+
+def service_status(svc: ServiceState) -> dict[str, Any]:
+    """Everything ``status`` shows for one service."""
+    out: dict[str, Any] = {
+        "name": svc.name,
+        "spiffe_id": svc.spiffe_id,
+        "agent": "running" if alive(svc.agent_pid) else "down",
+        "app": None if svc.app_pid is None else ("running" if alive(svc.app_pid) else "down"),
+        "inbound_port": svc.inbound_port,
+    }
+    raw = fetch(f"http://{svc.status}/debug/status")
+    agent: dict[str, Any] = {}
+    if raw:
+        try:
+            agent = json.loads(raw)
+        except ValueError:
+            agent = {}
+    out.update(
+        {
+            k: agent.get(k)
+            for k in (
+                "serial",
+                "not_after",
+                "next_rotation_in_seconds",
+                "expires_in_seconds",
+                "rotations",
+                "state",
+                "ready",
+                "last_error",
+            )
+        }
+    )
+    envoy = agent.get("envoy") if isinstance(agent.get("envoy"), dict) else {}
+    assert isinstance(envoy, dict)
+    admin = envoy.get("admin")
+    stats = envoy_stats(admin, r"rbac|ssl\.handshake|ssl\.connection_error|no_filter_chain")
+    allowed, denied = _rbac_counts(stats, svc)
+    prefix = f"listener.inbound_{svc.inbound_port}."
+    out["envoy"] = {
+        "state": ("live" if envoy.get("live") else "not ready") if envoy else "unknown",
+        "pid": envoy.get("pid"),
+        "restarts": envoy.get("restarts"),
+        "admin": admin,
+        "mtls_mode": envoy.get("mtls_mode"),
+        "policy_version": envoy.get("policy_version"),
+        "policy_error": envoy.get("policy_error"),
+    }
+    out["connections"] = {
+        "allowed": allowed,
+        "denied": denied,
+        "tls_handshakes": stats.get(prefix + "ssl.handshake", 0),
+        "tls_errors": stats.get(prefix + "ssl.connection_error", 0),
+        "plaintext_refused": stats.get(prefix + "no_filter_chain_match", 0),
+    }
+    return out
+
+
+def _metric(text: str | None, name: str) -> float | None:
+    for line in (text or "").splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+([0-9.eE+-]+)$", line)
+        if m:
+            return float(m.group(2))
+    return None
+
+
+def mesh_status(state: MeshState) -> dict[str, Any]:
+    metrics = fetch(f"http://{state.ca.metrics}/metrics")
+    refused = 0.0
+    for line in (metrics or "").splitlines():
+        if line.startswith("meshtrust_ca_refusals_total"):
+            refused += float(line.rsplit(" ", 1)[1])
+    return {
+        "mesh_file": state.mesh_file,
+        "trust_domain": state.trust_domain,
+        "cert_ttl_seconds": state.cert_ttl_seconds,
+        "ca": {
+            "address": state.ca.address,
+            "state": "running" if alive(state.ca.pid) else "down",
+            "issued": _metric(metrics, "citadel_server_success_cert_issuance_count"),
+            "refused": refused if metrics is not None else None,
+        },
+        "services": [service_status(s) for s in state.services],
+    }
