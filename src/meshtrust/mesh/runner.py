@@ -105,6 +105,18 @@ def alive(pid: int | None) -> bool:
     return True
 
 
+# The mesh's processes outlive the Popen objects of the call that started them (`up
+# --detach` returns, a test goes on). Kept here, they are reaped when stopped instead of
+# warning "still running" when garbage-collected.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    for pid, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            del _CHILDREN[pid]
+
+
 class _Started:
     """What has been started so far, to stop again on failure."""
 
@@ -135,6 +147,7 @@ class _Started:
             except OSError as exc:
                 raise MeshStartFailed(f"cannot start {what} ({args[0]}): {exc.strerror}") from exc
         self.procs.append((what, proc, log))
+        _CHILDREN[proc.pid] = proc
         return proc
 
     def check_running(self) -> None:
@@ -168,6 +181,11 @@ def _terminate(pids: Sequence[int], timeout: float = 15.0) -> None:
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        proc = _CHILDREN.get(pid)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+    _reap()
 
 
 def _wait(

@@ -1,0 +1,108 @@
+"""Running small meshes in tests: write mesh.yaml + policies, start, always stop."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshtrust.mesh import MeshState, load_mesh_config, start_mesh, stop_mesh
+from tests.processes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "examples" / "quickstart" / "app.py"
+
+TCP_ECHO = """
+import os, socket, threading
+srv = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+def serve(conn):
+    with conn:
+        while data := conn.recv(4096):
+            conn.sendall(b"echo:" + data)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def write_mesh(
+    directory: Path, services: list[dict[str, Any]], policies: str, cert_ttl: str = "30s"
+) -> Path:
+    """A mesh file in ``directory``; every port not given is picked free."""
+    for svc in services:
+        svc.setdefault("port", free_port())
+        svc.setdefault("inboundPort", free_port())
+        for up in svc.get("upstreams", []):
+            up.setdefault("localPort", free_port())
+    (directory / "policies.yaml").write_text(policies)
+    (directory / "tcp_echo.py").write_text(TCP_ECHO)
+    mesh = {
+        "trustDomain": "cluster.local",
+        "certTTL": cert_ttl,
+        "workDir": str(directory / "work"),
+        "ca": {"listen": f"127.0.0.1:{free_port()}"},
+        "services": services,
+        "policies": ["policies.yaml"],
+    }
+    path = directory / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def running_mesh(path: Path) -> Iterator[MeshState]:
+    state = start_mesh(load_mesh_config(path), progress=lambda _: None)
+    try:
+        yield state
+    finally:
+        stop_mesh(state)
+
+
+def upstream_port(state: MeshState, service: str, upstream: str) -> int:
+    return state.service(service).upstreams[upstream]
+
+
+def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
+    """One request as the app would make it: plain HTTP to its sidecar's local port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def tcp_roundtrip(port: int, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:
+    """Send ``payload`` through a TCP upstream; b"" when the connection was closed on us."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(payload)
+        try:
+            return conn.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+
+def agent_status(state: MeshState, service: str) -> dict[str, Any]:
+    url = f"http://{state.service(service).status}/debug/status"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        data = json.loads(resp.read())
+    assert isinstance(data, dict)
+    return data
+
+
+def envoy_serial(state: MeshState, service: str) -> int:
+    admin = agent_status(state, service)["envoy"]["admin"]
+    with urllib.request.urlopen(f"{admin}/certs", timeout=5) as resp:
+        certs = json.loads(resp.read())
+    for entry in certs["certificates"]:
+        for cert in entry.get("cert_chain", []):
+            return int(cert["serial_number"], 16)
+    return 0
