@@ -386,16 +386,9 @@ class SdsServer:
         """
         if self._server is not None:
             raise RuntimeError("SdsServer already started")
-        self._socket.prepare()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        try:
-            self._socket.bind(server)
-            await server.start()
-        except BaseException:
-            await server.stop(None)
-            self._socket.remove()
-            raise
+        await self._socket.serve(server)
         self._server = server
         log.info("SDS: serving on %s", self.socket_path)
 

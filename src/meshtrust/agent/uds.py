@@ -99,6 +99,18 @@ class PrivateSocket:
         st = self.path.lstat()
         self._identity = (st.st_dev, st.st_ino)
 
+    async def serve(self, server: grpc.aio.Server) -> None:
+        """Prepare the path, bind ``server`` to it and start it; on any failure stop the
+        server and remove the socket, so nothing is left half-started."""
+        self.prepare()
+        try:
+            self.bind(server)
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            self.remove()
+            raise
+
     def remove(self) -> None:
         """Remove the socket file if it is still the one we bound (grpcio may have already)."""
         identity, self._identity = self._identity, None

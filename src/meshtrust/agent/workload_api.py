@@ -220,17 +220,10 @@ class WorkloadApiServer:
         """
         if self._server is not None:
             raise RuntimeError("WorkloadApiServer is already started")
-        self._socket.prepare()
         self._stopping = asyncio.Event()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((self._handlers(),))
-        try:
-            self._socket.bind(server)
-            await server.start()
-        except BaseException:
-            await server.stop(None)
-            self._socket.remove()
-            raise
+        await self._socket.serve(server)
         self._server = server
         log.info("Workload API listening on %s", self.address)
 
