@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -58,11 +59,21 @@ def write_mesh(
 
 @contextlib.contextmanager
 def running_mesh(path: Path) -> Iterator[MeshState]:
-    state = start_mesh(load_mesh_config(path), progress=lambda _: None)
+    """Start the mesh of ``path`` (its "current mesh" pointer kept beside it, not in the
+    user's ~/.meshtrust) and always stop it."""
+    old = os.environ.get("MESHTRUST_HOME")
+    os.environ["MESHTRUST_HOME"] = str(path.parent / "home")
     try:
-        yield state
+        state = start_mesh(load_mesh_config(path), progress=lambda _: None)
+        try:
+            yield state
+        finally:
+            stop_mesh(state)
     finally:
-        stop_mesh(state)
+        if old is None:
+            del os.environ["MESHTRUST_HOME"]
+        else:
+            os.environ["MESHTRUST_HOME"] = old
 
 
 def upstream_port(state: MeshState, service: str, upstream: str) -> int:

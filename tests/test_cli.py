@@ -25,6 +25,12 @@ COMMANDS = [
     ["cert"],
     ["cert", "request"],
     ["agent"],
+    ["up"],
+    ["status"],
+    ["down"],
+    ["proxy-config", "secret"],
+    ["check"],
+    ["certs", "monitor"],
 ]
 
 

@@ -61,6 +61,7 @@ def _register() -> None:
     from meshtrust.cli.cert import cert
     from meshtrust.cli.mesh import down, status, up
     from meshtrust.cli.token import token
+    from meshtrust.cli.tools import certs, check, proxy_config
 
     cli.add_command(ca)
     cli.add_command(agent)
@@ -69,6 +70,9 @@ def _register() -> None:
     cli.add_command(down)
     cli.add_command(token)
     cli.add_command(cert)
+    cli.add_command(proxy_config)
+    cli.add_command(check)
+    cli.add_command(certs)
 
 
 _register()

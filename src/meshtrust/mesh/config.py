@@ -42,7 +42,7 @@ from meshtrust.policy import Protocol, load_policy_files
 from meshtrust.settings import read_yaml_mapping
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["MeshConfig", "ServiceSpec", "UpstreamSpec", "load_mesh_config"]
+__all__ = ["MeshConfig", "ServiceSpec", "UpstreamSpec", "load_mesh_config", "mesh_work_dir"]
 
 _TOP = {"trustDomain", "certTTL", "workDir", "rootNamespace", "ca", "services", "policies"}
 _CA = {"listen", "dir"}
@@ -130,6 +130,17 @@ class _Where:
         return value
 
 
+def mesh_work_dir(path: Path) -> Path:
+    """Only the ``workDir`` of ``path``: what ``status``/``down`` need to find a running mesh,
+    even after its policy file was edited into something invalid."""
+    raw = read_yaml_mapping(path, what="mesh file")
+    value = raw.get("workDir", ".meshtrust/" + path.stem)
+    if not isinstance(value, str) or not value:
+        raise _Where(path).error("workDir", "expected a non-empty string")
+    work = Path(value)
+    return work if work.is_absolute() else path.parent.resolve() / work
+
+
 def load_mesh_config(path: Path) -> MeshConfig:
     """Read and check ``path``; raises ConfigError/PolicyError naming the problem."""
     w = _Where(path)
@@ -150,7 +161,7 @@ def load_mesh_config(path: Path) -> MeshConfig:
         raise w.error("certTTL", str(exc)) from exc
     if ttl < dt.timedelta(seconds=10):
         raise w.error("certTTL", "must be at least 10s")
-    work_dir = rel(w.string(raw.get("workDir", ".meshtrust/" + path.stem), "workDir"))
+    work_dir = mesh_work_dir(path)
     root_ns = w.string(raw.get("rootNamespace", "istio-system"), "rootNamespace")
     ca_raw = w.mapping(raw.get("ca", {}) or {}, "ca", _CA)
     ca_listen = w.string(ca_raw.get("listen", "127.0.0.1:15012"), "ca.listen")

@@ -128,9 +128,9 @@ def read_state(path: Path) -> MeshState:
 def find_state(mesh_file: Path | None) -> Path:
     """The state file of ``mesh_file``'s mesh, or of the mesh started last on this machine."""
     if mesh_file is not None:
-        from meshtrust.mesh.config import load_mesh_config
+        from meshtrust.mesh.config import mesh_work_dir
 
-        return Path(load_mesh_config(mesh_file).work_dir) / STATE_FILE
+        return mesh_work_dir(mesh_file) / STATE_FILE
     pointer = current_pointer()
     try:
         return Path(pointer.read_text().strip())

@@ -1,0 +1,248 @@
+"""``meshtrust proxy-config secret``, ``check`` and ``certs monitor``: the operator's tools
+over a running local mesh (the logic is in :mod:`meshtrust.mesh.tools`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from meshtrust.cli.options import DURATION
+
+__all__ = ["certs", "check", "proxy_config"]
+
+_MESH_HELP = (
+    "The mesh file of the mesh to inspect (default: the mesh started last on this machine)."
+)
+_STYLE = {
+    "PASS": "green",
+    "OK": "green",
+    "WARN": "yellow",
+    "FAIL": "red",
+    "EXPIRED": "red",
+    "MISSING": "red",
+    "SKIP": "dim",
+}
+
+
+def _mesh_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "--mesh",
+        "mesh_file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="FILE",
+        help=_MESH_HELP,
+    )(f)
+
+
+def _json_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # piped or logged: don't squeeze the table into 80 columns
+        console = Console(width=160)
+    return console
+
+
+def _styled(word: str) -> Text:
+    return Text(word, style=_STYLE.get(word, ""))
+
+
+@click.group("proxy-config")
+def proxy_config() -> None:
+    """Show what a workload's Envoy sidecar holds right now, like `istioctl proxy-config`.
+
+    Read from the running Envoy's admin API, not from what meshtrust meant to send it.
+    """
+
+
+@proxy_config.command("secret")
+@click.argument("workload")
+@_mesh_option
+@_json_option
+def secret(workload: str, mesh_file: Path | None, as_json: bool) -> None:
+    """Show the certificates WORKLOAD's Envoy serves (WORKLOAD is a service name of the mesh
+    file), with istioctl's columns.
+
+    \b
+    RESOURCE NAME  the SDS resource: `default` (the workload's certificate chain) or
+                   `ROOTCA` (the roots it trusts peers against)
+    TYPE           Cert Chain or CA
+    STATUS         ACTIVE (in use) or WARMING (asked for, not received yet)
+    VALID CERT     true only when now is between NOT BEFORE and NOT AFTER — an expired
+                   certificate shows false (unlike istioctl, istio#44929)
+    SERIAL NUMBER  as Envoy shows it (lower-case hex)
+
+    Example: meshtrust proxy-config secret web
+    """
+    from meshtrust.mesh.tools import load_running_state, proxy_secrets
+
+    rows = proxy_secrets(load_running_state(mesh_file), workload)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    table = Table(expand=False)
+    for col in (
+        "RESOURCE NAME",
+        "TYPE",
+        "STATUS",
+        "VALID CERT",
+        "SERIAL NUMBER",
+        "NOT AFTER",
+        "NOT BEFORE",
+    ):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r.resource_name,
+            r.type,
+            r.status,
+            Text("true", style="green") if r.valid_cert else Text("false", style="bold red"),
+            r.serial_number or "-",
+            r.not_after or "-",
+            r.not_before or "-",
+        )
+    _console().print(table)
+
+
+@click.command()
+@click.argument("workload")
+@_mesh_option
+@_json_option
+def check(workload: str, mesh_file: Path | None, as_json: bool) -> None:
+    """Walk through everything that makes WORKLOAD's mTLS work and say what is wrong.
+
+    WORKLOAD is a service name of the mesh file. Each step gets PASS, WARN or FAIL (SKIP
+    when an earlier failure leaves nothing to look at), and every WARN or FAIL comes with a
+    hint on what to do:
+
+    \b
+      agent running            the agent process answers
+      app running              the app process is alive and listens (if the mesh runs one)
+      Envoy live               the sidecar runs and its admin API answers
+      certificate present      the agent wrote cert-chain.pem
+      chain valid              it chains to the mesh's root CA
+      identity as expected     its SPIFFE ID is the one the mesh file implies
+      Envoy serves the cert    Envoy holds the agent's current certificate and the mesh root
+      time left                not expired; WARN under 20% of the certificate TTL
+      policy mode              STRICT / PERMISSIVE / DISABLE, and no refused policy
+      TLS handshake errors     Envoy's TLS error counters (since Envoy started)
+      RBAC denials             calls refused by AuthorizationPolicies (since Envoy started)
+
+    Exit status 1 when any step FAILs.
+    """
+    from meshtrust.mesh.tools import Verdict, check_workload, load_running_state
+
+    steps = check_workload(load_running_state(mesh_file), workload)
+    failed = any(s.verdict == Verdict.FAIL for s in steps)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"workload": workload, "ok": not failed, "steps": [s.to_json() for s in steps]},
+                indent=2,
+            )
+        )
+    else:
+        console = _console()
+        table = Table(expand=False, show_lines=False)
+        table.add_column("STEP", no_wrap=True)
+        table.add_column("RESULT", no_wrap=True)
+        table.add_column("DETAIL")
+        for s in steps:
+            table.add_row(s.title, _styled(s.verdict), s.detail)
+        console.print(table)
+        for s in steps:
+            if s.hint and s.verdict in (Verdict.WARN, Verdict.FAIL):
+                console.print(
+                    Text.assemble((f"{s.verdict} ", _STYLE[s.verdict]), (s.title, "bold"), ": ")
+                    + Text(s.hint)
+                )
+        counts = {v: sum(1 for s in steps if s.verdict == v) for v in Verdict}
+        console.print(
+            f"{workload}: {counts[Verdict.PASS]} passed, {counts[Verdict.WARN]} warning(s), "
+            f"{counts[Verdict.FAIL]} failed, {counts[Verdict.SKIP]} skipped"
+        )
+    if failed:
+        raise SystemExit(1)
+
+
+@click.group()
+def certs() -> None:
+    """Watch the mesh's workload certificates: `meshtrust certs monitor` lists every
+    workload's certificate expiry and fails when one has expired or is about to."""
+
+
+@certs.command("monitor")
+@_mesh_option
+@click.option(
+    "--warn-within",
+    type=DURATION,
+    default="12h",
+    show_default=True,
+    help="Warn about certificates that expire within this time (90s, 15m, 12h, 7d).",
+)
+@_json_option
+def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) -> None:
+    """Show every workload's certificate expiry and fail if any is expired or about to be.
+
+    For each service of the mesh: serial, NotAfter and time left, from its agent (or, when
+    the agent does not answer, from the certificate file it wrote). Status OK, WARN
+    (expires within --warn-within), EXPIRED, or MISSING (no certificate at all).
+
+    Exit status 0 when every certificate is OK, 1 otherwise: run it from cron or a health
+    check, e.g. `meshtrust certs monitor --warn-within 1h || alert`.
+    """
+    from meshtrust.durations import format_duration
+    from meshtrust.mesh.tools import load_running_state, monitor_certs
+
+    rows = monitor_certs(load_running_state(mesh_file), warn_within)
+    bad = [r for r in rows if not r.fine]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "warn_within_seconds": warn_within.total_seconds(),
+                    "ok": not bad,
+                    "certificates": [r.to_json() for r in rows],
+                },
+                indent=2,
+            )
+        )
+    else:
+        console = _console()
+        table = Table(expand=False)
+        for col in ("SERVICE", "SPIFFE ID", "SERIAL", "NOT AFTER", "TIME LEFT", "STATUS", "NOTE"):
+            table.add_column(col, no_wrap=col not in ("NOTE",))
+        for r in rows:
+            left = r.expires_in_seconds
+            table.add_row(
+                r.service,
+                r.spiffe_id,
+                r.serial or "-",
+                r.not_after or "-",
+                "-" if left is None else format_duration(dt.timedelta(seconds=int(left))),
+                _styled(r.status),
+                r.message,
+            )
+        console.print(table)
+        for r in bad:
+            if r.last_error:
+                console.print(f"{r.service}: the agent's last error: {r.last_error}")
+        if bad:
+            console.print(
+                f"{len(bad)} of {len(rows)} certificate(s) expired, missing or expiring within "
+                f"{format_duration(warn_within)}"
+            )
+        else:
+            console.print(
+                f"all {len(rows)} certificate(s) valid for more than {format_duration(warn_within)}"
+            )
+    if bad:
+        raise SystemExit(1)
