@@ -169,6 +169,10 @@ def test_a_crashed_app_is_reported_and_a_killed_envoy_is_restarted(
         os.kill(b.app_pid, signal.SIGKILL)
         data = _wait_status(home, lambda d: d["services"][1]["app"] == "down")
         assert data["services"][1]["app"] == "down"
+        check = meshtrust("check", "b", "--json", home=home)
+        assert check.returncode == 1
+        steps = {s["id"]: s for s in json.loads(check.stdout)["steps"]}
+        assert steps["app"]["verdict"] == "FAIL" and steps["app"]["hint"]
 
         envoy_pid = agent_status(mesh, "a")["envoy"]["pid"]
         os.kill(envoy_pid, signal.SIGKILL)
