@@ -2,7 +2,10 @@
 thread (``/debug/status``: what ``meshtrust status`` shows; no secrets in it).
 
 Used by the CA (``/ready``) and the agent (``/healthz/ready``, Istio's path); both paths
-answer on both.
+answer on both. ``/metrics`` renders either a ``prometheus_client`` ``CollectorRegistry`` (the
+CA's) or any registry with an ``exposition()`` method, such as
+:class:`meshtrust.metrics_text.TextRegistry` (the agent's, which spares the agent
+prometheus_client: it is imported only for a ``CollectorRegistry``).
 """
 
 from __future__ import annotations
@@ -11,13 +14,46 @@ import http.server
 import json
 import threading
 from collections.abc import Callable, Mapping
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
 from meshtrust.errors import AddressInUse, ConfigError
+from meshtrust.metrics_text import CONTENT_TYPE
 
-__all__ = ["StatusHttpServer"]
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["MetricsRegistry", "StatusHttpServer", "TextExposition"]
+
+
+class TextExposition(Protocol):
+    """A registry that renders itself (:class:`meshtrust.metrics_text.TextRegistry`)."""
+
+    def exposition(self) -> bytes: ...
+
+
+#: What ``/metrics`` serves: a ``prometheus_client.CollectorRegistry``, or a registry that
+#: renders itself.
+MetricsRegistry: TypeAlias = "CollectorRegistry | TextExposition"
+
+
+def _exposition(registry: MetricsRegistry) -> Callable[[], tuple[bytes, str]]:
+    """How to render ``registry``: its own ``exposition()``, or prometheus_client's."""
+    render: Callable[[], bytes] | None = getattr(registry, "exposition", None)
+    if render is not None:
+
+        def text() -> tuple[bytes, str]:
+            return render(), CONTENT_TYPE
+
+        return text
+    from prometheus_client import generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    collectors = cast("CollectorRegistry", registry)
+
+    def prometheus() -> tuple[bytes, str]:
+        return generate_latest(collectors), CONTENT_TYPE_LATEST
+
+    return prometheus
 
 
 class StatusHttpServer:
@@ -27,7 +63,7 @@ class StatusHttpServer:
         self,
         host: str,
         port: int,
-        registry: CollectorRegistry,
+        registry: MetricsRegistry,
         ready: Callable[[], bool],
         status: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
@@ -36,7 +72,7 @@ class StatusHttpServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.split("?")[0] == "/metrics":
-                    body, ctype, code = generate_latest(outer.registry), CONTENT_TYPE_LATEST, 200
+                    (body, ctype), code = outer._metrics(), 200
                 elif self.path.split("?")[0] in ("/ready", "/healthz/ready"):
                     ok = outer.ready()
                     body = b"ready\n" if ok else b"not ready\n"
@@ -56,6 +92,7 @@ class StatusHttpServer:
                 pass
 
         self.registry = registry
+        self._metrics = _exposition(registry)
         self.ready = ready
         self.status = status
         try:

@@ -15,7 +15,6 @@ import random
 from typing import Protocol
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry
 
 from meshtrust.agent.cache import SecretCache
 from meshtrust.agent.config import AgentConfig, resolve_identity
@@ -30,6 +29,7 @@ from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.envoy.sidecar import load_sidecar_config
 from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId, MeshTrustError
+from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import TrustBundle, load_certs_pem
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from meshtrust.status_http import StatusHttpServer
@@ -88,7 +88,7 @@ class Agent:
         self.identity: SpiffeId = resolve_identity(config, first_token, _root_trust_domain(roots))
         self.anchors = TrustBundle(self.identity.trust_domain, tuple(roots))
         self.cache = SecretCache()
-        self.registry = CollectorRegistry()
+        self.registry = TextRegistry()
         self.metrics = AgentMetrics(self.registry, self._expiry_seconds)
         self.source = source or GrpcCertificateSource(
             config.ca_address, root_pem, server_name=config.ca_server_name

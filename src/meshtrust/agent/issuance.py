@@ -1,5 +1,10 @@
 """Getting a certificate from the CA, and refusing to use a bad one.
 
+:class:`GrpcCertificateSource` asks the CA over gRPC + TLS with grpclib on Python's ``ssl``
+(not grpcio: its C core would cost the long-lived agent some ten megabytes for one request an
+hour; ``meshtrust cert request`` still uses :class:`meshtrust.ca.client.CaClient`). Its
+failures map to the same errors as :class:`~meshtrust.ca.client.CaClient`'s.
+
 :func:`verify_issued` is the pure check every CA response passes before anything is served:
 the chain leads to a root the agent trusts (its configured anchors — not whatever the CA
 sent), the leaf is an X.509-SVID for exactly the expected identity, it is valid now, and it
@@ -8,7 +13,11 @@ certifies the key this agent generated.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +25,21 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from grpclib import GRPCError, Status
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.encoding.proto import ProtoCodec
 
-from meshtrust.ca.client import CaClient
+from meshtrust._proto.istio import ca_grpc, ca_pb2
+from meshtrust.ca.config import parse_host_port
 from meshtrust.errors import (
+    AuthenticationError,
+    CAUnavailable,
     ConfigError,
     InvalidCertificate,
+    InvalidCSR,
+    MeshTrustError,
+    PermissionDenied,
     SvidVerificationError,
 )
 from meshtrust.pki import PrivateKey, TrustBundle, load_certs_pem, verify_svid
@@ -31,6 +50,8 @@ __all__ = [
     "GrpcCertificateSource",
     "IssuedChain",
     "TokenFile",
+    "ca_error",
+    "client_ssl_context",
     "verify_issued",
 ]
 
@@ -51,8 +72,12 @@ class CertificateSource(Protocol):
 class GrpcCertificateSource:
     """The meshtrust (or Istio) CA over gRPC + TLS, verified with ``root_pem``.
 
-    A channel per request: renewals are minutes to hours apart, and the client certificate
-    (the workload's current one) changes between them.
+    A connection per request: renewals are minutes to hours apart, and the client certificate
+    (the workload's current one) changes between them. ``server_name`` is the name the CA's
+    certificate must carry when it is not the host of ``address`` (grpcio's
+    ``ssl_target_name_override``). Every failure is a :class:`MeshTrustError`: refusals as
+    :func:`ca_error` maps them, anything else (connection, TLS, timeout) as
+    :class:`CAUnavailable`.
     """
 
     def __init__(
@@ -64,6 +89,8 @@ class GrpcCertificateSource:
         timeout: float = 10.0,
     ) -> None:
         self.address = address
+        # HOST:PORT, as AgentConfig checks it (grpcio's "dns:///" prefix is accepted too).
+        self._host, self._port = parse_host_port(address.removeprefix("dns:///"), what="ca-address")
         self._root_pem = root_pem
         self._server_name = server_name
         self._timeout = timeout
@@ -76,15 +103,81 @@ class GrpcCertificateSource:
         token: str | None,
         client_cert: tuple[bytes, bytes] | None,
     ) -> list[str]:
-        client = CaClient(
-            self.address, self._root_pem, client_cert=client_cert, server_name=self._server_name
-        )
         try:
-            return await client.create_certificate(
-                csr_pem, token=token, ttl_seconds=ttl_seconds, timeout=self._timeout
-            )
+            context = client_ssl_context(self._root_pem, client_cert)
+        except (ssl.SSLError, ValueError) as exc:
+            raise InvalidCertificate(
+                f"cannot use the CA root or client certificate: {exc}"
+            ) from exc
+        config = Configuration(ssl_target_name_override=self._server_name)
+        # An explicit codec: no status-details codec, whose google.rpc import we do not need.
+        channel = Channel(self._host, self._port, ssl=context, config=config, codec=ProtoCodec())
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await ca_grpc.IstioCertificateServiceStub(channel).CreateCertificate(
+                    ca_pb2.IstioCertificateRequest(csr=csr_pem, validity_duration=ttl_seconds),
+                    metadata=metadata,
+                    timeout=self._timeout,
+                )
+        except GRPCError as exc:
+            raise ca_error(exc.status.name, exc.message or "", self.address) from None
+        except TimeoutError:
+            raise ca_error(
+                "DEADLINE_EXCEEDED", f"no answer within {self._timeout:g}s", self.address
+            ) from None
+        except Exception as exc:  # connection refused, TLS, HTTP/2: the CA is not usable
+            raise ca_error("UNAVAILABLE", _describe(exc), self.address) from None
         finally:
-            await client.close()
+            channel.close()
+        return list(response.cert_chain)
+
+
+def ca_error(code: str, detail: str, address: str) -> MeshTrustError:
+    """The error for a failed CA call with gRPC status ``code`` (its name, ``"UNAVAILABLE"``),
+    mapped as :mod:`meshtrust.ca.client` maps grpcio's errors (same classes, same messages)."""
+    if code == Status.UNAUTHENTICATED.name:
+        return AuthenticationError(f"CA refused authentication: {detail}")
+    if code == Status.PERMISSION_DENIED.name:
+        return PermissionDenied(f"CA denied the request: {detail}")
+    if code == Status.INVALID_ARGUMENT.name:
+        return InvalidCSR(f"CA rejected the request: {detail}")
+    return CAUnavailable(f"CA at {address} unavailable ({code}): {detail}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: {exc.verify_message or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def client_ssl_context(
+    root_pem: bytes, client_cert: tuple[bytes, bytes] | None = None
+) -> ssl.SSLContext:
+    """TLS to the CA: its certificate must chain to ``root_pem`` (nothing else is trusted)
+    and carry the name we connect to; ``client_cert`` (chain PEM, key PEM) is presented when
+    given; HTTP/2 by ALPN.
+
+    Raises :class:`ssl.SSLError` or :class:`ValueError` for unusable PEM.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=root_pem.decode("ascii"))
+    if client_cert is not None:
+        chain_pem, key_pem = client_cert
+        with tempfile.TemporaryDirectory(prefix="meshtrust-agent-") as tmp:
+            # ssl only loads keys from files; the directory is private (0700) and removed at
+            # once, as meshtrust.ca.server does for the CA's key.
+            cert_file, key_file = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+            cert_file.write_bytes(chain_pem)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key_pem)
+            context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 class TokenFile:

@@ -1,23 +1,37 @@
 """Agent metrics with istio-agent's names, served on the status port.
 
 Counters keep Istio's exact names (no ``_total`` suffix) so istio-agent dashboards work.
+
+:class:`AgentMetrics` registers itself with either registry a ``/metrics`` endpoint can
+serve: a :class:`~meshtrust.metrics_text.TextRegistry` (``families()``; no
+prometheus_client in the process) or a ``prometheus_client.CollectorRegistry``
+(``collect()``, which imports prometheus_client when first called). Both render the same
+text.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
+from meshtrust.metrics_text import MetricFamily, Sample
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 __all__ = ["AgentMetrics"]
 
 
+class _Registry(Protocol):
+    def register(self, collector: Any) -> None: ...
+
+
+_CSR = {"request_type": "csr"}
+
+
 class AgentMetrics:
-    def __init__(
-        self, registry: CollectorRegistry, expiry_seconds: Callable[[], float | None]
-    ) -> None:
+    def __init__(self, registry: _Registry, expiry_seconds: Callable[[], float | None]) -> None:
         self._lock = threading.Lock()
         self._expiry_seconds = expiry_seconds
         self.outgoing = 0
@@ -46,53 +60,66 @@ class AgentMetrics:
         with self._lock:
             self.refused_responses += 1
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> list[MetricFamily]:
+        """The current values (for a :class:`~meshtrust.metrics_text.TextRegistry`)."""
         with self._lock:
-            values = [
+            outgoing, failed, latency = float(self.outgoing), float(self.failed), self.latency_ms
+            ok, bad = float(self.rotations_ok), float(self.rotations_failed)
+            refused = float(self.refused_responses)
+        out = [
+            # "unknown" (untyped) keeps Istio's exact names: a counter would get "_total".
+            _single("istio_agent_num_outgoing_requests", "CSRs sent to the CA.", _CSR, outgoing),
+            _single(
+                "istio_agent_num_failed_outgoing_requests",
+                "CSRs that failed or were refused.",
+                _CSR,
+                failed,
+            ),
+            _single(
+                "istio_agent_outgoing_latency", "Total milliseconds spent on CSRs.", _CSR, latency
+            ),
+            MetricFamily(
+                "meshtrust_agent_rotations",
+                "Certificate issuances by result.",
+                "counter",
                 (
-                    "istio_agent_num_outgoing_requests",
-                    "CSRs sent to the CA.",
-                    "unknown",
-                    {"request_type": "csr"},
-                    float(self.outgoing),
+                    Sample("meshtrust_agent_rotations_total", {"result": "success"}, ok),
+                    Sample("meshtrust_agent_rotations_total", {"result": "failure"}, bad),
                 ),
-                (
-                    "istio_agent_num_failed_outgoing_requests",
-                    "CSRs that failed or were refused.",
-                    "unknown",
-                    {"request_type": "csr"},
-                    float(self.failed),
-                ),
-                (
-                    "istio_agent_outgoing_latency",
-                    "Total milliseconds spent on CSRs.",
-                    "unknown",
-                    {"request_type": "csr"},
-                    self.latency_ms,
-                ),
-            ]
-            ok, failed, refused = self.rotations_ok, self.rotations_failed, self.refused_responses
-        for name, doc, kind, labels, value in values:
-            m = Metric(name, doc, kind)
-            m.add_sample(name, labels, value)
-            yield m
-        rot = Metric("meshtrust_agent_rotations", "Certificate issuances by result.", "counter")
-        rot.add_sample("meshtrust_agent_rotations_total", {"result": "success"}, float(ok))
-        rot.add_sample("meshtrust_agent_rotations_total", {"result": "failure"}, float(failed))
-        yield rot
-        bad = Metric(
-            "meshtrust_agent_refused_ca_responses",
-            "CA responses refused by verification (wrong identity, untrusted root).",
-            "counter",
-        )
-        bad.add_sample("meshtrust_agent_refused_ca_responses_total", {}, float(refused))
-        yield bad
+            ),
+            MetricFamily(
+                "meshtrust_agent_refused_ca_responses",
+                "CA responses refused by verification (wrong identity, untrusted root).",
+                "counter",
+                (Sample("meshtrust_agent_refused_ca_responses_total", {}, refused),),
+            ),
+        ]
         expiry = self._expiry_seconds()
         if expiry is not None:
-            g = Metric(
-                "istio_agent_cert_expiry_seconds",
-                "Seconds until the workload certificate expires (negative: expired).",
-                "gauge",
+            out.append(
+                MetricFamily(
+                    "istio_agent_cert_expiry_seconds",
+                    "Seconds until the workload certificate expires (negative: expired).",
+                    "gauge",
+                    (
+                        Sample(
+                            "istio_agent_cert_expiry_seconds", {"resource_name": "default"}, expiry
+                        ),
+                    ),
+                )
             )
-            g.add_sample("istio_agent_cert_expiry_seconds", {"resource_name": "default"}, expiry)
-            yield g
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values as prometheus_client metrics (for a ``CollectorRegistry``)."""
+        from prometheus_client.metrics_core import Metric
+
+        for family in self.families():
+            metric = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                metric.add_sample(sample.name, dict(sample.labels), sample.value)
+            yield metric
+
+
+def _single(name: str, doc: str, labels: dict[str, str], value: float) -> MetricFamily:
+    return MetricFamily(name, doc, "unknown", (Sample(name, labels, value),))

@@ -37,10 +37,13 @@ is the one Envoy asked for. Names other than ``default`` and ``ROOTCA`` are neve
 never break a stream (logged once per stream at info). ``version_info`` is the cache
 generation the response was built from; nonces are unique per response.
 
-:class:`SdsServer` is the thin edge: a ``grpc.aio`` server on the Unix socket. Each stream has
-one task reading requests and one waiting on :meth:`SecretCache.wait_newer`; both feed the same
-:class:`SdsStream` (plain method calls on one event loop, so they never interleave), and one
-writer sends what it decides. Delta and Fetch answer UNIMPLEMENTED, as istio-agent's do.
+:class:`SdsServer` is the thin edge: a grpclib server on the Unix socket
+(:class:`~meshtrust.agent.grpc_server.UnixGrpcServer`; xds-protos ships grpcio stubs only, so
+the three methods are registered by hand). Each stream has one task reading requests and one
+waiting on :meth:`SecretCache.wait_newer`; both feed the same :class:`SdsStream` (plain method
+calls on one event loop, so they never interleave), and one writer sends what it decides.
+Delta and Fetch answer UNIMPLEMENTED, as istio-agent's do. Stopping ends every stream with OK
+(Envoy reconnects to the next agent); a stream opened while stopping gets UNAVAILABLE.
 
 No key material is ever logged: log lines name resources, versions and serials only.
 """
@@ -48,23 +51,23 @@ No key material is ever logged: log lines name resources, versions and serials o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
-from envoy.service.discovery.v3 import discovery_pb2
-from envoy.service.secret.v3 import sds_pb2_grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+from grpclib import GRPCError, Status
+from grpclib.const import Cardinality, Handler
+from grpclib.server import Stream
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.grpc_server import GrpcMethod, UnixGrpcServer
 from meshtrust.agent.uds import PrivateSocket
 
 __all__ = [
@@ -88,10 +91,179 @@ DEFAULT_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 KNOWN_SECRETS = frozenset({DEFAULT_SECRET, ROOT_SECRET})
+#: The gRPC service (envoy/service/secret/v3/sds.proto).
+SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 
-# sun_path is 108 bytes on Linux, including the terminating NUL.
 # Envoy's NACK messages are short; cap what we copy into our log anyway.
 _MAX_LOGGED_ERROR = 1000
+
+
+# --- the wire messages, in a private descriptor pool ------------------------------------------
+#
+# xds-protos' generated modules would do, but importing them loads some fifty modules
+# (Envoy's core config, validation annotations, udpa, xds) and their descriptors for seven
+# messages and some twenty fields: about a megabyte of the agent's resident memory, for good. So
+# we declare just the fields SDS reads and writes, under their real names and numbers (the
+# wire format is the field numbers and types), in a private pool, as the Workload API does
+# for its own reasons. Fields we do not declare (the request's ``node``, ...) are skipped on
+# parse. The sources: envoy/service/discovery/v3/discovery.proto,
+# envoy/extensions/transport_sockets/tls/v3/{secret,common}.proto,
+# envoy/config/core/v3/base.proto and google/rpc/status.proto, as shipped in xds-protos.
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _int_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value)
+
+
+def _bytes_field(number: int, payload: bytes | str) -> bytes:
+    data = payload.encode() if isinstance(payload, str) else payload
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+# google.protobuf.FieldDescriptorProto.Type and .Label values.
+_SCALARS = {"string": 9, "bytes": 12, "int32": 5}
+_MESSAGE, _OPTIONAL, _REPEATED = 11, 1, 3
+
+
+def _field(name: str, number: int, kind: str, *, repeated: bool = False, oneof: int = -1) -> bytes:
+    """A ``FieldDescriptorProto``: ``kind`` is a scalar type or a message's full name."""
+    out = _bytes_field(1, name) + _int_field(3, number)
+    out += _int_field(4, _REPEATED if repeated else _OPTIONAL)
+    if kind in _SCALARS:
+        out += _int_field(5, _SCALARS[kind])
+    else:
+        out += _int_field(5, _MESSAGE) + _bytes_field(6, "." + kind)
+    if oneof >= 0:
+        out += _int_field(9, oneof)
+    return out
+
+
+def _message(name: str, *fields: bytes, oneof: str = "") -> bytes:
+    """A ``DescriptorProto``; ``oneof`` names oneof 0."""
+    out = _bytes_field(1, name) + b"".join(_bytes_field(2, f) for f in fields)
+    return out + (_bytes_field(8, _bytes_field(1, oneof)) if oneof else b"")
+
+
+def _file(name: str, package: str, deps: tuple[str, ...], *messages: bytes) -> bytes:
+    """A proto3 ``FileDescriptorProto``."""
+    out = _bytes_field(1, name) + _bytes_field(2, package)
+    out += b"".join(_bytes_field(3, d) for d in deps)
+    return out + b"".join(_bytes_field(4, m) for m in messages) + _bytes_field(12, "proto3")
+
+
+_RPC, _CORE = "meshtrust/agent/sds/rpc.proto", "meshtrust/agent/sds/core.proto"
+_DATA_SOURCE = "envoy.config.core.v3.DataSource"
+_TLS = "envoy.extensions.transport_sockets.tls.v3"
+_WIRE_FILES = (
+    _file(
+        _RPC,
+        "google.rpc",
+        (),
+        _message("Status", _field("code", 1, "int32"), _field("message", 2, "string")),
+    ),
+    _file(
+        _CORE,
+        "envoy.config.core.v3",
+        (),
+        _message(
+            "DataSource",
+            _field("filename", 1, "string", oneof=0),
+            _field("inline_bytes", 2, "bytes", oneof=0),
+            _field("inline_string", 3, "string", oneof=0),
+            _field("environment_variable", 4, "string", oneof=0),
+            oneof="specifier",
+        ),
+    ),
+    _file(
+        "meshtrust/agent/sds/tls.proto",
+        _TLS,
+        (_CORE,),
+        _message(
+            "TlsCertificate",
+            _field("certificate_chain", 1, _DATA_SOURCE),
+            _field("private_key", 2, _DATA_SOURCE),
+        ),
+        _message("CertificateValidationContext", _field("trusted_ca", 1, _DATA_SOURCE)),
+        _message(
+            "Secret",
+            _field("name", 1, "string"),
+            _field("tls_certificate", 2, f"{_TLS}.TlsCertificate", oneof=0),
+            _field("validation_context", 4, f"{_TLS}.CertificateValidationContext", oneof=0),
+            oneof="type",
+        ),
+    ),
+    _file(
+        "meshtrust/agent/sds/discovery.proto",
+        "envoy.service.discovery.v3",
+        (_RPC, any_pb2.DESCRIPTOR.name),
+        _message(
+            "DiscoveryRequest",
+            _field("version_info", 1, "string"),
+            _field("resource_names", 3, "string", repeated=True),
+            _field("type_url", 4, "string"),
+            _field("response_nonce", 5, "string"),
+            _field("error_detail", 6, "google.rpc.Status"),
+        ),
+        _message(
+            "DiscoveryResponse",
+            _field("version_info", 1, "string"),
+            _field("resources", 2, "google.protobuf.Any", repeated=True),
+            _field("type_url", 4, "string"),
+            _field("nonce", 5, "string"),
+        ),
+        # Delta is refused: its messages are read, never looked into.
+        _message("DeltaDiscoveryRequest"),
+        _message("DeltaDiscoveryResponse"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class _SdsProto:
+    AnyMessage: Any
+    DataSource: Any
+    TlsCertificate: Any
+    CertificateValidationContext: Any
+    Secret: Any
+    DiscoveryRequest: Any
+    DiscoveryResponse: Any
+    DeltaDiscoveryRequest: Any
+    DeltaDiscoveryResponse: Any
+
+
+def _load_sds_proto() -> _SdsProto:
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(any_pb2.DESCRIPTOR.serialized_pb)
+    for serialized in _WIRE_FILES:
+        pool.AddSerializedFile(serialized)
+
+    def message(name: str) -> Any:
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+    discovery = "envoy.service.discovery.v3"
+    return _SdsProto(
+        AnyMessage=message("google.protobuf.Any"),
+        DataSource=message(_DATA_SOURCE),
+        TlsCertificate=message(f"{_TLS}.TlsCertificate"),
+        CertificateValidationContext=message(f"{_TLS}.CertificateValidationContext"),
+        Secret=message(f"{_TLS}.Secret"),
+        DiscoveryRequest=message(f"{discovery}.DiscoveryRequest"),
+        DiscoveryResponse=message(f"{discovery}.DiscoveryResponse"),
+        DeltaDiscoveryRequest=message(f"{discovery}.DeltaDiscoveryRequest"),
+        DeltaDiscoveryResponse=message(f"{discovery}.DeltaDiscoveryResponse"),
+    )
+
+
+_PROTO = _load_sds_proto()
 
 
 # --- resources ------------------------------------------------------------------------------
@@ -101,19 +273,19 @@ def secret_resource(name: str, secret: WorkloadSecret) -> Any:
     """The ``envoy.extensions.transport_sockets.tls.v3.Secret`` named ``name`` built from
     ``secret``. Raises :class:`ValueError` for a name other than ``default`` and ``ROOTCA``."""
     if name == DEFAULT_SECRET:
-        return secret_pb2.Secret(
+        return _PROTO.Secret(
             name=name,
-            tls_certificate=common_pb2.TlsCertificate(
+            tls_certificate=_PROTO.TlsCertificate(
                 # Leaf + intermediates + roots, as istio-agent serves it.
-                certificate_chain=base_pb2.DataSource(inline_bytes=secret.chain_with_root_pem()),
-                private_key=base_pb2.DataSource(inline_bytes=secret.key_pem()),
+                certificate_chain=_PROTO.DataSource(inline_bytes=secret.chain_with_root_pem()),
+                private_key=_PROTO.DataSource(inline_bytes=secret.key_pem()),
             ),
         )
     if name == ROOT_SECRET:
-        return secret_pb2.Secret(
+        return _PROTO.Secret(
             name=name,
-            validation_context=common_pb2.CertificateValidationContext(
-                trusted_ca=base_pb2.DataSource(inline_bytes=secret.roots_pem()),
+            validation_context=_PROTO.CertificateValidationContext(
+                trusted_ca=_PROTO.DataSource(inline_bytes=secret.roots_pem()),
             ),
         )
     raise ValueError(f"no secret named {name!r}; only {DEFAULT_SECRET!r} and {ROOT_SECRET!r}")
@@ -178,10 +350,10 @@ class SdsPush:
         """The ``envoy.service.discovery.v3.DiscoveryResponse`` to write."""
         resources = []
         for secret in self.secrets:
-            packed = any_pb2.Any()
+            packed = _PROTO.AnyMessage()
             packed.Pack(secret)
             resources.append(packed)
-        return discovery_pb2.DiscoveryResponse(
+        return _PROTO.DiscoveryResponse(
             version_info=self.version_info,
             resources=resources,
             type_url=SECRET_TYPE_URL,
@@ -353,6 +525,8 @@ class SdsStats:
 
 
 _END = object()  # queued to end a stream
+# How long a refused (Delta, Fetch) call may take to send its first request.
+_REFUSE_AFTER = 1.0
 
 
 class SdsServer:
@@ -369,7 +543,8 @@ class SdsServer:
         self.socket_path = Path(socket_path)
         self._socket = PrivateSocket(self.socket_path, "SDS socket")
         self.counters = SdsCounters()
-        self._server: grpc.aio.Server | None = None
+        self._server: UnixGrpcServer | None = None
+        self._stopping = False
         self._nonce_counter = itertools.count(1)
         self._streams_active = 0
         self._streams_total = 0
@@ -377,6 +552,31 @@ class SdsServer:
         self._tick = asyncio.Event()
 
     # -- lifecycle
+
+    def _methods(self) -> dict[str, Handler]:
+        def path(method: str) -> str:
+            return f"/{SDS_SERVICE}/{method}"
+
+        return {
+            path("StreamSecrets"): Handler(
+                self.stream_secrets,
+                Cardinality.STREAM_STREAM,
+                _PROTO.DiscoveryRequest,
+                _PROTO.DiscoveryResponse,
+            ),
+            path("DeltaSecrets"): Handler(
+                _refuse("DeltaSecrets"),
+                Cardinality.STREAM_STREAM,
+                _PROTO.DeltaDiscoveryRequest,
+                _PROTO.DeltaDiscoveryResponse,
+            ),
+            path("FetchSecrets"): Handler(
+                _refuse("FetchSecrets"),
+                Cardinality.UNARY_UNARY,
+                _PROTO.DiscoveryRequest,
+                _PROTO.DiscoveryResponse,
+            ),
+        }
 
     async def start(self) -> None:
         """Bind the socket (0600) and start serving.
@@ -386,9 +586,9 @@ class SdsServer:
         """
         if self._server is not None:
             raise RuntimeError("SdsServer already started")
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        await self._socket.serve(server)
+        server = UnixGrpcServer(self._methods(), self._socket)
+        self._stopping = False
+        await server.start()
         self._server = server
         log.info("SDS: serving on %s", self.socket_path)
 
@@ -397,12 +597,10 @@ class SdsServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping = True
         for queue in list(self._queues):
             queue.put_nowait(_END)
-        try:
-            await server.stop(grace)
-        finally:
-            self._socket.remove()
+        await server.stop(grace)
         log.info("SDS: stopped serving on %s", self.socket_path)
 
     async def __aenter__(self) -> SdsServer:
@@ -449,8 +647,12 @@ class SdsServer:
 
     # -- one stream
 
-    async def stream_secrets(self, requests: AsyncIterator[Any], context: Any) -> None:
-        """Run one SotW ``StreamSecrets`` stream until Envoy closes it or we stop."""
+    async def stream_secrets(self, stream: Stream[Any, Any]) -> None:
+        """Run one SotW ``StreamSecrets`` stream (grpclib's server stream: it yields the
+        ``DiscoveryRequest``s and sends the ``DiscoveryResponse``s) until Envoy closes it or
+        we stop."""
+        if self._stopping:
+            raise GRPCError(Status.UNAVAILABLE, "the agent is shutting down")
         self._streams_active += 1
         self._streams_total += 1
         peer = f"envoy stream {self._streams_total}"
@@ -473,7 +675,7 @@ class SdsServer:
 
         async def read() -> None:
             try:
-                async for request in requests:
+                async for request in stream:
                     emit(state.on_request(SdsRequest.from_proto(request), self.cache.current))
             finally:
                 queue.put_nowait(_END)
@@ -492,7 +694,7 @@ class SdsServer:
         try:
             while (item := await queue.get()) is not _END:
                 assert isinstance(item, SdsPush)
-                await context.write(item.to_proto())
+                await stream.send_message(item.to_proto())
             for task in tasks:
                 # A task that failed (rather than reaching the end of the stream) says why.
                 if task.done() and not task.cancelled() and task.exception() is not None:
@@ -506,21 +708,17 @@ class SdsServer:
             self._changed()
 
 
-class _Servicer:
-    """The grpcio servicer: SotW streams go to the server; Delta and Fetch are refused."""
+def _refuse(method: str) -> GrpcMethod:
+    """Delta and Fetch: UNIMPLEMENTED, as istio-agent answers them.
 
-    def __init__(self, server: SdsServer) -> None:
-        self._server = server
+    The first request is read first (for a while), so that the client learns the status
+    when it reads the answer rather than from a failed write of its first request.
+    """
 
-    async def StreamSecrets(self, requests: AsyncIterator[Any], context: Any) -> None:
-        await self._server.stream_secrets(requests, context)
+    async def refuse(stream: Stream[Any, Any]) -> None:
+        with contextlib.suppress(TimeoutError, DecodeError):
+            async with asyncio.timeout(_REFUSE_AFTER):
+                await stream.recv_message()
+        raise GRPCError(Status.UNIMPLEMENTED, f"{method} is not implemented; use StreamSecrets")
 
-    async def DeltaSecrets(self, requests: AsyncIterator[Any], context: Any) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "DeltaSecrets is not implemented; use StreamSecrets"
-        )
-
-    async def FetchSecrets(self, request: Any, context: Any) -> Any:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "FetchSecrets is not implemented; use StreamSecrets"
-        )
+    return refuse

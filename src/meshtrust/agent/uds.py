@@ -1,12 +1,15 @@
 """The agent's Unix sockets (SDS, Workload API): private from the first moment, never
 stealing a live one, removed on stop — one implementation for both servers.
 
-grpcio creates the socket file inside ``add_insecure_port`` with mode ``0777 & ~umask`` and
-unlinks whatever socket is already at the path, even one a live agent serves on. So: look
-first (a socket nobody answers on is stale and removed; a live one is refused), set the
-umask only around that one synchronous call (the umask is process-wide: no ``await`` may
-happen inside the window, or other coroutines would create files under it), chmod to be
-sure, and on stop remove the file only if it is still the one we bound.
+We bind the listening socket ourselves and hand it to the gRPC server
+(:mod:`meshtrust.agent.grpc_server`), rather than let the server bind a path: asyncio's
+``create_unix_server`` (like grpcio's ``add_insecure_port``) unlinks whatever socket is
+already at the path, even one a live agent serves on, and creates the file with mode
+``0777 & ~umask``. So: look first (a socket nobody answers on is stale and removed; a live
+one is refused), set the umask only around the one synchronous ``bind`` (the umask is
+process-wide: no ``await`` may happen inside the window, or other coroutines would create
+files under it), chmod to be sure, and on stop remove the file only if it is still the one
+we bound.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import socket
 import stat
 from pathlib import Path
 
-import grpc.aio
-
 from meshtrust.errors import AddressInUse, ConfigError
 
 __all__ = ["MAX_SOCKET_PATH", "PrivateSocket"]
@@ -29,7 +30,7 @@ MAX_SOCKET_PATH = 107
 
 
 class PrivateSocket:
-    """One socket path owned by one grpc.aio server. ``what`` names it in messages."""
+    """One socket path owned by one server. ``what`` names it in messages."""
 
     def __init__(self, path: Path, what: str) -> None:
         self.path = path
@@ -84,36 +85,45 @@ class PrivateSocket:
             return False
         raise ConfigError(f"{self.what} {str(self.path)!r}: cannot use it: {os.strerror(result)}")
 
-    def bind(self, server: grpc.aio.Server) -> None:
-        """Add the socket to ``server``, mode 0600 from the first moment (see module doc)."""
-        old_umask = os.umask(0o177)
-        try:
-            bound = server.add_insecure_port(f"unix:{self.path}")
-        except RuntimeError as exc:
-            raise ConfigError(f"{self.what} {str(self.path)!r}: cannot listen: {exc}") from exc
-        finally:
-            os.umask(old_umask)
-        if not bound:
-            raise ConfigError(f"{self.what} {str(self.path)!r}: cannot listen")
-        os.chmod(self.path, 0o600)
-        st = self.path.lstat()
-        self._identity = (st.st_dev, st.st_ino)
+    def listen(self, backlog: int = 128) -> socket.socket:
+        """Prepare the path and return a listening, non-blocking socket bound to it, the file
+        mode 0600 from the first moment (see the module docstring). Synchronous on purpose.
 
-    async def serve(self, server: grpc.aio.Server) -> None:
-        """Prepare the path, bind ``server`` to it and start it; on any failure stop the
-        server and remove the socket, so nothing is left half-started."""
+        Raises :class:`ConfigError` or :class:`AddressInUse` as :meth:`prepare` does, and
+        :class:`ConfigError` when the socket cannot be bound.
+        """
         self.prepare()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.bind(server)
-            await server.start()
-        except BaseException:
-            await server.stop(None)
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(os.fspath(self.path))
+            finally:
+                os.umask(old_umask)
+            st = self.path.lstat()
+            self._identity = (st.st_dev, st.st_ino)
+            os.chmod(self.path, 0o600)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
             self.remove()
-            raise
+            if exc.errno == errno.EADDRINUSE:
+                # Another server bound the path between our look and our bind.
+                raise AddressInUse(
+                    f"{self.what} {str(self.path)!r}: another server is listening on it "
+                    "(in use; is another agent serving this workload?)"
+                ) from exc
+            raise ConfigError(
+                f"{self.what} {str(self.path)!r}: cannot listen: {exc.strerror or exc}"
+            ) from exc
+        return sock
 
     def remove(self) -> None:
-        """Remove the socket file if it is still the one we bound (grpcio may have already)."""
+        """Remove the socket file if it is still the one we bound."""
         identity, self._identity = self._identity, None
+        if identity is None:
+            return
         try:
             st = self.path.lstat()
         except FileNotFoundError:

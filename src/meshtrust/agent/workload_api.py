@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-One grpcio ``grpc.aio`` server listens on ``unix:<socket_path>``; the socket is 0600 so only
-the agent's own user can connect. Every call must carry the metadata ``workload.spiffe.io:
-true`` (SPIFFE Workload Endpoint spec); without it the call ends with INVALID_ARGUMENT.
+One grpclib server (:class:`~meshtrust.agent.grpc_server.UnixGrpcServer`) listens on
+``unix:<socket_path>``; the socket is 0600 so only the agent's own user can connect. Every
+call must carry the metadata ``workload.spiffe.io: true`` exactly once (SPIFFE Workload
+Endpoint spec); without it the call ends with INVALID_ARGUMENT.
 
 ``FetchX509SVID`` and ``FetchX509Bundles`` are server streams. Each waits on the cache for a
 generation newer than the one it last handled (``SecretCache.wait_newer``, no polling),
@@ -27,9 +28,10 @@ whichever module is imported first. So we never import the generated
 ``meshtrust._proto.spiffe.workload_pb2`` (nor its gRPC stubs, which import it): we read its
 serialized file descriptor, without executing the module, into a private
 :class:`~google.protobuf.descriptor_pool.DescriptorPool`, make the message classes from
-there, and register the handlers by hand. The wire format does not depend on the pool, and
-py-spiffe, go-spiffe and meshtrust can live in one process. The generated ``.pyi`` still
-gives the classes their static types.
+there, and register the handlers by hand (grpclib handlers: path, cardinality, message
+classes). The wire format does not depend on the pool, and py-spiffe, go-spiffe and
+meshtrust can live in one process. The generated ``.pyi`` still gives the classes their
+static types.
 """
 
 from __future__ import annotations
@@ -38,16 +40,21 @@ import ast
 import asyncio
 import importlib.resources
 import logging
-from collections.abc import AsyncIterator, Iterable
+import socket
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
 from google.protobuf import descriptor_pool, message_factory, struct_pb2
+from google.protobuf.message import DecodeError
+from grpclib import GRPCError, Status
+from grpclib.const import Cardinality, Handler
+from grpclib.server import Stream
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.grpc_server import UnixGrpcServer
 from meshtrust.agent.uds import PrivateSocket
 
 if TYPE_CHECKING:
@@ -92,6 +99,7 @@ class _WorkloadProto:
     X509SVID: type[X509SVID]
     X509BundlesResponse: type[X509BundlesResponse]
     request_types: dict[str, Any]  # method name -> its request message class
+    response_types: dict[str, Any]  # method name -> its response message class
 
 
 def _serialized_workload_descriptor() -> bytes:
@@ -134,6 +142,7 @@ def _load_workload_proto() -> _WorkloadProto:
         X509SVID=message("X509SVID"),
         X509BundlesResponse=message("X509BundlesResponse"),
         request_types={m.name: message(m.input_type.full_name) for m in service.methods},
+        response_types={m.name: message(m.output_type.full_name) for m in service.methods},
     )
 
 
@@ -178,9 +187,6 @@ def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
     return _PROTO.X509BundlesResponse(bundles={secret.trust_domain.id_string(): secret.roots_der()})
 
 
-# --- the socket file --------------------------------------------------------------------------
-
-
 # --- the server -------------------------------------------------------------------------------
 
 
@@ -193,7 +199,7 @@ class WorkloadApiServer:
     def __init__(self, cache: SecretCache, socket_path: Path) -> None:
         self._cache = cache
         self._socket_path = Path(socket_path)
-        self._server: grpc.aio.Server | None = None
+        self._server: UnixGrpcServer | None = None
         self._socket = PrivateSocket(self._socket_path, "Workload API socket")
         self._stopping = asyncio.Event()
         self._open_streams = 0
@@ -221,9 +227,8 @@ class WorkloadApiServer:
         if self._server is not None:
             raise RuntimeError("WorkloadApiServer is already started")
         self._stopping = asyncio.Event()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((self._handlers(),))
-        await self._socket.serve(server)
+        server = UnixGrpcServer(self._handlers(), self._socket)
+        await server.start()
         self._server = server
         log.info("Workload API listening on %s", self.address)
 
@@ -236,63 +241,42 @@ class WorkloadApiServer:
         if server is None:
             return
         self._stopping.set()
-        try:
-            await server.stop(grace)
-        finally:
-            self._socket.remove()
+        await server.stop(grace)
         log.info("Workload API on %s stopped", self.address)
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
-        def request(name: str) -> Any:
-            return _PROTO.request_types[name].FromString
-
-        def serialize(message: Any) -> bytes:
-            return cast(bytes, message.SerializeToString())
-
-        return grpc.method_handlers_generic_handler(
-            _PROTO.service,
-            {
-                "FetchX509SVID": grpc.unary_stream_rpc_method_handler(
-                    self._fetch_x509_svid,
-                    request_deserializer=request("FetchX509SVID"),
-                    response_serializer=serialize,
-                ),
-                "FetchX509Bundles": grpc.unary_stream_rpc_method_handler(
-                    self._fetch_x509_bundles,
-                    request_deserializer=request("FetchX509Bundles"),
-                    response_serializer=serialize,
-                ),
-                "FetchJWTSVID": grpc.unary_unary_rpc_method_handler(
-                    self._fetch_jwt_svid,
-                    request_deserializer=request("FetchJWTSVID"),
-                    response_serializer=serialize,
-                ),
-                "FetchJWTBundles": grpc.unary_stream_rpc_method_handler(
-                    self._fetch_jwt_bundles,
-                    request_deserializer=request("FetchJWTBundles"),
-                    response_serializer=serialize,
-                ),
-                "ValidateJWTSVID": grpc.unary_unary_rpc_method_handler(
-                    self._validate_jwt_svid,
-                    request_deserializer=request("ValidateJWTSVID"),
-                    response_serializer=serialize,
-                ),
-            },
-        )
+    def _handlers(self) -> dict[str, Handler]:
+        methods = {
+            "FetchX509SVID": (self._fetch_x509_svid, Cardinality.UNARY_STREAM),
+            "FetchX509Bundles": (self._fetch_x509_bundles, Cardinality.UNARY_STREAM),
+            "FetchJWTSVID": (self._fetch_jwt_svid, Cardinality.UNARY_UNARY),
+            "FetchJWTBundles": (self._fetch_jwt_bundles, Cardinality.UNARY_STREAM),
+            "ValidateJWTSVID": (self._validate_jwt_svid, Cardinality.UNARY_UNARY),
+        }
+        return {
+            f"/{_PROTO.service}/{name}": Handler(
+                func, cardinality, _PROTO.request_types[name], _PROTO.response_types[name]
+            )
+            for name, (func, cardinality) in methods.items()
+        }
 
     # --- handlers ---
 
-    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        """Refuse (INVALID_ARGUMENT) a call without the security header."""
-        if not has_security_header(context.invocation_metadata()):
+    async def _admit(self, stream: Stream[Any, Any], method: str) -> None:
+        """Refuse (INVALID_ARGUMENT) a call without the security header, then read its
+        request (the Workload API's requests carry nothing the X.509 methods need)."""
+        metadata = stream.metadata.items() if stream.metadata is not None else None
+        if not has_security_header(metadata):
             log.debug("Workload API %s refused: security header missing", method)
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _MISSING_HEADER)
-        log.debug("Workload API client connected: %s (%s)", method, context.peer())
+            raise GRPCError(Status.INVALID_ARGUMENT, _MISSING_HEADER)
+        log.debug("Workload API client connected: %s (%s)", method, _peer(stream))
+        try:
+            await stream.recv_message()
+        except DecodeError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"malformed {method} request") from exc
 
-    async def _next_secret(
-        self, generation: int, context: grpc.aio.ServicerContext
-    ) -> WorkloadSecret:
-        """The first secret newer than ``generation``; aborts the call when the server stops."""
+    async def _next_secret(self, generation: int) -> WorkloadSecret:
+        """The first secret newer than ``generation``; ends the call (UNAVAILABLE) when the
+        server stops."""
         newer = asyncio.ensure_future(self._cache.wait_newer(generation))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -301,18 +285,16 @@ class WorkloadApiServer:
             newer.cancel()
             stopping.cancel()
         if self._stopping.is_set():
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+            raise GRPCError(Status.UNAVAILABLE, _SHUTTING_DOWN)
         return newer.result()
 
-    async def _fetch_x509_svid(
-        self, request: X509SVIDRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[X509SVIDResponse]:
-        await self._admit(context, "FetchX509SVID")
+    async def _fetch_x509_svid(self, stream: Stream[X509SVIDRequest, X509SVIDResponse]) -> None:
+        await self._admit(stream, "FetchX509SVID")
         self._open_streams += 1
         try:
             generation = 0
             while True:
-                secret = await self._next_secret(generation, context)
+                secret = await self._next_secret(generation)
                 generation = secret.generation
                 response = x509_svid_response(secret)
                 if response is None:
@@ -327,48 +309,55 @@ class WorkloadApiServer:
                     secret.serial_hex,
                     generation,
                 )
-                yield response
+                await stream.send_message(response)
         finally:
             self._open_streams -= 1
             log.debug("Workload API FetchX509SVID stream closed")
 
     async def _fetch_x509_bundles(
-        self, request: X509BundlesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[X509BundlesResponse]:
-        await self._admit(context, "FetchX509Bundles")
+        self, stream: Stream[X509BundlesRequest, X509BundlesResponse]
+    ) -> None:
+        await self._admit(stream, "FetchX509Bundles")
         self._open_streams += 1
         try:
             generation = 0
             sent: bytes | None = None
             while True:
-                secret = await self._next_secret(generation, context)
+                secret = await self._next_secret(generation)
                 generation = secret.generation
                 response = x509_bundles_response(secret)
                 if response is None or secret.roots_der() == sent:
                     continue  # no roots, or the same roots as last time: nothing to tell
                 sent = secret.roots_der()
                 log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
-                yield response
+                await stream.send_message(response)
         finally:
             self._open_streams -= 1
             log.debug("Workload API FetchX509Bundles stream closed")
 
-    async def _fetch_jwt_svid(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._admit(context, "FetchJWTSVID")
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, JWT_UNSUPPORTED)
+    async def _fetch_jwt_svid(self, stream: Stream[Any, Any]) -> None:
+        await self._admit(stream, "FetchJWTSVID")
+        raise GRPCError(Status.UNIMPLEMENTED, JWT_UNSUPPORTED)
 
-    async def _fetch_jwt_bundles(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._admit(context, "FetchJWTBundles")
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, JWT_UNSUPPORTED)
+    async def _fetch_jwt_bundles(self, stream: Stream[Any, Any]) -> None:
+        await self._admit(stream, "FetchJWTBundles")
+        raise GRPCError(Status.UNIMPLEMENTED, JWT_UNSUPPORTED)
 
-    async def _validate_jwt_svid(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._admit(context, "ValidateJWTSVID")
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, JWT_UNSUPPORTED)
+    async def _validate_jwt_svid(self, stream: Stream[Any, Any]) -> None:
+        await self._admit(stream, "ValidateJWTSVID")
+        raise GRPCError(Status.UNIMPLEMENTED, JWT_UNSUPPORTED)
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
-) -> NoReturn:
-    """``context.abort`` (which always raises), typed as never returning."""
-    await context.abort(code, details)
-    raise AssertionError("grpc.aio ServicerContext.abort returned")  # pragma: no cover
+def _peer(stream: Stream[Any, Any]) -> str:
+    """Who is calling, for the log: the peer process's pid and uid when the kernel says."""
+    transport = getattr(stream.peer, "_transport", None)  # grpclib < 0.5, as the CA reads it
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and hasattr(socket, "SO_PEERCRED"):
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            pass
+        else:
+            pid, uid, _ = struct.unpack("3i", creds)
+            return f"pid {pid}, uid {uid}"
+    return "unix socket"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from meshtrust.ca.client import CaClient
 from meshtrust.cli.options import DURATION
 from meshtrust.errors import ConfigError, InvalidCertificate
 from meshtrust.pki import (
@@ -91,6 +90,8 @@ def request(
     csr = build_csr(key, sid)
 
     async def go() -> list[str]:
+        from meshtrust.ca.client import CaClient  # grpcio: only for this command
+
         client = CaClient(ca_address, root_pem)
         try:
             return await client.create_certificate(

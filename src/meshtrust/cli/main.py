@@ -6,6 +6,7 @@ input and 1 otherwise; a user never sees a traceback for something we anticipate
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -18,6 +19,18 @@ __all__ = ["cli", "main"]
 
 
 class MeshTrustGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = _COMMANDS.get(cmd_name)
+        if spec is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attr = spec.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -55,27 +68,20 @@ def cli(log_level: str) -> None:
     )
 
 
-def _register() -> None:
-    from meshtrust.cli.agent import agent
-    from meshtrust.cli.ca import ca
-    from meshtrust.cli.cert import cert
-    from meshtrust.cli.mesh import down, status, up
-    from meshtrust.cli.token import token
-    from meshtrust.cli.tools import certs, check, proxy_config
-
-    cli.add_command(ca)
-    cli.add_command(agent)
-    cli.add_command(up)
-    cli.add_command(status)
-    cli.add_command(down)
-    cli.add_command(token)
-    cli.add_command(cert)
-    cli.add_command(proxy_config)
-    cli.add_command(check)
-    cli.add_command(certs)
-
-
-_register()
+# Subcommands load on first use: `meshtrust agent` must not import the CA's server, rich's
+# tables or grpcio just to start (the agent's memory is measured).
+_COMMANDS = {
+    "ca": "meshtrust.cli.ca:ca",
+    "agent": "meshtrust.cli.agent:agent",
+    "token": "meshtrust.cli.token:token",
+    "cert": "meshtrust.cli.cert:cert",
+    "up": "meshtrust.cli.mesh:up",
+    "status": "meshtrust.cli.mesh:status",
+    "down": "meshtrust.cli.mesh:down",
+    "proxy-config": "meshtrust.cli.tools:proxy_config",
+    "check": "meshtrust.cli.tools:check",
+    "certs": "meshtrust.cli.tools:certs",
+}
 
 
 def main() -> None:
