@@ -25,21 +25,17 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from grpclib import GRPCError, Status
+from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.encoding.proto import ProtoCodec
 
 from meshtrust._proto.istio import ca_grpc, ca_pb2
 from meshtrust.ca.config import parse_host_port
+from meshtrust.ca.statuses import error_for_status
 from meshtrust.errors import (
-    AuthenticationError,
-    CAUnavailable,
     ConfigError,
     InvalidCertificate,
-    InvalidCSR,
-    MeshTrustError,
-    PermissionDenied,
     SvidVerificationError,
 )
 from meshtrust.pki import PrivateKey, TrustBundle, load_certs_pem, verify_svid
@@ -50,7 +46,6 @@ __all__ = [
     "GrpcCertificateSource",
     "IssuedChain",
     "TokenFile",
-    "ca_error",
     "client_ssl_context",
     "verify_issued",
 ]
@@ -76,8 +71,8 @@ class GrpcCertificateSource:
     (the workload's current one) changes between them. ``server_name`` is the name the CA's
     certificate must carry when it is not the host of ``address`` (grpcio's
     ``ssl_target_name_override``). Every failure is a :class:`MeshTrustError`: refusals as
-    :func:`ca_error` maps them, anything else (connection, TLS, timeout) as
-    :class:`CAUnavailable`.
+    :func:`~meshtrust.ca.statuses.error_for_status` maps them, anything else (connection,
+    TLS, timeout) as :class:`CAUnavailable`.
     """
 
     def __init__(
@@ -121,28 +116,16 @@ class GrpcCertificateSource:
                     timeout=self._timeout,
                 )
         except GRPCError as exc:
-            raise ca_error(exc.status.name, exc.message or "", self.address) from None
+            raise error_for_status(exc.status.name, exc.message or "", self.address) from None
         except TimeoutError:
-            raise ca_error(
+            raise error_for_status(
                 "DEADLINE_EXCEEDED", f"no answer within {self._timeout:g}s", self.address
             ) from None
         except Exception as exc:  # connection refused, TLS, HTTP/2: the CA is not usable
-            raise ca_error("UNAVAILABLE", _describe(exc), self.address) from None
+            raise error_for_status("UNAVAILABLE", _describe(exc), self.address) from None
         finally:
             channel.close()
         return list(response.cert_chain)
-
-
-def ca_error(code: str, detail: str, address: str) -> MeshTrustError:
-    """The error for a failed CA call with gRPC status ``code`` (its name, ``"UNAVAILABLE"``),
-    mapped as :mod:`meshtrust.ca.client` maps grpcio's errors (same classes, same messages)."""
-    if code == Status.UNAUTHENTICATED.name:
-        return AuthenticationError(f"CA refused authentication: {detail}")
-    if code == Status.PERMISSION_DENIED.name:
-        return PermissionDenied(f"CA denied the request: {detail}")
-    if code == Status.INVALID_ARGUMENT.name:
-        return InvalidCSR(f"CA rejected the request: {detail}")
-    return CAUnavailable(f"CA at {address} unavailable ({code}): {detail}")
 
 
 def _describe(exc: BaseException) -> str:

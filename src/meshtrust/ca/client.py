@@ -8,12 +8,9 @@ import grpc
 import grpc.aio
 
 from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
+from meshtrust.ca.statuses import error_for_status
 from meshtrust.errors import (
-    AuthenticationError,
-    CAUnavailable,
-    InvalidCSR,
     MeshTrustError,
-    PermissionDenied,
 )
 
 __all__ = ["CaClient"]
@@ -75,11 +72,4 @@ class CaClient:
 
 
 def _map_error(exc: grpc.aio.AioRpcError, address: str) -> MeshTrustError:
-    code, detail = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(f"CA refused authentication: {detail}")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDenied(f"CA denied the request: {detail}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidCSR(f"CA rejected the request: {detail}")
-    return CAUnavailable(f"CA at {address} unavailable ({code.name}): {detail}")
+    return error_for_status(exc.code().name, exc.details() or "", address)
