@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class CaServeConfig:
     trust_domain: TrustDomain | None = None
     workers: int = 1
     drain_grace: dt.timedelta = dt.timedelta(seconds=10)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         parse_host_port(self.listen, what="listen")

@@ -30,6 +30,7 @@ __all__ = [
     "LedgerWriter",
     "SqlLedger",
     "default_ledger_url",
+    "display_url",
 ]
 
 _meta = sa.MetaData()
@@ -116,7 +117,8 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _safe_url(url: str) -> str:
+def display_url(url: str) -> str:
+    """The URL for logs and messages: the password, if any, hidden."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:
@@ -131,14 +133,14 @@ class SqlLedger:
         try:
             self._engine: Engine = sa.create_engine(url, pool_pre_ping=True)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise LedgerError(f"ledger URL {_safe_url(url)} cannot be used: {exc}") from exc
+            raise LedgerError(f"ledger URL {display_url(url)} cannot be used: {exc}") from exc
         if self._engine.dialect.name == "sqlite":
             sa.event.listen(self._engine, "connect", _sqlite_pragmas)
         try:
             _meta.create_all(self._engine)
         except SQLAlchemyError as exc:
             raise LedgerError(
-                f"cannot open the ledger at {_safe_url(url)}: {exc.__class__.__name__}: "
+                f"cannot open the ledger at {display_url(url)}: {exc.__class__.__name__}: "
                 f"{str(exc.orig) if hasattr(exc, 'orig') else exc}"
             ) from exc
 
@@ -233,7 +235,6 @@ class GroupCommitLedger:
         self._pending: list[tuple[IssuedRecord, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ledger")
-        self.batches = 0
 
     async def record(self, rec: IssuedRecord) -> None:
         """Return once ``rec`` is committed; raises :class:`LedgerError` if it could not be."""
@@ -257,7 +258,6 @@ class GroupCommitLedger:
                     if not fut.done():
                         fut.set_exception(err)
             else:
-                self.batches += 1
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)

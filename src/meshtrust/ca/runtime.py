@@ -14,7 +14,9 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry
@@ -35,6 +37,7 @@ from meshtrust.ca.ledger import (
     LedgerWriter,
     SqlLedger,
     default_ledger_url,
+    display_url,
 )
 from meshtrust.ca.metrics import CaMetricsSink, PrometheusCaMetrics
 from meshtrust.ca.server import (
@@ -176,7 +179,7 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
         "CA for trust domain %s serving on %s (ledger %s)",
         prepared.policy.trust_domain,
         config.listen,
-        _ledger_display(prepared.ledger_url),
+        display_url(prepared.ledger_url),
     )
     try:
         await serve_until_stopped(
@@ -191,20 +194,14 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
 
 
 def _start_status(
-    config: CaServeConfig, registry: CollectorRegistry, ready: object
+    config: CaServeConfig, registry: CollectorRegistry, ready: Callable[[], bool]
 ) -> StatusHttpServer | None:
     if not config.metrics_listen:
         return None
     host, port = parse_host_port(config.metrics_listen, what="--metrics-listen")
-    status = StatusHttpServer(host, port, registry, ready)  # type: ignore[arg-type]
+    status = StatusHttpServer(host, port, registry, ready)
     status.start()
     return status
-
-
-def _ledger_display(url: str) -> str:
-    from meshtrust.ca.ledger import _safe_url
-
-    return _safe_url(url)
 
 
 def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
@@ -222,10 +219,10 @@ def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
     _run_loop(serve_in_process(prepared, sock, clock))
 
 
-def _run_loop(coro: object) -> None:
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
 
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)

@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -38,6 +39,9 @@ from meshtrust.ca.ledger import AuditEvent, GroupCommitLedger, IssuedRecord, Sql
 from meshtrust.ca.metrics import CaEvent, PrometheusCaMetrics
 from meshtrust.clock import Clock
 from meshtrust.errors import LedgerError
+
+if TYPE_CHECKING:  # runtime imports this module; the names are for annotations only
+    from meshtrust.ca.runtime import PreparedCa
 
 __all__ = ["run_supervisor"]
 
@@ -115,12 +119,11 @@ class RemoteMetrics:
 
 
 async def _worker_main(
-    prepared: object, sock: socket.socket, ipc: socket.socket, clock: Clock, index: int
+    prepared: PreparedCa, sock: socket.socket, ipc: socket.socket, clock: Clock, index: int
 ) -> None:
-    from meshtrust.ca.runtime import PreparedCa, build_authority, serve_until_stopped
+    from meshtrust.ca.runtime import build_authority, serve_until_stopped
     from meshtrust.ca.server import CaGrpcService
 
-    assert isinstance(prepared, PreparedCa)
     reader, writer = await asyncio.open_connection(sock=ipc)
     ledger = RemoteLedger(writer)
     metrics = RemoteMetrics(writer)
@@ -167,11 +170,10 @@ class _Child:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def run_supervisor(prepared: object, sock: socket.socket, clock: Clock) -> None:
+def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
     """Fork ``config.workers`` workers on ``sock`` and supervise them (see module docs)."""
-    from meshtrust.ca.runtime import PreparedCa, _run_loop
+    from meshtrust.ca.runtime import _run_loop
 
-    assert isinstance(prepared, PreparedCa)
     children: list[tuple[int, int, socket.socket]] = []
     for index in range(prepared.config.workers):
         parent_end, child_end = socket.socketpair()
@@ -197,11 +199,11 @@ def run_supervisor(prepared: object, sock: socket.socket, clock: Clock) -> None:
 
 
 async def _supervise(
-    prepared: object, spawned: list[tuple[int, int, socket.socket]], clock: Clock
+    prepared: PreparedCa, spawned: list[tuple[int, int, socket.socket]], clock: Clock
 ) -> None:
-    from meshtrust.ca.runtime import PreparedCa, _ledger_display, _start_status
+    from meshtrust.ca.ledger import display_url
+    from meshtrust.ca.runtime import _start_status
 
-    assert isinstance(prepared, PreparedCa)
     config = prepared.config
     sql = SqlLedger(prepared.ledger_url)
     ledger = GroupCommitLedger(sql)
@@ -284,7 +286,7 @@ async def _supervise(
         prepared.policy.trust_domain,
         config.listen,
         len(children),
-        _ledger_display(prepared.ledger_url),
+        display_url(prepared.ledger_url),
     )
     await stopping.wait()
     for c in children:
