@@ -3,11 +3,9 @@ bootstrap fed by SDS, an HTTPS client that really verifies the chain, and a boun
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -131,16 +129,3 @@ def https_get(
 def uri_sans(cert: x509.Certificate) -> list[str]:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
-    """Poll ``probe`` until ``check`` accepts its value; fail after :data:`WAIT` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"still {value!r} after {WAIT}s")
-        await asyncio.sleep(0.02)

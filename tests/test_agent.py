@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import stat
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,16 @@ from cryptography.hazmat.primitives import serialization
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.cache import WorkloadSecret
 from meshtrust.agent.config import AgentConfig, identity_from_token, resolve_identity
-from meshtrust.agent.files import CertificateFiles
+from meshtrust.agent.files import NAMES, CertificateFiles
 from meshtrust.agent.rotation import SlotState
 from meshtrust.errors import ConfigError
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests import badcerts
 from tests.conftest import TD, RunningCa, serve_ca
 from tests.processes import free_port
+from tests.waiting import async_until
 
 WEB = SpiffeId.for_workload(TD, "default", "web")
-
-
-async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 def _config(ca_dir: Path, tmp_path: Path, address: str, **extra: object) -> AgentConfig:
@@ -55,11 +48,11 @@ async def test_first_certificate_is_verified_recorded_and_written(
     assert agent.identity == WEB  # taken from the token's claims
     await agent.start()
     try:
-        await until(agent.ready)
+        await async_until(agent.ready)
         secret = agent.cache.current
         assert secret is not None
         out = tmp_path / "certs"
-        await until(lambda: (out / "key.pem").exists())
+        await async_until(lambda: all((out / name).exists() for name in NAMES))
         assert stat.S_IMODE(os.stat(out / "key.pem").st_mode) == 0o600
         leaf = x509.load_pem_x509_certificates((out / "cert-chain.pem").read_bytes())[0]
         key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
@@ -78,11 +71,11 @@ async def test_ca_down_at_start_then_ready_when_it_appears(ca_dir: Path, tmp_pat
     agent = Agent(_config(ca_dir, tmp_path, f"127.0.0.1:{port}"))
     await agent.start()
     try:
-        await until(lambda: agent.metrics.rotations_failed >= 2)
+        await async_until(lambda: agent.metrics.rotations_failed >= 2)
         assert not agent.ready()
         assert agent.rotator.state == SlotState.ISSUING
         async with serve_ca(ca_dir, port):
-            await until(agent.ready)
+            await async_until(agent.ready)
         assert agent.metrics.rotations_ok == 1
     finally:
         await agent.stop()
@@ -99,15 +92,15 @@ async def test_ca_down_during_rotation_keeps_serving_then_recovers(
     await agent.start()
     try:
         async with serve_ca(ca_dir, port):
-            await until(agent.ready)
+            await async_until(agent.ready)
         first = agent.cache.current
         assert first is not None
         # CA gone: the deadline passes, renewals fail, the certificate is still served.
-        await until(lambda: agent.metrics.rotations_failed >= 2)
+        await async_until(lambda: agent.metrics.rotations_failed >= 2)
         assert agent.cache.current is first and agent.ready()
         assert agent.rotator.state == SlotState.ROTATING
         async with serve_ca(ca_dir, port):
-            await until(lambda: agent.cache.current is not first)
+            await async_until(lambda: agent.cache.current is not first)
         current = agent.cache.current
         assert current is not None and current.serial_hex != first.serial_hex
         assert agent.rotator.state.value == SlotState.VALID.value  # (no stale narrowing)

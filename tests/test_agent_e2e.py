@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import spiffe
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from meshtrust.envoy import EnvoyProcess
 from meshtrust.pki import load_private_key_pem
 from tests.badcerts import Leaf
 from tests.envoy_helpers import WAIT, https_get, sidecar_bootstrap, uri_sans
 from tests.processes import MESHTRUST, CaProcess, free_port, run_cli
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -190,16 +190,6 @@ async def served_serial(envoy: EnvoyProcess) -> int:
     return 0
 
 
-async def wait_for(probe: object, check: object, timeout: float = WAIT) -> object:
-    assert callable(probe) and callable(check)
-    async with asyncio.timeout(timeout):
-        while True:
-            value = await probe()
-            if check(value):
-                return value
-            await asyncio.sleep(0.05)
-
-
 @pytest.mark.asyncio
 async def test_envoy_gets_rotates_and_keeps_the_agents_certificate(stack: Stack) -> None:
     agent = stack.start_agent(ttl="8s")
@@ -211,7 +201,7 @@ async def test_envoy_gets_rotates_and_keeps_the_agents_certificate(stack: Stack)
         pid = envoy.pid
         first = agent.serial()
         # Envoy's /certs shows the agent's certificate: the same serial.
-        await wait_for(lambda: served_serial(envoy), lambda s: s == first)
+        await eventually(lambda: served_serial(envoy), lambda s: s == first)
         before = await asyncio.to_thread(https_get, port, stack.root, stack.client, stack.work)
         assert (before.status, before.body) == (200, b"hello")
         assert before.peer.serial_number == first
@@ -221,7 +211,7 @@ async def test_envoy_gets_rotates_and_keeps_the_agents_certificate(stack: Stack)
         assert status["state"] == "valid" and status["ready"] is True
 
         # Rotation (8 s certificates renew after ~4 s): new serial, same Envoy process.
-        second = await wait_for(lambda: served_serial(envoy), lambda s: s not in (0, first))
+        second = await eventually(lambda: served_serial(envoy), lambda s: s not in (0, first))
         assert envoy.pid == pid and envoy.running
         after = await asyncio.to_thread(https_get, port, stack.root, stack.client, stack.work)
         assert after.status == 200 and after.peer.serial_number == second
@@ -235,7 +225,7 @@ async def test_envoy_gets_rotates_and_keeps_the_agents_certificate(stack: Stack)
         assert during.status == 200
         agent = stack.start_agent(ttl="8s")
         # The new agent's certificate (it may even rotate meanwhile: 8 s certificates).
-        restarted = await wait_for(lambda: served_serial(envoy), lambda s: s == agent.serial())
+        restarted = await eventually(lambda: served_serial(envoy), lambda s: s == agent.serial())
         assert envoy.pid == pid
         final = await asyncio.to_thread(https_get, port, stack.root, stack.client, stack.work)
         assert final.status == 200 and final.peer.serial_number in (restarted, agent.serial())
@@ -257,12 +247,8 @@ async def test_py_spiffe_follows_the_agents_rotations(stack: Stack) -> None:
             assert str(svid.spiffe_id) == SERVER
             first = svid.leaf.serial_number
             assert first == agent.serial()
-            key_der = svid.private_key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            assert key_der  # the key came over the socket, usable by the client
+            # The key came over the socket, and it is the one the certificate is for.
+            assert svid.private_key.public_key() == svid.leaf.public_key()
             rotated = threading.Event()
 
             def on_update() -> None:
@@ -272,8 +258,10 @@ async def test_py_spiffe_follows_the_agents_rotations(stack: Stack) -> None:
             source.subscribe_for_updates(on_update)
             assert await asyncio.to_thread(rotated.wait, WAIT)
             assert not source.is_closed()
-            bundle = source.get_x509_context().x509_bundle_set
-            assert bundle is not None
+            bundle = source.get_x509_context().x509_bundle_set.get_bundle_for_trust_domain(
+                spiffe.TrustDomain("example.org")
+            )
+            assert bundle is not None and bundle.x509_authorities == {stack.root}
         finally:
             source.close()
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,7 @@ from meshtrust.pki import build_csr, generate_key
 from meshtrust.spiffe import SpiffeId
 from tests.conftest import TD
 from tests.processes import CaProcess, run_cli
+from tests.waiting import async_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,6 @@ def _token(ca_dir: Path) -> str:
     return mint_token(
         key, token_issuer_for(TD), "default", "web", SystemClock().now(), dt.timedelta(hours=1)
     )
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 60) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 class Load:
@@ -85,7 +79,7 @@ async def test_sigkill_loses_no_certificate_a_client_received(ca_dir: Path, work
         load = Load(ca)
         stop = asyncio.Event()
         task = asyncio.create_task(load.run(32, stop))
-        await _until(lambda: len(load.received) >= 150 or task.done())
+        await async_until(lambda: len(load.received) >= 150 or task.done(), timeout=60)
         ca.signal(signal.SIGKILL)  # mid-load, with requests in flight
         await asyncio.wait_for(task, 30)
     finally:
@@ -117,7 +111,8 @@ async def test_sigterm_drains_in_flight_requests_and_exits_cleanly(ca_dir: Path)
         load = Load(ca)
         stop = asyncio.Event()
         task = asyncio.create_task(load.run(32, stop))
-        await _until(lambda: len(load.received) >= 100 or task.done())
+        await async_until(lambda: len(load.received) >= 100 or task.done(), timeout=60)
+        assert not task.done() and len(load.received) >= 100, load.failures  # really in flight
         ca.signal(signal.SIGTERM)
         code = await asyncio.get_running_loop().run_in_executor(None, ca.wait, 30)
         stop.set()
@@ -176,7 +171,7 @@ async def test_workers_share_one_ledger_and_one_metrics_endpoint(ca_dir: Path) -
                 if line.startswith("citadel_server_success_cert_issuance_count ")
             )
 
-        await _until(lambda: counted() >= issued, timeout=10)
+        await async_until(lambda: counted() >= issued, timeout=10)
     finally:
         ca.stop()
     assert load.failures == []

@@ -41,8 +41,9 @@ from meshtrust.envoy import (
 from meshtrust.errors import EnvoyFailed
 from meshtrust.spiffe import SpiffeId
 from tests.badcerts import CaFixture, Leaf, make_ca, svid_leaf
-from tests.envoy_helpers import WAIT, Response, eventually, https_get, sidecar_bootstrap, uri_sans
+from tests.envoy_helpers import WAIT, Response, https_get, sidecar_bootstrap, uri_sans
 from tests.processes import free_port
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -64,15 +64,12 @@ def test_quickstart_up_detach_status_rotation_down(tmp_path: Path) -> None:
         assert status == 403 and "RBAC: access denied" in body
 
         # After a rotation period (1 m certificates renew at ~30 s) every serial changed.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            now = {s["name"]: s for s in status_json(home)["services"]}
-            if all(now[n]["serial"] != services[n]["serial"] for n in services):
-                break
-            time.sleep(1)
-        else:
-            raise AssertionError("serials did not change within a rotation period")
-        assert all(now[n]["rotations"] >= 1 for n in services)
+        later = _wait_status(
+            home,
+            lambda d: all(s["serial"] != services[s["name"]]["serial"] for s in d["services"]),
+            timeout=60,
+        )
+        assert all(s["rotations"] >= 1 for s in later["services"])
     finally:
         down = meshtrust("down", home=home)
     assert down.returncode == 0, down.stderr
@@ -168,7 +165,7 @@ def test_a_crashed_app_is_reported_and_a_killed_envoy_is_restarted(
         assert b.app_pid is not None
         os.kill(b.app_pid, signal.SIGKILL)
         data = _wait_status(home, lambda d: d["services"][1]["app"] == "down")
-        assert data["services"][1]["app"] == "down"
+        assert data["services"][0]["app"] is None  # a has no app; only b's is reported dead
         check = meshtrust("check", "b", "--json", home=home)
         assert check.returncode == 1
         steps = {s["id"]: s for s in json.loads(check.stdout)["steps"]}

@@ -20,6 +20,7 @@ from tests.mesh_helpers import (
     upstream_port,
     write_mesh,
 )
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -100,8 +101,8 @@ def test_allowed_denied_and_deny_beats_allow(tmp_path: Path) -> None:
 
         # A DENY beats an ALLOW that also names c.
         (tmp_path / "policies.yaml").write_text(STRICT + ALLOW_A_AND_C + DENY_C)
-        _until(lambda: agent_status(mesh, "b")["envoy"]["policy_version"] >= 2)
-        time.sleep(0.5)  # Envoy picks the file up within milliseconds of the rename
+        until(lambda: agent_status(mesh, "b")["envoy"]["policy_version"] >= 2)
+        until(lambda: http_get(c_to_b)[0] == 403)  # Envoy reloads within ms of the rename
         assert [http_get(c_to_b)[0] for _ in range(5)] == [403] * 5
         assert http_get(a_to_b)[0] == 200
 
@@ -128,7 +129,7 @@ def test_rotation_under_load_and_live_policy_edit(tmp_path: Path) -> None:
             (tmp_path / "policies.yaml").write_text(STRICT + ALLOW_A_AND_C)
             # New connections see the new policy at once; a connection c's sidecar pooled
             # before the change answers once more under the old one, then closes (drain).
-            _until(lambda: all(http_get(c_to_b)[0] == 200 for _ in range(5)), timeout=10)
+            until(lambda: all(http_get(c_to_b)[0] == 200 for _ in range(5)), timeout=10)
             assert caller_seen(http_get(c_to_b)[1]) == "spiffe://cluster.local/ns/default/sa/c"
             time.sleep(1)
         finally:
@@ -143,7 +144,7 @@ def test_a_bad_policy_edit_is_refused_and_the_old_one_stays(tmp_path: Path) -> N
         (tmp_path / "policies.yaml").write_text(
             STRICT + ALLOW_A.replace("action: ALLOW", "action: MAYBE", 1)
         )
-        _until(lambda: agent_status(mesh, "b")["envoy"]["policy_error"] is not None)
+        until(lambda: agent_status(mesh, "b")["envoy"]["policy_error"] is not None)
         error = agent_status(mesh, "b")["envoy"]["policy_error"]
         assert "policies.yaml" in error and "AuthorizationPolicy default/b-from-a" in error
         assert "action" in error
@@ -180,13 +181,3 @@ class _Loop:
             else:
                 self.failures.append(f"{status} {body[:80]}")
             time.sleep(0.01)
-
-
-def _until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not true within {timeout}s")

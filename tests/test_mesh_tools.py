@@ -10,25 +10,22 @@ import os
 import signal
 import socket
 import ssl
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from click.testing import CliRunner, Result
 from cryptography import x509
 
 from meshtrust.cli import cli
-from meshtrust.mesh import MeshState, load_mesh_config, start_mesh, stop_mesh
-from tests.processes import free_port
+from meshtrust.mesh import MeshState
+from tests import mesh_helpers
+from tests.mesh_helpers import APP, agent_status
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "examples" / "quickstart" / "app.py"
 
 # a's calls to b are refused by b's sidecar: RBAC denials to find with `check b`.
 DENY_A_TO_B = """
@@ -43,31 +40,17 @@ spec:
 """
 
 
-def write_mesh(directory: Path, cert_ttl: str, policies: str = "") -> Path:
-    """Two services: a (no app) calls b (the quickstart app, if the repository has it)."""
-    b: dict[str, Any] = {"name": "b", "port": free_port(), "inboundPort": free_port()}
-    if APP.exists():
-        b.update(command=["python3", str(APP)], env={"CALL_EVERY": "0"})
-    mesh: dict[str, Any] = {
-        "trustDomain": "cluster.local",
-        "certTTL": cert_ttl,
-        "workDir": str(directory / "work"),
-        "ca": {"listen": f"127.0.0.1:{free_port()}"},
-        "services": [
-            {
-                "name": "a",
-                "port": free_port(),
-                "inboundPort": free_port(),
-                "upstreams": [{"service": "b", "localPort": free_port()}],
-            },
-            b,
+def two_services(directory: Path, cert_ttl: str, policies: str = "") -> Path:
+    """Two services: a (no app) calls b (the quickstart app)."""
+    return mesh_helpers.write_mesh(
+        directory,
+        [
+            {"name": "a", "upstreams": [{"service": "b"}]},
+            {"name": "b", "command": ["python3", str(APP)], "env": {"CALL_EVERY": "0"}},
         ],
-    }
-    (directory / "policies.yaml").write_text(policies or "# no policies\n")
-    mesh["policies"] = ["policies.yaml"]
-    path = directory / "mesh.yaml"
-    path.write_text(yaml.safe_dump(mesh, sort_keys=False))
-    return path
+        policies or "# no policies\n",
+        cert_ttl=cert_ttl,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +58,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MeshState, 
     directory = tmp_path_factory.mktemp("tools")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MESHTRUST_HOME", str(directory / "home"))
-        path = write_mesh(directory, "12s", DENY_A_TO_B)
-        state = start_mesh(load_mesh_config(path), progress=lambda _: None)
-        try:
+        path = two_services(directory, "12s", DENY_A_TO_B)
+        with mesh_helpers.running_mesh(path) as state:
             yield state, path
-        finally:
-            stop_mesh(state)
 
 
 def run(*args: str | Path) -> Result:
@@ -91,14 +71,6 @@ def run_json(*args: str | Path, code: int = 0) -> Any:
     result = run(*args, "--json")
     assert result.exit_code == code, result.output
     return json.loads(result.stdout)
-
-
-def agent_status(state: MeshState, service: str) -> dict[str, Any]:
-    url = f"http://{state.service(service).status}/debug/status"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        data = json.loads(resp.read())
-    assert isinstance(data, dict)
-    return data
 
 
 def root_serial(state: MeshState) -> int:
@@ -158,7 +130,7 @@ def test_check_passes_then_reports_tls_errors_and_denials(live: tuple[MeshState,
             "rbac",
         ]
         for step in report["steps"]:
-            no_app = name == "a" or not APP.exists()
+            no_app = name == "a"
             expected = "SKIP" if step["id"] == "app" and no_app else "PASS"
             assert step["verdict"] == expected, step
         assert state.service(name).spiffe_id in steps["identity"]["detail"]
@@ -242,17 +214,14 @@ def test_clear_errors(
 
 def test_an_expired_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHTRUST_HOME", str(tmp_path / "home"))
-    path = write_mesh(tmp_path, "10s")
-    state = start_mesh(load_mesh_config(path), progress=lambda _: None)
-    try:
+    path = two_services(tmp_path, "10s")
+    with mesh_helpers.running_mesh(path) as state:
         os.kill(state.ca.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all(agent_status(state, s)["expires_in_seconds"] < 0 for s in ("a", "b")):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the certificates did not expire within 30 s")
+        until(
+            lambda: all(agent_status(state, s)["expires_in_seconds"] < 0 for s in ("a", "b")),
+            timeout=30,
+            what="the certificates expired",
+        )
 
         rows = run_json("proxy-config", "secret", "a", "--mesh", path)
         leaf, root = rows
@@ -281,21 +250,18 @@ def test_an_expired_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
         # A refused policy edit is a FAIL of the policy step, with the error.
         (tmp_path / "policies.yaml").write_text(DENY_A_TO_B.replace("DENY", "MAYBE", 1))
-        deadline = time.monotonic() + 15
-        while agent_status(state, "b")["envoy"]["policy_error"] is None:
-            assert time.monotonic() < deadline, "the bad policy was not noticed"
-            time.sleep(0.1)
+        until(
+            lambda: agent_status(state, "b")["envoy"]["policy_error"] is not None,
+            what="the bad policy was noticed",
+        )
         steps = by_id(run_json("check", "b", "--mesh", path, code=1))
         assert steps["policy"]["verdict"] == "FAIL"
-        assert "MAYBE" in steps["policy"]["detail"] or "action" in steps["policy"]["detail"]
+        assert "MAYBE" in steps["policy"]["detail"] and "action" in steps["policy"]["detail"]
         assert "policies.yaml" in steps["policy"]["hint"]
 
         # An agent that died: said plainly; monitor falls back to the certificate files.
         os.kill(state.service("b").agent_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while run("proxy-config", "secret", "b", "--mesh", path).exit_code == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        until(lambda: run("proxy-config", "secret", "b", "--mesh", path).exit_code != 0, timeout=10)
         result = run("proxy-config", "secret", "b", "--mesh", path)
         assert result.exit_code == 1
         assert "the agent of b" in result.output and "not running" in result.output
@@ -305,5 +271,3 @@ def test_an_expired_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         report = run_json("certs", "monitor", "--mesh", path, code=1)
         b = report["certificates"][1]
         assert (b["service"], b["source"], b["status"]) == ("b", "files", "EXPIRED")
-    finally:
-        stop_mesh(state)

@@ -495,6 +495,8 @@ def test_http_rbac_filters_run_before_the_router(mode: MtlsMode) -> None:
 def test_tcp_chains_run_network_rbac_then_tcp_proxy(mode: MtlsMode) -> None:
     listener = inbound(Protocol.TCP, mode, (NETWORK_RBAC,))
     assert len(listener.filter_chains) == (2 if mode is MtlsMode.PERMISSIVE else 1)
+    tls_chains = sum(chain.HasField("transport_socket") for chain in listener.filter_chains)
+    assert tls_chains == (0 if mode is MtlsMode.DISABLE else 1)
     for chain in listener.filter_chains:
         names = [f.name for f in chain.filters]
         assert names == ["envoy.filters.network.rbac", "envoy.filters.network.tcp_proxy"]

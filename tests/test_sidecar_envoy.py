@@ -45,8 +45,9 @@ from meshtrust.policy import load_policy_files
 from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol
 from meshtrust.spiffe import SpiffeId
 from tests.badcerts import CaFixture, Leaf, cert_pem, make_ca, svid_leaf
-from tests.envoy_helpers import WAIT, eventually
+from tests.envoy_helpers import WAIT
 from tests.processes import free_port
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 

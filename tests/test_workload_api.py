@@ -45,6 +45,7 @@ from meshtrust.clock import SystemClock
 from meshtrust.errors import AddressInUse, ConfigError
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests.badcerts import CaFixture, make_ca, svid_leaf
+from tests.waiting import async_until
 
 TD = TrustDomain("example.org")
 WEB = SpiffeId.for_workload(TD, "default", "web")
@@ -99,16 +100,6 @@ async def server(cache: SecretCache, socket_path: Path) -> AsyncIterator[Workloa
 def endpoint(path: Path) -> str:
     """The socket as py-spiffe and SPIFFE_ENDPOINT_SOCKET spell it."""
     return f"unix://{path}"
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Wait (bounded) until ``condition()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.01)
 
 
 def public_der(holder: PrivateKeyTypes | x509.Certificate) -> bytes:
@@ -323,7 +314,7 @@ async def test_client_connected_before_the_first_secret_gets_it_when_published(
             spiffe.X509Source, socket_path=endpoint(socket_path), timeout_in_seconds=TIMEOUT
         )
     )
-    await wait_until(lambda: server.open_streams == 1, "the source's stream is open")
+    await async_until(lambda: server.open_streams == 1, TIMEOUT, "the source's stream is open")
     assert not opening.done()  # nothing to send yet, and nothing half-formed was sent
 
     secret = await cache.publish(make_secret(ca))
@@ -500,8 +491,9 @@ async def test_x509_source_survives_an_agent_restart(
         after_restart = await cache.publish(make_secret(ca))
         srv = WorkloadApiServer(cache, socket_path)
         await srv.start()
-        await wait_until(
+        await async_until(
             lambda: source.get_x509_context().default_svid.leaf == after_restart.leaf,
+            TIMEOUT,
             "the source has the SVID of the restarted agent",
         )
     finally:
@@ -581,7 +573,9 @@ async def test_logs_connections_but_never_key_material(
     caplog.set_level("DEBUG", logger="meshtrust.agent")
     secret = await cache.publish(make_secret(ca))
     await asyncio.to_thread(open_client().fetch_x509_svid, TIMEOUT)
-    await wait_until(lambda: server.open_streams == 0, "the one-shot fetch's stream closed")
+    await async_until(
+        lambda: server.open_streams == 0, TIMEOUT, "the one-shot fetch's stream closed"
+    )
     assert "client connected: FetchX509SVID" in caplog.text
     key_der = secret.key_der()
     for rendering in (secret.key_pem().decode(), key_der.hex(), repr(key_der)):
