@@ -179,6 +179,8 @@ async def test_workers_share_one_ledger_and_one_metrics_endpoint(ca_dir: Path) -
     ledger = SqlLedger(default_ledger_url(ca_dir))
     try:
         assert load.received <= ledger.serials()
+        (start,) = [e for e in ledger.audit_events() if e.action == "ca-start"]
+        assert "workers=2" in start.detail and start.actor == "meshtrust ca serve"
     finally:
         ledger.close()
 

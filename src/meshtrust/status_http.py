@@ -10,6 +10,7 @@ prometheus_client: it is imported only for a ``CollectorRegistry``).
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import threading
@@ -98,7 +99,7 @@ class StatusHttpServer:
         try:
             self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
-            if exc.errno == 98:
+            if exc.errno == errno.EADDRINUSE:
                 raise AddressInUse(
                     f"metrics listen address {host}:{port} is already in use"
                 ) from exc

@@ -1,7 +1,8 @@
 """The certificate authority: Istio's ``IstioCertificateService`` with a durable ledger.
 
-Names are loaded on first use (PEP 562): the agent imports :mod:`meshtrust.ca.client` and
-must not pay for the CA's server, ledger (SQLAlchemy) and token verification on the way.
+Names are loaded on first use (PEP 562): the agent imports :mod:`meshtrust.ca.config` and
+:mod:`meshtrust.ca.statuses` and must not pay for the CA's server, ledger (SQLAlchemy),
+grpcio client and token verification on the way.
 """
 
 from __future__ import annotations

@@ -49,15 +49,6 @@ certificates = sa.Table(
     sa.Column("cert_pem", sa.Text, nullable=False),
 )
 
-revocations = sa.Table(
-    "revocations",
-    _meta,
-    sa.Column("serial", sa.String(40), primary_key=True),
-    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("reason", sa.String(64), nullable=False),
-    sa.Column("actor", sa.String(512), nullable=False),
-)
-
 audit = sa.Table(
     "audit",
     _meta,

@@ -51,7 +51,17 @@ from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
 from meshtrust.status_http import StatusHttpServer
 
-__all__ = ["PreparedCa", "build_authority", "prepare_ca", "run_ca", "serve_in_process"]
+__all__ = [
+    "PreparedCa",
+    "build_authority",
+    "Books",
+    "open_books",
+    "prepare_ca",
+    "run_ca",
+    "run_loop",
+    "serve_in_process",
+    "start_status",
+]
 
 log = logging.getLogger("meshtrust.ca")
 SERVING_CERT_TTL = dt.timedelta(days=30)
@@ -148,39 +158,62 @@ async def serve_until_stopped(
     await server.shutdown()
 
 
-async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
-    """The single-process CA: gRPC, ledger and metrics in this process, until SIGTERM/SIGINT."""
-    config = prepared.config
+@dataclass
+class Books:
+    """What the process that owns them keeps: the ledger and the metrics registry."""
+
+    sql: SqlLedger
+    ledger: GroupCommitLedger
+    registry: CollectorRegistry
+    metrics: PrometheusCaMetrics
+
+    def started(self, prepared: PreparedCa, clock: Clock, workers: int) -> None:
+        """Audit and log the start of the CA."""
+        config = prepared.config
+        self.sql.add_audit(
+            AuditEvent(
+                clock.now(),
+                "meshtrust ca serve",
+                "ca-start",
+                f"listen={config.listen} workers={workers} "
+                f"trust_domain={prepared.policy.trust_domain}",
+            )
+        )
+        log.info(
+            "CA for trust domain %s serving on %s with %d worker(s) (ledger %s)",
+            prepared.policy.trust_domain,
+            config.listen,
+            workers,
+            display_url(prepared.ledger_url),
+        )
+
+
+def open_books(prepared: PreparedCa) -> Books:
+    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set."""
     sql = SqlLedger(prepared.ledger_url)
-    ledger = GroupCommitLedger(sql)
-    registry = CollectorRegistry()
-    metrics = PrometheusCaMetrics(registry)
+    metrics_registry = CollectorRegistry()
+    metrics = PrometheusCaMetrics(metrics_registry)
     m = prepared.material
     metrics.set_expiries(
         min(r.not_valid_after_utc for r in m.roots),
         min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
     )
+    return Books(sql, GroupCommitLedger(sql), metrics_registry, metrics)
+
+
+async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
+    """The single-process CA: gRPC, ledger and metrics in this process, until SIGTERM/SIGINT."""
+    config = prepared.config
+    books = open_books(prepared)
+    sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
     authority = build_authority(prepared, clock, ledger, metrics)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
-    status = _start_status(config, registry, lambda: service.accepting)
+    status = start_status(config, registry, lambda: service.accepting)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sql.add_audit(
-        AuditEvent(
-            clock.now(),
-            "meshtrust ca serve",
-            "ca-start",
-            f"listen={config.listen} trust_domain={prepared.policy.trust_domain}",
-        )
-    )
-    log.info(
-        "CA for trust domain %s serving on %s (ledger %s)",
-        prepared.policy.trust_domain,
-        config.listen,
-        display_url(prepared.ledger_url),
-    )
+    books.started(prepared, clock, workers=1)
     try:
         await serve_until_stopped(
             service, sock, prepared.ssl_context(), stop, config.drain_grace.total_seconds()
@@ -193,7 +226,7 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     log.info("CA stopped")
 
 
-def _start_status(
+def start_status(
     config: CaServeConfig, registry: CollectorRegistry, ready: Callable[[], bool]
 ) -> StatusHttpServer | None:
     if not config.metrics_listen:
@@ -216,10 +249,10 @@ def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
 
         run_supervisor(prepared, sock, clock)
         return
-    _run_loop(serve_in_process(prepared, sock, clock))
+    run_loop(serve_in_process(prepared, sock, clock))
 
 
-def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
+def run_loop(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
 

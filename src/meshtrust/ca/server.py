@@ -11,6 +11,7 @@ worker processes (:mod:`meshtrust.ca.workers`) more than make up for it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -65,7 +66,7 @@ def bind_listener(host: str, port: int, *, what: str) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        if exc.errno == 98:  # EADDRINUSE
+        if exc.errno == errno.EADDRINUSE:
             raise AddressInUse(
                 f"{what}: {host}:{port} is already in use (is another CA running?)"
             ) from exc

@@ -33,10 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-
-from meshtrust.ca.ledger import AuditEvent, GroupCommitLedger, IssuedRecord, SqlLedger
-from meshtrust.ca.metrics import CaEvent, PrometheusCaMetrics
+from meshtrust.ca.ledger import IssuedRecord
+from meshtrust.ca.metrics import CaEvent
 from meshtrust.clock import Clock
 from meshtrust.errors import LedgerError
 
@@ -49,7 +47,7 @@ log = logging.getLogger("meshtrust.ca")
 _HEADER = struct.Struct("!I")
 
 
-async def _send(writer: asyncio.StreamWriter, message: object) -> None:
+def _send(writer: asyncio.StreamWriter, message: object) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     writer.write(_HEADER.pack(len(data)) + data)
 
@@ -73,7 +71,7 @@ class RemoteLedger:
         self._next += 1
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[self._next] = fut
-        await _send(self._writer, ("rec", self._next, rec))
+        _send(self._writer, ("rec", self._next, rec))
         await fut
 
     def resolve(self, msg_id: int, error: str | None) -> None:
@@ -106,8 +104,7 @@ class RemoteMetrics:
     def flush(self) -> None:
         if self._counts:
             counts, self._counts = self._counts, {}
-            data = pickle.dumps(("evs", counts))
-            self._writer.write(_HEADER.pack(len(data)) + data)
+            _send(self._writer, ("evs", counts))
 
     async def run(self) -> None:
         try:
@@ -149,7 +146,7 @@ async def _worker_main(
 
     acks = asyncio.create_task(read_acks())
     flusher = asyncio.create_task(metrics.run())
-    await _send(writer, ("hello", index, os.getpid()))
+    _send(writer, ("hello", index, os.getpid()))
     await serve_until_stopped(
         service, sock, prepared.ssl_context(), stop, prepared.config.drain_grace.total_seconds()
     )
@@ -172,7 +169,7 @@ class _Child:
 
 def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
     """Fork ``config.workers`` workers on ``sock`` and supervise them (see module docs)."""
-    from meshtrust.ca.runtime import _run_loop
+    from meshtrust.ca.runtime import run_loop
 
     children: list[tuple[int, int, socket.socket]] = []
     for index in range(prepared.config.workers):
@@ -184,7 +181,7 @@ def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> N
                 other.close()
             code = 0
             try:
-                _run_loop(_worker_main(prepared, sock, child_end, clock, index))
+                run_loop(_worker_main(prepared, sock, child_end, clock, index))
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -195,25 +192,17 @@ def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> N
         child_end.close()
         children.append((index, pid, parent_end))
     sock.close()  # the supervisor itself serves no gRPC
-    _run_loop(_supervise(prepared, children, clock))
+    run_loop(_supervise(prepared, children, clock))
 
 
 async def _supervise(
     prepared: PreparedCa, spawned: list[tuple[int, int, socket.socket]], clock: Clock
 ) -> None:
-    from meshtrust.ca.ledger import display_url
-    from meshtrust.ca.runtime import _start_status
+    from meshtrust.ca.runtime import open_books, start_status
 
     config = prepared.config
-    sql = SqlLedger(prepared.ledger_url)
-    ledger = GroupCommitLedger(sql)
-    registry = CollectorRegistry()
-    metrics = PrometheusCaMetrics(registry)
-    m = prepared.material
-    metrics.set_expiries(
-        min(r.not_valid_after_utc for r in m.roots),
-        min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
-    )
+    books = open_books(prepared)
+    sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
     children = [_Child(i, pid, s) for i, pid, s in spawned]
     stopping = asyncio.Event()
     failed = False
@@ -223,7 +212,7 @@ async def _supervise(
             c.connected and not c.exited.is_set() for c in children
         )
 
-    status = _start_status(config, registry, ready)
+    status = start_status(config, registry, ready)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -234,7 +223,7 @@ async def _supervise(
             error = None
         except LedgerError as exc:
             error = str(exc)
-        await _send(writer, ("ack", msg_id, error))
+        _send(writer, ("ack", msg_id, error))
 
     async def serve_child(child: _Child) -> None:
         nonlocal failed
@@ -272,22 +261,7 @@ async def _supervise(
         writer.close()
 
     tasks = [asyncio.create_task(serve_child(c)) for c in children]
-    sql.add_audit(
-        AuditEvent(
-            clock.now(),
-            "meshtrust ca serve",
-            "ca-start",
-            f"listen={config.listen} workers={len(children)} "
-            f"trust_domain={prepared.policy.trust_domain}",
-        )
-    )
-    log.info(
-        "CA for trust domain %s serving on %s with %d workers (ledger %s)",
-        prepared.policy.trust_domain,
-        config.listen,
-        len(children),
-        display_url(prepared.ledger_url),
-    )
+    books.started(prepared, clock, workers=len(children))
     await stopping.wait()
     for c in children:
         if not c.exited.is_set():

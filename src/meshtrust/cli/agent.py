@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,9 @@ from typing import Any
 import click
 
 from meshtrust.cli.options import DURATION
-from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType
-from meshtrust.spiffe import TrustDomain
+from meshtrust.settings import as_trust_domain
 
 __all__ = ["agent"]
 
@@ -124,10 +123,7 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         if key == "policy":
             key = "policy_files"
         if key == "trust_domain":
-            try:
-                value = TrustDomain.parse(value)
-            except InvalidSpiffeId as exc:
-                raise ConfigError(f"--trust-domain: {exc}") from exc
+            value = as_trust_domain(value, "--trust-domain", Path())
         elif key == "key_type":
             value = KeyType(value)
         settings[key] = value
@@ -135,8 +131,7 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         settings["status_listen"] = None
     if "ca_root" not in settings:
         raise ConfigError("--ca-root is required (the CA's root-cert.pem)")
-    valid = {f.name for f in dataclasses.fields(AgentConfig)}
-    config = AgentConfig(**{k: v for k, v in settings.items() if k in valid})
+    config = AgentConfig(**settings)
 
     async def main() -> None:
         the_agent = Agent(config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -17,9 +16,9 @@ from meshtrust.ca.config import CaServeConfig, load_config_file, parse_issuer_fl
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
 from meshtrust.durations import format_duration
-from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType
-from meshtrust.spiffe import TrustDomain
+from meshtrust.settings import as_trust_domain
 
 __all__ = ["ca"]
 
@@ -60,10 +59,7 @@ def init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None
     token-key.pem / token-jwks.json for `meshtrust token create`. Key files are 0600.
     Refuses to overwrite an existing CA unless --force is given.
     """
-    try:
-        td = TrustDomain.parse(trust_domain)
-    except InvalidSpiffeId as exc:
-        raise ConfigError(f"--trust-domain: {exc}") from exc
+    td = as_trust_domain(trust_domain, "--trust-domain", Path())
     init_ca_dir(directory, td, SystemClock().now(), KeyType(key_type), force=force)
     click.echo(f"created CA for trust domain {td} in {directory}")
     click.echo(f"  root:         {directory / 'root-cert.pem'}  (give this to clients)")
@@ -135,16 +131,12 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         elif key == "server_name":
             settings["server_names"] = tuple(value)
         elif key == "trust_domain":
-            try:
-                settings["trust_domain"] = TrustDomain.parse(value)
-            except InvalidSpiffeId as exc:
-                raise ConfigError(f"--trust-domain: {exc}") from exc
+            settings["trust_domain"] = as_trust_domain(value, "--trust-domain", Path())
         else:
             settings[key] = value
     if str(settings.get("metrics_listen", "")).lower() == "off":
         settings["metrics_listen"] = None
-    valid = {f.name for f in dataclasses.fields(CaServeConfig)}
-    config = CaServeConfig(**{k: v for k, v in settings.items() if k in valid})
+    config = CaServeConfig(**settings)
     from meshtrust.ca.runtime import run_ca  # the server's imports only when serving
 
     run_ca(config)

@@ -11,7 +11,8 @@ from meshtrust.ca.cadir import load_ca_dir, load_token_signing_key, token_issuer
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
 from meshtrust.errors import CADirectoryError, ConfigError, InvalidSpiffeId
-from meshtrust.spiffe import SpiffeId, TrustDomain
+from meshtrust.settings import as_trust_domain
+from meshtrust.spiffe import SpiffeId
 
 __all__ = ["token"]
 
@@ -66,10 +67,7 @@ def create(
             "`meshtrust ca init`, so the CA has no token issuer"
         )
     if trust_domain is not None:
-        try:
-            td = TrustDomain.parse(trust_domain)
-        except InvalidSpiffeId as exc:
-            raise ConfigError(f"--trust-domain: {exc}") from exc
+        td = as_trust_domain(trust_domain, "--trust-domain", Path())
     else:
         hint = load_ca_dir(ca_dir, clock.now()).trust_domain_hint()
         if hint is None:
