@@ -14,7 +14,6 @@ import pytest
 import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
 from meshtrust.agent.cache import SecretCache
 from meshtrust.agent.issuance import TokenFile
@@ -29,6 +28,7 @@ from meshtrust.agent.rotation import (
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.clock import FakeClock
 from meshtrust.errors import CAUnavailable
+from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import CLOCK_SKEW, certs_pem, issue_leaf, parse_csr
 from meshtrust.spiffe import SpiffeId
 from tests import badcerts
@@ -192,7 +192,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     test_ca = badcerts.make_ca("example.org", now=T0, lifetime=dt.timedelta(days=3650))
     ca = ScriptedCa(clock, test_ca)
     cache = SecretCache()
-    metrics = AgentMetrics(CollectorRegistry(), lambda: None)
+    metrics = AgentMetrics(TextRegistry(), lambda: None)
     token_path = tmp_path / "token"
     token_path.write_text("token-1\n")
     rotator = Rotator(

@@ -67,10 +67,6 @@ class TextRegistry:
                 raise ValueError(f"collector already registered: {collector!r}")
             self._collectors.append(collector)
 
-    def unregister(self, collector: TextCollector) -> None:
-        with self._lock:
-            self._collectors.remove(collector)
-
     def collect(self) -> list[MetricFamily]:
         with self._lock:
             collectors = list(self._collectors)

@@ -92,7 +92,6 @@ class StatusHttpServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass
 
-        self.registry = registry
         self._metrics = _exposition(registry)
         self.ready = ready
         self.status = status

@@ -132,7 +132,6 @@ class Agent:
                 config.sds_socket,
                 self.clock,
             )
-            self.sidecar.compile_policy()  # a bad policy stops the agent before anything runs
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._status: StatusHttpServer | None = None

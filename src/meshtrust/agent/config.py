@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshtrust.agent.rotation import check_rotation
 from meshtrust.errors import ConfigError, InvalidSpiffeId
 from meshtrust.pki import KeyType
 from meshtrust.settings import (
@@ -56,14 +57,10 @@ class AgentConfig:
             parse_host_port(self.status_listen, what="status-listen")
         if self.cert_ttl < dt.timedelta(seconds=1):
             raise ConfigError("cert-ttl must be at least 1s")
-        if not 0.0 < self.rotation_ratio < 1.0:
-            raise ConfigError(f"rotation-ratio must be between 0 and 1, got {self.rotation_ratio}")
-        margin = min(self.rotation_ratio, 1.0 - self.rotation_ratio)
-        if not 0.0 <= self.rotation_jitter < margin:
-            raise ConfigError(
-                f"rotation-jitter must be >= 0 and below {margin:g} for ratio "
-                f"{self.rotation_ratio:g}, got {self.rotation_jitter}"
-            )
+        try:
+            check_rotation(self.rotation_ratio, self.rotation_jitter)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.sidecar is not None and self.sds_socket is None:
             raise ConfigError("--sidecar needs --sds-socket: Envoy gets its certificates over SDS")
         if self.policy_files and self.sidecar is None:

@@ -93,10 +93,6 @@ class UnixGrpcServer:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @property
-    def serving(self) -> bool:
-        return self._server is not None
-
     def _tracked(self, func: GrpcMethod) -> GrpcMethod:
         async def call(stream: Stream[Any, Any]) -> None:
             self.active_calls += 1

@@ -2,23 +2,17 @@
 
 Counters keep Istio's exact names (no ``_total`` suffix) so istio-agent dashboards work.
 
-:class:`AgentMetrics` registers itself with either registry a ``/metrics`` endpoint can
-serve: a :class:`~meshtrust.metrics_text.TextRegistry` (``families()``; no
-prometheus_client in the process) or a ``prometheus_client.CollectorRegistry``
-(``collect()``, which imports prometheus_client when first called). Both render the same
-text.
+:class:`AgentMetrics` registers itself with a :class:`~meshtrust.metrics_text.TextRegistry`
+(``families()``): the agent keeps prometheus_client out of its process (memory).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from meshtrust.metrics_text import MetricFamily, Sample
-
-if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
 
 __all__ = ["AgentMetrics"]
 
@@ -109,16 +103,6 @@ class AgentMetrics:
                 )
             )
         return out
-
-    def collect(self) -> Iterator[Metric]:
-        """The current values as prometheus_client metrics (for a ``CollectorRegistry``)."""
-        from prometheus_client.metrics_core import Metric
-
-        for family in self.families():
-            metric = Metric(family.name, family.documentation, family.type)
-            for sample in family.samples:
-                metric.add_sample(sample.name, dict(sample.labels), sample.value)
-            yield metric
 
 
 def _single(name: str, doc: str, labels: dict[str, str], value: float) -> MetricFamily:

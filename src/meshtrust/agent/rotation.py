@@ -27,6 +27,7 @@ __all__ = [
     "SlotEvent",
     "SlotState",
     "backoff_delay",
+    "check_rotation",
     "next_state",
     "rotation_deadline",
 ]
@@ -69,6 +70,20 @@ def next_state(state: SlotState, event: SlotEvent) -> SlotState:
         return _TRANSITIONS[(state, event)]
     except KeyError:
         raise ValueError(f"no transition from {state} on {event}") from None
+
+
+def check_rotation(ratio: float, jitter: float) -> None:
+    """Refuse a ratio outside (0, 1) or a jitter that could push the fraction past 0 or 1.
+
+    Raises ValueError whose message names the flags (``rotation-ratio``, ``rotation-jitter``).
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"rotation-ratio must be between 0 and 1, got {ratio}")
+    margin = min(ratio, 1.0 - ratio)
+    if not 0.0 <= jitter < margin:
+        raise ValueError(
+            f"rotation-jitter must be >= 0 and below {margin:g} for ratio {ratio:g}, got {jitter}"
+        )
 
 
 def rotation_deadline(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
@@ -22,6 +21,7 @@ from meshtrust.agent.rotation import (
     SlotEvent,
     SlotState,
     backoff_delay,
+    check_rotation,
     next_state,
     rotation_deadline,
 )
@@ -45,10 +45,7 @@ class RotationPolicy:
     backoff_cap: float = 60.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio < 1.0:
-            raise ValueError("rotation ratio must be between 0 and 1")
-        if not 0.0 <= self.jitter < min(self.ratio, 1.0 - self.ratio):
-            raise ValueError("rotation jitter must be >= 0 and smaller than the ratio margin")
+        check_rotation(self.ratio, self.jitter)
 
 
 class Rotator:
@@ -66,7 +63,6 @@ class Rotator:
         policy: RotationPolicy = RotationPolicy(),
         key_type: KeyType = KeyType.EC_P256,
         rng: random.Random | None = None,
-        on_state: Callable[[SlotState], Awaitable[None] | None] | None = None,
     ) -> None:
         self.identity = identity
         self._source = source

@@ -84,6 +84,8 @@ class EnvoySidecar:
         self.live = False
         self.last_policy_error: str | None = None
         self._seen = _mtimes(settings.policy_files)
+        # Compiled now, so a bad policy stops the agent before anything runs.
+        self._initial_policy = self.compile_policy()
 
     # -- policy
 
@@ -117,8 +119,8 @@ class EnvoySidecar:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Compile policy, write the config, start Envoy and wait until it is live."""
-        self._apply(self.compile_policy())
+        """Write the policy and the config, start Envoy; see :meth:`_launch`."""
+        self._apply(self._initial_policy)
         cfg = self.settings.config
         bootstrap = sidecar_bootstrap(
             cfg,
@@ -144,15 +146,7 @@ class EnvoySidecar:
         envoy = self.envoy
         assert envoy is not None
         await asyncio.to_thread(envoy.start)
-        async with asyncio.timeout(30):
-            while True:
-                if not envoy.running:
-                    raise EnvoyFailed(
-                        f"Envoy for {self.workload.name} exited at start:\n{envoy.log_tail()}"
-                    )
-                if envoy.admin_address_path.exists():
-                    break
-                await asyncio.sleep(0.02)
+        await asyncio.to_thread(envoy.wait_admin, 30)
         log.info(
             "Envoy for %s started (pid %s, admin %s)", self.workload.name, envoy.pid, self.admin_url
         )
@@ -213,8 +207,13 @@ class EnvoySidecar:
             self.last_policy_error = str(exc)
             log.error("policy not applied, the previous one stays in force: %s", exc)
             return False
+        try:
+            self._apply(policy)
+        except EnvoyFailed as exc:
+            self.last_policy_error = str(exc)
+            log.error("policy not applied, the previous one stays in force: %s", exc)
+            return False
         self.last_policy_error = None
-        self._apply(policy)
         return True
 
     def _probe_live(self) -> bool:

@@ -102,6 +102,15 @@ class EnvoyProcess:
 
         Raises :class:`EnvoyFailed` if Envoy exits or is not LIVE within ``timeout`` seconds.
         """
+        self._wait(timeout, live=True)
+
+    def wait_admin(self, timeout: float = 30.0) -> None:
+        """Wait until Envoy has accepted its config and opened its admin API (it need not be
+        LIVE: that waits for its secrets). Raises :class:`EnvoyFailed` like :meth:`wait_ready`.
+        """
+        self._wait(timeout, live=False)
+
+    def _wait(self, timeout: float, *, live: bool) -> None:
         proc = self._require_started()
         deadline = time.monotonic() + timeout
         state = "no admin address yet"
@@ -110,6 +119,8 @@ class EnvoyProcess:
             if proc.poll() is not None:
                 raise self._failure(f"Envoy exited with status {proc.returncode} while starting")
             if self._admin_address() is not None:
+                if not live:
+                    return
                 try:
                     status, body = self._request("/ready", timeout=2.0)
                 except OSError as exc:
@@ -141,18 +152,6 @@ class EnvoyProcess:
             if self._log is not None:
                 self._log.close()
                 self._log = None
-
-    def __enter__(self) -> EnvoyProcess:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- state
 

@@ -39,7 +39,7 @@ def envoy_stats(admin: str | None, pattern: str = "") -> dict[str, int]:
     return out
 
 
-def _rbac_counts(stats: dict[str, int], svc: ServiceState) -> tuple[int, int]:
+def _rbac_counts(stats: dict[str, int]) -> tuple[int, int]:
     allowed = denied = 0
     for name, value in stats.items():
         if ".rbac." not in name or ".shadow_" in name:
@@ -89,7 +89,7 @@ def service_status(svc: ServiceState) -> dict[str, Any]:
     assert isinstance(envoy, dict)
     admin = envoy.get("admin")
     stats = envoy_stats(admin, r"rbac|ssl\.handshake|ssl\.connection_error|no_filter_chain")
-    allowed, denied = _rbac_counts(stats, svc)
+    allowed, denied = _rbac_counts(stats)
     prefix = f"listener.inbound_{svc.inbound_port}."
     out["envoy"] = {
         "state": ("live" if envoy.get("live") else "not ready") if envoy else "unknown",
