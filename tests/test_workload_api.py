@@ -7,7 +7,6 @@ conditions with a deadline, never bare sleeps.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import os
 import queue
@@ -37,6 +36,7 @@ from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.workload_api import (
     JWT_UNSUPPORTED,
     WorkloadApiServer,
+    _serialized_workload_descriptor,
     has_security_header,
     x509_bundles_response,
     x509_svid_response,
@@ -186,15 +186,7 @@ def test_a_secret_that_cannot_make_a_complete_response_is_not_sent(ca: CaFixture
 def test_proto_is_wire_identical_to_py_spiffe() -> None:
     # Same messages, fields, numbers, types, service and methods as the client's proto;
     # only the file name differs.
-    source = (REPO / "src/meshtrust/_proto/spiffe/workload_pb2.py").read_text()
-    (call,) = [
-        node
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "AddSerializedFile"
-    ]
-    ours = descriptor_pb2.FileDescriptorProto.FromString(ast.literal_eval(call.args[0]))
+    ours = descriptor_pb2.FileDescriptorProto.FromString(_serialized_workload_descriptor())
     theirs = descriptor_pb2.FileDescriptorProto()
     client_pb2.DESCRIPTOR.CopyToProto(theirs)
     assert ours.name == "meshtrust/_proto/spiffe/workload.proto"

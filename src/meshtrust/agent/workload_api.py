@@ -24,9 +24,9 @@ The messages and the descriptor pool
 The Workload API proto has no package, so its message names (``X509SVIDResponse``, ...) are
 global. py-spiffe registers the very same names in protobuf's *default* descriptor pool, from
 a file of another name, and protobuf refuses the second registration ("duplicate symbol")
-whichever module is imported first. So we never import the generated
-``meshtrust._proto.spiffe.workload_pb2`` (nor its gRPC stubs, which import it): we read its
-serialized file descriptor, without executing the module, into a private
+whichever module is imported first. So no ``workload_pb2`` module is generated at all:
+``scripts/gen-protos.py`` writes the serialized file descriptor (``workload.pb``) and type
+stubs (``workload_pb2.pyi``); we load the descriptor into a private
 :class:`~google.protobuf.descriptor_pool.DescriptorPool`, make the message classes from
 there, and register the handlers by hand (grpclib handlers: path, cardinality, message
 classes). The wire format does not depend on the pool, and py-spiffe, go-spiffe and
@@ -36,7 +36,6 @@ static types.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import importlib.resources
 import logging
@@ -86,7 +85,7 @@ _MISSING_HEADER = (
     "'workload.spiffe.io: true'"
 )
 _SHUTTING_DOWN = "the meshtrust agent is shutting down; reconnect to its new instance"
-_GENERATED_MODULE = ("meshtrust._proto.spiffe", "workload_pb2.py")
+_DESCRIPTOR = ("meshtrust._proto.spiffe", "workload.pb")
 
 
 # --- the protobuf messages, in a private descriptor pool --------------------------------------
@@ -103,28 +102,11 @@ class _WorkloadProto:
 
 
 def _serialized_workload_descriptor() -> bytes:
-    """The ``FileDescriptorProto`` protoc embedded in the generated ``workload_pb2.py``.
-
-    Read from the module's source (``AddSerializedFile(b'...')``) rather than by importing
-    it: importing it would register the global names in the default pool (see the module
-    docstring). Raises ``RuntimeError`` if the generated file no longer has that shape.
-    """
-    package, filename = _GENERATED_MODULE
-    source = importlib.resources.files(package).joinpath(filename).read_text(encoding="utf-8")
-    for node in ast.walk(ast.parse(source, filename)):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "AddSerializedFile"
-            and len(node.args) == 1
-        ):
-            value = ast.literal_eval(node.args[0])
-            if isinstance(value, bytes):
-                return value
-    raise RuntimeError(
-        f"{package}.{filename} holds no serialized file descriptor; "
-        "regenerate it with scripts/gen-protos.py"
-    )
+    """The Workload API's ``FileDescriptorProto``, as ``scripts/gen-protos.py`` wrote it
+    (``workload.pb``): loaded into a private pool, never imported as a module (see the
+    module docstring)."""
+    package, filename = _DESCRIPTOR
+    return importlib.resources.files(package).joinpath(filename).read_bytes()
 
 
 def _load_workload_proto() -> _WorkloadProto:
