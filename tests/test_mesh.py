@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from meshtrust.mesh import read_state
-from meshtrust.mesh.runner import alive
+from meshtrust.mesh.probes import alive
 from tests.mesh_helpers import ROOT, agent_status, http_get, running_mesh, write_mesh
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import json
 import os
 import signal
 import socket
@@ -32,6 +31,7 @@ from meshtrust.ca.cadir import init_ca_dir, load_ca_dir, load_token_signing_key,
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
 from meshtrust.mesh.config import MeshConfig, ServiceSpec
+from meshtrust.mesh.probes import agent_status, alive
 from meshtrust.mesh.state import CaState, MeshState, ServiceState, write_state
 from meshtrust.pki import write_private_file
 
@@ -86,23 +86,6 @@ def _answers_ok(url: str) -> bool:
         return _get(url)[0] == 200
     except OSError:
         return False
-
-
-def alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our child that exited) is not alive.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 # The mesh's processes outlive the Popen objects of the call that started them (`up
@@ -439,12 +422,7 @@ def start_mesh(config: MeshConfig, progress: Callable[[str], None] = print) -> M
 
 def envoy_pid(svc: ServiceState) -> int | None:
     """The pid of the service's Envoy, from its agent (None if the agent does not answer)."""
-    try:
-        code, body = _get(f"http://{svc.status}/debug/status")
-        data = json.loads(body) if code == 200 else {}
-    except (OSError, ValueError):
-        return None
-    envoy = data.get("envoy") if isinstance(data, dict) else None
+    envoy = (agent_status(svc) or {}).get("envoy")
     pid = envoy.get("pid") if isinstance(envoy, dict) else None
     return pid if isinstance(pid, int) else None
 

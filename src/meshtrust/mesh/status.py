@@ -6,37 +6,13 @@ as such, never as a traceback.
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from typing import Any
 
-from meshtrust.mesh.runner import alive
+from meshtrust.mesh.probes import agent_status, alive, envoy_stats, fetch
 from meshtrust.mesh.state import MeshState, ServiceState
 
-__all__ = ["envoy_stats", "fetch", "mesh_status", "service_status"]
-
-
-def fetch(url: str, timeout: float = 1.0) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return str(resp.read().decode(errors="replace"))
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
-
-
-def envoy_stats(admin: str | None, pattern: str = "") -> dict[str, int]:
-    """Envoy's counters and gauges (``name: value`` lines) whose name matches ``pattern``."""
-    if not admin:
-        return {}
-    text = fetch(f"{admin}/stats?filter={pattern}" if pattern else f"{admin}/stats")
-    out: dict[str, int] = {}
-    for line in (text or "").splitlines():
-        name, _, value = line.partition(": ")
-        if value.strip().lstrip("-").isdigit():
-            out[name] = int(value)
-    return out
+__all__ = ["mesh_status", "service_status"]
 
 
 def _rbac_counts(stats: dict[str, int]) -> tuple[int, int]:
@@ -63,13 +39,7 @@ def service_status(svc: ServiceState) -> dict[str, Any]:
         "app": None if svc.app_pid is None else ("running" if alive(svc.app_pid) else "down"),
         "inbound_port": svc.inbound_port,
     }
-    raw = fetch(f"http://{svc.status}/debug/status")
-    agent: dict[str, Any] = {}
-    if raw:
-        try:
-            agent = json.loads(raw)
-        except ValueError:
-            agent = {}
+    agent = agent_status(svc) or {}
     out.update(
         {
             k: agent.get(k)
@@ -88,7 +58,7 @@ def service_status(svc: ServiceState) -> dict[str, Any]:
     envoy = agent.get("envoy") if isinstance(agent.get("envoy"), dict) else {}
     assert isinstance(envoy, dict)
     admin = envoy.get("admin")
-    stats = envoy_stats(admin, r"rbac|ssl\.handshake|ssl\.connection_error|no_filter_chain")
+    stats = envoy_stats(admin, r"rbac|ssl\.handshake|ssl\.connection_error|no_filter_chain") or {}
     allowed, denied = _rbac_counts(stats)
     prefix = f"listener.inbound_{svc.inbound_port}."
     out["envoy"] = {

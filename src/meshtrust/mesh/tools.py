@@ -21,7 +21,6 @@ import enum
 import json
 import socket
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +31,8 @@ from cryptography import x509
 from meshtrust.clock import SystemClock
 from meshtrust.durations import format_duration
 from meshtrust.errors import ConfigError, EnvironmentFault, MeshTrustError
-from meshtrust.mesh.runner import alive
+from meshtrust.mesh.probes import agent_status, alive, envoy_stats, fetch
 from meshtrust.mesh.state import MeshState, ServiceState, find_state, read_state
-from meshtrust.mesh.status import fetch
 from meshtrust.pki import TrustBundle, load_certs_pem, verify_svid
 from meshtrust.spiffe import TrustDomain
 
@@ -44,7 +42,6 @@ __all__ = [
     "SecretRow",
     "Verdict",
     "WorkloadUnavailable",
-    "agent_status",
     "check_workload",
     "envoy_serial",
     "load_running_state",
@@ -87,18 +84,6 @@ def load_running_state(mesh_file: Path | None) -> MeshState:
     return state
 
 
-def agent_status(svc: ServiceState, timeout: float = 2.0) -> dict[str, Any] | None:
-    """The agent's ``/debug/status`` JSON, or None when it does not answer."""
-    raw = fetch(f"http://{svc.status}/debug/status", timeout=timeout)
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _envoy_info(status: Mapping[str, Any] | None) -> dict[str, Any]:
     envoy = status.get("envoy") if status else None
     return envoy if isinstance(envoy, dict) else {}
@@ -112,19 +97,6 @@ def _fetch_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
-
-
-def _stats(admin: str, pattern: str) -> dict[str, int] | None:
-    """Envoy's numeric stats matching ``pattern`` (a regex); None when Envoy does not answer."""
-    text = fetch(f"{admin}/stats?filter={urllib.parse.quote(pattern)}", timeout=2.0)
-    if text is None:
-        return None
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if value.strip().lstrip("-").isdigit():
-            out[name] = int(value)
-    return out
 
 
 def envoy_serial(serial: int) -> str:
@@ -835,7 +807,7 @@ def check_workload(
     # 9. Policy.
     stats: dict[str, int] | None = None
     if admin and served.envoy_answers:
-        stats = _stats(admin, _STATS_PATTERN)
+        stats = envoy_stats(admin, _STATS_PATTERN)
     if agent is None or not envoy:
         add("policy", "policy mode", Verdict.SKIP, "the agent does not answer")
     elif envoy.get("policy_error"):
