@@ -9,6 +9,7 @@ generation with :meth:`SecretCache.wait_newer` instead of polling.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -120,14 +121,7 @@ class SecretCache:
         """Make ``secret`` current (stamped with the next generation) and wake every waiter."""
         async with self._changed:
             self._generation += 1
-            stamped = WorkloadSecret(
-                spiffe_id=secret.spiffe_id,
-                key=secret.key,
-                chain=secret.chain,
-                roots=secret.roots,
-                received_at=secret.received_at,
-                generation=self._generation,
-            )
+            stamped = dataclasses.replace(secret, generation=self._generation)
             self._secret = stamped
             self._changed.notify_all()
         return stamped

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import ssl
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from meshtrust.errors import (
     InvalidCertificate,
     SvidVerificationError,
 )
+from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.pki import PrivateKey, TrustBundle, load_certs_pem, verify_svid
 from meshtrust.spiffe import SpiffeId
 
@@ -149,16 +148,7 @@ def client_ssl_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_verify_locations(cadata=root_pem.decode("ascii"))
     if client_cert is not None:
-        chain_pem, key_pem = client_cert
-        with tempfile.TemporaryDirectory(prefix="meshtrust-agent-") as tmp:
-            # ssl only loads keys from files; the directory is private (0700) and removed at
-            # once, as meshtrust.ca.server does for the CA's key.
-            cert_file, key_file = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-            cert_file.write_bytes(chain_pem)
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key_pem)
-            context.load_cert_chain(cert_file, key_file)
+        load_cert_chain_pem(context, *client_cert)
     context.set_alpn_protocols(["h2"])
     return context
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as xv
 
 from meshtrust.errors import CADirectoryError, InvalidCertificate, InvalidSpiffeId
+from meshtrust.fileio import write_file_atomic, write_private_file
 from meshtrust.pki import (
     KeyType,
     Signer,
@@ -35,7 +36,6 @@ from meshtrust.pki import (
     make_intermediate,
     make_root,
     private_key_pem,
-    write_private_file,
 )
 from meshtrust.spiffe import TrustDomain
 
@@ -148,17 +148,10 @@ def init_ca_dir(
     write_private_file(directory / "root-key.pem", private_key_pem(root_key))
     write_private_file(directory / "ca-key.pem", private_key_pem(ca_key))
     write_private_file(directory / TOKEN_KEY, private_key_pem(token_key))
-    _write_public(directory / "root-cert.pem", certs_pem([root]))
-    _write_public(directory / "ca-cert.pem", certs_pem([ca_cert]))
-    _write_public(directory / "cert-chain.pem", certs_pem([ca_cert, root]))
-    _write_public(directory / TOKEN_JWKS, json.dumps({"keys": [jwk]}, indent=2).encode())
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_file_atomic(directory / "root-cert.pem", certs_pem([root]), 0o644)
+    write_file_atomic(directory / "ca-cert.pem", certs_pem([ca_cert]), 0o644)
+    write_file_atomic(directory / "cert-chain.pem", certs_pem([ca_cert, root]), 0o644)
+    write_file_atomic(directory / TOKEN_JWKS, json.dumps({"keys": [jwk]}, indent=2).encode(), 0o644)
 
 
 def _read(path: Path) -> bytes:

@@ -13,11 +13,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 import ssl
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -35,6 +32,7 @@ from meshtrust.errors import (
     MeshTrustError,
     PermissionDenied,
 )
+from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.pki import PrivateKey, certs_pem, private_key_pem
 
 __all__ = [
@@ -81,14 +79,7 @@ def server_ssl_context(
     """TLS for the CA port: our serving chain, client certificate *optional*, HTTP/2 ALPN."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    with tempfile.TemporaryDirectory(prefix="meshtrust-ca-") as tmp:
-        # ssl only loads keys from files; the directory is private (0700) and removed at once.
-        cert_file, key_file = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-        cert_file.write_bytes(certs_pem(serving_chain))
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(private_key_pem(serving_key))
-        ctx.load_cert_chain(cert_file, key_file)
+    load_cert_chain_pem(ctx, certs_pem(serving_chain), private_key_pem(serving_key))
     ctx.load_verify_locations(cadata=client_roots_pem)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols(["h2"])

@@ -10,13 +10,13 @@ import click
 
 from meshtrust.cli.options import DURATION
 from meshtrust.errors import ConfigError, InvalidCertificate
+from meshtrust.fileio import write_private_file
 from meshtrust.pki import (
     KeyType,
     build_csr,
     generate_key,
     load_certs_pem,
     private_key_pem,
-    write_private_file,
 )
 from meshtrust.spiffe import SpiffeId
 

@@ -85,7 +85,7 @@ def create(
     if output is None:
         click.echo(jwt_text)
     else:
-        from meshtrust.pki import write_private_file
+        from meshtrust.fileio import write_private_file
 
         write_private_file(output, jwt_text.encode() + b"\n")
         click.echo(

@@ -30,10 +30,10 @@ from meshtrust.ca.authn import mint_token
 from meshtrust.ca.cadir import init_ca_dir, load_ca_dir, load_token_signing_key, token_issuer_for
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
+from meshtrust.fileio import write_private_file
 from meshtrust.mesh.config import MeshConfig, ServiceSpec
 from meshtrust.mesh.probes import agent_status, alive
 from meshtrust.mesh.state import CaState, MeshState, ServiceState, write_state
-from meshtrust.pki import write_private_file
 
 __all__ = ["MeshStartFailed", "start_mesh", "stop_mesh"]
 

@@ -10,7 +10,6 @@ from meshtrust.pki.keys import (
     load_private_key_pem,
     private_key_pem,
     signature_hash,
-    write_private_file,
 )
 from meshtrust.pki.pem import certs_pem, load_certs_pem
 from meshtrust.pki.profile import (
@@ -52,5 +51,4 @@ __all__ = [
     "random_serial",
     "signature_hash",
     "verify_svid",
-    "write_private_file",
 ]
