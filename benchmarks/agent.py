@@ -265,16 +265,17 @@ async def watch_workload_api(socket_path: Path, seen: Observed) -> None:
     """A SPIFFE workload's ``FetchX509SVID`` stream (with the security header)."""
     import grpc.aio
 
-    from meshtrust._proto.spiffe import workload_pb2
+    from meshtrust.agent.workload_api import MESSAGES
 
+    request = MESSAGES.request_types["FetchX509SVID"]
     async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
         fetch = channel.unary_stream(
             "/SpiffeWorkloadAPI/FetchX509SVID",
-            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+            request_serializer=request.SerializeToString,
+            response_deserializer=MESSAGES.X509SVIDResponse.FromString,
         )
         call = fetch(
-            workload_pb2.X509SVIDRequest(),
+            request(),
             metadata=(("workload.spiffe.io", "true"),),
             wait_for_ready=True,
         )

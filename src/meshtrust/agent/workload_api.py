@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JWT_UNSUPPORTED",
+    "MESSAGES",
     "SECURITY_HEADER",
     "WorkloadApiServer",
     "has_security_header",
@@ -129,6 +130,9 @@ def _load_workload_proto() -> _WorkloadProto:
 
 
 _PROTO = _load_workload_proto()
+#: The Workload API's message classes (from the private pool) for clients in this process:
+#: ``MESSAGES.request_types["FetchX509SVID"]``, ``MESSAGES.X509SVIDResponse``, ...
+MESSAGES = _PROTO
 
 
 # --- what goes on the wire (pure) -------------------------------------------------------------
