@@ -208,7 +208,9 @@ def make_workloads(ca_dir: Path, key_type: str, count: int) -> tuple[Workload, .
 def leaf_serial_hex(leaf_pem: str) -> str:
     from cryptography import x509
 
-    return format(x509.load_pem_x509_certificate(leaf_pem.encode()).serial_number, "x")
+    from meshtrust.pki import format_serial
+
+    return format_serial(x509.load_pem_x509_certificate(leaf_pem.encode()).serial_number)
 
 
 # --------------------------------------------------------------------------- in-process limit

@@ -18,6 +18,7 @@ from meshtrust.agent.config import AgentConfig, identity_from_token, resolve_ide
 from meshtrust.agent.files import NAMES, CertificateFiles
 from meshtrust.agent.rotation import SlotState
 from meshtrust.errors import ConfigError
+from meshtrust.pki import format_serial
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests import badcerts
 from tests.conftest import TD, RunningCa, serve_ca
@@ -58,7 +59,7 @@ async def test_first_certificate_is_verified_recorded_and_written(
         key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
         assert leaf.public_key() == key.public_key()
         assert (out / "root-cert.pem").read_bytes() == running_ca.root_pem
-        assert format(leaf.serial_number, "x") == secret.serial_hex
+        assert format_serial(leaf.serial_number) == secret.serial_hex
         assert secret.serial_hex in running_ca.ledger.serials()
     finally:
         await agent.stop()

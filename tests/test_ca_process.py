@@ -16,7 +16,7 @@ from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.ca import SqlLedger, default_ledger_url, load_token_signing_key, mint_token
 from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.clock import SystemClock
-from meshtrust.pki import build_csr, generate_key
+from meshtrust.pki import build_csr, format_serial, generate_key
 from meshtrust.spiffe import SpiffeId
 from tests.conftest import TD
 from tests.processes import CaProcess, run_cli
@@ -65,7 +65,7 @@ class Load:
                         self.failures.append(exc.code())
                         return
                     leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
-                    self.received.add(format(leaf.serial_number, "x"))
+                    self.received.add(format_serial(leaf.serial_number))
 
             await asyncio.gather(*[worker() for _ in range(concurrency)])
 

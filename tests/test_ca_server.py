@@ -18,7 +18,7 @@ from cryptography import x509
 from meshtrust.ca import CaEvent, init_ca_dir, load_token_signing_key, mint_token
 from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.clock import SystemClock
-from meshtrust.pki import KeyType, build_csr, generate_key, private_key_pem
+from meshtrust.pki import KeyType, build_csr, format_serial, generate_key, private_key_pem
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests import badcerts
 from tests.conftest import TD, RunningCa
@@ -67,7 +67,7 @@ async def test_issues_verifiable_chain_and_records_it(
 
     # Durably in the ledger, with who asked and how.
     (rec,) = running_ca.ledger.certificates()
-    assert rec.serial == format(leaf.serial_number, "x")
+    assert rec.serial == format_serial(leaf.serial_number)
     assert rec.spiffe_id == str(WEB)
     assert rec.key_type == key_type.value
     assert rec.authenticator == "jwt"
@@ -99,7 +99,7 @@ async def test_renewal_with_client_certificate_needs_no_token(running_ca: Runnin
     leaf = _leaf(renewed)
     assert leaf.public_key() == new_key.public_key()
     records = {r.serial: r for r in running_ca.ledger.certificates()}
-    rec = records[format(leaf.serial_number, "x")]
+    rec = records[format_serial(leaf.serial_number)]
     assert rec.authenticator == "client-cert"
     assert rec.spiffe_id == str(WEB)
 
@@ -305,7 +305,7 @@ async def test_concurrent_requests_share_commits(running_ca: RunningCa) -> None:
                 for _ in range(100)
             ]
         )
-    serials = {format(_leaf(list(r.cert_chain)).serial_number, "x") for r in responses}
+    serials = {format_serial(_leaf(list(r.cert_chain)).serial_number) for r in responses}
     assert len(serials) == 100
     assert running_ca.ledger.serials() == serials
 

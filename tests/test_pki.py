@@ -681,3 +681,16 @@ def test_load_ca_dir_refuses_a_missing_directory(tmp_path: Path) -> None:
 def test_load_ca_dir_refuses_an_empty_directory(tmp_path: Path) -> None:
     with pytest.raises(CADirectoryError, match=r"no CA found in .*expected ca-cert\.pem"):
         load_ca_dir(tmp_path, NOW)
+
+
+def test_serials_print_as_32_hex_digits_as_envoy_does() -> None:
+    """One text form of a serial everywhere (status, ledger, logs, proxy-config, check)."""
+    from meshtrust.pki import format_serial, random_serial
+
+    for _ in range(200):
+        serial = random_serial()
+        text = format_serial(serial)
+        assert len(text) == 32 and text == text.lower() and int(text, 16) == serial
+    # A short serial is padded (the CA's old 31-digit form), a long one printed in whole bytes.
+    assert format_serial(0xABC) == "0" * 29 + "abc"
+    assert format_serial(1 << 152) == "01" + "00" * 19

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshtrust.pki import PrivateKey, certs_pem, private_key_pem
+from meshtrust.pki import PrivateKey, certs_pem, format_serial, private_key_pem
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = ["SecretCache", "WorkloadSecret"]
@@ -40,7 +40,7 @@ class WorkloadSecret:
 
     @property
     def serial_hex(self) -> str:
-        return format(self.leaf.serial_number, "x")
+        return format_serial(self.leaf.serial_number)
 
     @property
     def not_after(self) -> dt.datetime:

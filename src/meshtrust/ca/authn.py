@@ -31,7 +31,7 @@ from meshtrust.errors import (
     InvalidSpiffeId,
     SvidVerificationError,
 )
-from meshtrust.pki import TrustBundle, verify_svid
+from meshtrust.pki import TrustBundle, format_serial, verify_svid
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -268,6 +268,6 @@ class ClientCertAuthenticator:
         return Caller(
             identity=verified.spiffe_id,
             authenticator="client-cert",
-            subject=f"serial {leaf.serial_number:x}",
+            subject=f"serial {format_serial(leaf.serial_number)}",
             expires=leaf.not_valid_after_utc,
         )

@@ -28,7 +28,7 @@ from meshtrust.errors import (
     LedgerError,
     PermissionDenied,
 )
-from meshtrust.pki import CsrRequest, issue_leaf, parse_csr
+from meshtrust.pki import CsrRequest, format_serial, issue_leaf, parse_csr
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -201,7 +201,7 @@ class CertificateAuthority:
         now = self._clock.now()
         leaf = issue_leaf(self.material.signer, csr.public_key, identity, now, ttl)
         leaf_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
-        serial = format(leaf.serial_number, "x")
+        serial = format_serial(leaf.serial_number)
         record = IssuedRecord(
             serial=serial,
             spiffe_id=str(identity),

@@ -14,6 +14,7 @@ from meshtrust.fileio import write_private_file
 from meshtrust.pki import (
     KeyType,
     build_csr,
+    format_serial,
     generate_key,
     load_certs_pem,
     private_key_pem,
@@ -107,6 +108,6 @@ def request(
     (out_dir / "root-cert.pem").write_text(chain[-1])
     leaf = load_certs_pem(chain[0].encode())[0]
     click.echo(
-        f"issued {sid} serial {leaf.serial_number:x} valid until "
+        f"issued {sid} serial {format_serial(leaf.serial_number)} valid until "
         f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; files in {out_dir}"
     )

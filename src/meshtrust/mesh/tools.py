@@ -33,7 +33,7 @@ from meshtrust.durations import format_duration
 from meshtrust.errors import ConfigError, EnvironmentFault, MeshTrustError
 from meshtrust.mesh.probes import agent_status, alive, envoy_stats, fetch
 from meshtrust.mesh.state import MeshState, ServiceState, find_state, read_state
-from meshtrust.pki import TrustBundle, load_certs_pem, verify_svid
+from meshtrust.pki import TrustBundle, format_serial, load_certs_pem, verify_svid
 from meshtrust.spiffe import TrustDomain
 
 __all__ = [
@@ -100,9 +100,8 @@ def _fetch_json(url: str, timeout: float = 2.0) -> Any:
 
 
 def envoy_serial(serial: int) -> str:
-    """A serial number as Envoy's admin API shows it: lower-case hex, whole bytes."""
-    text = format(serial, "x")
-    return text if len(text) % 2 == 0 else "0" + text
+    """A serial number as Envoy's admin API shows it (see :func:`meshtrust.pki.format_serial`)."""
+    return format_serial(serial)
 
 
 def _serial_int(text: object) -> int | None:

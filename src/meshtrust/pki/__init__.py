@@ -15,6 +15,7 @@ from meshtrust.pki.pem import certs_pem, load_certs_pem
 from meshtrust.pki.profile import (
     CLOCK_SKEW,
     Signer,
+    format_serial,
     issue_leaf,
     leaf_validity,
     make_intermediate,
@@ -38,6 +39,7 @@ __all__ = [
     "certs_pem",
     "check_svid_leaf",
     "describe_public_key",
+    "format_serial",
     "generate_key",
     "issue_leaf",
     "leaf_validity",

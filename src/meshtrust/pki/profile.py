@@ -40,8 +40,23 @@ class Signer:
 
 
 def random_serial() -> int:
-    """A random serial in [1, 2**128), as Istio's CA draws them (DER needs at most 17 bytes)."""
-    return secrets.randbelow(2**128 - 1) + 1
+    """A random 128-bit serial with its top bit set, in [2**127, 2**128).
+
+    Istio draws serials below 2**128; fixing the top bit costs one bit of randomness and makes
+    every serial exactly 16 bytes, so :func:`format_serial` (32 hex digits) and Envoy's admin
+    ``/certs`` (whole bytes, no leading zero byte) print the same text. DER needs 17 bytes.
+    """
+    return (1 << 127) | secrets.randbits(127)
+
+
+def format_serial(serial: int) -> str:
+    """The one text form of a serial number: lower-case hex, at least 32 digits.
+
+    Serials of 16 bytes or fewer (all of ours) are zero-padded to 32 digits; longer ones (a CA
+    made by openssl has 20-byte serials) are printed in whole bytes, as Envoy prints them.
+    """
+    text = format(serial, "032x")
+    return text if len(text) % 2 == 0 else "0" + text
 
 
 def _ski(public_key: PublicKey) -> x509.SubjectKeyIdentifier:
