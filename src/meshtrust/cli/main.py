@@ -1,7 +1,9 @@
 """Entry point: the ``meshtrust`` group, logging, and the one place errors become messages.
 
 Every :class:`MeshTrustError` is printed as ``error: <message>`` with exit status 2 for bad
-input and 1 otherwise; a user never sees a traceback for something we anticipated.
+input and 1 otherwise; a user never sees a traceback for something we anticipated. An
+:class:`OSError` that reaches this boundary (a directory below a regular file, a full disk, a
+path we may not write) is the environment's fault: one line naming the path, exit status 1.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import click
 from meshtrust import __version__
 from meshtrust.errors import InvalidInput, MeshTrustError, Refused
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "describe_os_error", "main"]
 
 
 class MeshTrustGroup(click.Group):
@@ -38,6 +40,18 @@ class MeshTrustGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             code = 2 if isinstance(exc, InvalidInput | Refused) else 1
             raise SystemExit(code) from None
+        except OSError as exc:
+            click.echo(f"error: {describe_os_error(exc)}", err=True)
+            raise SystemExit(1) from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: what failed and on which path, never a traceback."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    if not paths:
+        return reason
+    return f"{reason}: {' -> '.join(paths)}"
 
 
 @click.group(cls=MeshTrustGroup, context_settings={"help_option_names": ["-h", "--help"]})
