@@ -113,7 +113,7 @@ def up(mesh_file: Path, detach: bool) -> None:
     everything. The mesh file format is in the README.
     """
     from meshtrust.mesh.config import load_mesh_config
-    from meshtrust.mesh.runner import start_mesh, stop_mesh
+    from meshtrust.mesh.launch import start_mesh, stop_mesh
     from meshtrust.mesh.status import mesh_status
 
     console = _console()
@@ -170,7 +170,7 @@ def down(mesh_file: Path | None) -> None:
     Without MESH_FILE: the mesh started last on this machine.
     """
     from meshtrust.errors import ConfigError
-    from meshtrust.mesh.runner import stop_mesh
+    from meshtrust.mesh.launch import stop_mesh
 
     try:
         state = _load_running(mesh_file)

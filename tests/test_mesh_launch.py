@@ -1,0 +1,130 @@
+"""The launcher of `meshtrust up`: the free-port check, and failures while launching."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshtrust.errors import ConfigError
+from meshtrust.mesh import launch, load_mesh_config, plan_mesh
+from meshtrust.mesh.launch import pick_free_port, port_free
+from tests.processes import free_port
+
+STRICT = (
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+    "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
+)
+
+
+def test_a_port_in_time_wait_is_free_and_a_listener_is_not() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    server_side, _ = listener.accept()
+    server_side.close()  # the server closes first: its side of the connection is TIME_WAIT
+    client.recv(1)
+    client.close()
+    assert not port_free(port)  # still listening
+    listener.close()
+
+    # The TIME_WAIT is real: a bind without SO_REUSEADDR (the old check) is refused ...
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    # ... and the check says free, as a server with SO_REUSEADDR could bind it now.
+    assert port_free(port)
+    server = socket.create_server(("127.0.0.1", port))  # sets SO_REUSEADDR
+    server.close()
+
+
+def test_a_fixed_port_in_use_refuses_the_mesh_before_anything_is_written(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    path = _mesh_file(tmp_path, "work", ca_port=port)
+    try:
+        with pytest.raises(ConfigError, match=rf"port {port} \(ca.listen\) is already in use"):
+            launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
+    finally:
+        listener.close()
+    assert not (tmp_path / "work").exists()
+
+
+def _mesh_file(directory: Path, work_dir: str, ca_port: int | None = None) -> Path:
+    (directory / "p.yaml").write_text(STRICT)
+    (directory / "app.py").write_text("import time\ntime.sleep(60)\n")
+    mesh = {
+        "certTTL": "1m",
+        "workDir": work_dir,
+        "ca": {"listen": f"127.0.0.1:{ca_port or free_port()}"},
+        "services": [
+            {
+                "name": "a",
+                "port": free_port(),
+                "upstreams": [{"service": "b", "localPort": free_port()}],
+            },
+            {"name": "b", "port": free_port(), "command": ["python3", "app.py"]},
+        ],
+        "policies": ["p.yaml"],
+    }
+    path = directory / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh))
+    return path
+
+
+def _up(path: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrust", "up", "--detach", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MESHTRUST_HOME": str(home)},
+    )
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that mention ``text`` (our mesh's paths)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def test_a_work_dir_below_a_regular_file_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a directory\n")
+    out = _up(_mesh_file(tmp_path, "afile/work"), tmp_path / "home")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: cannot create the directory ")
+    assert str(tmp_path / "afile" / "work") in lines[0] and "Not a directory" in lines[0]
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_an_os_error_after_processes_started_stops_them_all(tmp_path: Path) -> None:
+    # b's app log cannot be opened (a directory is in its place): that happens after the CA
+    # and both agents (and their Envoys) were started.
+    app_log = tmp_path / "work" / "logs" / "b-app.log"
+    app_log.mkdir(parents=True)
+    out = _up(_mesh_file(tmp_path, "work"), tmp_path / "home")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert "starting the CA" in out.stdout and "starting a: agent + Envoy" in out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot open the log of the app of b {app_log}: Is a directory"]
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "work" / "state.json").exists()
