@@ -128,3 +128,13 @@ def test_an_os_error_after_processes_started_stops_them_all(tmp_path: Path) -> N
     assert errors == [f"error: cannot open the log of the app of b {app_log}: Is a directory"]
     assert _processes_mentioning(str(tmp_path)) == []
     assert not (tmp_path / "work" / "state.json").exists()
+
+
+def test_up_refuses_a_socket_path_too_long_before_anything_starts(tmp_path: Path) -> None:
+    work = tmp_path / ("w" * 90)
+    out = _up(_mesh_file(tmp_path, str(work)), tmp_path / "home")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: service a: its socket path ")
+    assert "more than the 107 a Unix socket path may have" in out.stderr
+    assert not work.exists()
