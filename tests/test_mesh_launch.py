@@ -22,14 +22,20 @@ STRICT = (
 )
 
 
-def test_a_port_in_time_wait_is_free_and_a_listener_is_not() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
+def _time_wait(port: int = 0) -> tuple[socket.socket, int]:
+    """A listener on ``port`` with one closed connection whose server side is TIME_WAIT."""
+    listener = socket.create_server(("127.0.0.1", port))
     port = listener.getsockname()[1]
     client = socket.create_connection(("127.0.0.1", port))
     server_side, _ = listener.accept()
     server_side.close()  # the server closes first: its side of the connection is TIME_WAIT
     client.recv(1)
     client.close()
+    return listener, port
+
+
+def test_a_port_in_time_wait_is_free_and_a_listener_is_not() -> None:
+    listener, port = _time_wait()
     assert not port_free(port)  # still listening
     listener.close()
 
@@ -138,3 +144,34 @@ def test_up_refuses_a_socket_path_too_long_before_anything_starts(tmp_path: Path
     assert out.stderr.startswith("error: service a: its socket path ")
     assert "more than the 107 a Unix socket path may have" in out.stderr
     assert not work.exists()
+
+
+@pytest.mark.slow
+def test_up_right_after_a_mesh_stopped_with_its_ports_in_time_wait(tmp_path: Path) -> None:
+    # What a stopped mesh leaves behind for a minute: connections in TIME_WAIT on its fixed
+    # ports (here ca.listen and a's inboundPort).
+    ca_listener, ca_port = _time_wait()
+    ca_listener.close()
+    inbound_listener, inbound = _time_wait()
+    inbound_listener.close()
+    (tmp_path / "p.yaml").write_text(STRICT)
+    mesh = {
+        "workDir": "work",
+        "ca": {"listen": f"127.0.0.1:{ca_port}"},
+        "services": [{"name": "a", "port": free_port(), "inboundPort": inbound}],
+        "policies": ["p.yaml"],
+    }
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh))
+    home = tmp_path / "home"
+    try:
+        out = _up(path, home)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "meshtrust", "down", str(path)],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "MESHTRUST_HOME": str(home)},
+        )
+    assert _processes_mentioning(str(tmp_path)) == []
