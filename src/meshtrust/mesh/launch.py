@@ -226,7 +226,10 @@ def _prepare(plan: MeshPlan) -> None:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _os_error(exc, "create the directory") from exc
-    _ensure_ca(config)
+    try:
+        _ensure_ca(config)
+    except OSError as exc:
+        raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
         try:
             planned.path.write_text(planned.content)
