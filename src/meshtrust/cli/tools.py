@@ -213,7 +213,7 @@ def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) ->
         click.echo(
             json.dumps(
                 {
-                    "warn_within_seconds": warn_within.total_seconds(),
+                    "warn_within_seconds": int(warn_within.total_seconds()),
                     "ok": not bad,
                     "certificates": [r.to_json() for r in rows],
                 },

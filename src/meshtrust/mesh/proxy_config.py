@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,60 @@ def _serial_text(value: object) -> str:
     return format_serial(serial) if serial is not None else ""
 
 
+_Row = Callable[..., SecretRow]
+
+
+def _rows_from_pem(
+    kind: str, certs: list[x509.Certificate], row: _Row, now: dt.datetime
+) -> list[SecretRow]:
+    if kind == "Cert Chain":
+        certs = certs[:1]  # the leaf is what the row describes; the rest is its chain
+    return [
+        row(
+            kind,
+            valid=cert.not_valid_before_utc <= now < cert.not_valid_after_utc,
+            serial=format_serial(cert.serial_number),
+            not_after=format_timestamp(cert.not_valid_after_utc),
+            not_before=format_timestamp(cert.not_valid_before_utc),
+            sans=uri_sans(cert),
+        )
+        for cert in certs
+    ]
+
+
+def _rows_from_certs(
+    kind: str, entries: list[dict[str, Any]], row: _Row, now: dt.datetime
+) -> list[SecretRow]:
+    """Rows from Envoy's ``/certs`` entries (which carry no resource names)."""
+    if kind == "Cert Chain":
+        entries = entries[:1]
+    rows: list[SecretRow] = []
+    seen: set[object] = set()
+    for entry in entries:
+        serial = entry.get("serial_number")
+        if serial in seen:
+            continue
+        seen.add(serial)
+        nb = parse_timestamp(entry.get("valid_from"))
+        na = parse_timestamp(entry.get("expiration_time"))
+        sans = [
+            str(s["uri"])
+            for s in entry.get("subject_alt_names") or []
+            if isinstance(s, dict) and "uri" in s
+        ]
+        rows.append(
+            row(
+                kind,
+                valid=nb is not None and na is not None and nb <= now < na,
+                serial=_serial_text(serial),
+                not_after=format_timestamp(na) if na else "",
+                not_before=format_timestamp(nb) if nb else "",
+                sans=sans,
+            )
+        )
+    return rows
+
+
 def _rows_for_secret(
     config: Mapping[str, Any],
     status: str,
@@ -131,59 +185,16 @@ def _rows_for_secret(
     else:
         kinds = [k for k in secret if k not in ("@type", "name")]
         return [row(kinds[0] if kinds else "-")]
-
     certs: list[x509.Certificate] = []
     if pem is not None:
         try:
             certs = load_certs_pem(pem, source=f"Envoy secret {name}")
         except MeshTrustError:
             certs = []
-    if kind == "Cert Chain":
-        certs = certs[:1]  # the leaf is what the row describes; the rest is its chain
-
-    rows: list[SecretRow] = []
-    for cert in certs:
-        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
-        rows.append(
-            row(
-                kind,
-                valid=nb <= now < na,
-                serial=format_serial(cert.serial_number),
-                not_after=format_timestamp(na),
-                not_before=format_timestamp(nb),
-                sans=uri_sans(cert),
-            )
-        )
-    if rows:
-        return rows
-    # No PEM in the config dump (a future Envoy might redact it): fall back to /certs,
-    # which lists certificates per TLS context but without the resource names.
-    entries = certs_entries(certs_json, certs_key)
-    if kind == "Cert Chain":
-        entries = entries[:1]
-    seen: set[object] = set()
-    for entry in entries:
-        serial = entry.get("serial_number")
-        if serial in seen:
-            continue
-        seen.add(serial)
-        nb_t = parse_timestamp(entry.get("valid_from"))
-        na_t = parse_timestamp(entry.get("expiration_time"))
-        sans = [
-            str(s["uri"])
-            for s in entry.get("subject_alt_names") or []
-            if isinstance(s, dict) and "uri" in s
-        ]
-        rows.append(
-            row(
-                kind,
-                valid=nb_t is not None and na_t is not None and nb_t <= now < na_t,
-                serial=_serial_text(serial),
-                not_after=format_timestamp(na_t) if na_t else "",
-                not_before=format_timestamp(nb_t) if nb_t else "",
-                sans=sans,
-            )
-        )
+    # No PEM in the config dump (a future Envoy might redact it): fall back to /certs.
+    rows = _rows_from_pem(kind, certs, row, now) or _rows_from_certs(
+        kind, certs_entries(certs_json, certs_key), row, now
+    )
     return rows or [row(kind)]
 
 
