@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -117,3 +118,67 @@ def envoy_serial(state: MeshState, service: str) -> int:
         for cert in entry.get("cert_chain", []):
             return int(cert["serial_number"], 16)
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The `status --json` schema, read from its documentation (docs/status-json.md) so the two
+# cannot drift apart.
+
+STATUS_DOC = ROOT / "docs" / "status-json.md"
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_SERIAL = re.compile(r"^[0-9a-f]{32,}$")
+
+
+def status_schema() -> dict[str, tuple[str, bool]]:
+    """``{field path: (type, nullable)}`` from the doc's tables (`services[].envoy.pid`)."""
+    fields: dict[str, tuple[str, bool]] = {}
+    for line in STATUS_DOC.read_text().splitlines():
+        m = re.match(r"^\| `([^`]+)` \| ([a-z]+)( or null)? \|", line)
+        if m:
+            fields[m.group(1)] = (m.group(2), m.group(3) is not None)
+    return fields
+
+
+def status_example() -> Any:
+    text = STATUS_DOC.read_text()
+    return json.loads(text.split("```json\n", 1)[1].split("```", 1)[0])
+
+
+def _fields(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, value) of every field; the objects of an array are walked, not listed."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else key
+            yield child, item
+            yield from _fields(item, child)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _fields(item, f"{path}[]")
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "timestamp":
+        return isinstance(value, str) and bool(_TIMESTAMP.match(value))
+    if kind == "serial":
+        return isinstance(value, str) and bool(_SERIAL.match(value))
+    types = {"string": str, "boolean": bool, "object": dict, "array": list}
+    return isinstance(value, types[kind])
+
+
+def assert_status_schema(document: Any) -> None:
+    """``document`` has exactly the documented fields, each of its documented type."""
+    schema = status_schema()
+    assert len(schema) > 30  # the doc's tables were read
+    seen: set[str] = set()
+    for path, value in _fields(document):
+        assert path in schema, f"{path} is not in {STATUS_DOC.name}"
+        kind, nullable = schema[path]
+        seen.add(path)
+        if value is None:
+            assert nullable, f"{path} is null but documented as {kind}"
+        else:
+            assert _type_ok(kind, value), f"{path} = {value!r} is not a {kind}"
+    listed = {p for p in schema if not p.startswith("services[]") or document["services"]}
+    assert listed <= seen, f"documented but missing: {sorted(listed - seen)}"

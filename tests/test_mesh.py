@@ -16,7 +16,14 @@ import yaml
 
 from meshtrust.mesh import read_state
 from meshtrust.mesh.probes import alive
-from tests.mesh_helpers import ROOT, agent_status, http_get, running_mesh, write_mesh
+from tests.mesh_helpers import (
+    ROOT,
+    agent_status,
+    assert_status_schema,
+    http_get,
+    running_mesh,
+    write_mesh,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +41,12 @@ def meshtrust(*args: str, home: Path, timeout: float = 120) -> subprocess.Comple
 
 
 def status_json(home: Path) -> dict[str, Any]:
+    """`status --json`, checked against docs/status-json.md; exit 0 only when all runs."""
     out = meshtrust("status", "--json", home=home)
-    assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert isinstance(data, dict)
+    assert_status_schema(data)
+    assert out.returncode == (0 if data["state"] == "running" else 1), out.stderr
     return data
 
 
@@ -56,6 +65,7 @@ def test_quickstart_up_detach_status_rotation_down(tmp_path: Path) -> None:
             assert svc["envoy"]["mtls_mode"] == "STRICT" and svc["app"] == "running"
             assert len(svc["serial"]) >= 16
         assert first["ca"]["state"] == "running" and first["ca"]["issued"] >= 3
+        assert first["state"] == "running"
 
         # The allowed call goes through the upstream port; the denied one is denied.
         status, body = http_get(18080, "/call/backend")
@@ -79,6 +89,12 @@ def test_quickstart_up_detach_status_rotation_down(tmp_path: Path) -> None:
         assert not Path(svc.sds_socket).exists() and not Path(svc.workload_socket).exists()
     again = meshtrust("down", home=home)
     assert again.returncode == 0 and "nothing was running" in again.stdout
+
+    # A mesh that is down: `status` says so and fails.
+    stopped = meshtrust("status", home=home)
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "is not running" in stopped.stderr and "meshtrust up" in stopped.stderr
+    assert status_json(home)["state"] == "down"
 
 
 def _mesh(tmp_path: Path, **change: Any) -> Path:

@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from meshtrust.cli import cli
 from tests.mesh_helpers import (
     APP,
     agent_status,
+    assert_status_schema,
     envoy_serial,
     http_get,
     running_mesh,
@@ -150,6 +153,20 @@ def test_a_bad_policy_edit_is_refused_and_the_old_one_stays(tmp_path: Path) -> N
         assert "action" in error
         assert http_get(upstream_port(mesh, "a", "b"))[0] == 200
         assert http_get(upstream_port(mesh, "c", "b"))[0] == 403
+
+        # `status` shows the refusal with its message, in the table and in --json.
+        table = CliRunner().invoke(cli, ["status", str(path)], catch_exceptions=False)
+        assert table.exit_code == 0, table.output
+        words = " ".join(table.output.split())
+        assert "STRICT (edit refused)" in words
+        assert "b: policy edit refused (the sidecar keeps policy version 1, STRICT):" in words
+        assert "AuthorizationPolicy default/b-from-a" in words
+        out = CliRunner().invoke(cli, ["status", str(path), "--json"], catch_exceptions=False)
+        assert out.exit_code == 0, out.output
+        document = json.loads(out.stdout)
+        assert_status_schema(document)
+        b = next(s for s in document["services"] if s["name"] == "b")
+        assert b["envoy"]["policy_error"] == error and b["envoy"]["policy_version"] == 1
 
 
 class _Loop:

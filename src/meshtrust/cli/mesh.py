@@ -43,8 +43,8 @@ def status_view(data: dict[str, Any]) -> Group:
         f"{data['trust_domain']}  ",
         ("CA ", "bold"),
         f"{ca['address']} {ca['state']}  ",
-        f"issued {int(ca['issued']) if ca['issued'] is not None else '-'}  ",
-        f"refused {int(ca['refused']) if ca['refused'] is not None else '-'}",
+        f"issued {ca['issued'] if ca['issued'] is not None else '-'}  ",
+        f"refused {ca['refused'] if ca['refused'] is not None else '-'}",
     )
     table = Table(expand=False)
     for col in (
@@ -74,12 +74,31 @@ def status_view(data: dict[str, Any]) -> Group:
             _secs(svc.get("next_rotation_in_seconds")),
             str(svc.get("rotations") if svc.get("rotations") is not None else "-"),
             envoy_state if svc["agent"] == "running" else "agent down",
-            str(envoy.get("mtls_mode") or "-"),
+            _mtls(envoy),
             str(conns["allowed"]),
             str(conns["denied"]),
             svc["app"] or "-",
         )
-    return Group(head, table)
+    refusals = [
+        Text.assemble(
+            (f"{svc['name']}: policy edit refused", "bold red"),
+            f" (the sidecar keeps policy version {svc['envoy']['policy_version']}, "
+            f"{svc['envoy']['mtls_mode']}): {svc['envoy']['policy_error']}",
+        )
+        for svc in data["services"]
+        if svc["envoy"].get("policy_error")
+    ]
+    return Group(head, table, *refusals)
+
+
+_NOT_RUNNING_HINT = "none of its processes is alive; start it with `meshtrust up MESH_FILE`"
+
+
+def _mtls(envoy: dict[str, Any]) -> Text:
+    mode = str(envoy.get("mtls_mode") or "-")
+    if envoy.get("policy_error"):
+        return Text(f"{mode} (edit refused)", style="red")
+    return Text(mode)
 
 
 def _console() -> Console:
@@ -113,7 +132,7 @@ def up(mesh_file: Path, detach: bool) -> None:
     everything. The mesh file format is in the README.
     """
     from meshtrust.mesh.config import load_mesh_config
-    from meshtrust.mesh.runner import start_mesh, stop_mesh
+    from meshtrust.mesh.launch import start_mesh, stop_mesh
     from meshtrust.mesh.status import mesh_status
 
     console = _console()
@@ -149,9 +168,14 @@ def up(mesh_file: Path, detach: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(mesh_file: Path | None, as_json: bool) -> None:
     """Show the running mesh: per workload its SPIFFE ID, serial, expiry, time to the next
-    rotation, rotations so far, Envoy state, mTLS mode and allowed/denied connections.
+    rotation, rotations so far, Envoy state, mTLS mode (and a refused policy edit, with its
+    error) and allowed/denied connections. The --json document is described in
+    docs/status-json.md.
 
     Without MESH_FILE: the mesh started last on this machine.
+
+    Exit status 0 when every process of the mesh runs and every sidecar is live, 1 when
+    the mesh is down or part of it is (the table says which), 2 when no mesh was started.
     """
     from meshtrust.mesh.status import mesh_status
 
@@ -160,6 +184,12 @@ def status(mesh_file: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
     else:
         _console().print(status_view(data))
+    if data["state"] == "down":
+        click.echo(
+            f"error: the mesh {data['mesh_file']} is not running: {_NOT_RUNNING_HINT}", err=True
+        )
+    if data["state"] != "running":
+        raise SystemExit(1)
 
 
 @click.command()
@@ -170,7 +200,7 @@ def down(mesh_file: Path | None) -> None:
     Without MESH_FILE: the mesh started last on this machine.
     """
     from meshtrust.errors import ConfigError
-    from meshtrust.mesh.runner import stop_mesh
+    from meshtrust.mesh.launch import stop_mesh
 
     try:
         state = _load_running(mesh_file)

@@ -1,5 +1,7 @@
 """``meshtrust proxy-config secret``, ``check`` and ``certs monitor``: the operator's tools
-over a running local mesh (the logic is in :mod:`meshtrust.mesh.tools`)."""
+over a running local mesh: options and tables here; what they observe and judge is in
+:mod:`meshtrust.mesh.proxy_config`, :mod:`meshtrust.mesh.check` and
+:mod:`meshtrust.mesh.certs_monitor`."""
 
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ def secret(workload: str, mesh_file: Path | None, as_json: bool) -> None:
 
     Example: meshtrust proxy-config secret web
     """
-    from meshtrust.mesh.tools import load_running_state, proxy_secrets
+    from meshtrust.mesh.probes import load_running_state
+    from meshtrust.mesh.proxy_config import proxy_secrets
 
     rows = proxy_secrets(load_running_state(mesh_file), workload)
     if as_json:
@@ -138,7 +141,8 @@ def check(workload: str, mesh_file: Path | None, as_json: bool) -> None:
 
     Exit status 1 when any step FAILs.
     """
-    from meshtrust.mesh.tools import Verdict, check_workload, load_running_state
+    from meshtrust.mesh.check import Verdict, check_workload
+    from meshtrust.mesh.probes import load_running_state
 
     steps = check_workload(load_running_state(mesh_file), workload)
     failed = any(s.verdict == Verdict.FAIL for s in steps)
@@ -200,7 +204,8 @@ def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) ->
     check, e.g. `meshtrust certs monitor --warn-within 1h || alert`.
     """
     from meshtrust.durations import format_duration
-    from meshtrust.mesh.tools import load_running_state, monitor_certs
+    from meshtrust.mesh.certs_monitor import monitor_certs
+    from meshtrust.mesh.probes import load_running_state
 
     rows = monitor_certs(load_running_state(mesh_file), warn_within)
     bad = [r for r in rows if not r.fine]
@@ -208,7 +213,7 @@ def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) ->
         click.echo(
             json.dumps(
                 {
-                    "warn_within_seconds": warn_within.total_seconds(),
+                    "warn_within_seconds": int(warn_within.total_seconds()),
                     "ok": not bad,
                     "certificates": [r.to_json() for r in rows],
                 },

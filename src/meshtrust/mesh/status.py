@@ -1,21 +1,111 @@
-"""Reading a running mesh: each agent's ``/debug/status``, each Envoy's stats, the CA's
-metrics, and whether every process is alive. Used by ``status``, the live view and
-``check``. Every probe has a short timeout; a component that does not answer is reported
-as such, never as a traceback.
+"""``meshtrust status``: observe the running mesh once, then describe it as one document.
+
+:func:`observe_mesh` does the I/O — is each process alive, each agent's ``/debug/status``,
+each Envoy's stats, the CA's metrics — with short timeouts; a component that does not answer
+is observed as missing, never a traceback. :func:`status_document` is pure: it turns that
+observation into the document ``status --json`` prints (and the table and the live view
+show), in the schema of ``docs/status-json.md``: integer counts and seconds, timestamps in
+RFC 3339 UTC ending in ``Z``, serials as :func:`meshtrust.pki.format_serial` prints them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from meshtrust.clock import SystemClock
 from meshtrust.mesh.probes import agent_status, alive, envoy_stats, fetch
 from meshtrust.mesh.state import MeshState, ServiceState
+from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
+from meshtrust.pki import format_serial
 
-__all__ = ["mesh_status", "service_status"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "MeshObservation",
+    "ServiceObservation",
+    "mesh_status",
+    "observe_mesh",
+    "status_document",
+]
+
+SCHEMA_VERSION = 1
+
+_STATS = r"rbac|ssl\.handshake|ssl\.connection_error|no_filter_chain"
 
 
-def _rbac_counts(stats: dict[str, int]) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ServiceObservation:
+    service: ServiceState
+    agent_alive: bool
+    app_alive: bool | None  # None: the service has no app
+    agent: Mapping[str, Any] | None  # its /debug/status, None when it does not answer
+    envoy_stats: Mapping[str, int] | None  # None when Envoy does not answer
+
+
+@dataclass(frozen=True)
+class MeshObservation:
+    state: MeshState
+    ca_alive: bool
+    ca_metrics: str | None  # the CA's /metrics text, None when it does not answer
+    services: tuple[ServiceObservation, ...]
+
+
+def _envoy_of(agent: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    envoy = agent.get("envoy") if agent else None
+    return envoy if isinstance(envoy, dict) else {}
+
+
+def observe_mesh(state: MeshState) -> MeshObservation:
+    """Everything ``status`` needs, read once from the live mesh."""
+    services = []
+    for svc in state.services:
+        agent = agent_status(svc)
+        admin = _envoy_of(agent).get("admin")
+        services.append(
+            ServiceObservation(
+                service=svc,
+                agent_alive=alive(svc.agent_pid),
+                app_alive=None if svc.app_pid is None else alive(svc.app_pid),
+                agent=agent,
+                envoy_stats=envoy_stats(admin if isinstance(admin, str) else None, _STATS),
+            )
+        )
+    return MeshObservation(
+        state=state,
+        ca_alive=alive(state.ca.pid),
+        ca_metrics=fetch(f"http://{state.ca.metrics}/metrics"),
+        services=tuple(services),
+    )
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _seconds_until(t: dt.datetime | None, now: dt.datetime) -> int | None:
+    return None if t is None else math.floor((t - now).total_seconds())
+
+
+def _timestamp(t: dt.datetime | None) -> str | None:
+    return None if t is None else format_timestamp(t)
+
+
+def _serial(value: object) -> str | None:
+    try:
+        return format_serial(int(str(value), 16)) if value else None
+    except ValueError:
+        return None
+
+
+def _rbac_counts(stats: Mapping[str, int]) -> tuple[int, int]:
     allowed = denied = 0
     for name, value in stats.items():
         if ".rbac." not in name or ".shadow_" in name:
@@ -30,79 +120,102 @@ def _rbac_counts(stats: dict[str, int]) -> tuple[int, int]:
     return allowed, denied
 
 
-def service_status(svc: ServiceState) -> dict[str, Any]:
-    """Everything ``status`` shows for one service."""
-    out: dict[str, Any] = {
-        "name": svc.name,
-        "spiffe_id": svc.spiffe_id,
-        "agent": "running" if alive(svc.agent_pid) else "down",
-        "app": None if svc.app_pid is None else ("running" if alive(svc.app_pid) else "down"),
-        "inbound_port": svc.inbound_port,
-    }
-    agent = agent_status(svc) or {}
-    out.update(
-        {
-            k: agent.get(k)
-            for k in (
-                "serial",
-                "not_after",
-                "next_rotation_in_seconds",
-                "expires_in_seconds",
-                "rotations",
-                "state",
-                "ready",
-                "last_error",
-            )
-        }
-    )
-    envoy = agent.get("envoy") if isinstance(agent.get("envoy"), dict) else {}
-    assert isinstance(envoy, dict)
-    admin = envoy.get("admin")
-    stats = envoy_stats(admin, r"rbac|ssl\.handshake|ssl\.connection_error|no_filter_chain") or {}
+def service_document(obs: ServiceObservation, now: dt.datetime) -> dict[str, Any]:
+    """One entry of ``services`` (docs/status-json.md)."""
+    svc, agent = obs.service, obs.agent or {}
+    not_after = parse_timestamp(agent.get("not_after"))
+    next_rotation = parse_timestamp(agent.get("next_rotation"))
+    envoy = _envoy_of(agent)
+    stats = obs.envoy_stats or {}
     allowed, denied = _rbac_counts(stats)
     prefix = f"listener.inbound_{svc.inbound_port}."
-    out["envoy"] = {
-        "state": ("live" if envoy.get("live") else "not ready") if envoy else "unknown",
-        "pid": envoy.get("pid"),
-        "restarts": envoy.get("restarts"),
-        "admin": admin,
-        "mtls_mode": envoy.get("mtls_mode"),
-        "policy_version": envoy.get("policy_version"),
-        "policy_error": envoy.get("policy_error"),
+    ready = agent.get("ready")
+    return {
+        "name": svc.name,
+        "spiffe_id": svc.spiffe_id,
+        "agent": "running" if obs.agent_alive else "down",
+        "app": None if obs.app_alive is None else ("running" if obs.app_alive else "down"),
+        "inbound_port": svc.inbound_port,
+        "state": _str(agent.get("state")),
+        "ready": ready if isinstance(ready, bool) else None,
+        "serial": _serial(agent.get("serial")),
+        "not_before": _timestamp(parse_timestamp(agent.get("not_before"))),
+        "not_after": _timestamp(not_after),
+        "expires_in_seconds": _seconds_until(not_after, now),
+        "next_rotation": _timestamp(next_rotation),
+        "next_rotation_in_seconds": _seconds_until(next_rotation, now),
+        "rotations": _int(agent.get("rotations")),
+        "last_error": _str(agent.get("last_error")),
+        "envoy": {
+            "state": ("live" if envoy.get("live") else "not ready") if envoy else "unknown",
+            "pid": _int(envoy.get("pid")),
+            "restarts": _int(envoy.get("restarts")),
+            "admin": _str(envoy.get("admin")),
+            "mtls_mode": _str(envoy.get("mtls_mode")),
+            "policy_version": _int(envoy.get("policy_version")),
+            "policy_error": _str(envoy.get("policy_error")),
+        },
+        "connections": {
+            "allowed": allowed,
+            "denied": denied,
+            "tls_handshakes": stats.get(prefix + "ssl.handshake", 0),
+            "tls_errors": stats.get(prefix + "ssl.connection_error", 0),
+            "plaintext_refused": stats.get(prefix + "no_filter_chain_match", 0),
+        },
     }
-    out["connections"] = {
-        "allowed": allowed,
-        "denied": denied,
-        "tls_handshakes": stats.get(prefix + "ssl.handshake", 0),
-        "tls_errors": stats.get(prefix + "ssl.connection_error", 0),
-        "plaintext_refused": stats.get(prefix + "no_filter_chain_match", 0),
-    }
-    return out
 
 
-def _metric(text: str | None, name: str) -> float | None:
-    for line in (text or "").splitlines():
+def _metric(text: str, name: str) -> int | None:
+    for line in text.splitlines():
         m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+([0-9.eE+-]+)$", line)
         if m:
-            return float(m.group(2))
+            return int(float(m.group(2)))
     return None
 
 
-def mesh_status(state: MeshState) -> dict[str, Any]:
-    metrics = fetch(f"http://{state.ca.metrics}/metrics")
-    refused = 0.0
-    for line in (metrics or "").splitlines():
+def _refusals(text: str) -> int:
+    total = 0
+    for line in text.splitlines():
         if line.startswith("meshtrust_ca_refusals_total"):
-            refused += float(line.rsplit(" ", 1)[1])
+            try:
+                total += int(float(line.rsplit(" ", 1)[1]))
+            except ValueError:
+                continue
+    return total
+
+
+def _mesh_state(obs: MeshObservation, services: list[dict[str, Any]]) -> str:
+    processes = [obs.ca_alive] + [s.agent_alive for s in obs.services]
+    processes += [s.app_alive for s in obs.services if s.app_alive is not None]
+    if not any(processes):
+        return "down"
+    sidecars_live = all(s["envoy"]["state"] == "live" for s in services)
+    return "running" if all(processes) and sidecars_live else "degraded"
+
+
+def status_document(obs: MeshObservation, now: dt.datetime) -> dict[str, Any]:
+    """The ``status --json`` document of ``obs`` at ``now`` (docs/status-json.md)."""
+    state, metrics = obs.state, obs.ca_metrics
+    services = [service_document(s, now) for s in obs.services]
     return {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": format_timestamp(now),
         "mesh_file": state.mesh_file,
         "trust_domain": state.trust_domain,
-        "cert_ttl_seconds": state.cert_ttl_seconds,
+        "cert_ttl_seconds": math.floor(state.cert_ttl_seconds),
+        "state": _mesh_state(obs, services),
         "ca": {
             "address": state.ca.address,
-            "state": "running" if alive(state.ca.pid) else "down",
-            "issued": _metric(metrics, "citadel_server_success_cert_issuance_count"),
-            "refused": refused if metrics is not None else None,
+            "state": "running" if obs.ca_alive else "down",
+            "issued": None
+            if metrics is None
+            else _metric(metrics, "citadel_server_success_cert_issuance_count"),
+            "refused": None if metrics is None else _refusals(metrics),
         },
-        "services": [service_status(s) for s in state.services],
+        "services": services,
     }
+
+
+def mesh_status(state: MeshState, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Observe ``state``'s mesh and describe it (see :func:`status_document`)."""
+    return status_document(observe_mesh(state), now or SystemClock().now())

@@ -1,0 +1,596 @@
+"""``meshtrust check``: the troubleshooting walk over one workload, observe then judge.
+
+:func:`observe_workload` gathers, once, everything true of the workload that the walk looks
+at: which processes are alive, the agent's ``/debug/status``, whether the app listens, the
+certificate files, the mesh root, what Envoy serves (``/certs``) and its counters
+(``/stats``). Each ``check_*`` in :data:`CHECKS` is then a pure function of that
+:class:`Observation` and the time, returning one :class:`CheckStep`: a verdict, what was
+seen, and — for WARN and FAIL — a hint on what to do. A step that cannot be judged because
+an earlier one failed is SKIP, saying why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from meshtrust.clock import SystemClock
+from meshtrust.durations import format_duration
+from meshtrust.errors import MeshTrustError
+from meshtrust.mesh.probes import (
+    agent_status,
+    alive,
+    certs_entries,
+    envoy_info,
+    envoy_stats,
+    fetch_json,
+    parse_serial,
+    port_open,
+    read_chain,
+    read_roots,
+)
+from meshtrust.mesh.proxy_config import uri_sans
+from meshtrust.mesh.state import MeshState, ServiceState
+from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
+from meshtrust.pki import TrustBundle, format_serial, verify_svid
+from meshtrust.spiffe import TrustDomain
+
+__all__ = [
+    "CHECKS",
+    "WARN_FRACTION",
+    "CheckStep",
+    "Observation",
+    "Verdict",
+    "check_workload",
+    "judge",
+    "observe_workload",
+]
+
+#: The time-left step warns when less than this share of the certificate TTL is left.
+WARN_FRACTION = 0.2
+
+
+class Verdict(enum.StrEnum):
+    PASS = "PASS"
+    WARN = "WARN"
+    FAIL = "FAIL"
+    SKIP = "SKIP"  # could not be judged because an earlier step failed (the detail says which)
+
+
+@dataclass
+class CheckStep:
+    id: str  # stable key: agent, app, envoy, certificate, chain, identity, envoy-cert, ...
+    title: str
+    verdict: Verdict
+    detail: str
+    hint: str | None = None  # what to do, for WARN and FAIL
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What is true of one workload, read once by :func:`observe_workload`."""
+
+    mesh: MeshState
+    service: ServiceState
+    ca_alive: bool
+    agent_alive: bool
+    agent: Mapping[str, Any] | None  # its /debug/status; None when it does not answer
+    app_alive: bool | None  # None: the mesh file gives the service no app
+    app_listening: bool
+    chain: tuple[x509.Certificate, ...] | None  # cert-chain.pem, leaf first
+    chain_error: str | None
+    roots: tuple[x509.Certificate, ...] | None  # the mesh's root-cert.pem
+    roots_where: str  # its path, or why it cannot be read
+    envoy_answers: bool  # Envoy's admin API answered /certs
+    envoy_leaf: Mapping[str, Any] | None  # Envoy's /certs entry of the `default` leaf
+    envoy_roots: tuple[int, ...] = ()  # serials of Envoy's ROOTCA
+    stats: Mapping[str, int] | None = None  # Envoy's counters; None when unreachable
+
+    @property
+    def envoy(self) -> dict[str, Any]:
+        return envoy_info(self.agent)
+
+    @property
+    def admin(self) -> str | None:
+        admin = self.envoy.get("admin")
+        return admin if isinstance(admin, str) else None
+
+    @property
+    def agent_serial(self) -> int | None:
+        return parse_serial(self.agent.get("serial")) if self.agent else None
+
+    @property
+    def file_serial(self) -> int | None:
+        return self.chain[0].serial_number if self.chain else None
+
+    @property
+    def envoy_serial(self) -> int | None:
+        return parse_serial(self.envoy_leaf.get("serial_number")) if self.envoy_leaf else None
+
+    @property
+    def envoy_log(self) -> Path:
+        return Path(self.service.envoy_workdir) / f"envoy-{self.service.name}.log"
+
+
+# --------------------------------------------------------------------------------------------
+# Observing
+
+_STATS_PATTERN = r"ssl\.|rbac|no_filter_chain_match|upstream_cx_connect_fail|lds\.update_rejected"
+
+
+def _envoy_certs(admin: str | None) -> tuple[dict[str, Any] | None, tuple[int, ...], bool]:
+    if not admin:
+        return None, (), False
+    certs_json = fetch_json(f"{admin}/certs")
+    if certs_json is None:
+        return None, (), False
+    leaves = certs_entries(certs_json, "cert_chain")
+    roots = {parse_serial(e.get("serial_number")) for e in certs_entries(certs_json, "ca_cert")}
+    return (leaves[0] if leaves else None), tuple(sorted(r for r in roots if r is not None)), True
+
+
+def observe_workload(
+    state: MeshState, workload: str, attempts: int = 4, pause: float = 0.5
+) -> Observation:
+    """Read everything ``check`` judges about ``workload``. If a rotation is caught midway
+    (agent, files and Envoy name different serials) read again, a few times.
+
+    Raises ConfigError for an unknown workload.
+    """
+    svc = state.service(workload)
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(pause)
+        agent = agent_status(svc)
+        chain, chain_error = read_chain(svc)
+        leaf, envoy_roots, answers = _envoy_certs(envoy_info(agent).get("admin"))
+        serials = (
+            parse_serial(agent.get("serial")) if agent else None,
+            chain[0].serial_number if chain else None,
+            parse_serial(leaf.get("serial_number")) if leaf else None,
+        )
+        if len(set(serials)) == 1 or None in serials:
+            break  # all agree, or something is missing: re-reading will not help
+    admin = envoy_info(agent).get("admin")
+    roots, roots_where = read_roots(state)
+    return Observation(
+        mesh=state,
+        service=svc,
+        ca_alive=alive(state.ca.pid),
+        agent_alive=alive(svc.agent_pid),
+        agent=agent,
+        app_alive=None if svc.app_pid is None else alive(svc.app_pid),
+        app_listening=svc.app_pid is not None and port_open(svc.app_port),
+        chain=tuple(chain) if chain is not None else None,
+        chain_error=chain_error,
+        roots=tuple(roots) if roots is not None else None,
+        roots_where=roots_where,
+        envoy_answers=answers,
+        envoy_leaf=leaf,
+        envoy_roots=envoy_roots,
+        stats=envoy_stats(admin, _STATS_PATTERN) if isinstance(admin, str) and answers else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hints shared by several checks
+
+
+def _restart_hint(state: MeshState) -> str:
+    return f"restart the mesh: `meshtrust down` then `meshtrust up {state.mesh_file}`"
+
+
+def _renewal_hint(obs: Observation) -> str:
+    state = obs.mesh
+    if not obs.ca_alive:
+        parts = [
+            f"the CA (pid {state.ca.pid}) is not running, so the agent cannot renew: "
+            f"{_restart_hint(state)} (CA log: {state.ca.log})"
+        ]
+    else:
+        parts = [
+            f"the agent renews at half-life; is the CA at {state.ca.address} reachable? "
+            f"(`meshtrust status`, CA log {state.ca.log})"
+        ]
+    if obs.agent and obs.agent.get("last_error"):
+        parts.append(f"the agent's last error: {obs.agent['last_error']}")
+    return "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    return format_duration(dt.timedelta(seconds=int(seconds)))
+
+
+# --------------------------------------------------------------------------------------------
+# The checks, in the order of the walk
+
+
+def check_agent(obs: Observation, now: dt.datetime) -> CheckStep:
+    svc = obs.service
+    step = "agent", "agent running"
+    if not obs.agent_alive:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"the agent (pid {svc.agent_pid}) is not running",
+            f"its log {svc.agent_log} says why it stopped; {_restart_hint(obs.mesh)}",
+        )
+    if obs.agent is None:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"pid {svc.agent_pid} is alive but http://{svc.status}/debug/status does not answer",
+            f"the agent may be hung; see {svc.agent_log}; {_restart_hint(obs.mesh)}",
+        )
+    return CheckStep(
+        *step,
+        Verdict.PASS,
+        f"pid {svc.agent_pid}, certificate state {obs.agent.get('state')}, "
+        f"ready {obs.agent.get('ready')}",
+    )
+
+
+def check_app(obs: Observation, now: dt.datetime) -> CheckStep:
+    svc = obs.service
+    step = "app", "app running"
+    if obs.app_alive is None:
+        return CheckStep(*step, Verdict.SKIP, "no app: the mesh file gives this service no command")
+    if not obs.app_alive:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"the app (pid {svc.app_pid}) is not running",
+            f"its log {svc.app_log} says why it stopped; {_restart_hint(obs.mesh)}",
+        )
+    if not obs.app_listening:
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"pid {svc.app_pid} is alive but nothing listens on 127.0.0.1:{svc.app_port}",
+            f"the sidecar forwards callers to that port: is the app still starting, or "
+            f"listening elsewhere? (log {svc.app_log})",
+        )
+    return CheckStep(*step, Verdict.PASS, f"pid {svc.app_pid}, listening on :{svc.app_port}")
+
+
+def check_envoy(obs: Observation, now: dt.datetime) -> CheckStep:
+    envoy, step = obs.envoy, ("envoy", "Envoy live")
+    if obs.agent is None:
+        return CheckStep(*step, Verdict.SKIP, "the agent, which runs Envoy, does not answer")
+    if not envoy:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            "the agent runs no Envoy sidecar",
+            "the agent was started without --sidecar; restart the mesh",
+        )
+    if not envoy.get("live") or not obs.envoy_answers:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"Envoy (pid {envoy.get('pid')}) is not live"
+            + ("" if obs.envoy_answers else f"; its admin API {obs.admin} does not answer"),
+            f"the agent restarts it (restarts so far: {envoy.get('restarts')}); "
+            f"see {obs.envoy_log} and {obs.service.agent_log}",
+        )
+    if envoy.get("restarts"):
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"pid {envoy.get('pid')}, admin {obs.admin}, but restarted {envoy['restarts']}×",
+            f"Envoy exited and the agent started it again; {obs.envoy_log} says why",
+        )
+    return CheckStep(*step, Verdict.PASS, f"pid {envoy.get('pid')}, admin {obs.admin}")
+
+
+def check_certificate(obs: Observation, now: dt.datetime) -> CheckStep:
+    step = "certificate", "certificate present"
+    if obs.chain is None:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            obs.chain_error or "no certificate",
+            f"the agent has no certificate yet: {_renewal_hint(obs)} "
+            f"(agent log {obs.service.agent_log})",
+        )
+    return CheckStep(
+        *step,
+        Verdict.PASS,
+        f"{Path(obs.service.cert_dir) / 'cert-chain.pem'}, "
+        f"serial {format_serial(obs.chain[0].serial_number)}",
+    )
+
+
+def check_chain(obs: Observation, now: dt.datetime) -> CheckStep:
+    step = "chain", "chain valid to the mesh root"
+    chain = obs.chain
+    if not chain:
+        return CheckStep(*step, Verdict.SKIP, "no certificate to verify")
+    if obs.roots is None:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            obs.roots_where,
+            f"the mesh's CA directory {obs.mesh.ca.ca_dir} is damaged or gone",
+        )
+    leaf = chain[0]
+    # Expiry is the time-left step's verdict; here: is the chain signed by the mesh root?
+    at = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
+    try:
+        bundle = TrustBundle(TrustDomain.parse(obs.mesh.trust_domain), obs.roots)
+        anchor = verify_svid(list(chain), bundle, at).chain[-1]
+    except MeshTrustError as exc:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            str(exc),
+            f"this certificate was not issued under the mesh root {obs.roots_where}: was the "
+            f"CA directory re-created while the agent kept an old certificate? "
+            f"{_restart_hint(obs.mesh)}",
+        )
+    return CheckStep(
+        *step,
+        Verdict.PASS,
+        f"{len(chain)} certificate(s) to the root {anchor.subject.rfc4514_string()} "
+        f"(serial {format_serial(anchor.serial_number)})",
+    )
+
+
+def check_identity(obs: Observation, now: dt.datetime) -> CheckStep:
+    step, expected = ("identity", "identity as expected"), obs.service.spiffe_id
+    if not obs.chain:
+        return CheckStep(*step, Verdict.SKIP, "no certificate to read")
+    sans = uri_sans(obs.chain[0])
+    if sans == [expected]:
+        return CheckStep(*step, Verdict.PASS, expected)
+    return CheckStep(
+        *step,
+        Verdict.FAIL,
+        f"the certificate names {', '.join(sans) or 'no SPIFFE ID'}, the mesh expects {expected}",
+        "the agent's token or --namespace/--service-account do not match the mesh "
+        f"file; {_restart_hint(obs.mesh)}",
+    )
+
+
+def check_envoy_cert(obs: Observation, now: dt.datetime) -> CheckStep:
+    step, name = ("envoy-cert", "Envoy serves the certificate"), obs.service.name
+    if not obs.envoy_answers or obs.agent is None:
+        return CheckStep(*step, Verdict.SKIP, "Envoy's admin API is not reachable")
+    envoy_serial, agent_serial, file_serial = obs.envoy_serial, obs.agent_serial, obs.file_serial
+    if envoy_serial is None:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            "Envoy holds no workload certificate (SDS `default` never arrived)",
+            f"see `meshtrust proxy-config secret {name}` and the agent log {obs.service.agent_log}",
+        )
+    problems, hints = [], []
+    if agent_serial is not None and envoy_serial != agent_serial:
+        problems.append(
+            f"Envoy serves serial {format_serial(envoy_serial)}, the agent's current "
+            f"certificate is {format_serial(agent_serial)}"
+        )
+        hints.append(
+            "the SDS push did not reach Envoy or Envoy refused it "
+            f"(`meshtrust proxy-config secret {name}`, {obs.envoy_log})"
+        )
+    if file_serial is not None and agent_serial is not None and file_serial != agent_serial:
+        problems.append(
+            f"cert-chain.pem holds serial {format_serial(file_serial)}, not the agent's current one"
+        )
+        hints.append("the agent did not refresh its output files (istio#53118)")
+    root_serials = {r.serial_number for r in obs.roots or ()}
+    if root_serials and not root_serials & set(obs.envoy_roots):
+        problems.append("Envoy's ROOTCA does not contain the mesh root")
+        hints.append("peers' certificates will be refused; " + _restart_hint(obs.mesh))
+    if problems:
+        return CheckStep(*step, Verdict.WARN, "; ".join(problems), "; ".join(hints))
+    return CheckStep(
+        *step,
+        Verdict.PASS,
+        f"serial {format_serial(envoy_serial)} (same as the agent's and the files'), "
+        "ROOTCA has the mesh root",
+    )
+
+
+def check_time_left(obs: Observation, now: dt.datetime) -> CheckStep:
+    """On the certificate Envoy serves (else the agent's, else the file's)."""
+    step = "time-left", "time left"
+    not_after = parse_timestamp(obs.envoy_leaf.get("expiration_time")) if obs.envoy_leaf else None
+    if not_after is None and obs.agent is not None:
+        not_after = parse_timestamp(obs.agent.get("not_after"))
+    if not_after is None and obs.chain:
+        not_after = obs.chain[0].not_valid_after_utc
+    if not_after is None:
+        return CheckStep(*step, Verdict.SKIP, "no certificate")
+    left, ttl = (not_after - now).total_seconds(), obs.mesh.cert_ttl_seconds
+    if left <= 0:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"EXPIRED {_duration(-left)} ago (NotAfter {format_timestamp(not_after)}): peers "
+            "refuse this workload's mTLS handshakes",
+            _renewal_hint(obs),
+        )
+    if left < WARN_FRACTION * ttl:
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"{_duration(left)} left of a {_duration(ttl)} certificate "
+            f"(NotAfter {format_timestamp(not_after)})",
+            "it should have been renewed at half-life: " + _renewal_hint(obs),
+        )
+    return CheckStep(
+        *step, Verdict.PASS, f"{_duration(left)} (NotAfter {format_timestamp(not_after)})"
+    )
+
+
+def check_policy(obs: Observation, now: dt.datetime) -> CheckStep:
+    step, envoy = ("policy", "policy mode"), obs.envoy
+    files = ", ".join(obs.mesh.policy_files) or "the policy files"
+    if obs.agent is None or not envoy:
+        return CheckStep(*step, Verdict.SKIP, "the agent does not answer")
+    if envoy.get("policy_error"):
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"the policy files were refused: {envoy['policy_error']}",
+            f"fix {files}; until then the sidecar keeps the last good policy "
+            f"({envoy.get('mtls_mode')}, version {envoy.get('policy_version')})",
+        )
+    mode = envoy.get("mtls_mode")
+    rejected = (obs.stats or {}).get("listener_manager.lds.update_rejected", 0)
+    detail = f"{mode}, policy version {envoy.get('policy_version')}"
+    if rejected:
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"{detail}; Envoy rejected {rejected} listener update(s)",
+            f"Envoy runs the previous listener; {obs.envoy_log} says why",
+        )
+    if mode == "DISABLE":
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"{detail}: plain text only, no mTLS",
+            "a PeerAuthentication with mode DISABLE applies to this workload; "
+            "use STRICT (or PERMISSIVE while migrating)",
+        )
+    if mode is None:
+        return CheckStep(
+            *step, Verdict.WARN, "no policy compiled yet", f"see {obs.service.agent_log}"
+        )
+    if mode == "PERMISSIVE":
+        return CheckStep(
+            *step, Verdict.PASS, f"{detail} (mTLS or plain text; STRICT would refuse plain text)"
+        )
+    return CheckStep(*step, Verdict.PASS, detail)
+
+
+# Envoy counters that mean trouble on the way in or out, and what they usually mean.
+_TLS_INBOUND = {
+    "ssl.connection_error": "TLS handshakes that failed (a caller with an expired or "
+    "foreign certificate, or a protocol mismatch)",
+    "ssl.fail_verify_no_cert": "callers that spoke TLS without a client certificate "
+    "(not a mesh sidecar)",
+    "ssl.fail_verify_error": "caller certificates that do not verify against the mesh root "
+    "(another CA, or expired)",
+    "ssl.fail_verify_san": "caller certificates with an unexpected identity",
+    "ssl.fail_verify_cert_hash": "caller certificates with an unexpected hash",
+    "no_filter_chain_match": "plain-text connections refused (STRICT mTLS)",
+}
+_TLS_OUTBOUND = {
+    "ssl.connection_error": "TLS handshakes to the upstream that failed",
+    "ssl.fail_verify_error": "upstream certificates that do not verify against the mesh root",
+    "ssl.fail_verify_san": "the upstream presented another identity than the mesh file says",
+    "ssl.fail_verify_no_cert": "the upstream presented no certificate",
+    "upstream_cx_connect_fail": "connections to the upstream's sidecar that failed (is it up?)",
+}
+
+
+def _tls_errors(stats: Mapping[str, int], svc: ServiceState) -> list[tuple[str, int, str]]:
+    found: list[tuple[str, int, str]] = []
+    inbound = f"listener.inbound_{svc.inbound_port}."
+    for suffix, meaning in _TLS_INBOUND.items():
+        value = stats.get(inbound + suffix, 0)
+        if value:
+            found.append((inbound + suffix, value, meaning))
+    for name, value in sorted(stats.items()):
+        if not value or not name.startswith("cluster.outbound|"):
+            continue
+        for suffix, meaning in _TLS_OUTBOUND.items():
+            if name.endswith("." + suffix):
+                found.append((name, value, meaning))
+    return found
+
+
+def _rbac_denials(stats: Mapping[str, int]) -> list[tuple[str, int]]:
+    return [
+        (name, value)
+        for name, value in sorted(stats.items())
+        if value and ".rbac." in name and name.endswith("denied") and "shadow" not in name
+    ]
+
+
+def _counts(items: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in items)
+
+
+def _since(obs: Observation) -> str:
+    return f"since Envoy (pid {obs.envoy.get('pid')}) started"
+
+
+def check_tls_errors(obs: Observation, now: dt.datetime) -> CheckStep:
+    step = "tls-errors", "TLS handshake errors"
+    if obs.stats is None:
+        return CheckStep(*step, Verdict.SKIP, "Envoy's stats are unreachable")
+    errors = _tls_errors(obs.stats, obs.service)
+    if errors:
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"{_counts((n, v) for n, v, _ in errors)} ({_since(obs)})",
+            "; ".join(f"{n.rsplit('.', 1)[-1]}: {m}" for n, _, m in errors),
+        )
+    return CheckStep(*step, Verdict.PASS, f"none {_since(obs)}")
+
+
+def check_rbac(obs: Observation, now: dt.datetime) -> CheckStep:
+    step = "rbac", "RBAC denials"
+    if obs.stats is None:
+        return CheckStep(*step, Verdict.SKIP, "Envoy's stats are unreachable")
+    denials = _rbac_denials(obs.stats)
+    if denials:
+        files = ", ".join(obs.mesh.policy_files) or "the policy files"
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"{sum(v for _, v in denials)} denied: {_counts(denials)} ({_since(obs)})",
+            "an AuthorizationPolicy refused these calls (a DENY rule matched, or no ALLOW "
+            f"rule did); if they should pass, see {files}",
+        )
+    return CheckStep(*step, Verdict.PASS, f"none {_since(obs)}")
+
+
+Check = Callable[[Observation, dt.datetime], CheckStep]
+
+#: The walk, in order.
+CHECKS: tuple[Check, ...] = (
+    check_agent,
+    check_app,
+    check_envoy,
+    check_certificate,
+    check_chain,
+    check_identity,
+    check_envoy_cert,
+    check_time_left,
+    check_policy,
+    check_tls_errors,
+    check_rbac,
+)
+
+
+def judge(obs: Observation, now: dt.datetime) -> list[CheckStep]:
+    """Every check over one observation. Pure."""
+    return [check(obs, now) for check in CHECKS]
+
+
+def check_workload(
+    state: MeshState, workload: str, now: dt.datetime | None = None
+) -> list[CheckStep]:
+    """The troubleshooting walk for ``workload``: one :class:`CheckStep` per step.
+
+    Raises ConfigError for an unknown workload; everything else is a verdict.
+    """
+    obs = observe_workload(state, workload)
+    return judge(obs, now or SystemClock().now())

@@ -1,0 +1,386 @@
+"""Carrying out a :class:`~meshtrust.mesh.plan.MeshPlan`: check its ports, write its files,
+start its processes in its order, and stop them again.
+
+Everything that can be checked is checked before the first process starts (the plan, every
+fixed port, the CA directory). If something fails while starting — a port taken after all,
+an app that exits, an Envoy that refuses its config, a CA that does not come up, a file
+that cannot be written — everything already started is stopped again and the error says
+what failed, naming the path or ending with the process's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from meshtrust.ca.authn import mint_token
+from meshtrust.ca.cadir import init_ca_dir, load_ca_dir, load_token_signing_key, token_issuer_for
+from meshtrust.clock import SystemClock
+from meshtrust.errors import ConfigError, EnvironmentFault
+from meshtrust.fileio import write_private_file
+from meshtrust.mesh.config import MeshConfig
+from meshtrust.mesh.plan import HttpOk, MeshPlan, PathExists, ProcessPlan, Start, Wait, plan_mesh
+from meshtrust.mesh.probes import agent_status, alive
+from meshtrust.mesh.state import CaState, MeshState, ServiceState, write_state
+
+__all__ = [
+    "MeshStartFailed",
+    "envoy_pid",
+    "launch",
+    "pick_free_port",
+    "port_free",
+    "start_mesh",
+    "stop_mesh",
+]
+
+TOKEN_TTL = dt.timedelta(days=30)
+
+
+class MeshStartFailed(EnvironmentFault):
+    """The mesh could not be started; what was started has been stopped again."""
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``host:port``.
+
+    With SO_REUSEADDR, as every server sets it: connections of a mesh that just stopped
+    linger in TIME_WAIT for a minute, and without it they would look like a running mesh.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def _answers_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return int(resp.status) == 200
+    except urllib.error.HTTPError:
+        return False
+    except OSError:
+        return False
+
+
+def _ready(until: HttpOk | PathExists) -> bool:
+    if isinstance(until, HttpOk):
+        return _answers_ok(until.url)
+    return until.path.exists()
+
+
+def _os_error(exc: OSError, doing: str) -> MeshStartFailed:
+    where = f" {exc.filename}" if exc.filename else ""
+    return MeshStartFailed(f"cannot {doing}{where}: {exc.strerror or exc}")
+
+
+# The mesh's processes outlive the Popen objects of the call that started them (`up
+# --detach` returns, a test goes on). Kept here, they are reaped when stopped instead of
+# warning "still running" when garbage-collected.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    for pid, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            del _CHILDREN[pid]
+
+
+class _Started:
+    """What has been started so far, to stop again on failure."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, tuple[ProcessPlan, subprocess.Popen[bytes]]] = {}
+
+    def spawn(self, process: ProcessPlan) -> subprocess.Popen[bytes]:
+        try:
+            out = process.log.open("ab")
+        except OSError as exc:
+            raise _os_error(exc, f"open the log of {process.what}") from exc
+        with out:
+            try:
+                proc = subprocess.Popen(
+                    list(process.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=process.cwd,
+                    env=None if process.env is None else dict(process.env),
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise MeshStartFailed(
+                    f"cannot start {process.what} ({process.argv[0]}): {exc.strerror}"
+                ) from exc
+        self.procs[process.key] = (process, proc)
+        _CHILDREN[proc.pid] = proc
+        return proc
+
+    def pid(self, key: str) -> int | None:
+        entry = self.procs.get(key)
+        return entry[1].pid if entry else None
+
+    def check_running(self) -> None:
+        for process, proc in self.procs.values():
+            if proc.poll() is not None:
+                raise MeshStartFailed(
+                    f"{process.what} exited with status {proc.returncode} while the mesh was "
+                    f"starting; its log ({process.log}) ends with:\n{_tail(process.log)}"
+                )
+
+    def stop_all(self) -> None:
+        procs = [p for _, p in self.procs.values()]
+        _terminate([p.pid for p in reversed(procs)])
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1)
+
+
+def _terminate(pids: Sequence[int], timeout: float = 15.0) -> None:
+    """SIGTERM every process (group), wait, SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        proc = _CHILDREN.get(pid)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+    _reap()
+
+
+def _wait(step: Wait, started: _Started, plan: MeshPlan) -> None:
+    deadline = time.monotonic() + step.timeout
+    while time.monotonic() < deadline:
+        started.check_running()
+        if _ready(step.until):
+            return
+        time.sleep(0.1)
+    log = plan.processes()[step.log_of].log
+    raise MeshStartFailed(f"{step.what} was not ready after {step.timeout:.0f}s\n{_tail(log)}")
+
+
+def _check_ports(plan: MeshPlan) -> None:
+    for port, what in plan.fixed_ports.items():
+        if not port_free(port):
+            raise ConfigError(
+                f"port {port} ({what}) is already in use on 127.0.0.1 — is "
+                "another mesh running? (`meshtrust down`)"
+            )
+
+
+def _ensure_ca(config: MeshConfig) -> None:
+    now = SystemClock().now()
+    if not (config.ca_dir / "root-cert.pem").exists():
+        init_ca_dir(config.ca_dir, config.trust_domain, now)
+        return
+    hint = load_ca_dir(config.ca_dir, now).trust_domain_hint()
+    if hint is not None and hint != config.trust_domain:
+        raise ConfigError(
+            f"the CA in {config.ca_dir} is for trust domain {hint}, but {config.path} says "
+            f"{config.trust_domain}; remove the directory or fix trustDomain"
+        )
+
+
+def _prepare(plan: MeshPlan) -> None:
+    """Directories, the CA directory, every planned file and each agent's token."""
+    config = plan.config
+    for directory in plan.dirs:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, "create the directory") from exc
+    try:
+        _ensure_ca(config)
+    except OSError as exc:
+        raise _os_error(exc, "set up the CA directory") from exc
+    for planned in plan.files:
+        try:
+            planned.path.write_text(planned.content)
+        except OSError as exc:
+            raise _os_error(exc, "write") from exc
+    token_key = load_token_signing_key(config.ca_dir)
+    if token_key is None:
+        raise MeshStartFailed(f"{config.ca_dir} has no token-key.pem to mint tokens with")
+    for svc in plan.services:
+        token = mint_token(
+            token_key,
+            token_issuer_for(config.trust_domain),
+            svc.spec.namespace,
+            svc.spec.service_account,
+            SystemClock().now(),
+            TOKEN_TTL,
+        )
+        try:
+            write_private_file(svc.token_file, token.encode())
+        except OSError as exc:
+            raise _os_error(exc, "write the token") from exc
+
+
+def _state(plan: MeshPlan, started: _Started) -> MeshState:
+    config = plan.config
+    services = []
+    for svc in plan.services:
+        agent_pid = started.pid(svc.agent.key)
+        assert agent_pid is not None
+        app_pid = started.pid(svc.app.key) if svc.app is not None else None
+        services.append(
+            ServiceState(
+                name=svc.spec.name,
+                namespace=svc.spec.namespace,
+                spiffe_id=str(svc.spec.spiffe_id),
+                protocol=svc.spec.protocol.value,
+                app_port=svc.spec.port,
+                inbound_port=svc.inbound_port,
+                status=svc.status_listen,
+                agent_pid=agent_pid,
+                app_pid=app_pid,
+                sds_socket=str(svc.sds_socket),
+                workload_socket=str(svc.workload_socket),
+                cert_dir=str(svc.cert_dir),
+                envoy_workdir=str(svc.envoy_workdir),
+                agent_log=str(svc.agent.log),
+                app_log=str(svc.app.log) if svc.app is not None else None,
+                upstreams={up.service: up.local_port for up in svc.spec.upstreams},
+            )
+        )
+    ca_pid = started.pid(plan.ca.key)
+    assert ca_pid is not None
+    return MeshState(
+        mesh_file=str(config.path),
+        work_dir=str(config.work_dir),
+        trust_domain=config.trust_domain.name,
+        cert_ttl_seconds=int(config.cert_ttl.total_seconds()),
+        ca=CaState(
+            pid=ca_pid,
+            address=config.ca_listen,
+            metrics=plan.ca_metrics,
+            ca_dir=str(config.ca_dir),
+            log=str(plan.ca.log),
+        ),
+        services=services,
+        policy_files=[str(p) for p in config.policy_files],
+    )
+
+
+def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState:
+    """Carry out ``plan`` and return the mesh's state once every sidecar is ready.
+
+    Raises ConfigError (a port in use, a CA directory for another trust domain) before
+    anything starts, MeshStartFailed (everything started is stopped again) after.
+    """
+    _check_ports(plan)
+    _prepare(plan)
+    processes = plan.processes()
+    started = _Started()
+    try:
+        for step in plan.steps:
+            if isinstance(step, Start):
+                process = processes[step.process]
+                progress(_announce(plan, process))
+                started.spawn(process)
+            else:
+                _wait(step, started, plan)
+        state = _state(plan, started)
+        for svc in state.services:
+            svc.envoy_pid = envoy_pid(svc)
+        progress("all sidecars have their certificates and are ready")
+        try:
+            write_state(state)
+        except OSError as exc:
+            raise _os_error(exc, "write the mesh state") from exc
+        return state
+    except BaseException:
+        started.stop_all()
+        raise
+
+
+def _announce(plan: MeshPlan, process: ProcessPlan) -> str:
+    if process.key == plan.ca.key:
+        return f"starting the CA for {plan.config.trust_domain} on {plan.config.ca_listen}"
+    for svc in plan.services:
+        if process.key == svc.agent.key:
+            return f"starting {svc.spec.name}: agent + Envoy ({svc.spec.spiffe_id})"
+    return f"starting {process.what}"
+
+
+def start_mesh(config: MeshConfig, progress: Callable[[str], None] = print) -> MeshState:
+    """Plan ``config`` and launch it (see :func:`plan_mesh` and :func:`launch`)."""
+    return launch(plan_mesh(config, pick_free_port, python=sys.executable), progress)
+
+
+def envoy_pid(svc: ServiceState) -> int | None:
+    """The pid of the service's Envoy, from its agent (None if the agent does not answer)."""
+    envoy = (agent_status(svc) or {}).get("envoy")
+    pid = envoy.get("pid") if isinstance(envoy, dict) else None
+    return pid if isinstance(pid, int) else None
+
+
+def stop_mesh(state: MeshState) -> list[str]:
+    """Stop every process of the mesh and remove its sockets. Idempotent; returns what it did."""
+    done: list[str] = []
+    envoys = [p for s in state.services for p in (envoy_pid(s), s.envoy_pid) if p is not None]
+    apps = [s.app_pid for s in state.services if s.app_pid is not None and alive(s.app_pid)]
+    agents = [s.agent_pid for s in state.services if alive(s.agent_pid)]
+    if apps:
+        _terminate(apps)
+        done.append(f"stopped {len(apps)} app(s)")
+    if agents:
+        _terminate(agents)
+        done.append(f"stopped {len(agents)} agent(s) and their Envoys")
+    left = [p for p in envoys if alive(p) and "envoy" in _cmdline(p)]
+    if left:
+        _terminate(left)
+        done.append(f"stopped {len(left)} orphaned Envoy(s)")
+    if alive(state.ca.pid):
+        _terminate([state.ca.pid])
+        done.append("stopped the CA")
+    for svc in state.services:
+        for sock in (svc.sds_socket, svc.workload_socket):
+            with contextlib.suppress(FileNotFoundError):
+                Path(sock).unlink()
+                done.append(f"removed {sock}")
+    return done
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -1,0 +1,418 @@
+"""What ``meshtrust up`` will do, decided before it does anything: a :class:`MeshPlan`.
+
+Theory of operation. :func:`plan_mesh` turns a validated :class:`MeshConfig` into a complete,
+inspectable plan — every process (the CA, each agent, each app) with its argv, environment,
+working directory and log file; every port (the fixed ones from the mesh file and the ones
+picked here); every path (sockets, certificate and Envoy directories, tokens); the contents
+of every file meshtrust writes for its processes (each agent's ``--config`` YAML and its
+sidecar YAML); and the order of starts and waits. It reads no file, opens no socket and
+looks at no clock: free ports come from the ``pick_port`` argument, the environment apps
+inherit from ``environ``. :mod:`meshtrust.mesh.launch` carries the plan out.
+
+A mesh whose plan cannot work is refused here, before anything starts: today that is a Unix
+socket path longer than the kernel's ``sun_path`` (108 bytes with its NUL), which the agent
+could not bind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from meshtrust.errors import ConfigError
+from meshtrust.mesh.config import MeshConfig, ServiceSpec
+
+__all__ = [
+    "SUN_PATH_MAX",
+    "HttpOk",
+    "MeshPlan",
+    "PathExists",
+    "PlannedFile",
+    "ProcessPlan",
+    "ServicePlan",
+    "Start",
+    "Step",
+    "Wait",
+    "plan_mesh",
+]
+
+#: ``sizeof(sockaddr_un.sun_path)`` on Linux: a socket path has at most 107 bytes plus NUL.
+SUN_PATH_MAX = 108
+
+#: How long ``up`` waits for each thing to come up before it gives up and stops everything.
+CA_READY_TIMEOUT = 30.0
+SOCKET_TIMEOUT = 30.0
+SIDECAR_READY_TIMEOUT = 60.0
+
+#: The largest TTL the mesh's CA accepts (its default, unless certTTL is longer).
+MAX_TTL_SECONDS = 90 * 86400
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """One process of the mesh, as it will be started."""
+
+    key: str  # stable name: "ca", "<service>-agent", "<service>-app"
+    what: str  # for messages: "the CA", "the agent of web"
+    argv: tuple[str, ...]
+    log: Path
+    cwd: Path | None = None
+    env: Mapping[str, str] | None = None  # None: inherit meshtrust's environment
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: Path
+    content: str
+    private: bool = False  # written 0600
+
+
+@dataclass(frozen=True)
+class HttpOk:
+    """Ready when a GET of ``url`` answers 200."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class PathExists:
+    """Ready when ``path`` exists (a socket the agent binds)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class Start:
+    process: str  # a ProcessPlan.key
+
+
+@dataclass(frozen=True)
+class Wait:
+    what: str
+    until: HttpOk | PathExists
+    timeout: float
+    log_of: str  # the ProcessPlan.key whose log explains a failure
+
+
+Step = Start | Wait
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    spec: ServiceSpec
+    dir: Path
+    inbound_port: int
+    status_listen: str  # the agent's /healthz/ready, /metrics, /debug/status
+    sds_socket: Path
+    workload_socket: Path
+    cert_dir: Path
+    envoy_workdir: Path
+    token_file: Path  # minted by the launcher with the CA's token key (a secret, not planned)
+    agent_config: PlannedFile  # the agent's --config
+    sidecar_config: PlannedFile  # the agent's `sidecar:` file
+    agent: ProcessPlan
+    app: ProcessPlan | None
+
+    @property
+    def sockets(self) -> tuple[Path, ...]:
+        """Every Unix socket the agent binds."""
+        return (self.sds_socket, self.workload_socket)
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    config: MeshConfig
+    logs_dir: Path
+    fixed_ports: Mapping[int, str]  # port -> what claims it (checked free before start)
+    ca_metrics: str  # HOST:PORT of the CA's /metrics and /ready
+    ca: ProcessPlan
+    services: tuple[ServicePlan, ...]
+    steps: tuple[Step, ...]
+    dirs: tuple[Path, ...] = field(default=())  # made before anything starts
+
+    @property
+    def work_dir(self) -> Path:
+        return self.config.work_dir
+
+    @property
+    def files(self) -> tuple[PlannedFile, ...]:
+        return tuple(f for s in self.services for f in (s.sidecar_config, s.agent_config))
+
+    def processes(self) -> dict[str, ProcessPlan]:
+        out = {self.ca.key: self.ca}
+        for svc in self.services:
+            out[svc.agent.key] = svc.agent
+            if svc.app is not None:
+                out[svc.app.key] = svc.app
+        return out
+
+    def service(self, name: str) -> ServicePlan:
+        for svc in self.services:
+            if svc.spec.name == name:
+                return svc
+        raise KeyError(name)
+
+
+def fixed_ports(config: MeshConfig) -> dict[int, str]:
+    """Every port the mesh file names, and what names it."""
+    fixed: dict[int, str] = {int(config.ca_listen.rpartition(":")[2]): "ca.listen"}
+    for svc in config.services:
+        fixed[svc.port] = f"service {svc.name} port"
+        if svc.inbound_port is not None:
+            fixed[svc.inbound_port] = f"service {svc.name} inboundPort"
+        for up in svc.upstreams:
+            fixed[up.local_port] = f"service {svc.name} upstream {up.service} localPort"
+    return fixed
+
+
+def _picker(pick_port: Callable[[], int], taken: set[int]) -> Callable[[], int]:
+    def pick() -> int:
+        for _ in range(1000):
+            port = pick_port()
+            if port not in taken:
+                taken.add(port)
+                return port
+        raise ConfigError("could not find a free port on 127.0.0.1")
+
+    return pick
+
+
+def check_socket_path(service: str, path: Path) -> None:
+    """Raises ConfigError naming ``service`` when ``path`` cannot be bound as a Unix socket."""
+    size = len(os.fsencode(path))
+    if size >= SUN_PATH_MAX:
+        raise ConfigError(
+            f"service {service}: its socket path {path} is {size} bytes, more than the "
+            f"{SUN_PATH_MAX - 1} a Unix socket path may have; use a shorter workDir or "
+            "service name"
+        )
+
+
+def _seconds(config: MeshConfig) -> int:
+    return int(config.cert_ttl.total_seconds())
+
+
+def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> ProcessPlan:
+    ttl = _seconds(config)
+    return ProcessPlan(
+        key="ca",
+        what="the CA",
+        argv=(
+            python,
+            "-m",
+            "meshtrust",
+            "ca",
+            "serve",
+            "--ca-dir",
+            str(config.ca_dir),
+            "--listen",
+            config.ca_listen,
+            "--metrics-listen",
+            metrics,
+            "--default-ttl",
+            f"{ttl}s",
+            "--max-ttl",
+            f"{max(ttl, MAX_TTL_SECONDS)}s",
+        ),
+        log=logs / "ca.log",
+    )
+
+
+def _sidecar_yaml(config: MeshConfig, svc: ServiceSpec, inbound: Mapping[str, int]) -> str:
+    sidecar = {
+        "name": svc.name,
+        "namespace": svc.namespace,
+        "labels": svc.labels,
+        "app_port": svc.port,
+        "inbound_port": inbound[svc.name],
+        "protocol": svc.protocol.value,
+        "upstreams": [
+            {
+                "name": up.service,
+                "local_port": up.local_port,
+                "address": f"127.0.0.1:{inbound[up.service]}",
+                "spiffe_id": str(config.service(up.service).spiffe_id),
+                "protocol": config.service(up.service).protocol.value,
+            }
+            for up in svc.upstreams
+        ],
+    }
+    return yaml.safe_dump(sidecar, sort_keys=False)
+
+
+def _agent_yaml(
+    config: MeshConfig, svc: ServiceSpec, paths: Mapping[str, Path], status: str
+) -> str:
+    """The agent's ``--config`` file: its keys are ``meshtrust agent``'s flag names."""
+    settings: dict[str, object] = {
+        "ca-address": config.ca_listen,
+        "ca-root": str(config.ca_dir / "root-cert.pem"),
+        "token-file": str(paths["token"]),
+        "trust-domain": config.trust_domain.name,
+        "namespace": svc.namespace,
+        "service-account": svc.service_account,
+        "cert-ttl": f"{_seconds(config)}s",
+        "sds-socket": str(paths["sds"]),
+        "workload-socket": str(paths["workload"]),
+        "output-dir": str(paths["certs"]),
+        "status-listen": status,
+        "sidecar": str(paths["sidecar"]),
+        "envoy-workdir": str(paths["envoy"]),
+        "root-namespace": config.root_namespace,
+        "policy": [str(p) for p in config.policy_files],
+    }
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
+def _app_process(
+    config: MeshConfig,
+    svc: ServiceSpec,
+    workload_socket: Path,
+    python: str,
+    environ: Mapping[str, str],
+    logs: Path,
+) -> ProcessPlan | None:
+    if svc.command is None:
+        return None
+    command = list(svc.command)
+    if command[0] in ("python", "python3"):
+        command[0] = python  # the Python that runs meshtrust, whatever is on PATH
+    env = {
+        **environ,
+        **svc.env,
+        "PORT": str(svc.port),
+        "SERVICE_NAME": svc.name,
+        "SPIFFE_ENDPOINT_SOCKET": f"unix://{workload_socket}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for up in svc.upstreams:
+        env[f"UPSTREAM_{up.service.upper().replace('-', '_')}"] = f"127.0.0.1:{up.local_port}"
+    return ProcessPlan(
+        key=f"{svc.name}-app",
+        what=f"the app of {svc.name}",
+        argv=tuple(command),
+        log=logs / f"{svc.name}-app.log",
+        cwd=config.path.parent,
+        env=env,
+    )
+
+
+def _service_plan(
+    config: MeshConfig,
+    svc: ServiceSpec,
+    inbound: Mapping[str, int],
+    status_port: int,
+    python: str,
+    environ: Mapping[str, str],
+    logs: Path,
+) -> ServicePlan:
+    sdir = config.work_dir / svc.name
+    paths = {
+        "token": sdir / "token",
+        "sds": sdir / "sds.sock",
+        "workload": sdir / "workload.sock",
+        "certs": sdir / "certs",
+        "envoy": sdir / "envoy",
+        "sidecar": sdir / "sidecar.yaml",
+        "agent": sdir / "agent.yaml",
+    }
+    for key in ("sds", "workload"):
+        check_socket_path(svc.name, paths[key])
+    status = f"127.0.0.1:{status_port}"
+    return ServicePlan(
+        spec=svc,
+        dir=sdir,
+        inbound_port=inbound[svc.name],
+        status_listen=status,
+        sds_socket=paths["sds"],
+        workload_socket=paths["workload"],
+        cert_dir=paths["certs"],
+        envoy_workdir=paths["envoy"],
+        token_file=paths["token"],
+        agent_config=PlannedFile(paths["agent"], _agent_yaml(config, svc, paths, status)),
+        sidecar_config=PlannedFile(paths["sidecar"], _sidecar_yaml(config, svc, inbound)),
+        agent=ProcessPlan(
+            key=f"{svc.name}-agent",
+            what=f"the agent of {svc.name}",
+            argv=(python, "-m", "meshtrust", "agent", "--config", str(paths["agent"])),
+            log=logs / f"{svc.name}-agent.log",
+        ),
+        app=_app_process(config, svc, paths["workload"], python, environ, logs),
+    )
+
+
+def _steps(ca: ProcessPlan, metrics: str, services: tuple[ServicePlan, ...]) -> tuple[Step, ...]:
+    """The CA first (agents need it for their first certificate); then every agent at once;
+    each app once its agent's Workload API socket exists (apps may fetch their SVID at
+    start); done when every sidecar is ready (certificate + Envoy live)."""
+    steps: list[Step] = [
+        Start(ca.key),
+        Wait("the CA", HttpOk(f"http://{metrics}/ready"), CA_READY_TIMEOUT, ca.key),
+    ]
+    steps += [Start(s.agent.key) for s in services]
+    for s in services:
+        steps.append(
+            Wait(
+                f"the Workload API socket of {s.spec.name}",
+                PathExists(s.workload_socket),
+                SOCKET_TIMEOUT,
+                s.agent.key,
+            )
+        )
+        if s.app is not None:
+            steps.append(Start(s.app.key))
+    steps += [
+        Wait(
+            f"{s.spec.name} (certificate + Envoy)",
+            HttpOk(f"http://{s.status_listen}/healthz/ready"),
+            SIDECAR_READY_TIMEOUT,
+            s.agent.key,
+        )
+        for s in services
+    ]
+    return tuple(steps)
+
+
+def plan_mesh(
+    config: MeshConfig,
+    pick_port: Callable[[], int],
+    *,
+    python: str = sys.executable,
+    environ: Mapping[str, str] | None = None,
+) -> MeshPlan:
+    """The plan for ``config``. ``pick_port`` returns a free loopback port each call (a port
+    the mesh file names, or one already picked, is skipped); ``environ`` is the environment
+    apps inherit (default: meshtrust's own).
+
+    Raises ConfigError naming the service when a socket path would be too long.
+    """
+    fixed = fixed_ports(config)
+    pick = _picker(pick_port, set(fixed))
+    metrics = f"127.0.0.1:{pick()}"
+    status_ports = {s.name: pick() for s in config.services}
+    inbound = {
+        s.name: s.inbound_port if s.inbound_port is not None else pick() for s in config.services
+    }
+    logs = config.work_dir / "logs"
+    env = dict(os.environ if environ is None else environ)
+    ca = _ca_process(config, python, metrics, logs)
+    services = tuple(
+        _service_plan(config, s, inbound, status_ports[s.name], python, env, logs)
+        for s in config.services
+    )
+    dirs = (logs, *(s.dir for s in services))
+    return MeshPlan(
+        config=config,
+        logs_dir=logs,
+        fixed_ports=fixed,
+        ca_metrics=metrics,
+        ca=ca,
+        services=services,
+        steps=_steps(ca, metrics, services),
+        dirs=dirs,
+    )

@@ -1,0 +1,523 @@
+"""`meshtrust check`, `certs monitor` and `proxy-config secret` judged from observations
+written by hand: every verdict and hint without a process."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from meshtrust.mesh.certs_monitor import CertObservation, judge_expiry
+from meshtrust.mesh.check import (
+    CHECKS,
+    Observation,
+    Verdict,
+    check_agent,
+    check_app,
+    check_certificate,
+    check_chain,
+    check_envoy,
+    check_envoy_cert,
+    check_identity,
+    check_policy,
+    check_rbac,
+    check_time_left,
+    check_tls_errors,
+    judge,
+)
+from meshtrust.mesh.proxy_config import secret_rows
+from meshtrust.mesh.state import CaState, MeshState, ServiceState
+from meshtrust.pki import format_serial
+from tests.badcerts import NOW, cert_pem, leaf_from_another_root, make_ca, svid_leaf
+
+WEB = "spiffe://cluster.local/ns/default/sa/web"
+CA = make_ca("cluster.local")
+LEAF = svid_leaf(CA.signer, WEB, ttl=dt.timedelta(minutes=10))
+OTHER_LEAF = svid_leaf(CA.signer, "spiffe://cluster.local/ns/default/sa/db")
+FOREIGN = leaf_from_another_root(WEB)
+SERIAL = format_serial(LEAF.cert.serial_number)
+
+SVC = ServiceState(
+    name="web",
+    namespace="default",
+    spiffe_id=WEB,
+    protocol="http",
+    app_port=8080,
+    inbound_port=16080,
+    status="127.0.0.1:40001",
+    agent_pid=200,
+    app_pid=300,
+    sds_socket="/w/web/sds.sock",
+    workload_socket="/w/web/workload.sock",
+    cert_dir="/w/web/certs",
+    envoy_workdir="/w/web/envoy",
+    agent_log="/w/logs/web-agent.log",
+    app_log="/w/logs/web-app.log",
+)
+MESH = MeshState(
+    mesh_file="/m/mesh.yaml",
+    work_dir="/w",
+    trust_domain="cluster.local",
+    cert_ttl_seconds=600,
+    ca=CaState(
+        pid=100,
+        address="127.0.0.1:15012",
+        metrics="127.0.0.1:40000",
+        ca_dir="/c",
+        log="/w/logs/ca.log",
+    ),
+    services=[SVC],
+    policy_files=["/m/policies.yaml"],
+)
+ENVOY: dict[str, Any] = {
+    "live": True,
+    "pid": 4242,
+    "admin": "http://127.0.0.1:40123",
+    "restarts": 0,
+    "mtls_mode": "STRICT",
+    "policy_version": 1,
+    "policy_error": None,
+}
+AGENT: dict[str, Any] = {
+    "state": "valid",
+    "ready": True,
+    "serial": SERIAL,
+    "not_after": LEAF.cert.not_valid_after_utc.isoformat(),
+    "last_error": None,
+    "envoy": ENVOY,
+}
+GOOD = Observation(
+    mesh=MESH,
+    service=SVC,
+    ca_alive=True,
+    agent_alive=True,
+    agent=AGENT,
+    app_alive=True,
+    app_listening=True,
+    chain=tuple(LEAF.chain),
+    chain_error=None,
+    roots=(CA.root,),
+    roots_where="/c/root-cert.pem",
+    envoy_answers=True,
+    envoy_leaf={"serial_number": SERIAL, "expiration_time": "2030-01-01T00:10:00Z"},
+    envoy_roots=(CA.root.serial_number,),
+    stats={"listener.inbound_16080.ssl.handshake": 3, "http.inbound_16080.rbac.allowed": 2},
+)
+
+
+def obs(**change: Any) -> Observation:
+    return dataclasses.replace(GOOD, **change)
+
+
+def envoy(**change: Any) -> dict[str, Any]:
+    return {**AGENT, "envoy": {**ENVOY, **change}}
+
+
+def test_a_healthy_workload_passes_every_step_in_order() -> None:
+    steps = judge(GOOD, NOW)
+    assert [s.id for s in steps] == [
+        "agent",
+        "app",
+        "envoy",
+        "certificate",
+        "chain",
+        "identity",
+        "envoy-cert",
+        "time-left",
+        "policy",
+        "tls-errors",
+        "rbac",
+    ]
+    assert [s.verdict for s in steps] == [Verdict.PASS] * len(CHECKS)
+    assert all(s.hint is None for s in steps)
+
+
+# (case, observation, check, verdict, in detail, in hint)
+CASES: list[tuple[str, Observation, Any, Verdict, str, str | None]] = [
+    (
+        "agent dead",
+        obs(agent_alive=False, agent=None),
+        check_agent,
+        Verdict.FAIL,
+        "pid 200) is not running",
+        "web-agent.log",
+    ),
+    ("agent hung", obs(agent=None), check_agent, Verdict.FAIL, "does not answer", "hung"),
+    ("no app", obs(app_alive=None), check_app, Verdict.SKIP, "no command", None),
+    (
+        "app dead",
+        obs(app_alive=False),
+        check_app,
+        Verdict.FAIL,
+        "pid 300) is not running",
+        "web-app.log",
+    ),
+    (
+        "app not listening",
+        obs(app_listening=False),
+        check_app,
+        Verdict.WARN,
+        "nothing listens on 127.0.0.1:8080",
+        "still starting",
+    ),
+    ("envoy: no agent", obs(agent=None), check_envoy, Verdict.SKIP, "does not answer", None),
+    (
+        "no sidecar",
+        obs(agent={**AGENT, "envoy": None}),
+        check_envoy,
+        Verdict.FAIL,
+        "no Envoy sidecar",
+        "--sidecar",
+    ),
+    (
+        "envoy not live",
+        obs(agent=envoy(live=False)),
+        check_envoy,
+        Verdict.FAIL,
+        "is not live",
+        "envoy-web.log",
+    ),
+    (
+        "envoy admin silent",
+        obs(envoy_answers=False),
+        check_envoy,
+        Verdict.FAIL,
+        "does not answer",
+        "restarts",
+    ),
+    (
+        "envoy restarted",
+        obs(agent=envoy(restarts=2)),
+        check_envoy,
+        Verdict.WARN,
+        "restarted 2×",
+        "started it again",
+    ),
+    (
+        "no cert file",
+        obs(chain=None, chain_error="/w/web/certs/cert-chain.pem does not exist"),
+        check_certificate,
+        Verdict.FAIL,
+        "does not exist",
+        "renews at half-life",
+    ),
+    (
+        "no cert, CA down",
+        obs(chain=None, chain_error="x", ca_alive=False),
+        check_certificate,
+        Verdict.FAIL,
+        "x",
+        "CA (pid 100) is not running",
+    ),
+    ("chain: no cert", obs(chain=None), check_chain, Verdict.SKIP, "no certificate", None),
+    (
+        "chain: no root",
+        obs(roots=None, roots_where="cannot read the mesh root /c/root-cert.pem"),
+        check_chain,
+        Verdict.FAIL,
+        "cannot read",
+        "damaged or gone",
+    ),
+    (
+        "chain: another root",
+        obs(chain=tuple(FOREIGN.chain)),
+        check_chain,
+        Verdict.FAIL,
+        "",
+        "re-created",
+    ),
+    (
+        "identity: another",
+        obs(chain=tuple(OTHER_LEAF.chain)),
+        check_identity,
+        Verdict.FAIL,
+        "sa/db, the mesh expects " + WEB,
+        "--service-account",
+    ),
+    ("identity: no cert", obs(chain=None), check_identity, Verdict.SKIP, "no certificate", None),
+    (
+        "envoy-cert: unreachable",
+        obs(envoy_answers=False),
+        check_envoy_cert,
+        Verdict.SKIP,
+        "not reachable",
+        None,
+    ),
+    (
+        "envoy-cert: none",
+        obs(envoy_leaf=None),
+        check_envoy_cert,
+        Verdict.FAIL,
+        "never arrived",
+        "proxy-config secret web",
+    ),
+    (
+        "envoy-cert: stale",
+        obs(envoy_leaf={"serial_number": "ab" * 16}),
+        check_envoy_cert,
+        Verdict.WARN,
+        f"Envoy serves serial {'ab' * 16}, the agent's current certificate is {SERIAL}",
+        "SDS push",
+    ),
+    (
+        "envoy-cert: old files",
+        obs(chain=tuple(OTHER_LEAF.chain)),
+        check_envoy_cert,
+        Verdict.WARN,
+        "cert-chain.pem holds serial",
+        "istio#53118",
+    ),
+    (
+        "envoy-cert: no root",
+        obs(envoy_roots=(1,)),
+        check_envoy_cert,
+        Verdict.WARN,
+        "ROOTCA does not contain the mesh root",
+        "restart the mesh",
+    ),
+    (
+        "time: none",
+        obs(envoy_leaf=None, agent={**AGENT, "not_after": None}, chain=None),
+        check_time_left,
+        Verdict.SKIP,
+        "no certificate",
+        None,
+    ),
+    (
+        "time: expired",
+        obs(envoy_leaf={"serial_number": SERIAL, "expiration_time": "2029-12-31T23:00:00Z"}),
+        check_time_left,
+        Verdict.FAIL,
+        "EXPIRED 1h ago (NotAfter 2029-12-31T23:00:00Z)",
+        "renews at half-life",
+    ),
+    (
+        "time: expired, CA down",
+        obs(ca_alive=False, envoy_leaf={"expiration_time": "2029-12-31T23:00:00Z"}),
+        check_time_left,
+        Verdict.FAIL,
+        "EXPIRED",
+        "CA (pid 100) is not running",
+    ),
+    (
+        "time: short",
+        obs(envoy_leaf={"expiration_time": "2030-01-01T00:01:00Z"}),
+        check_time_left,
+        Verdict.WARN,
+        "1m left of a 10m certificate",
+        "half-life",
+    ),
+    (
+        "time: from the agent",
+        obs(envoy_leaf=None),
+        check_time_left,
+        Verdict.PASS,
+        "10m (NotAfter",
+        None,
+    ),
+    ("policy: no agent", obs(agent=None), check_policy, Verdict.SKIP, "does not answer", None),
+    (
+        "policy refused",
+        obs(agent=envoy(policy_error="spec.action: MAYBE")),
+        check_policy,
+        Verdict.FAIL,
+        "refused: spec.action: MAYBE",
+        "/m/policies.yaml; until then the sidecar keeps the last good policy (STRICT, version 1)",
+    ),
+    (
+        "lds rejected",
+        obs(stats={"listener_manager.lds.update_rejected": 1}),
+        check_policy,
+        Verdict.WARN,
+        "rejected 1 listener update",
+        "previous listener",
+    ),
+    (
+        "DISABLE",
+        obs(agent=envoy(mtls_mode="DISABLE")),
+        check_policy,
+        Verdict.WARN,
+        "plain text only",
+        "STRICT",
+    ),
+    (
+        "no policy yet",
+        obs(agent=envoy(mtls_mode=None)),
+        check_policy,
+        Verdict.WARN,
+        "no policy compiled",
+        "web-agent.log",
+    ),
+    (
+        "PERMISSIVE",
+        obs(agent=envoy(mtls_mode="PERMISSIVE")),
+        check_policy,
+        Verdict.PASS,
+        "PERMISSIVE",
+        None,
+    ),
+    ("tls: no stats", obs(stats=None), check_tls_errors, Verdict.SKIP, "unreachable", None),
+    (
+        "tls: no client cert",
+        obs(stats={"listener.inbound_16080.ssl.fail_verify_no_cert": 1}),
+        check_tls_errors,
+        Verdict.WARN,
+        "fail_verify_no_cert=1 (since Envoy (pid 4242) started)",
+        "without a client certificate",
+    ),
+    (
+        "tls: outbound",
+        obs(stats={"cluster.outbound|db.ssl.fail_verify_san": 2}),
+        check_tls_errors,
+        Verdict.WARN,
+        "fail_verify_san=2",
+        "another identity",
+    ),
+    ("rbac: no stats", obs(stats=None), check_rbac, Verdict.SKIP, "unreachable", None),
+    (
+        "rbac: denied",
+        obs(stats={"http.inbound_16080.rbac.denied": 3, "http.x.rbac.shadow_denied": 9}),
+        check_rbac,
+        Verdict.WARN,
+        "3 denied",
+        "AuthorizationPolicy",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("observation", "check", "verdict", "detail", "hint"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_each_check(
+    observation: Observation, check: Any, verdict: Verdict, detail: str, hint: str | None
+) -> None:
+    step = check(observation, NOW)
+    assert step.verdict == verdict, step
+    assert detail in step.detail
+    if hint is None:
+        assert step.hint is None
+    else:
+        assert step.hint is not None and hint in step.hint, step.hint
+
+
+def test_the_chain_is_judged_apart_from_expiry() -> None:
+    # An expired certificate still chains to the mesh root; the time-left step says EXPIRED.
+    later = LEAF.cert.not_valid_after_utc + dt.timedelta(hours=1)
+    assert check_chain(GOOD, later).verdict == Verdict.PASS
+    assert check_time_left(obs(envoy_leaf=None), later).verdict == Verdict.FAIL
+
+
+# --- certs monitor ------------------------------------------------------------------------
+
+
+def cert_obs(
+    agent: dict[str, Any] | None = AGENT, chain: Any = None, ca_alive: bool = True
+) -> CertObservation:
+    return CertObservation(SVC, agent, chain, ca_alive)
+
+
+AFTER = LEAF.cert.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    ("observation", "now", "status", "source", "message"),
+    [
+        (cert_obs(), AFTER - dt.timedelta(hours=1), "OK", "agent", "expires in 1h"),
+        (cert_obs(), AFTER - dt.timedelta(minutes=5), "WARN", "agent", "expires in 5m, within 10m"),
+        (cert_obs(), AFTER + dt.timedelta(minutes=1), "EXPIRED", "agent", "expired 1m ago"),
+        (
+            cert_obs(ca_alive=False),
+            AFTER + dt.timedelta(minutes=1),
+            "EXPIRED",
+            "agent",
+            "the CA is not running",
+        ),
+        (
+            cert_obs({**AGENT, "last_error": "UNAVAILABLE"}),
+            AFTER + dt.timedelta(seconds=1),
+            "EXPIRED",
+            "agent",
+            "renewal failing",
+        ),
+        (
+            cert_obs(None, list(LEAF.chain)),
+            AFTER - dt.timedelta(hours=1),
+            "OK",
+            "files",
+            "read from cert-chain.pem",
+        ),
+        (cert_obs(None), AFTER, "MISSING", "files", "no certificate"),
+    ],
+)
+def test_certs_monitor(
+    observation: CertObservation, now: dt.datetime, status: str, source: str, message: str
+) -> None:
+    row = judge_expiry(observation, dt.timedelta(minutes=10), now)
+    assert (row.status, row.source) == (status, source)
+    assert message in row.message
+    if status != "MISSING":
+        assert row.serial == SERIAL and row.not_after is not None and row.not_after.endswith("Z")
+
+
+# --- proxy-config secret ------------------------------------------------------------------
+
+
+def _inline(*certs: Any) -> dict[str, str]:
+    return {"inline_bytes": base64.b64encode(cert_pem(*certs)).decode()}
+
+
+def test_secret_rows() -> None:
+    active = {
+        "configs": [
+            {
+                "name": "default",
+                "version_info": "3",
+                "last_updated": "2026-01-01T12:00:00.123Z",
+                "secret": {"tls_certificate": {"certificate_chain": _inline(*LEAF.chain)}},
+            },
+            {"name": "ROOTCA", "secret": {"validation_context": {"trusted_ca": _inline(CA.root)}}},
+        ]
+    }
+    rows = secret_rows(active, {}, None, NOW)
+    leaf, root = rows
+    assert (leaf.resource_name, leaf.type, leaf.status, leaf.valid_cert) == (
+        "default",
+        "Cert Chain",
+        "ACTIVE",
+        True,
+    )
+    assert leaf.serial_number == SERIAL and leaf.subject_alt_names == [WEB]
+    assert leaf.not_after.endswith("Z") and leaf.version_info == "3"
+    assert (root.resource_name, root.type, root.serial_number) == (
+        "ROOTCA",
+        "CA",
+        format_serial(CA.root.serial_number),
+    )
+    expired = secret_rows(active, {}, None, AFTER)
+    assert [r.valid_cert for r in expired] == [False, True]  # istio#44929: not "valid" when expired
+
+
+def test_secret_rows_from_certs_when_the_dump_has_no_pem() -> None:
+    warming = {"configs": [{"name": "default", "secret": {"tls_certificate": {}}}]}
+    certs = {
+        "certificates": [
+            {
+                "cert_chain": [
+                    {
+                        "serial_number": format(LEAF.cert.serial_number, "x"),
+                        "valid_from": "2029-12-31T23:58:00Z",
+                        "expiration_time": "2030-01-01T01:00:00Z",
+                        "subject_alt_names": [{"uri": WEB}],
+                    }
+                ]
+            }
+        ]
+    }
+    (row,) = secret_rows({}, warming, certs, NOW)
+    assert (row.status, row.serial_number, row.subject_alt_names) == ("WARMING", SERIAL, [WEB])
+    assert row.valid_cert is True and row.not_after == "2030-01-01T01:00:00Z"

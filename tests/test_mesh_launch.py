@@ -1,0 +1,200 @@
+"""The launcher of `meshtrust up`: the free-port check, and failures while launching."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshtrust.errors import ConfigError
+from meshtrust.mesh import launch, load_mesh_config, plan_mesh
+from meshtrust.mesh.launch import pick_free_port, port_free
+from tests.processes import free_port
+
+STRICT = (
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+    "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
+)
+
+
+def _time_wait(port: int = 0) -> tuple[socket.socket, int]:
+    """A listener on ``port`` with one closed connection whose server side is TIME_WAIT."""
+    listener = socket.create_server(("127.0.0.1", port))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    server_side, _ = listener.accept()
+    server_side.close()  # the server closes first: its side of the connection is TIME_WAIT
+    client.recv(1)
+    client.close()
+    return listener, port
+
+
+def test_a_port_in_time_wait_is_free_and_a_listener_is_not() -> None:
+    listener, port = _time_wait()
+    assert not port_free(port)  # still listening
+    listener.close()
+
+    # The TIME_WAIT is real: a bind without SO_REUSEADDR (the old check) is refused ...
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    # ... and the check says free, as a server with SO_REUSEADDR could bind it now.
+    assert port_free(port)
+    server = socket.create_server(("127.0.0.1", port))  # sets SO_REUSEADDR
+    server.close()
+
+
+def test_a_fixed_port_in_use_refuses_the_mesh_before_anything_is_written(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    path = _mesh_file(tmp_path, "work", ca_port=port)
+    try:
+        with pytest.raises(ConfigError, match=rf"port {port} \(ca.listen\) is already in use"):
+            launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
+    finally:
+        listener.close()
+    assert not (tmp_path / "work").exists()
+
+
+def _mesh_file(
+    directory: Path, work_dir: str, ca_port: int | None = None, ca_dir: str | None = None
+) -> Path:
+    (directory / "p.yaml").write_text(STRICT)
+    (directory / "app.py").write_text("import time\ntime.sleep(60)\n")
+    mesh = {
+        "certTTL": "1m",
+        "workDir": work_dir,
+        "ca": {
+            "listen": f"127.0.0.1:{ca_port or free_port()}",
+            **({"dir": ca_dir} if ca_dir else {}),
+        },
+        "services": [
+            {
+                "name": "a",
+                "port": free_port(),
+                "upstreams": [{"service": "b", "localPort": free_port()}],
+            },
+            {"name": "b", "port": free_port(), "command": ["python3", "app.py"]},
+        ],
+        "policies": ["p.yaml"],
+    }
+    path = directory / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh))
+    return path
+
+
+def _up(path: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrust", "up", "--detach", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MESHTRUST_HOME": str(home)},
+    )
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that mention ``text`` (our mesh's paths)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def test_a_work_dir_below_a_regular_file_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a directory\n")
+    out = _up(_mesh_file(tmp_path, "afile/work"), tmp_path / "home")
+    # (1: found at launch; 2 if the mesh file's validation refuses it first.)
+    assert out.returncode in (1, 2), out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and str(tmp_path / "afile") in line
+    if out.returncode == 1:
+        assert line.startswith("error: cannot create the directory ")
+        assert str(tmp_path / "afile" / "work") in line and "Not a directory" in line
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize(
+    ("ca_dir", "problem"), [("afile", "File exists"), ("afile/ca", "Not a directory")]
+)
+def test_a_ca_dir_that_cannot_be_made_is_one_line_naming_the_path(
+    tmp_path: Path, ca_dir: str, problem: str
+) -> None:
+    (tmp_path / "afile").write_text("not a directory\n")
+    out = _up(_mesh_file(tmp_path, "work", ca_dir=ca_dir), tmp_path / "home")
+    # (1: found at launch; 2 if the mesh file's validation refuses it first.)
+    assert out.returncode in (1, 2), out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and str(tmp_path / ca_dir) in line
+    if out.returncode == 1:
+        assert line == f"error: cannot set up the CA directory {tmp_path / ca_dir}: {problem}"
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_an_os_error_after_processes_started_stops_them_all(tmp_path: Path) -> None:
+    # b's app log cannot be opened (a directory is in its place): that happens after the CA
+    # and both agents (and their Envoys) were started.
+    app_log = tmp_path / "work" / "logs" / "b-app.log"
+    app_log.mkdir(parents=True)
+    out = _up(_mesh_file(tmp_path, "work"), tmp_path / "home")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert "starting the CA" in out.stdout and "starting a: agent + Envoy" in out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot open the log of the app of b {app_log}: Is a directory"]
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "work" / "state.json").exists()
+
+
+def test_up_refuses_a_socket_path_too_long_before_anything_starts(tmp_path: Path) -> None:
+    work = tmp_path / ("w" * 90)
+    out = _up(_mesh_file(tmp_path, str(work)), tmp_path / "home")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: service a: its socket path ")
+    assert "more than the 107 a Unix socket path may have" in out.stderr
+    assert not work.exists()
+
+
+@pytest.mark.slow
+def test_up_right_after_a_mesh_stopped_with_its_ports_in_time_wait(tmp_path: Path) -> None:
+    # What a stopped mesh leaves behind for a minute: connections in TIME_WAIT on its fixed
+    # ports (here ca.listen and a's inboundPort).
+    ca_listener, ca_port = _time_wait()
+    ca_listener.close()
+    inbound_listener, inbound = _time_wait()
+    inbound_listener.close()
+    (tmp_path / "p.yaml").write_text(STRICT)
+    mesh = {
+        "workDir": "work",
+        "ca": {"listen": f"127.0.0.1:{ca_port}"},
+        "services": [{"name": "a", "port": free_port(), "inboundPort": inbound}],
+        "policies": ["p.yaml"],
+    }
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh))
+    home = tmp_path / "home"
+    try:
+        out = _up(path, home)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "meshtrust", "down", str(path)],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "MESHTRUST_HOME": str(home)},
+        )
+    assert _processes_mentioning(str(tmp_path)) == []
