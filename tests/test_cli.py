@@ -90,7 +90,7 @@ def test_serve_config_file_errors_name_the_file_and_key(tmp_path: Path, ca_dir: 
     cfg.write_text(f"ca-dir: {ca_dir}\nlisten: 127.0.0.1:0\nmax_tll: 90d\n")
     out = run_cli("ca", "serve", "--config", str(cfg))
     assert out.returncode == 2
-    assert f"config file {cfg}: unknown key 'max_tll'" in out.stderr
+    assert f"error: {cfg}:3: max_tll: unknown key" in out.stderr
     cfg.write_text("listen: [unclosed\n")
     out = run_cli("ca", "serve", "--config", str(cfg))
     assert out.returncode == 2

@@ -64,10 +64,14 @@ def test_parse_duration_accepts(text: str | int | float, expected: dt.timedelta)
         (-1, "must not be negative, got -1"),
         (-0.5, "must not be negative, got -0.5"),
         (True, "expected a duration like 90s, 15m, 24h or 90d"),
+        # What YAML hands over for `certTTL: [..]`, `certTTL: {}` or `certTTL:`.
+        (["1h"], "expected a duration like 90s, 15m, 24h or 90d"),
+        ({"h": 1}, "expected a duration like 90s, 15m, 24h or 90d"),
+        (None, "expected a duration like 90s, 15m, 24h or 90d"),
     ],
     ids=repr,
 )
-def test_parse_duration_refuses(text: str | int | float, message: str) -> None:
+def test_parse_duration_refuses(text: object, message: str) -> None:
     with pytest.raises(InvalidDuration, match=re.escape(message)):
         parse_duration(text)
 

@@ -606,7 +606,7 @@ def test_load_errors_name_file_object_and_field(
     message = str(error)
     assert problem in message
     assert str(path) in message and obj in message and field in message
-    assert f"line {line}" in message
+    assert message.startswith(f"{path}:{line}: ")
     assert "Traceback" not in message
 
 

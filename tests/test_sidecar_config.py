@@ -160,57 +160,68 @@ SPIFFE = "    spiffe_id: spiffe://example.org/ns/default/sa/api\n"
 
 
 @pytest.mark.parametrize(
-    ("text", "where", "why"),
+    ("text", "field", "line", "why"),
     [
-        (MINIMAL + "app_prot: 1\n", "key 'app_prot'", "unknown key"),
-        ("app_port: 8080\ninbound_port: 15006\n", "sidecar config", "missing required key 'name'"),
-        ("name: web\n", "sidecar config", "'app_port', 'inbound_port'"),
-        ("name: web\napp_port: 0\ninbound_port: 15006\n", "key 'app_port'", "not a TCP port"),
-        ("name: web\napp_port: 70000\ninbound_port: 1\n", "key 'app_port'", "not a TCP port"),
-        ("name: web\napp_port: '80'\ninbound_port: 1\n", "key 'app_port'", "expected an integer"),
-        ("name: web\napp_port: true\ninbound_port: 1\n", "key 'app_port'", "expected an integer"),
-        (MINIMAL + "app-port: 8081\n", "key 'app-port'", "given twice"),
-        (MINIMAL + "protocol: grpc\n", "key 'protocol'", "'grpc' is not a protocol (http, tcp)"),
-        (MINIMAL.replace("web", "Web_1"), "key 'name'", "is not a name"),
-        (MINIMAL + "namespace: a.b\n", "key 'namespace'", "is not a name"),
-        (MINIMAL + "labels: {version: 1}\n", "key 'labels'", "quote numbers"),
-        (MINIMAL + "labels: [a]\n", "key 'labels'", "expected a mapping"),
-        (MINIMAL + "labels: {app: other}\n", "key 'labels'", "app is 'other'"),
-        (MINIMAL + "admin_port: -1\n", "key 'admin_port'", "0 = any free one"),
-        (MINIMAL + "admin_port: 8080\n", "key 'admin_port'", "already used by app_port"),
-        (MINIMAL.replace("15006", "8080"), "key 'inbound_port'", "already used by app_port"),
-        (MINIMAL + "upstreams: {a: 1}\n", "key 'upstreams'", "expected a list"),
-        (MINIMAL + "upstreams: [api]\n", "key 'upstreams[0]'", "expected a mapping"),
-        (MINIMAL + UPSTREAM, "key 'upstreams[0]'", "missing required key 'spiffe_id'"),
-        (MINIMAL + UPSTREAM + SPIFFE + "    port: 1\n", "key 'upstreams[0].port'", "unknown key"),
+        (MINIMAL + "app_prot: 1\n", "app_prot", 4, "unknown key"),
+        ("app_port: 8080\ninbound_port: 15006\n", "", 1, "missing required key 'name'"),
+        ("name: web\n", "", 1, "'app_port', 'inbound_port'"),
+        (
+            "name: web\napp_port: 0\ninbound_port: 15006\n",
+            "app_port",
+            2,
+            "expected a port 1-65535, got 0",
+        ),
+        ("name: web\napp_port: 70000\ninbound_port: 1\n", "app_port", 2, "got 70000"),
+        ("name: web\napp_port: '80'\ninbound_port: 1\n", "app_port", 2, "got '80'"),
+        ("name: web\napp_port: true\ninbound_port: 1\n", "app_port", 2, "got a boolean"),
+        (MINIMAL + "app-port: 8081\n", "app-port", 4, "given twice"),
+        (MINIMAL + "protocol: grpc\n", "protocol", 4, "'grpc' is not a protocol (http, tcp)"),
+        (MINIMAL.replace("web", "Web_1"), "name", 1, "is not a name"),
+        (MINIMAL + "namespace: a.b\n", "namespace", 4, "is not a name"),
+        (MINIMAL + "labels: {version: 1}\n", "labels.version", 4, "quote numbers"),
+        (MINIMAL + "labels: [a]\n", "labels", 4, "expected a mapping"),
+        (MINIMAL + "labels: {app: other}\n", "labels", 4, "app is 'other'"),
+        (MINIMAL + "admin_port: -1\n", "admin_port", 4, "expected a port 0-65535, got -1"),
+        (MINIMAL + "admin_port: 8080\n", "admin_port", 4, "already used by app_port"),
+        (MINIMAL.replace("15006", "8080"), "inbound_port", 3, "already used by app_port"),
+        (MINIMAL + "upstreams: {a: 1}\n", "upstreams", 4, "expected a list"),
+        (MINIMAL + "upstreams: [api]\n", "upstreams[0]", 4, "expected a mapping"),
+        (MINIMAL + UPSTREAM, "upstreams[0]", 5, "missing required key 'spiffe_id'"),
+        (MINIMAL + UPSTREAM + SPIFFE + "    port: 1\n", "upstreams[0].port", 9, "unknown key"),
         (
             MINIMAL + UPSTREAM.replace("127.0.0.1:16006", "db") + SPIFFE,
-            "key 'upstreams[0].address'",
+            "upstreams[0].address",
+            7,
             "is not HOST:PORT",
         ),
         (
             MINIMAL + UPSTREAM.replace("127.0.0.1:16006", "'::1:80'") + SPIFFE,
-            "key 'upstreams[0].address'",
+            "upstreams[0].address",
+            7,
             "is not HOST:PORT",
         ),
         (
             MINIMAL + UPSTREAM.replace("127.0.0.1:16006", "db:0") + SPIFFE,
-            "key 'upstreams[0].address'",
+            "upstreams[0].address",
+            7,
             "is not HOST:PORT",
         ),
         (
             MINIMAL + UPSTREAM + SPIFFE.replace("spiffe://", "https://"),
-            "key 'upstreams[0].spiffe_id'",
+            "upstreams[0].spiffe_id",
+            8,
             "spiffe",
         ),
         (
             MINIMAL + UPSTREAM + SPIFFE + "    protocol: udp\n",
-            "key 'upstreams[0].protocol'",
+            "upstreams[0].protocol",
+            9,
             "not a protocol",
         ),
         (
             MINIMAL + UPSTREAM.replace("15101", "8080") + SPIFFE,
-            "key 'upstreams[0].local_port'",
+            "upstreams[0].local_port",
+            6,
             "already used by app_port",
         ),
         (
@@ -219,20 +230,21 @@ SPIFFE = "    spiffe_id: spiffe://example.org/ns/default/sa/api\n"
             + SPIFFE
             + UPSTREAM.replace("upstreams:\n", "").replace("15101", "15102")
             + SPIFFE,
-            "key 'upstreams[1].name'",
+            "upstreams[1].name",
+            9,
             "'api' appears twice",
         ),
     ],
 )
-def test_bad_config_names_the_file_and_the_key(
-    tmp_path: Path, text: str, where: str, why: str
+def test_bad_config_names_the_file_the_line_and_the_key(
+    tmp_path: Path, text: str, field: str, line: int, why: str
 ) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as error:
         load_sidecar_config(path)
+    assert (error.value.file, error.value.line, error.value.field) == (path, line, field)
     message = str(error.value)
-    assert f"sidecar config {path}" in message
-    assert where in message
+    assert message.startswith(f"{path}:{line}: " + (f"{field}: " if field else ""))
     assert why in message
 
 

@@ -14,12 +14,13 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
-def parse_duration(text: str | int | float, *, what: str = "duration") -> dt.timedelta:
+def parse_duration(text: object, *, what: str = "duration") -> dt.timedelta:
     """Parse ``90s``, ``1h30m``, ``24h``, ``90d`` or a bare number of seconds.
 
-    Raises :class:`InvalidDuration` naming ``what`` for anything else, and for negative values.
+    Raises :class:`InvalidDuration` naming ``what`` for anything else (a list, a mapping, a
+    boolean, null ...), and for negative values.
     """
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise InvalidDuration(f"{what}: expected a duration like 90s, 15m, 24h or 90d")
     if isinstance(text, int | float):
         if text < 0:

@@ -9,8 +9,8 @@ which is what decides the gRPC status code and what the user should do next::
     │   ├── InvalidCSR               unparsable CSR, bad self-signature, forbidden extensions
     │   ├── InvalidCertificate       a PEM/DER certificate or chain that cannot be used
     │   ├── InvalidDuration          "90x" where "90s" was meant
-    │   ├── PolicyError              Istio policy YAML (names the file, object and field)
-    │   └── ConfigError              a config file or flag value (names the file and the key)
+    │   └── ConfigError              a config file or flag value (file, line, field path)
+    │       └── PolicyError          Istio policy YAML (also names the object)
     ├── Refused                      the input is well-formed but the answer is no
     │   ├── AuthenticationError      no/bad/expired token or client certificate -> UNAUTHENTICATED
     │   ├── PermissionDenied         asks for another identity  -> PERMISSION_DENIED
@@ -76,29 +76,71 @@ class InvalidDuration(InvalidInput):
 
 
 class ConfigError(InvalidInput):
-    """A configuration file or option that is wrong; the message names where."""
+    """A configuration file or option that is wrong.
+
+    ``problem`` says what is wrong; ``file`` (the file, when the value came from one),
+    ``line`` (1-based, when known) and ``field`` (the path to the value inside the file,
+    ``services[1].upstreams[0].localPort``, or the flag, ``--listen``) say where. The message
+    reads like a compiler's: ``mesh.yaml:12: services[1].port: expected a port 1-65535``.
+    A validator that does not know the file raises with ``field`` only; the loader that read
+    the file adds the rest with :meth:`located`.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        file: Path | str | None = None,
+        line: int | None = None,
+        field: str = "",
+    ) -> None:
+        self.problem = problem
+        self.file = Path(file) if file is not None else None
+        self.line = line
+        self.field = field
+        super().__init__(self._message())
+
+    def _where(self) -> list[str]:
+        where = ""
+        if self.file is not None:
+            where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        elif self.line:
+            where = f"line {self.line}"
+        return [where, self.field]
+
+    def _message(self) -> str:
+        return ": ".join([part for part in self._where() if part] + [self.problem])
+
+    def located(self, file: Path | str, line: int | None) -> ConfigError:
+        """This error, placed in ``file`` at ``line`` (kept when it already names a file)."""
+        if self.file is not None:
+            return self
+        return ConfigError(self.problem, file=file, line=line or self.line, field=self.field)
 
 
-class PolicyError(InvalidInput):
+class PolicyError(ConfigError):
     """A policy file that cannot be applied.
 
     ``file`` is the file, ``obj`` the object (``"AuthorizationPolicy default/allow-a"``, or
     ``"document 2"`` before its kind and name are known, ``""`` for the file as a whole),
     ``field`` the path inside it (``"spec.rules[0].from[0].source.principals[1]"``; ``""`` when
-    the problem is the whole object), ``line`` the 1-based line when known.
+    the problem is the whole object), ``line`` the 1-based line when known. The message is
+    ``policy.yaml:10: AuthorizationPolicy default/x: spec.action: ...``.
     """
 
     def __init__(
         self, file: Path | str, obj: str, field: str, problem: str, *, line: int | None = None
     ) -> None:
-        self.file = Path(file)
         self.obj = obj
-        self.field = field
-        self.problem = problem
-        self.line = line
-        where = f"policy file {self.file}" + (f", line {line}" if line else "")
-        parts = [where, obj, f"field {field}" if field else ""]
-        super().__init__(": ".join(part for part in parts if part) + ": " + problem)
+        super().__init__(problem, file=file, line=line, field=field)
+        self.file: Path = Path(file)
+
+    def _where(self) -> list[str]:
+        where, field = super()._where()
+        return [where, self.obj, field]
+
+    def located(self, file: Path | str, line: int | None) -> PolicyError:
+        return self
 
 
 class Refused(MeshTrustError):

@@ -196,7 +196,7 @@ class Agent:
         cfg = self.config
         try:
             if cfg.status_listen:
-                from meshtrust.ca.config import parse_host_port
+                from meshtrust.config import parse_host_port
 
                 host, port = parse_host_port(cfg.status_listen, what="--status-listen")
                 self._status = StatusHttpServer(

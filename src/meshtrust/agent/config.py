@@ -9,17 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshtrust.agent.rotation import check_rotation
-from meshtrust.errors import ConfigError, InvalidSpiffeId
-from meshtrust.pki import KeyType
-from meshtrust.settings import (
+from meshtrust.config import (
     Converter,
+    as_address,
     as_duration,
     as_float,
     as_path,
     as_str,
     as_trust_domain,
     load_settings,
+    parse_host_port,
 )
+from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.pki import KeyType
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = ["AgentConfig", "identity_from_token", "load_agent_settings", "resolve_identity"]
@@ -50,8 +52,6 @@ class AgentConfig:
     envoy_workdir: Path | None = None
 
     def __post_init__(self) -> None:
-        from meshtrust.ca.config import parse_host_port
-
         parse_host_port(self.ca_address, what="ca-address")
         if self.status_listen is not None:
             parse_host_port(self.status_listen, what="status-listen")
@@ -72,20 +72,21 @@ class AgentConfig:
             )
 
 
-def _key_type(value: object, where: str, base: Path) -> KeyType:
+def _key_type(value: object, field: str, base: Path) -> KeyType:
     try:
-        return KeyType.parse(as_str(value, where, base))
+        return KeyType.parse(as_str(value, field, base))
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(exc.problem, field=field) from exc
 
 
-def _paths(value: object, where: str, base: Path) -> tuple[Path, ...]:
-    items = value if isinstance(value, list) else [value]
-    return tuple(as_path(item, where, base) for item in items)
+def _paths(value: object, field: str, base: Path) -> tuple[Path, ...]:
+    if isinstance(value, list):
+        return tuple(as_path(item, f"{field}[{i}]", base) for i, item in enumerate(value))
+    return (as_path(value, field, base),)
 
 
 _KEYS: dict[str, tuple[str, Converter]] = {
-    "ca-address": ("ca_address", as_str),
+    "ca-address": ("ca_address", as_address),
     "ca-root": ("ca_root", as_path),
     "ca-server-name": ("ca_server_name", as_str),
     "token-file": ("token_file", as_path),
@@ -99,7 +100,7 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "sds-socket": ("sds_socket", as_path),
     "workload-socket": ("workload_socket", as_path),
     "output-dir": ("output_dir", as_path),
-    "status-listen": ("status_listen", as_str),
+    "status-listen": ("status_listen", as_address),
     "sidecar": ("sidecar", as_path),
     "policy": ("policy_files", _paths),
     "root-namespace": ("root_namespace", as_str),
@@ -108,6 +109,8 @@ _KEYS: dict[str, tuple[str, Converter]] = {
 
 
 def load_agent_settings(path: Path) -> dict[str, object]:
+    """Read an ``agent --config`` file into :class:`AgentConfig` field values; relative paths
+    are relative to the file. Raises :class:`ConfigError` naming the file, line and key."""
     return load_settings(path, _KEYS)
 
 

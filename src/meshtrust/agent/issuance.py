@@ -29,8 +29,8 @@ from grpclib.config import Configuration
 from grpclib.encoding.proto import ProtoCodec
 
 from meshtrust._proto.istio import ca_grpc, ca_pb2
-from meshtrust.ca.config import parse_host_port
 from meshtrust.ca.statuses import error_for_status
+from meshtrust.config import parse_host_port
 from meshtrust.errors import (
     ConfigError,
     InvalidCertificate,

@@ -7,21 +7,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshtrust.durations import format_duration
-from meshtrust.errors import ConfigError
-from meshtrust.settings import (
+from meshtrust.config import (
     Converter,
+    as_address,
     as_duration,
     as_int,
     as_names,
     as_path,
     as_str,
     as_trust_domain,
+    check_path,
+    check_string,
     load_settings,
+    parse_host_port,
 )
+from meshtrust.durations import format_duration
+from meshtrust.errors import ConfigError
 from meshtrust.spiffe import TrustDomain
 
-__all__ = ["CaServeConfig", "load_config_file", "parse_host_port", "parse_issuer_flag"]
+__all__ = ["CaServeConfig", "load_config_file", "parse_issuer_flag"]
 
 
 @dataclass(frozen=True)
@@ -54,26 +58,20 @@ class CaServeConfig:
             raise ConfigError(f"workers must be between 1 and 64, got {self.workers}")
 
 
-def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:15012`` for IPv6) -> (host, port); :class:`ConfigError` if bad."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what}: {text!r} is not HOST:PORT (for example 127.0.0.1:15012)")
-    return host.strip("[]"), int(port)
-
-
-def _issuers(value: object, src: str, base: Path) -> tuple[tuple[str, Path], ...]:
+def _issuers(value: object, field: str, base: Path) -> tuple[tuple[str, Path], ...]:
     items = value if isinstance(value, list) else [value]
     out = []
-    for item in items:
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]" if isinstance(value, list) else field
         if isinstance(item, dict) and set(item) == {"issuer", "jwks"}:
-            out.append((str(item["issuer"]), as_path(item["jwks"], src, base)))
+            issuer = check_string(item["issuer"], f"{where}.issuer")
+            out.append((issuer, check_path(item["jwks"], f"{where}.jwks", base)))
         elif isinstance(item, str):
-            issuer, path = parse_issuer_flag(item, where=src)
-            out.append((issuer, path if path.is_absolute() else base / path))
+            issuer, path = parse_issuer_flag(item, where=where)
+            out.append((issuer, check_path(str(path), where, base)))
         else:
             raise ConfigError(
-                f"{src}: each jwt-issuer is 'ISSUER=JWKS_FILE' or {{issuer: ..., jwks: ...}}"
+                "each jwt-issuer is 'ISSUER=JWKS_FILE' or {issuer: ..., jwks: ...}", field=where
             )
     return tuple(out)
 
@@ -81,19 +79,19 @@ def _issuers(value: object, src: str, base: Path) -> tuple[tuple[str, Path], ...
 def parse_issuer_flag(text: str, *, where: str = "--jwt-issuer") -> tuple[str, Path]:
     issuer, sep, path = text.rpartition("=")
     if not sep or not issuer or not path:
-        raise ConfigError(f"{where}: {text!r} is not ISSUER=JWKS_FILE")
+        raise ConfigError(f"{text!r} is not ISSUER=JWKS_FILE", field=where)
     return issuer, Path(path)
 
 
 _KEYS: dict[str, tuple[str, Converter]] = {
     "ca-dir": ("ca_dir", as_path),
-    "listen": ("listen", as_str),
+    "listen": ("listen", as_address),
     "ledger": ("ledger", as_str),
     "jwt-issuer": ("jwt_issuers", _issuers),
     "audience": ("audience", as_str),
     "default-ttl": ("default_ttl", as_duration),
     "max-ttl": ("max_ttl", as_duration),
-    "metrics-listen": ("metrics_listen", as_str),
+    "metrics-listen": ("metrics_listen", as_address),
     "server-name": ("server_names", as_names),
     "trust-domain": ("trust_domain", as_trust_domain),
     "workers": ("workers", as_int),

@@ -30,7 +30,7 @@ from meshtrust.ca.authn import (
 )
 from meshtrust.ca.authority import CaPolicy, CertificateAuthority
 from meshtrust.ca.cadir import CaMaterial, load_ca_dir, load_token_signing_key, token_issuer_for
-from meshtrust.ca.config import CaServeConfig, parse_host_port
+from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.ledger import (
     AuditEvent,
     GroupCommitLedger,
@@ -47,6 +47,7 @@ from meshtrust.ca.server import (
     server_ssl_context,
 )
 from meshtrust.clock import Clock, SystemClock
+from meshtrust.config import parse_host_port
 from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
 from meshtrust.status_http import StatusHttpServer

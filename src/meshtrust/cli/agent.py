@@ -10,9 +10,9 @@ from typing import Any
 import click
 
 from meshtrust.cli.options import DURATION
+from meshtrust.config import as_trust_domain
 from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType
-from meshtrust.settings import as_trust_domain
 
 __all__ = ["agent"]
 

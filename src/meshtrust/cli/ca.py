@@ -15,10 +15,10 @@ from meshtrust.ca.cadir import init_ca_dir
 from meshtrust.ca.config import CaServeConfig, load_config_file, parse_issuer_flag
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
+from meshtrust.config import as_trust_domain
 from meshtrust.durations import format_duration
 from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType
-from meshtrust.settings import as_trust_domain
 
 __all__ = ["ca"]
 

@@ -10,8 +10,8 @@ import click
 from meshtrust.ca.cadir import load_ca_dir, load_token_signing_key, token_issuer_for
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
+from meshtrust.config import as_trust_domain
 from meshtrust.errors import CADirectoryError, ConfigError, InvalidSpiffeId
-from meshtrust.settings import as_trust_domain
 from meshtrust.spiffe import SpiffeId
 
 __all__ = ["token"]

@@ -83,17 +83,25 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshtrust.config import (
+    check_dns_label,
+    check_host_port,
+    check_labels,
+    check_port,
+    check_spiffe_id,
+    line_for,
+    load_yaml_mapping,
+    parse_host_port,
+)
 from meshtrust.envoy.bootstrap import admin, node, sds_cluster, sds_secret_config
-from meshtrust.errors import ConfigError, InvalidSpiffeId
+from meshtrust.errors import ConfigError
 from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
-from meshtrust.settings import read_yaml_mapping
 from meshtrust.spiffe import SpiffeId
 
 __all__ = [
@@ -124,9 +132,6 @@ LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
 DEFAULT_DRAIN_TIME_S = 45
 #: Envoy worker threads per sidecar (Istio's default for sidecars).
 DEFAULT_CONCURRENCY = 2
-
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_MAX_PORT = 65535
 
 _TYPE = "type.googleapis.com/"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
@@ -177,18 +182,6 @@ _SAFE_RETRIES = {
 # --- the config file ------------------------------------------------------------------------
 
 
-class _FieldError(ConfigError):
-    """A bad field: ``key`` (``app_port``, ``upstreams[1].name``) and what is wrong with it.
-
-    The loader turns it into a message naming the file; in code it reads ``key: problem``.
-    """
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
-
-
 @dataclass(frozen=True)
 class Upstream:
     """A service the app calls through its sidecar.
@@ -205,11 +198,11 @@ class Upstream:
     protocol: Protocol = Protocol.HTTP
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "name")
-        _check_port(self.local_port, "local_port")
+        check_dns_label(self.name, "name")
+        check_port(self.local_port, "local_port")
         _split_address(self.address, "address")
         if not isinstance(self.spiffe_id, SpiffeId):
-            raise _FieldError("spiffe_id", f"expected a SpiffeId, not {self.spiffe_id!r}")
+            raise ConfigError(f"expected a SpiffeId, not {self.spiffe_id!r}", field="spiffe_id")
         object.__setattr__(self, "protocol", _check_protocol(self.protocol, "protocol"))
 
     @property
@@ -240,20 +233,19 @@ class SidecarConfig:
     admin_port: int = 0
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "name")
-        _check_name(self.namespace, "namespace")
-        _check_port(self.app_port, "app_port")
-        _check_port(self.inbound_port, "inbound_port")
-        if self.admin_port != 0:
-            _check_port(self.admin_port, "admin_port")
+        check_dns_label(self.name, "name")
+        check_dns_label(self.namespace, "namespace")
+        check_port(self.app_port, "app_port")
+        check_port(self.inbound_port, "inbound_port")
+        check_port(self.admin_port, "admin_port", zero=True)
         object.__setattr__(self, "protocol", _check_protocol(self.protocol, "protocol"))
         object.__setattr__(self, "upstreams", tuple(self.upstreams))
-        labels = _check_labels(self.labels, "labels")
+        labels = check_labels(self.labels, "labels")
         if labels.setdefault("app", self.name) != self.name:
-            raise _FieldError(
-                "labels",
+            raise ConfigError(
                 f"app is {labels['app']!r} but the workload is {self.name!r} "
                 "(the app label is always the workload's name)",
+                field="labels",
             )
         object.__setattr__(self, "labels", labels)
 
@@ -267,12 +259,12 @@ class SidecarConfig:
             if port == 0:
                 continue
             if port in ports:
-                raise _FieldError(key, f"port {port} is already used by {ports[port]}")
+                raise ConfigError(f"port {port} is already used by {ports[port]}", field=key)
             ports[port] = key
         names: set[str] = set()
         for i, upstream in enumerate(self.upstreams):
             if upstream.name in names:
-                raise _FieldError(f"upstreams[{i}].name", f"{upstream.name!r} appears twice")
+                raise ConfigError(f"{upstream.name!r} appears twice", field=f"upstreams[{i}].name")
             names.add(upstream.name)
 
     def workload(self, spiffe_id: SpiffeId) -> WorkloadRef:
@@ -291,77 +283,55 @@ class SidecarConfig:
 def load_sidecar_config(path: Path) -> SidecarConfig:
     """Read a sidecar config file (format in the module docstring).
 
-    Raises :class:`ConfigError` naming the file and the key for unreadable files, invalid
-    YAML, unknown or missing keys and bad values.
+    Raises :class:`ConfigError` naming the file, the line and the key for unreadable files,
+    invalid YAML, duplicate, unknown or missing keys and bad values.
     """
     path = Path(path)
-    what = f"sidecar config {path}"
-    raw = read_yaml_mapping(path, what="sidecar config")
+    raw = load_yaml_mapping(path)
     try:
         fields = _read_fields(raw, _TOP_KEYS, required=("name", "app_port", "inbound_port"))
         return SidecarConfig(**fields)
-    except _FieldError as exc:
-        raise ConfigError(f"{what}, key {exc.key!r}: {exc.problem}") from None
     except ConfigError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
+        raise exc.located(path, line_for(raw, exc.field)) from None
 
 
-# Field converters: (raw YAML value, key path for messages) -> value, or _FieldError.
+# Field converters: (raw YAML value, key path for messages) -> value, or ConfigError; the
+# checks are the config layer's, shared with mesh.yaml and the agent's settings.
 _Field = Callable[[object, str], Any]
 
 
-def _as_int(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _FieldError(key, f"expected an integer, got {value!r}")
-    return value
-
-
 def _as_port(value: object, key: str) -> int:
-    port = _as_int(value, key)
-    _check_port(port, key)
-    return port
+    return check_port(value, key)
 
 
 def _as_admin_port(value: object, key: str) -> int:
-    port = _as_int(value, key)
-    if not 0 <= port <= _MAX_PORT:
-        raise _FieldError(key, f"{port} is not a TCP port (0 = any free one, or 1-65535)")
-    return port
+    return check_port(value, key, zero=True)
 
 
 def _as_address(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise _FieldError(key, f"expected HOST:PORT, got {value!r}")
-    _split_address(value, key)
-    return value
-
-
-def _as_spiffe_id(value: object, key: str) -> SpiffeId:
-    if not isinstance(value, str):
-        raise _FieldError(key, f"expected a SPIFFE ID, got {value!r}")
-    try:
-        return SpiffeId.parse(value)
-    except InvalidSpiffeId as exc:
-        raise _FieldError(key, str(exc)) from exc
+    return check_host_port(value, key, zero=False)
 
 
 def _as_upstreams(value: object, key: str) -> tuple[Upstream, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise _FieldError(key, "expected a list of upstreams")
+        raise ConfigError("expected a list of upstreams", field=key)
     out = []
     for i, item in enumerate(value):
         item_key = f"{key}[{i}]"
         if not isinstance(item, dict):
-            raise _FieldError(item_key, "expected a mapping (name, local_port, ...)")
+            raise ConfigError("expected a mapping (name, local_port, ...)", field=item_key)
         fields = _read_fields(
             item,
             _UPSTREAM_KEYS,
             required=("name", "local_port", "address", "spiffe_id"),
             parent=item_key,
         )
-        out.append(Upstream(**fields))
+        try:
+            out.append(Upstream(**fields))
+        except ConfigError as exc:  # Upstream names its own fields; place them in the list
+            raise ConfigError(exc.problem, field=f"{item_key}.{exc.field}") from None
     return tuple(out)
 
 
@@ -382,33 +352,16 @@ def _read_fields(
         norm = str(key).replace("-", "_")
         path = f"{parent}.{key}" if parent else str(key)
         if norm not in keys:
-            raise _FieldError(path, f"unknown key (known keys: {', '.join(keys)})")
+            raise ConfigError(f"unknown key (known keys: {', '.join(keys)})", field=path)
         if norm in given_as:
-            raise _FieldError(path, f"given twice (as {given_as[norm]!r} and {key!r})")
+            raise ConfigError(f"given twice (as {given_as[norm]!r} and {key!r})", field=path)
         given_as[norm] = key
         out[norm] = keys[norm](value, path)
     missing = ", ".join(repr(k) for k in required if k not in out)
     if missing:
         problem = f"missing required key{'s' if ',' in missing else ''} {missing}"
-        if parent:
-            raise _FieldError(parent, problem)
-        raise ConfigError(problem)
+        raise ConfigError(problem, field=parent)
     return out
-
-
-def _check_name(value: object, key: str) -> str:
-    if not isinstance(value, str) or len(value) > 63 or not _NAME.fullmatch(value):
-        raise _FieldError(
-            key,
-            f"{value!r} is not a name (lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters)",
-        )
-    return value
-
-
-def _check_port(value: object, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_PORT:
-        raise _FieldError(key, f"{value!r} is not a TCP port (1-{_MAX_PORT})")
 
 
 def _check_protocol(value: object, key: str) -> Protocol:
@@ -416,47 +369,26 @@ def _check_protocol(value: object, key: str) -> Protocol:
         if value == protocol.value:
             return protocol
     allowed = ", ".join(p.value for p in Protocol)
-    raise _FieldError(key, f"{value!r} is not a protocol ({allowed})")
-
-
-def _check_labels(value: object, key: str) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        raise _FieldError(key, "expected a mapping of label names to values")
-    for name, item in value.items():
-        if not isinstance(name, str) or not isinstance(item, str):
-            raise _FieldError(
-                key,
-                f"label {name!r}: names and values must be strings (quote numbers and booleans)",
-            )
-    return dict(value)
+    raise ConfigError(f"{value!r} is not a protocol ({allowed})", field=key)
 
 
 def _split_address(text: str, key: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
-    host, sep, port = text.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address without brackets: the port is ambiguous
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= _MAX_PORT:
-        raise _FieldError(
-            key, f"{text!r} is not HOST:PORT (for example 127.0.0.1:15006 or [::1]:15006)"
-        )
-    return host, int(port)
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port), by the config layer's one parser."""
+    return parse_host_port(text, what=key, zero=False)
 
 
 _UPSTREAM_KEYS: dict[str, _Field] = {
-    "name": _check_name,
+    "name": check_dns_label,
     "local_port": _as_port,
     "address": _as_address,
-    "spiffe_id": _as_spiffe_id,
+    "spiffe_id": check_spiffe_id,
     "protocol": _check_protocol,
 }
 
 _TOP_KEYS: dict[str, _Field] = {
-    "name": _check_name,
-    "namespace": _check_name,
-    "labels": _check_labels,
+    "name": check_dns_label,
+    "namespace": check_dns_label,
+    "labels": check_labels,
     "app_port": _as_port,
     "inbound_port": _as_port,
     "protocol": _check_protocol,

@@ -28,23 +28,24 @@ to Envoy's ``destination_port`` (which would see the sidecar's listener port, no
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from meshtrust.policy.istio import (
+from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
+from meshtrust.policy.objects import (
     Action,
     AuthorizationPolicy,
     Operation,
     PeerAuthentication,
-    PolicySet,
     Rule,
     Source,
 )
-from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
 from meshtrust.spiffe import TrustDomain
 
 __all__ = [
     "HTTP_RBAC_FILTER",
+    "Policies",
     "HTTP_RBAC_TYPE",
     "NETWORK_RBAC_FILTER",
     "NETWORK_RBAC_TYPE",
@@ -351,8 +352,18 @@ def rbac_filters_for(
     return tuple(filters)
 
 
+class Policies(typing.Protocol):
+    """What compilation needs of a set of policies (:class:`~.istio.PolicySet` is one)."""
+
+    @property
+    def peer_authentications(self) -> Sequence[PeerAuthentication]: ...
+
+    @property
+    def authorization_policies(self) -> Sequence[AuthorizationPolicy]: ...
+
+
 def inbound_policy(
-    policy_set: PolicySet,
+    policy_set: Policies,
     workload: WorkloadRef,
     *,
     root_namespace: str = "istio-system",

@@ -18,16 +18,28 @@ than silently ignored: ignoring a condition widens an ALLOW policy.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshtrust.config import LineMap, LineSeq, YamlError, load_yaml_documents
 from meshtrust.errors import InvalidSpiffeId, PolicyError
+from meshtrust.policy.compile import inbound_policy
 from meshtrust.policy.model import InboundPolicy, MtlsMode, WorkloadRef
-from meshtrust.policy.yamllines import LineMap, LineSeq, read_yaml_documents
+from meshtrust.policy.objects import (
+    API_VERSIONS,
+    AUTHORIZATION_POLICY,
+    DEFAULT_NAMESPACE,
+    PEER_AUTHENTICATION,
+    Action,
+    AuthorizationPolicy,
+    Operation,
+    PeerAuthentication,
+    Rule,
+    Source,
+)
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -41,93 +53,6 @@ __all__ = [
     "Source",
     "load_policy_files",
 ]
-
-API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
-PEER_AUTHENTICATION = "PeerAuthentication"
-AUTHORIZATION_POLICY = "AuthorizationPolicy"
-DEFAULT_NAMESPACE = "default"  # what kubectl uses for an object without metadata.namespace
-
-
-class Action(enum.StrEnum):
-    """AuthorizationPolicy ``action`` values meshtrust enforces."""
-
-    ALLOW = "ALLOW"
-    DENY = "DENY"
-
-
-@dataclass(frozen=True)
-class PeerAuthentication:
-    """One PeerAuthentication. ``mode`` None is UNSET (inherit from the parent level)."""
-
-    namespace: str
-    name: str
-    selector: Mapping[str, str] | None = None  # matchLabels; None: namespace- or mesh-wide
-    mode: MtlsMode | None = None
-    port_level_mtls: Mapping[int, MtlsMode | None] = field(default_factory=dict)
-    file: Path | None = None
-    line: int | None = None
-
-    @property
-    def obj(self) -> str:
-        return f"{PEER_AUTHENTICATION} {self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class Source:
-    """``from[].source``: fields AND'd, values within a field OR'd (Istio's wildcards kept)."""
-
-    principals: tuple[str, ...] = ()
-    not_principals: tuple[str, ...] = ()
-    namespaces: tuple[str, ...] = ()
-    not_namespaces: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Operation:
-    """``to[].operation``: fields AND'd, values within a field OR'd."""
-
-    ports: tuple[int, ...] = ()
-    not_ports: tuple[int, ...] = ()
-    paths: tuple[str, ...] = ()
-    not_paths: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ()
-    not_methods: tuple[str, ...] = ()
-
-    @property
-    def http_only_fields(self) -> tuple[str, ...]:
-        """The Istio names of the HTTP-only fields this operation sets."""
-        named = (
-            ("paths", self.paths),
-            ("notPaths", self.not_paths),
-            ("methods", self.methods),
-            ("notMethods", self.not_methods),
-        )
-        return tuple(name for name, values in named if values)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One rule: any of ``sources`` AND any of ``operations``; empty means "any"."""
-
-    sources: tuple[Source, ...] = ()
-    operations: tuple[Operation, ...] = ()
-
-
-@dataclass(frozen=True)
-class AuthorizationPolicy:
-    """One AuthorizationPolicy. No rules: an ALLOW policy that matches nothing (deny all)."""
-
-    namespace: str
-    name: str
-    selector: Mapping[str, str] = field(default_factory=dict)  # empty: all workloads in scope
-    action: Action = Action.ALLOW
-    rules: tuple[Rule, ...] = ()
-    file: Path | None = None
-    line: int | None = None
-
-    @property
-    def obj(self) -> str:
-        return f"{AUTHORIZATION_POLICY} {self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -149,9 +74,6 @@ class PolicySet:
         ``trust_domain`` is the mesh's: policy principals written with Istio's
         ``cluster.local`` trust domain are read as this one, as Istio does.
         """
-        # Imported here: compile imports this module's types.
-        from meshtrust.policy.compile import inbound_policy
-
         return inbound_policy(
             self, workload, root_namespace=root_namespace, trust_domain=trust_domain
         )
@@ -692,9 +614,30 @@ def _parse_object(
     spec = body.get("spec")
     spec_at = at.key(body, "spec") if "spec" in body else at
     spec_at = _At(spec_at.file, spec_at.obj, "spec", spec_at.line)
+    if "spec" in body and spec is None:
+        # Likely a spec whose indentation went wrong; an empty one must be written as {}.
+        raise spec_at.error(
+            "spec is null; write the spec's fields indented below it, or spec: {} for an "
+            "empty spec"
+            + (
+                " (an AuthorizationPolicy with no rules denies every request)"
+                if kind == AUTHORIZATION_POLICY
+                else ""
+            )
+        )
     if kind == PEER_AUTHENTICATION:
         return [_parse_peer_authentication(spec, spec_at, namespace, name, line)]
     return [_parse_authorization_policy(spec, spec_at, namespace, name, line)]
+
+
+def _documents(path: Path) -> list[tuple[int, object]]:
+    """The documents of ``path``, read by the one config loader (duplicate keys, ``<<`` and
+    oversized or too deeply nested input are refused there)."""
+    try:
+        return load_yaml_documents(path)
+    except YamlError as exc:
+        obj = f"document {exc.document}" if exc.document else ""
+        raise PolicyError(path, obj, "", exc.problem, line=exc.line) from None
 
 
 def load_policy_files(paths: Sequence[Path]) -> PolicySet:
@@ -710,7 +653,7 @@ def load_policy_files(paths: Sequence[Path]) -> PolicySet:
     authz: list[AuthorizationPolicy] = []
     seen: dict[tuple[str, str, str], tuple[Path, int | None]] = {}
     for path in map(Path, paths):
-        for number, document in read_yaml_documents(path):
+        for number, document in _documents(path):
             line = document.line if isinstance(document, LineMap | LineSeq) else None
             for policy in _parse_object(document, _At(path, f"document {number}", "", line)):
                 kind = (

@@ -1,0 +1,315 @@
+"""The one YAML loader: every file meshtrust reads goes through :func:`load_yaml_documents`.
+
+What it guarantees, for mesh.yaml, sidecar.yaml, agent and CA ``--config`` files and policies
+alike:
+
+* Mappings and sequences come back as :class:`LineMap` / :class:`LineSeq` (a ``dict`` and a
+  ``list`` that remember the 1-based line of each key and item), so every error can name the
+  line; :func:`line_for` finds the line of a field path such as ``services[1].port``.
+* A duplicate key is refused (PyYAML keeps the last one silently: a file that says two things
+  must not mean one of them). The merge key ``<<`` is refused too: Kubernetes tooling gives it
+  no meaning in these files, and a merged key that silently loses to a written one is the same
+  trap as a duplicate.
+* Bounded time and memory whatever the input (billion-laughs alias bombs, 20,000 levels of
+  nesting): the file size is capped, and before anything is built a first pass over PyYAML's
+  event stream (an iterative parser, no recursion) counts aliases, nesting depth and the number
+  of nodes the document would have once every alias is expanded, and refuses the file past
+  :class:`YamlLimits`. Only then does the (recursive) composer run, on input known to be small
+  and shallow.
+* Non-UTF-8 text, NUL bytes and YAML syntax errors are :class:`ConfigError`\\ s naming the line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshtrust.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "LineLoader",
+    "LineMap",
+    "LineSeq",
+    "YamlLimits",
+    "line_for",
+    "load_yaml_documents",
+    "load_yaml_mapping",
+]
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+@dataclass(frozen=True)
+class YamlLimits:
+    """Caps that keep loading a hostile file cheap. The defaults are far above any real
+    config file (the largest policy files seen in Istio deployments are a few hundred KiB,
+    a dozen levels deep)."""
+
+    max_bytes: int = 1024 * 1024
+    max_depth: int = 64
+    max_aliases: int = 1000
+    max_nodes: int = 200_000  # after expanding every alias
+
+
+DEFAULT_LIMITS = YamlLimits()
+
+
+class LineMap(dict[Any, Any]):
+    """A YAML mapping that remembers the (1-based) line of each key."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[Any, int] = {}
+
+
+class LineSeq(list[Any]):
+    """A YAML sequence that remembers the (1-based) line of each item."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.item_lines: list[int] = []
+
+
+class YamlError(ConfigError):
+    """A file that is not acceptable YAML; ``document`` is the 1-based document it is in
+    (``None`` when the file as a whole is the problem: unreadable, too large, not UTF-8)."""
+
+    def __init__(self, problem: str, *, file: Path, line: int | None, document: int | None) -> None:
+        super().__init__(problem, file=file, line=line)
+        self.document = document
+
+
+class LineLoader(yaml.SafeLoader):
+    """SafeLoader building :class:`LineMap`/:class:`LineSeq`, refusing duplicate keys and
+    ``<<``. Use it through :func:`load_yaml_documents`, which checks the limits first."""
+
+
+def _problem(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError:
+    return yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
+
+def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> Iterator[LineMap]:
+    data = LineMap(node.start_mark.line + 1)
+    yield data
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            raise _problem(
+                key_node,
+                "the YAML merge key '<<' is not supported here; write the keys out "
+                "(Kubernetes tooling gives '<<' no meaning either)",
+            )
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise _problem(key_node, "a key must be a string or a number") from None
+        if key in data:
+            raise _problem(
+                key_node,
+                f"duplicate key {key!r} (first on line {data.key_lines[key]}); "
+                "a key may appear only once",
+            )
+        data[key] = loader.construct_object(value_node, deep=True)
+        data.key_lines[key] = key_node.start_mark.line + 1
+
+
+def _construct_seq(loader: LineLoader, node: yaml.SequenceNode) -> Iterator[LineSeq]:
+    data = LineSeq(node.start_mark.line + 1)
+    yield data
+    for item in node.value:
+        data.append(loader.construct_object(item, deep=True))
+        data.item_lines.append(item.start_mark.line + 1)
+
+
+LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
+    """Refuse ``text`` if it nests deeper, has more aliases or would expand to more nodes than
+    ``limits`` allow. Iterative over the event stream, so it cannot itself blow the stack."""
+    # Per open collection: [node count so far, height so far]; per anchor: (count, height).
+    stack: list[list[int]] = []
+    anchors: dict[str, tuple[int, int]] = {}
+    open_anchors: list[str | None] = []
+    aliases = 0
+    nodes = 0
+
+    def add(count: int, height: int, event: yaml.Event) -> None:
+        nonlocal nodes
+        if stack:
+            stack[-1][0] += count
+            stack[-1][1] = max(stack[-1][1], height + 1)
+        else:
+            nodes += count
+        if len(stack) + height > limits.max_depth:
+            _refuse(event, f"nests deeper than {limits.max_depth} levels")
+        if nodes + sum(entry[0] for entry in stack) > limits.max_nodes:
+            _refuse(event, f"expands to more than {limits.max_nodes} values (an alias bomb?)")
+
+    def _refuse(event: yaml.Event, problem: str) -> None:
+        line = event.start_mark.line + 1 if event.start_mark else None
+        raise YamlError(problem, file=file, line=line, document=document)
+
+    document = 0
+    events = yaml.parse(text, Loader=yaml.SafeLoader)
+    while True:
+        try:
+            event = next(events, None)
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, file, max(document, 1)) from None
+        if event is None:
+            break
+        if isinstance(event, yaml.DocumentStartEvent):
+            document += 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= limits.max_depth:
+                _refuse(event, f"nests deeper than {limits.max_depth} levels")
+            stack.append([1, 0])
+            open_anchors.append(event.anchor)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            count, height = stack.pop()
+            anchor = open_anchors.pop()
+            if anchor is not None:
+                anchors[anchor] = (count, height)
+            add(count, height, event)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                anchors[event.anchor] = (1, 0)
+            add(1, 0, event)
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > limits.max_aliases:
+                _refuse(event, f"has more than {limits.max_aliases} aliases")
+            if event.anchor in open_anchors:
+                _refuse(event, f"alias *{event.anchor} refers to a value that contains it")
+            count, height = anchors.get(event.anchor or "", (1, 0))
+            add(count, height, event)
+
+
+_NUL = re.compile("\x00")
+
+
+def _decode(data: bytes, file: Path) -> str:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise YamlError("is not UTF-8 text", file=file, line=line, document=None) from None
+    nul = _NUL.search(text)
+    if nul:
+        line = text.count("\n", 0, nul.start()) + 1
+        raise YamlError("contains a NUL character", file=file, line=line, document=None)
+    return text
+
+
+def _read(file: Path, limits: YamlLimits) -> str:
+    try:
+        with file.open("rb") as handle:
+            data = handle.read(limits.max_bytes + 1)
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror or exc}"
+        raise YamlError(problem, file=file, line=None, document=None) from exc
+    if len(data) > limits.max_bytes:
+        problem = f"is larger than {limits.max_bytes} bytes"
+        raise YamlError(problem, file=file, line=None, document=None)
+    return _decode(data, file)
+
+
+def _yaml_error(exc: yaml.YAMLError, file: Path, document: int) -> YamlError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.reader.ReaderError):
+        problem = f"character {chr(exc.character)!r} is not allowed in YAML"
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        line = mark.line + 1 if mark else None
+        return YamlError(problem, file=file, line=line, document=document)
+    column = f", column {mark.column + 1}" if mark is not None else ""
+    line = mark.line + 1 if mark is not None else None
+    where = f" at line {line}{column}" if line else ""
+    return YamlError(
+        f"is not valid YAML{where}: {problem}", file=file, line=line, document=document
+    )
+
+
+def load_yaml_documents(
+    file: Path, *, limits: YamlLimits = DEFAULT_LIMITS
+) -> list[tuple[int, object]]:
+    """``(document number, document)`` for every non-empty document of ``file``.
+
+    Raises :class:`ConfigError` naming the file (and line) for an unreadable, oversized,
+    non-UTF-8 or invalid file, a duplicate key, ``<<``, or input past ``limits``.
+    """
+    text = _read(file, limits)
+    documents: list[tuple[int, object]] = []
+    _check_limits(text, file, limits)  # syntax errors are found (and reported) here
+    number = 0
+    loader = LineLoader(text)
+    try:
+        while loader.check_data():  # type: ignore[no-untyped-call]
+            number += 1
+            document = loader.get_data()
+            if document is not None:
+                documents.append((number, document))
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, file, max(number, 1)) from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+def load_yaml_mapping(file: Path, *, limits: YamlLimits = DEFAULT_LIMITS) -> LineMap:
+    """The top-level mapping of a single-document file (empty file: an empty mapping).
+
+    Raises :class:`ConfigError` as :func:`load_yaml_documents` does, and when the file holds
+    several documents or something other than a mapping at the top.
+    """
+    documents = load_yaml_documents(file, limits=limits)
+    if not documents:
+        return LineMap(1)
+    if len(documents) > 1:
+        raise ConfigError("holds more than one YAML document; expected one", file=file)
+    document = documents[0][1]
+    if not isinstance(document, LineMap):
+        raise ConfigError("expected a mapping of settings at the top", file=file, line=1)
+    return document
+
+
+_STEP = re.compile(r"\[(\d+)\]|\.?([^.\[\]]+)")
+
+
+def line_for(root: object, field: str) -> int | None:
+    """The line of ``field`` (``services[1].upstreams[0].localPort``) in a loaded document, or
+    of its nearest ancestor that has one; keys match with ``-`` and ``_`` taken as equal."""
+    node = root
+    line = node.line if isinstance(node, LineMap | LineSeq) else None
+    for match in _STEP.finditer(field):
+        index, key = match.group(1), match.group(2)
+        if index is not None and isinstance(node, LineSeq) and int(index) < len(node):
+            line, node = node.item_lines[int(index)], node[int(index)]
+        elif key is not None and isinstance(node, LineMap):
+            found = _find_key(node, key)
+            if found is None:
+                break
+            line, node = node.key_lines[found], node[found]
+        else:
+            break
+    return line
+
+
+def _find_key(mapping: LineMap, key: str) -> object | None:
+    if key in mapping:
+        return key
+    norm = key.replace("-", "_")
+    for candidate in mapping:
+        if isinstance(candidate, str) and candidate.replace("-", "_") == norm:
+            return candidate
+    return None
