@@ -287,7 +287,7 @@ LOAD_ERRORS = [
         "duplicate-yaml-key",
         GOOD_AP + "  action: ALLOW\n  action: DENY\n",
         "document 1",
-        "",
+        "spec.action",
         12,
         "duplicate key 'action'",
     ),

@@ -44,6 +44,7 @@ from meshtrust.config.yaml import (
     line_for,
     load_yaml_documents,
     load_yaml_mapping,
+    parse_yaml_documents,
 )
 from meshtrust.errors import ConfigError
 
@@ -82,4 +83,5 @@ __all__ = [
     "load_yaml_documents",
     "load_yaml_mapping",
     "parse_host_port",
+    "parse_yaml_documents",
 ]

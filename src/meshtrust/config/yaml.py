@@ -40,6 +40,7 @@ __all__ = [
     "line_for",
     "load_yaml_documents",
     "load_yaml_mapping",
+    "parse_yaml_documents",
 ]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -82,14 +83,22 @@ class YamlError(ConfigError):
     """A file that is not acceptable YAML; ``document`` is the 1-based document it is in
     (``None`` when the file as a whole is the problem: unreadable, too large, not UTF-8)."""
 
-    def __init__(self, problem: str, *, file: Path, line: int | None, document: int | None) -> None:
-        super().__init__(problem, file=file, line=line)
+    def __init__(
+        self,
+        problem: str,
+        *,
+        file: Path,
+        line: int | None,
+        document: int | None,
+        field: str = "",
+    ) -> None:
+        super().__init__(problem, file=file, line=line, field=field)
         self.document = document
 
 
 class LineLoader(yaml.SafeLoader):
-    """SafeLoader building :class:`LineMap`/:class:`LineSeq`, refusing duplicate keys and
-    ``<<``. Use it through :func:`load_yaml_documents`, which checks the limits first."""
+    """SafeLoader building :class:`LineMap`/:class:`LineSeq`. Use it through
+    :func:`load_yaml_documents`, which checks limits and keys before constructing."""
 
 
 def _problem(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError:
@@ -97,28 +106,71 @@ def _problem(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError
 
 
 def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> Iterator[LineMap]:
+    # Keys were checked by _check_keys (no duplicates, no "<<", only scalars).
     data = LineMap(node.start_mark.line + 1)
     yield data
     for key_node, value_node in node.value:
-        if key_node.tag == _MERGE_TAG:
-            raise _problem(
-                key_node,
-                "the YAML merge key '<<' is not supported here; write the keys out "
-                "(Kubernetes tooling gives '<<' no meaning either)",
-            )
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
-        except TypeError:
+        except TypeError:  # a scalar with a tag that builds a list, say
             raise _problem(key_node, "a key must be a string or a number") from None
-        if key in data:
-            raise _problem(
-                key_node,
-                f"duplicate key {key!r} (first on line {data.key_lines[key]}); "
-                "a key may appear only once",
-            )
         data[key] = loader.construct_object(value_node, deep=True)
         data.key_lines[key] = key_node.start_mark.line + 1
+
+
+def _child(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _check_keys(root: yaml.Node, file: Path, document: int) -> None:
+    """Refuse duplicate keys, the merge key and non-scalar keys anywhere under ``root``,
+    naming the field path (``services[1].name``). Iterative; an aliased subtree is checked
+    once."""
+    pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen: set[int] = set()
+    while pending:
+        node, path = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            pending += [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlError(
+                    "a key must be a string or a number, not a list or mapping",
+                    file=file,
+                    line=line,
+                    document=document,
+                    field=path,
+                )
+            key = str(key_node.value)
+            if key_node.tag == _MERGE_TAG:
+                raise YamlError(
+                    "the YAML merge key '<<' is not supported; write the keys out "
+                    "(Kubernetes tooling gives '<<' no meaning either)",
+                    file=file,
+                    line=line,
+                    document=document,
+                    field=_child(path, key),
+                )
+            identity = (key_node.tag, key)
+            if identity in first:
+                raise YamlError(
+                    f"duplicate key {key!r} (first on line {first[identity]}); "
+                    "a key may appear only once",
+                    file=file,
+                    line=line,
+                    document=document,
+                    field=_child(path, key),
+                )
+            first[identity] = line
+            pending.append((value_node, _child(path, key)))
 
 
 def _construct_seq(loader: LineLoader, node: yaml.SequenceNode) -> Iterator[LineSeq]:
@@ -165,7 +217,7 @@ def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
         try:
             event = next(events, None)
         except yaml.YAMLError as exc:
-            raise _yaml_error(exc, file, max(document, 1)) from None
+            raise _yaml_error(exc, file, max(document, 1), text) from None
         if event is None:
             break
         if isinstance(event, yaml.DocumentStartEvent):
@@ -195,19 +247,12 @@ def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
             add(count, height, event)
 
 
-_NUL = re.compile("\x00")
-
-
 def _decode(data: bytes, file: Path) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise YamlError("is not UTF-8 text", file=file, line=line, document=None) from None
-    nul = _NUL.search(text)
-    if nul:
-        line = text.count("\n", 0, nul.start()) + 1
-        raise YamlError("contains a NUL character", file=file, line=line, document=None)
     return text
 
 
@@ -224,16 +269,17 @@ def _read(file: Path, limits: YamlLimits) -> str:
     return _decode(data, file)
 
 
-def _yaml_error(exc: yaml.YAMLError, file: Path, document: int) -> YamlError:
+def _yaml_error(exc: yaml.YAMLError, file: Path, document: int, text: str) -> YamlError:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
+    line: int | None = mark.line + 1 if mark is not None else None
     if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
         problem = f"character {chr(exc.character)!r} is not allowed in YAML"
+        return YamlError(problem, file=file, line=line, document=document)
     if isinstance(exc, yaml.constructor.ConstructorError):
-        line = mark.line + 1 if mark else None
         return YamlError(problem, file=file, line=line, document=document)
     column = f", column {mark.column + 1}" if mark is not None else ""
-    line = mark.line + 1 if mark is not None else None
     where = f" at line {line}{column}" if line else ""
     return YamlError(
         f"is not valid YAML{where}: {problem}", file=file, line=line, document=document
@@ -245,22 +291,39 @@ def load_yaml_documents(
 ) -> list[tuple[int, object]]:
     """``(document number, document)`` for every non-empty document of ``file``.
 
-    Raises :class:`ConfigError` naming the file (and line) for an unreadable, oversized,
-    non-UTF-8 or invalid file, a duplicate key, ``<<``, or input past ``limits``.
+    Raises :class:`ConfigError` (a :class:`YamlError`) naming the file and line for an
+    unreadable, oversized, non-UTF-8 or invalid file, a duplicate key, ``<<``, or input past
+    ``limits``.
     """
-    text = _read(file, limits)
-    documents: list[tuple[int, object]] = []
+    return parse_yaml_documents(_read(file, limits), file, limits=limits)
+
+
+def parse_yaml_documents(
+    text: str, file: Path, *, limits: YamlLimits = DEFAULT_LIMITS
+) -> list[tuple[int, object]]:
+    """:func:`load_yaml_documents` for text already read (``file`` names it in errors)."""
+    if len(text.encode("utf-8", "surrogatepass")) > limits.max_bytes:
+        problem = f"is larger than {limits.max_bytes} bytes"
+        raise YamlError(problem, file=file, line=None, document=None)
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise YamlError("contains a NUL character", file=file, line=line, document=None)
     _check_limits(text, file, limits)  # syntax errors are found (and reported) here
+    documents: list[tuple[int, object]] = []
     number = 0
     loader = LineLoader(text)
     try:
-        while loader.check_data():  # type: ignore[no-untyped-call]
+        while loader.check_node():
             number += 1
-            document = loader.get_data()
+            node = loader.get_node()
+            if node is None:
+                continue
+            _check_keys(node, file, number)
+            document = loader.construct_document(node)
             if document is not None:
                 documents.append((number, document))
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, file, max(number, 1)) from None
+        raise _yaml_error(exc, file, max(number, 1), text) from None
     finally:
         loader.dispose()
     return documents

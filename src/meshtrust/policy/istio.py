@@ -637,7 +637,7 @@ def _documents(path: Path) -> list[tuple[int, object]]:
         return load_yaml_documents(path)
     except YamlError as exc:
         obj = f"document {exc.document}" if exc.document else ""
-        raise PolicyError(path, obj, "", exc.problem, line=exc.line) from None
+        raise PolicyError(path, obj, exc.field, exc.problem, line=exc.line) from None
 
 
 def load_policy_files(paths: Sequence[Path]) -> PolicySet:
