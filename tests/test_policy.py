@@ -330,7 +330,7 @@ LOAD_ERRORS = [
         "AuthorizationPolicy document 1",
         "metadata.name",
         4,
-        "invalid name 'Allow_A'",
+        "'Allow_A' is not a DNS name",
     ),
     (
         "unknown-top-level-field",

@@ -18,13 +18,21 @@ than silently ignored: ignoring a condition widens an ALLOW policy.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from meshtrust.config import LineMap, LineSeq, YamlError, load_yaml_documents
+from meshtrust.config import (
+    ConfigError,
+    LineMap,
+    LineSeq,
+    YamlError,
+    check_dns_label,
+    check_dns_subdomain,
+    check_labels,
+    load_yaml_documents,
+)
 from meshtrust.errors import InvalidSpiffeId, PolicyError
 from meshtrust.policy.compile import inbound_policy
 from meshtrust.policy.model import InboundPolicy, MtlsMode, WorkloadRef
@@ -190,8 +198,19 @@ def _strings(
     return tuple(out)
 
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_T = TypeVar("_T")
+
+
+def _shared(check: Callable[[object, str], _T], value: object, at: _At) -> _T:
+    """Apply one of the config layer's validators (the same names and labels rules as
+    mesh.yaml and sidecar.yaml), reporting its problem at ``at`` (plus any sub-field)."""
+    try:
+        return check(value, at.field)
+    except ConfigError as exc:
+        key = exc.field[len(at.field) :].lstrip(".")
+        if isinstance(value, Mapping) and key in value:
+            raise at.key(value, key).error(exc.problem) from None
+        raise at.error(exc.problem) from None
 
 
 def _labels(value: object, at: _At, *, what: str) -> dict[str, str]:
@@ -354,7 +373,7 @@ def _selector(spec: Mapping[str, Any], at: _At) -> dict[str, str]:
             raise labels_at.key(body["matchLabels"], key).error(
                 "wildcards are not supported in a selector"
             )
-    return labels
+    return _shared(check_labels, labels, labels_at)
 
 
 # --- objects ------------------------------------------------------------------------------------
@@ -546,24 +565,16 @@ def _parse_metadata(raw: Mapping[str, Any], at: _At) -> tuple[str, str]:
         missing = _At(where.file, where.obj, "metadata.name", where.line)
         raise missing.error("metadata.name is missing")
     name_at = where.key(metadata, "name")
-    name = _string(metadata["name"], name_at)
-    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
-        raise name_at.error(
-            f"invalid name {_quote(name)}: lower-case letters, digits, '-' and '.', "
-            "starting and ending with a letter or digit (at most 253)"
-        )
+    name = _shared(check_dns_subdomain, _string(metadata["name"], name_at), name_at)
     namespace = DEFAULT_NAMESPACE
     if metadata.get("namespace") is not None:
         ns_at = where.key(metadata, "namespace")
-        namespace = _string(metadata["namespace"], ns_at)
-        if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
-            raise ns_at.error(
-                f"invalid namespace {_quote(namespace)}: lower-case letters, digits and '-', "
-                "starting and ending with a letter or digit (at most 63)"
-            )
-    for key in ("labels", "annotations"):
-        if key in metadata:
-            _labels(metadata[key], where.key(metadata, key), what=key)
+        namespace = _shared(check_dns_label, _string(metadata["namespace"], ns_at), ns_at)
+    if "labels" in metadata:
+        labels_at = where.key(metadata, "labels")
+        _shared(check_labels, _labels(metadata["labels"], labels_at, what="labels"), labels_at)
+    if "annotations" in metadata:  # annotation values are free text
+        _labels(metadata["annotations"], where.key(metadata, "annotations"), what="annotations")
     return namespace, name
 
 
