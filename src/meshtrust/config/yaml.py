@@ -115,6 +115,8 @@ def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> Iterator[LineM
             hash(key)
         except TypeError:  # a scalar with a tag that builds a list, say
             raise _problem(key_node, "a key must be a string or a number") from None
+        if key in data:  # written differently, read the same: `1` and `0x1`, `yes` and `true`
+            raise _problem(key_node, f"duplicate key {key!r} (first on line {data.key_lines[key]})")
         data[key] = loader.construct_object(value_node, deep=True)
         data.key_lines[key] = key_node.start_mark.line + 1
 
@@ -189,22 +191,24 @@ def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
     """Refuse ``text`` if it nests deeper, has more aliases or would expand to more nodes than
     ``limits`` allow. Iterative over the event stream, so it cannot itself blow the stack."""
     # Per open collection: [node count so far, height so far]; per anchor: (count, height).
+    # ``total`` is every node so far with aliases expanded.
     stack: list[list[int]] = []
     anchors: dict[str, tuple[int, int]] = {}
     open_anchors: list[str | None] = []
     aliases = 0
-    nodes = 0
+    total = 0
 
-    def add(count: int, height: int, event: yaml.Event) -> None:
-        nonlocal nodes
+    def add(count: int, height: int, event: yaml.Event, *, new: int) -> None:
+        """A finished value of ``count`` nodes and ``height`` levels, ``new`` of them not yet
+        in ``total`` (a closed collection's nodes were counted as they came)."""
+        nonlocal total
+        total += new
         if stack:
             stack[-1][0] += count
             stack[-1][1] = max(stack[-1][1], height + 1)
-        else:
-            nodes += count
         if len(stack) + height > limits.max_depth:
             _refuse(event, f"nests deeper than {limits.max_depth} levels")
-        if nodes + sum(entry[0] for entry in stack) > limits.max_nodes:
+        if total > limits.max_nodes:
             _refuse(event, f"expands to more than {limits.max_nodes} values (an alias bomb?)")
 
     def _refuse(event: yaml.Event, problem: str) -> None:
@@ -227,16 +231,17 @@ def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
                 _refuse(event, f"nests deeper than {limits.max_depth} levels")
             stack.append([1, 0])
             open_anchors.append(event.anchor)
+            total += 1
         elif isinstance(event, yaml.CollectionEndEvent):
             count, height = stack.pop()
             anchor = open_anchors.pop()
             if anchor is not None:
                 anchors[anchor] = (count, height)
-            add(count, height, event)
+            add(count, height, event, new=0)
         elif isinstance(event, yaml.ScalarEvent):
             if event.anchor is not None:
                 anchors[event.anchor] = (1, 0)
-            add(1, 0, event)
+            add(1, 0, event, new=1)
         elif isinstance(event, yaml.AliasEvent):
             aliases += 1
             if aliases > limits.max_aliases:
@@ -244,7 +249,7 @@ def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
             if event.anchor in open_anchors:
                 _refuse(event, f"alias *{event.anchor} refers to a value that contains it")
             count, height = anchors.get(event.anchor or "", (1, 0))
-            add(count, height, event)
+            add(count, height, event, new=count)
 
 
 def _decode(data: bytes, file: Path) -> str:

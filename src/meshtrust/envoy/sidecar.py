@@ -20,8 +20,10 @@ One YAML file per workload (keys may be written ``app_port`` or ``app-port``)::
         protocol: http        #   optional, http (default) or tcp: what the app speaks to it
 
 All ports are 1-65535 and the ports this host listens on (app, inbound, admin, every
-upstream's local port) are all different. Unknown keys and bad values are
-:class:`~meshtrust.errors.ConfigError`\\ s naming the file and the key.
+upstream's local port) are all different. Duplicate or unknown keys and bad values are
+:class:`~meshtrust.errors.ConfigError`\\ s naming the file, the line and the key; names,
+ports, addresses and labels are checked by :mod:`meshtrust.config`'s validators, the same
+ones mesh.yaml goes through.
 
 What Envoy is told
 ------------------
