@@ -104,6 +104,8 @@ LOADER_ERRORS = [
     ("duplicate-top", "a: 1\nb: 2\na: 3\n", 3, "a", "duplicate key 'a' (first on line 1)"),
     ("duplicate-nested", "s:\n  - n: 1\n    n: 2\n", 3, "s[0].n", "duplicate key 'n'"),
     ("duplicate-flow", "s: {x: 1, x: 1}\n", 1, "s.x", "duplicate key 'x'"),
+    ("duplicate-spelled-twice", "a: 1\n1: x\n0x1: y\n", 3, "", "duplicate key 1"),
+    ("duplicate-bool", "on: 1\ntrue: 2\n", 2, "", "duplicate key True"),
     ("merge-key", "b: &b {p: 1}\ns:\n  <<: *b\n", 3, "s.<<", "merge key '<<' is not supported"),
     ("complex-key", "? [a]\n: 1\n", 1, "", "a key must be a string or a number"),
     ("recursive-alias", "a: &a [*a]\n", 1, "", "refers to a value that contains it"),

@@ -1577,3 +1577,37 @@ def test_real_envoy_accepts_the_compiled_filters(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_policy_modules_import_in_one_direction() -> None:
+    """istio (YAML -> objects, PolicySet) -> compile (objects -> Envoy) -> objects: no module
+    imports one that imports it back, so none needs an import inside a function."""
+    import ast
+
+    import meshtrust.policy
+
+    package = Path(meshtrust.policy.__file__).parent
+    allowed = {
+        "objects": {"model"},
+        "model": set(),
+        "compile": {"objects", "model"},
+        "istio": {"objects", "model", "compile"},
+    }
+    for module, may_import in allowed.items():
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {
+            node.module.removeprefix("meshtrust.policy.")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("meshtrust.policy.")
+        }
+        assert imported <= may_import, (module, imported - may_import)
+        nested = [
+            node
+            for function in ast.walk(tree)
+            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+            for node in ast.walk(function)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+        ]
+        assert not nested, module
