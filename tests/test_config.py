@@ -108,15 +108,15 @@ LOADER_ERRORS = [
     ("duplicate-bool", "on: 1\ntrue: 2\n", 2, "", "duplicate key True"),
     ("merge-key", "b: &b {p: 1}\ns:\n  <<: *b\n", 3, "s.<<", "merge key '<<' is not supported"),
     ("complex-key", "? [a]\n: 1\n", 1, "", "a key must be a string or a number"),
-    ("recursive-alias", "a: &a [*a]\n", 1, "", "refers to a value that contains it"),
+    ("recursive-alias", "a: &a [*a]\n", 1, "a[0]", "refers to a value that contains it"),
     ("syntax", "a: [unclosed\n", 2, "", "is not valid YAML at line 2"),
     ("python-tag", "a: !!python/object:os.system x\n", 1, "", "could not determine a constructor"),
     ("non-utf8", b"a: 1\nb: \xff\n", 2, "", "is not UTF-8 text"),
     ("nul-byte", b"a: 1\n\nb: x\x00y\n", 3, "", "contains a NUL character"),
     ("control-char", b"a: 1\nb: \x07\n", 2, "", "is not allowed in YAML"),
-    ("deep-nesting", "a: " + "[" * 20_000 + "]" * 20_000 + "\n", 1, "", "nests deeper than 64"),
-    ("deep-mappings", "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 80)), 65, "", "deeper"),
-    ("billion-laughs", billion_laughs(), 6, "", "expands to more than 200000 values"),
+    ("deep-nesting", "a: " + "[" * 20_000 + "]" * 20_000 + "\n", 1, "a", "nests deeper than 64"),
+    ("deep-mappings", "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 80)), 65, "a", "deeper"),
+    ("billion-laughs", billion_laughs(), 6, "f[1]", "expands to more than 200000 values"),
 ]
 
 

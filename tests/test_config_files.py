@@ -78,10 +78,13 @@ def test_every_file_refuses_the_same_bad_yaml(tmp_path: Path, kind: str, defect:
     assert error.line == valid.count("\n") + from_end
     assert problem in str(error)
     assert str(error).startswith(f"{path}:{error.line}: ")
-    if defect == "duplicate-key":
-        assert error.field == duplicate_key
-    if defect == "merge-key":
-        assert error.field == "zy.<<"
+    expected_field = {
+        "duplicate-key": duplicate_key,
+        "nesting-20000": "zz",
+        "billion-laughs": "f[1]",
+        "merge-key": "zy.<<",
+    }[defect]
+    assert error.field == expected_field
 
 
 def test_each_valid_file_loads(tmp_path: Path) -> None:
@@ -295,8 +298,8 @@ def _run(*args: str) -> tuple[int, str]:
     ("command", "text", "message"),
     [
         (["ca", "serve", "--config"], CA + "listen: 127.0.0.1:1\n", ":3: listen: duplicate key"),
-        (["ca", "serve", "--config"], "a: " + "[" * 20_000 + "\n", ":1: nests deeper than"),
-        (["agent", "--config"], AGENT + billion_laughs(), ":8: expands to more than"),
+        (["ca", "serve", "--config"], "a: " + "[" * 20_000 + "\n", ":1: a: nests deeper than"),
+        (["agent", "--config"], AGENT + billion_laughs(), ":8: f[1]: expands to more than"),
         (["agent", "--config"], AGENT + "cert-ttl: [1h]\n", ":3: cert-ttl: expected a duration"),
         (["up"], "workDir: /proc/mesh\n" + MESH, ":1: workDir: /proc/mesh is under /proc"),
         (["up"], MESH.replace("a\n", "Web_1\n", 1), ":2: services[0].name: 'Web_1' is not a name"),

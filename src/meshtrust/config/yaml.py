@@ -192,77 +192,127 @@ LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
+@dataclass
+class _Open:
+    """A collection whose end event has not come yet."""
+
+    is_map: bool
+    anchor: str | None
+    count: int = 1  # nodes in it so far, itself included, aliases expanded
+    height: int = 0  # levels below it so far
+    children: int = 0  # finished children (for a mapping: keys and values)
+    key: str = ""  # for a mapping: the last key
+
+
+class _LimitCheck:
+    """Walks the event stream once, keeping what the limits need: the open collections (for
+    depth and the field path of a refusal), the size and height of every anchored value (so
+    an alias counts as what it would expand to), the alias count and the expanded total."""
+
+    def __init__(self, file: Path, limits: YamlLimits) -> None:
+        self.file = file
+        self.limits = limits
+        self.open: list[_Open] = []
+        self.anchors: dict[str, tuple[int, int]] = {}
+        self.aliases = 0
+        self.total = 0
+        self.document = 0
+
+    def feed(self, event: yaml.Event) -> None:
+        if isinstance(event, yaml.DocumentStartEvent):
+            self.document += 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(self.open) >= self.limits.max_depth:
+                self.refuse_depth(event)
+            self.open.append(_Open(isinstance(event, yaml.MappingStartEvent), event.anchor))
+            self.total += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            done = self.open.pop()
+            if done.anchor is not None:
+                self.anchors[done.anchor] = (done.count, done.height)
+            self.finished(event, done.count, done.height, new=0)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                self.anchors[event.anchor] = (1, 0)
+            self.finished(event, 1, 0, new=1, scalar=event.value)
+        elif isinstance(event, yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > self.limits.max_aliases:
+                self.refuse(event, f"has more than {self.limits.max_aliases} aliases")
+            if any(o.anchor == event.anchor for o in self.open):
+                self.refuse(event, f"alias *{event.anchor} refers to a value that contains it")
+            count, height = self.anchors.get(event.anchor or "", (1, 0))
+            self.finished(event, count, height, new=count)
+
+    def finished(
+        self, event: yaml.Event, count: int, height: int, *, new: int, scalar: str = ""
+    ) -> None:
+        """A value of ``count`` nodes and ``height`` levels is complete; ``new`` of its nodes
+        are not in the total yet (a collection's were counted as they came)."""
+        self.total += new
+        if len(self.open) + height > self.limits.max_depth:
+            self.refuse_depth(event)
+        if self.total > self.limits.max_nodes:
+            what = "expands to more than" if self.aliases else "has more than"
+            bomb = " (an alias bomb?)" if self.aliases else ""
+            self.refuse(event, f"{what} {self.limits.max_nodes} values{bomb}")
+        if self.open:
+            parent = self.open[-1]
+            parent.count += count
+            parent.height = max(parent.height, height + 1)
+            if parent.is_map and parent.children % 2 == 0:
+                parent.key = scalar
+            parent.children += 1
+
+    def field(self, *, steps: int | None = None) -> str:
+        """The path to where the stream is now (``services[1].labels``), its first ``steps``
+        steps only when given."""
+        path = ""
+        for o in self.open[:steps]:
+            if not o.is_map:
+                path += f"[{o.children}]"
+            elif o.children % 2:  # inside the value of o.key
+                path = f"{path}.{o.key}" if path else o.key
+            else:
+                break  # inside a key (a complex key): no further path
+        return path
+
+    def refuse_depth(self, event: yaml.Event) -> None:
+        # Named by its top-level field: the full path would be dozens of steps long, and how
+        # far the parser had read ahead when it refused is not the user's business.
+        problem = f"nests deeper than {self.limits.max_depth} levels"
+        self.refuse(event, problem, field=self.field(steps=1))
+
+    def refuse(self, event: yaml.Event, problem: str, *, field: str | None = None) -> None:
+        line = event.start_mark.line + 1 if event.start_mark else None
+        field = self.field() if field is None else field
+        raise YamlError(problem, file=self.file, line=line, document=self.document, field=field)
+
+
 def _check_limits(text: str, file: Path, limits: YamlLimits) -> None:
     """Refuse ``text`` if it nests deeper, has more aliases or would expand to more nodes than
     ``limits`` allow. Iterative over the event stream, so it cannot itself blow the stack."""
-    # Per open collection: [node count so far, height so far]; per anchor: (count, height).
-    # ``total`` is every node so far with aliases expanded.
-    stack: list[list[int]] = []
-    anchors: dict[str, tuple[int, int]] = {}
-    open_anchors: list[str | None] = []
-    aliases = 0
-    total = 0
-
-    def add(count: int, height: int, event: yaml.Event, *, new: int) -> None:
-        """A finished value of ``count`` nodes and ``height`` levels, ``new`` of them not yet
-        in ``total`` (a closed collection's nodes were counted as they came)."""
-        nonlocal total
-        total += new
-        if stack:
-            stack[-1][0] += count
-            stack[-1][1] = max(stack[-1][1], height + 1)
-        if len(stack) + height > limits.max_depth:
-            _refuse(event, f"nests deeper than {limits.max_depth} levels")
-        if total > limits.max_nodes and aliases:
-            _refuse(event, f"expands to more than {limits.max_nodes} values (an alias bomb?)")
-        if total > limits.max_nodes:
-            _refuse(event, f"has more than {limits.max_nodes} values")
-
-    def _refuse(event: yaml.Event, problem: str) -> None:
-        line = event.start_mark.line + 1 if event.start_mark else None
-        raise YamlError(problem, file=file, line=line, document=document)
-
-    document = 0
+    check = _LimitCheck(file, limits)
     events = yaml.parse(text, Loader=_BaseLoader)
     while True:
         try:
             event = next(events, None)
         except yaml.YAMLError as exc:
+            document = max(check.document, 1)
             if "maximum nesting depth" in str(getattr(exc, "problem", "")):
-                # libyaml's own cap (1000 levels) can trip before our event count does,
-                # because its scanner reads ahead; it is the same refusal.
-                line = exc.problem_mark.line + 1 if exc.problem_mark else None  # type: ignore[attr-defined]
+                # libyaml's own cap (1000 levels) can trip before our count does, because
+                # its scanner reads ahead; it is the same refusal.
+                mark = getattr(exc, "problem_mark", None)
+                line = mark.line + 1 if mark else None
                 problem = f"nests deeper than {limits.max_depth} levels"
-                raise YamlError(problem, file=file, line=line, document=max(document, 1)) from None
-            raise _yaml_error(exc, file, max(document, 1), text) from None
+                field = check.field(steps=1)
+                raise YamlError(
+                    problem, file=file, line=line, document=document, field=field
+                ) from None
+            raise _yaml_error(exc, file, document, text) from None
         if event is None:
-            break
-        if isinstance(event, yaml.DocumentStartEvent):
-            document += 1
-        elif isinstance(event, yaml.CollectionStartEvent):
-            if len(stack) >= limits.max_depth:
-                _refuse(event, f"nests deeper than {limits.max_depth} levels")
-            stack.append([1, 0])
-            open_anchors.append(event.anchor)
-            total += 1
-        elif isinstance(event, yaml.CollectionEndEvent):
-            count, height = stack.pop()
-            anchor = open_anchors.pop()
-            if anchor is not None:
-                anchors[anchor] = (count, height)
-            add(count, height, event, new=0)
-        elif isinstance(event, yaml.ScalarEvent):
-            if event.anchor is not None:
-                anchors[event.anchor] = (1, 0)
-            add(1, 0, event, new=1)
-        elif isinstance(event, yaml.AliasEvent):
-            aliases += 1
-            if aliases > limits.max_aliases:
-                _refuse(event, f"has more than {limits.max_aliases} aliases")
-            if event.anchor in open_anchors:
-                _refuse(event, f"alias *{event.anchor} refers to a value that contains it")
-            count, height = anchors.get(event.anchor or "", (1, 0))
-            add(count, height, event, new=count)
+            return
+        check.feed(event)
 
 
 def _decode(data: bytes, file: Path) -> str:
