@@ -221,9 +221,9 @@ def test_mesh_accepts_a_name_exactly_when_the_sidecar_does(tmp_path: Path, name:
         (load_config_file, "ca-dir: ca\nlisten: [1]\n", 2, "listen", "expected a string"),
         (
             load_config_file,
-            CA + "jwt-issuer: [{issuer: a, jwks: 3}]\n",
-            3,
-            "jwt-issuer[0].jwks",
+            CA + "jwt-issuer:\n  - {issuer: a, jwks: j.json}\n  - {issuer: b,\n     jwks: 3}\n",
+            6,
+            "jwt-issuer[1].jwks",
             "string",
         ),
         (load_config_file, CA + "max_tll: 90d\n", 3, "max_tll", "unknown key"),

@@ -24,7 +24,7 @@ from meshtrust.config.validators import (
     check_string,
     check_trust_domain,
 )
-from meshtrust.config.yaml import load_yaml_mapping
+from meshtrust.config.yaml import line_for, load_yaml_mapping
 from meshtrust.errors import ConfigError
 from meshtrust.spiffe import TrustDomain
 
@@ -103,5 +103,5 @@ def load_settings(path: Path, keys: Mapping[str, tuple[str, Converter]]) -> dict
         try:
             out[name] = convert(value, str(key), path.parent)
         except ConfigError as exc:
-            raise exc.located(path, line) from None
+            raise exc.located(path, line_for(raw, exc.field) or line) from None
     return out
