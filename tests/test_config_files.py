@@ -120,7 +120,7 @@ def _mesh_cases(tmp_path: Path) -> list[tuple[str, str, int, str, str]]:
         ("name-nul", MESH.replace("a\n", '"a\\0b"\n', 1), 2, "services[0].name", "NUL"),
         ("name-web_1", MESH.replace("a\n", "Web_1\n", 1), 2, "services[0].name", "not a name"),
         ("namespace", MESH + "    namespace: Prod\n", 4, "services[0].namespace", "not a name"),
-        ("sa", MESH + "    serviceAccount: SA_1\n", 4, "services[0].serviceAccount", "DNS name"),
+        ("sa", MESH + "    serviceAccount: SA_1\n", 4, "services[0].serviceAccount", "not a name"),
         (
             "local-port",
             TWO.replace("25003", "x"),
@@ -180,6 +180,12 @@ def test_mesh_errors_name_file_line_and_field(tmp_path: Path) -> None:
         assert problem in str(error), (case, str(error))
         assert str(error).startswith(f"{path}:{line}: {field}: "), case
     assert not list(tmp_path.glob(".meshtrust"))  # refused before anything was created
+
+
+def test_the_ca_port_is_read_by_the_one_parser(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text("ca: {listen: '[::1]:25012'}\n" + MESH)
+    assert load_mesh_config(path).ca_port == 25012
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,6 @@ from meshtrust.config import (
     LineMap,
     check_directory_location,
     check_dns_label,
-    check_dns_subdomain,
     check_duration,
     check_host_port,
     check_labels,
@@ -112,6 +111,11 @@ class MeshConfig:
     ca_dir: Path
     services: tuple[ServiceSpec, ...]
     policy_files: tuple[Path, ...]
+
+    @property
+    def ca_port(self) -> int:
+        """The port of ``ca_listen`` (checked when the file was loaded)."""
+        return parse_host_port(self.ca_listen, what="ca.listen")[1]
 
     def service(self, name: str) -> ServiceSpec:
         for svc in self.services:
@@ -277,7 +281,7 @@ def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
     # check the sidecar config applies, so mesh.yaml cannot plan a sidecar the agent refuses.
     name = check_dns_label(raw["name"], f"{field}.name")
     namespace = check_dns_label(raw.get("namespace", "default"), f"{field}.namespace")
-    sa = check_dns_subdomain(raw.get("serviceAccount", name), f"{field}.serviceAccount")
+    sa = check_dns_label(raw.get("serviceAccount", name), f"{field}.serviceAccount")
     try:
         spiffe_id = SpiffeId.for_workload(td, namespace, sa)
     except InvalidSpiffeId as exc:
