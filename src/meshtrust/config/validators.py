@@ -216,8 +216,9 @@ def parse_host_port(text: str, *, what: str, zero: bool = True) -> tuple[str, in
 
 def check_host_port(value: object, field: str, *, zero: bool = True) -> str:
     """A ``HOST:PORT`` string, returned as written."""
-    parse_host_port(check_string(value, field), what=field, zero=zero)
-    return value  # type: ignore[return-value]  # checked to be a str just above
+    text = check_string(value, field)
+    parse_host_port(text, what=field, zero=zero)
+    return text
 
 
 def check_path(value: object, field: str, base: Path) -> Path:
