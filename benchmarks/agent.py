@@ -374,7 +374,7 @@ class FirstCert:
 
 
 async def first_cert_in_process(ca: RealCa, work: Path, runs: int) -> list[FirstCert]:
-    from meshtrust.agent import Agent, AgentConfig, GrpcCertificateSource
+    from meshtrust.agent import AgentConfig, GrpcCertificateSource, build_agent
 
     root_pem = ca.root.read_bytes()
     results = []
@@ -388,7 +388,7 @@ async def first_cert_in_process(ca: RealCa, work: Path, runs: int) -> list[First
             status_listen=None,
         )
         source = TimedSource(GrpcCertificateSource(ca.address, root_pem))
-        agent = Agent(config, source=source)
+        agent = build_agent(config, source=source)
         assert config.sds_socket is not None
         client: SdsClient | None = None
         try:
@@ -544,7 +544,7 @@ async def _rss_child(
 ) -> int:
     import socket
 
-    from meshtrust.agent import Agent, AgentConfig
+    from meshtrust.agent import AgentConfig, build_agent
     from meshtrust.clock import FakeClock
     from meshtrust.spiffe import SpiffeId
     from tests.badcerts import cert_pem, make_ca
@@ -569,7 +569,7 @@ async def _rss_child(
         status_listen=f"127.0.0.1:{status_port}",
     )
     source = FakeClockCa(clock, ca, SpiffeId.parse(SPIFFE_ID))
-    agent = Agent(config, clock=clock, source=source, rng=random.Random(1))
+    agent = build_agent(config, clock=clock, source=source, rng=random.Random(1))
 
     def state() -> dict[str, object]:
         current = agent.cache.current
