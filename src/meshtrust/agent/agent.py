@@ -24,13 +24,13 @@ from meshtrust.agent.metrics import AgentMetrics
 from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.agent.sds import SdsServer
+from meshtrust.agent.status import StatusServer
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock
 from meshtrust.errors import MeshTrustError
 from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import TrustBundle
 from meshtrust.spiffe import SpiffeId
-from meshtrust.status_http import StatusHttpServer
 
 if TYPE_CHECKING:
     from meshtrust.agent.sidecar import EnvoySidecar
@@ -94,7 +94,7 @@ class Agent:
         self.sidecar = sidecar
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._status: StatusHttpServer | None = None
+        self._status: StatusServer | None = None
         self.started = False
 
     def _expiry_seconds(self) -> float | None:
@@ -159,10 +159,10 @@ class Agent:
                 from meshtrust.ca.config import parse_host_port
 
                 host, port = parse_host_port(cfg.status_listen, what="--status-listen")
-                self._status = StatusHttpServer(
+                self._status = StatusServer(
                     host, port, self.registry, self.ready, self.status_snapshot
                 )
-                self._status.start()
+                await self._status.start()
             if cfg.sds_socket is not None:
                 self._servers.append(SdsServer(self.cache, cfg.sds_socket))
             if cfg.workload_socket is not None:
@@ -214,7 +214,8 @@ class Agent:
                 await server.stop()
         self._servers.clear()
         if self._status is not None:
-            self._status.stop()
+            with contextlib.suppress(Exception):
+                await self._status.stop()
             self._status = None
 
     async def run_until(self, stop: asyncio.Event) -> None:
