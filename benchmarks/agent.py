@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 TARGET_FIRST_CERT_MS = 300.0
-TARGET_RSS_MB = 50.0
+TARGET_RSS_MB = 45.0  # issue 8 (was 50)
 TARGET_ENVOY_MS = 1000.0
 
 TRUST_DOMAIN = "example.org"
@@ -922,7 +922,7 @@ def report_first(r: Report, runs: list[FirstCert], cold: list[ColdStart] | None)
 
 def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: float) -> None:
     end_mb, start_mb = res.end_kb / 1024, res.start_kb / 1024
-    ok = end_mb < TARGET_RSS_MB
+    ok = end_mb <= TARGET_RSS_MB
     r.say(
         f"2. resident memory after {res.sim_seconds / 3600:g} h of simulated rotations "
         f"(child process, FakeClock, {cert_ttl:g} s certificates, clock step {step:g} s)"
@@ -935,17 +935,19 @@ def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: f
     trend = ", ".join(f"{s / 60:.0f} min {kb / 1024:.1f}" for s, kb in res.trend)
     r.say(
         "   the SDS and Workload API clients run in this process, not in the measured one; "
-        "the child's own benchmark code (test CA fixture, argparse) adds < 1 MB"
+        "the child's own benchmark code adds about 0.5-1.5 MB (argparse + statistics 0.4 MB; "
+        "the test CA fixture 0.1 MB from bytecode, ~1 MB compiled from source when "
+        "PYTHONDONTWRITEBYTECODE is set)"
     )
     r.say(f"   VmRSS (MB): {trend}")
     r.say(
         f"   VmRSS at the end {end_mb:.1f} MB (after the first certificate {start_mb:.1f} MB, "
         f"growth {end_mb - start_mb:+.1f} MB), peak VmHWM {res.hwm_kb / 1024:.1f} MB, "
-        f"{res.threads} threads  (target < {TARGET_RSS_MB:.0f} MB: {verdict(ok)})"
+        f"{res.threads} threads  (target <= {TARGET_RSS_MB:.0f} MB: {verdict(ok)})"
     )
     r.say(
         f"   of the end figure: anonymous {res.anon_kb / 1024:.1f} MB, file-backed (shared "
-        f"libraries: cygrpc, cryptography's Rust module, libpython, libcrypto) "
+        f"libraries: cryptography's Rust module, libpython, libcrypto, upb) "
         f"{res.file_kb / 1024:.1f} MB; PSS {res.pss_kb / 1024:.1f} MB"
     )
     r.say(
@@ -957,7 +959,7 @@ def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: f
     r.target(
         f"agent VmRSS after {hours:g} h of rotations",
         f"{end_mb:.1f} MB",
-        f"< {TARGET_RSS_MB:.0f} MB",
+        f"<= {TARGET_RSS_MB:.0f} MB",
         ok,
     )
     r.say()
