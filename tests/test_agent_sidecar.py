@@ -16,8 +16,8 @@ import os
 import shutil
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from meshtrust.pki import certs_pem, issue_leaf, parse_csr
 from meshtrust.policy import MtlsMode, PeerAuthentication, PolicySet
 from meshtrust.spiffe import SpiffeId
 from tests import badcerts
+from tests.fake_envoy import FakeEnvoy, FakeLauncher, FakePolicies
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 WEB = SpiffeId.parse("spiffe://example.org/ns/default/sa/web")
@@ -42,77 +43,6 @@ STRICT = PolicySet(
     peer_authentications=(PeerAuthentication("default", "default", mode=MtlsMode.STRICT),)
 )
 PERMISSIVE = PolicySet()  # no PeerAuthentication: Istio's default, PERMISSIVE
-
-
-# --- fakes ------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeEnvoy:
-    """An Envoy that starts (or fails to) at once, dies on request and says LIVE when
-    running. ``starts`` records the fake clock's time of every start attempt."""
-
-    clock: FakeClock
-    fail_starts: int = 0
-    says_live: bool = True
-    starts: list[float] = field(default_factory=list)
-    stops: int = 0
-    running: bool = False
-    pid: int | None = None
-    admin_url: str | None = None
-
-    async def start(self) -> None:
-        self.starts.append(self.clock.monotonic())
-        if self.fail_starts > 0:
-            self.fail_starts -= 1
-            raise EnvoyFailed("envoy-web: Envoy exited with status 1 while starting")
-        self.running, self.pid = True, 4000 + len(self.starts)
-        self.admin_url = "http://127.0.0.1:19000"
-
-    async def stop(self) -> None:
-        self.running = False
-        self.stops += 1
-
-    async def ready(self) -> bool:
-        return self.running and self.says_live
-
-    def log_tail(self) -> str:
-        return "[warning] fake Envoy log"
-
-    def die(self) -> None:
-        self.running = False
-
-
-@dataclass
-class FakeLauncher:
-    envoy: FakeEnvoy
-    prepared: list[tuple[Mapping[str, Any], Path, str]] = field(default_factory=list)
-
-    def prepare(self, bootstrap: Mapping[str, Any], workdir: Path, name: str) -> FakeEnvoy:
-        self.prepared.append((bootstrap, workdir, name))
-        return self.envoy
-
-
-@dataclass
-class FakePolicies:
-    """A policy source holding a PolicySet (or the error loading it would raise)."""
-
-    current: PolicySet | PolicyError
-    pending: bool = False
-    loads: int = 0
-
-    def load(self) -> PolicySet:
-        self.loads += 1
-        self.pending = False
-        if isinstance(self.current, PolicyError):
-            raise self.current
-        return self.current
-
-    def changed(self) -> bool:
-        return self.pending
-
-    def edit(self, policies: PolicySet | PolicyError) -> None:
-        self.current, self.pending = policies, True
 
 
 @dataclass
