@@ -6,6 +6,7 @@ directory fsync after the rename) of issue 8.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import ssl
@@ -170,3 +171,26 @@ def test_certificate_files_fsync_the_data_swap(tmp_path: Path) -> None:
     assert last_ino == out.stat().st_ino
     assert last_state == leaf.chain_pem
     assert os.readlink(out / DATA) == gen_dir.name
+
+
+def _directory_fsync_failing_with(code: int) -> FsyncLog:
+    class Failing(FsyncLog):
+        def __call__(self, fd: int) -> None:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(code, os.strerror(code))
+            super().__call__(fd)
+
+    return Failing()
+
+
+def test_a_filesystem_that_cannot_sync_directories_is_accepted(tmp_path: Path) -> None:
+    target = tmp_path / "root-cert.pem"
+    write_file_atomic(target, b"roots", 0o644, fsync=_directory_fsync_failing_with(errno.EINVAL))
+    assert target.read_bytes() == b"roots"
+
+
+def test_a_failing_directory_sync_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="Input/output error"):
+        write_file_atomic(
+            tmp_path / "key.pem", b"k", fsync=_directory_fsync_failing_with(errno.EIO)
+        )

@@ -17,6 +17,7 @@ fallback; the agent and CA are supported on Linux.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import ssl
 import tempfile
@@ -36,10 +37,18 @@ Fsync = Callable[[int], None]
 
 
 def fsync_directory(directory: Path, fsync: Fsync = os.fsync) -> None:
-    """Make the entries of ``directory`` (renames, new links) durable."""
+    """Make the entries of ``directory`` (renames, new links) durable.
+
+    A filesystem that cannot sync a directory (EINVAL/ENOTSUP, as some network and FUSE
+    filesystems answer) is accepted: there is nothing more to do there. Any other error
+    (EIO: the data may not be on disk) is raised as :class:`OSError`.
+    """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
