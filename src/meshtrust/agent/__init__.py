@@ -1,6 +1,7 @@
 """The workload agent (the istio-agent role): key, rotation, SDS, Workload API, files."""
 
 from meshtrust.agent.agent import Agent
+from meshtrust.agent.build import PolicyFiles, build_agent
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.config import AgentConfig, resolve_identity
 from meshtrust.agent.files import CertificateFiles
@@ -21,6 +22,7 @@ __all__ = [
     "CertificateFiles",
     "CertificateSource",
     "GrpcCertificateSource",
+    "PolicyFiles",
     "RotationPolicy",
     "Rotator",
     "SdsServer",
@@ -30,6 +32,7 @@ __all__ = [
     "WorkloadApiServer",
     "WorkloadSecret",
     "backoff_delay",
+    "build_agent",
     "resolve_identity",
     "rotation_deadline",
     "verify_issued",

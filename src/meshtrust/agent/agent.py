@@ -1,9 +1,11 @@
 """The agent process: one rotator, one cache, and the outputs that serve it.
 
-Start order: load and check the configuration, start the status port and the sockets (so
-Envoy and SPIFFE clients can connect and wait), then the rotator. Stop order is the
-reverse; sockets are removed. Dependencies (the certificate source, the clock) are
-constructor arguments, so tests run the whole agent against a fake clock or a hostile CA.
+Start order: the status port and the sockets (so Envoy and SPIFFE clients can connect and
+wait), then the rotator, then the sidecar. Stop order is the reverse; sockets are removed.
+Dependencies (the certificate source, the token, the clock, the sidecar with its Envoy
+launcher and policy source) are constructor arguments, and
+:func:`meshtrust.agent.build.build_agent` reads the files the configuration names, so tests
+run the whole agent against a fake clock, a hostile CA or a fake Envoy.
 """
 
 from __future__ import annotations
@@ -12,27 +14,26 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Protocol
 
 from meshtrust.agent.cache import SecretCache
-from meshtrust.agent.config import AgentConfig, resolve_identity
+from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.files import CertificateFiles
-from meshtrust.agent.issuance import CertificateSource, GrpcCertificateSource, TokenFile
+from meshtrust.agent.issuance import CertificateSource, TokenFile
 from meshtrust.agent.metrics import AgentMetrics
 from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.agent.sds import SdsServer
-from meshtrust.agent.sidecar import EnvoySidecar, SidecarSettings
+from meshtrust.agent.status import StatusServer
 from meshtrust.agent.workload_api import WorkloadApiServer
-from meshtrust.clock import Clock, SystemClock
-from meshtrust.envoy.sidecar import load_sidecar_config
-from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId, MeshTrustError
+from meshtrust.clock import Clock
+from meshtrust.errors import MeshTrustError
 from meshtrust.metrics_text import TextRegistry
-from meshtrust.pki import TrustBundle, load_certs_pem
-from meshtrust.spiffe import SpiffeId, TrustDomain
-from meshtrust.status_http import StatusHttpServer
+from meshtrust.pki import TrustBundle
+from meshtrust.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from meshtrust.agent.sidecar import EnvoySidecar
 
 __all__ = ["Agent"]
 
@@ -45,54 +46,35 @@ class _Server(Protocol):
     async def stop(self, grace: float = 1.0) -> None: ...
 
 
-def _root_trust_domain(roots: list[x509.Certificate]) -> TrustDomain | None:
-    for root in roots:
-        for attr in root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME):
-            with contextlib.suppress(InvalidSpiffeId):
-                return TrustDomain.parse(str(attr.value))
-    return None
-
-
 class Agent:
-    """Keeps one workload's identity fresh and serves it over SDS, the Workload API, files."""
+    """Keeps one workload's identity fresh and serves it over SDS, the Workload API, files.
+
+    Built by :func:`meshtrust.agent.build.build_agent`, which reads the files the
+    configuration names; the constructor takes what they held and the collaborators (the
+    certificate source, the token source, the clock, the sidecar) and reads nothing.
+    """
 
     def __init__(
         self,
         config: AgentConfig,
         *,
-        clock: Clock | None = None,
-        source: CertificateSource | None = None,
+        identity: SpiffeId,
+        anchors: TrustBundle,
+        source: CertificateSource,
+        token: TokenFile,
+        clock: Clock,
+        sidecar: EnvoySidecar | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock or SystemClock()
-        try:
-            root_pem = config.ca_root.read_bytes()
-            roots = load_certs_pem(root_pem, source=str(config.ca_root))
-        except OSError as exc:
-            raise ConfigError(f"--ca-root {config.ca_root}: {exc.strerror}") from exc
-        except InvalidCertificate as exc:
-            raise ConfigError(f"--ca-root: {exc}") from exc
-        self.token = TokenFile(config.token_file)
-        first_token = None
-        if config.token_file is not None:
-            try:
-                first_token = self.token.read()
-            except ConfigError:
-                if config.namespace is None or config.service_account is None:
-                    raise
-                log.warning(
-                    "token file %s is not readable yet; will retry at each request",
-                    config.token_file,
-                )
-        self.identity: SpiffeId = resolve_identity(config, first_token, _root_trust_domain(roots))
-        self.anchors = TrustBundle(self.identity.trust_domain, tuple(roots))
+        self.clock = clock
+        self.identity = identity
+        self.anchors = anchors
+        self.token = token
+        self.source = source
         self.cache = SecretCache()
         self.registry = TextRegistry()
         self.metrics = AgentMetrics(self.registry, self._expiry_seconds)
-        self.source = source or GrpcCertificateSource(
-            config.ca_address, root_pem, server_name=config.ca_server_name
-        )
         self.rotator = Rotator(
             identity=self.identity,
             source=self.source,
@@ -109,32 +91,10 @@ class Agent:
             key_type=config.key_type,
             rng=rng,
         )
-        self.sidecar: EnvoySidecar | None = None
-        if config.sidecar is not None:
-            sidecar_config = load_sidecar_config(config.sidecar)
-            if sidecar_config.namespace != self.identity.istio_namespace:
-                raise ConfigError(
-                    f"sidecar {config.sidecar} is for namespace {sidecar_config.namespace!r} "
-                    f"but this agent's identity is {self.identity}"
-                )
-            assert config.sds_socket is not None  # AgentConfig checks this
-            workdir = (
-                config.envoy_workdir or config.sds_socket.parent / f"envoy-{sidecar_config.name}"
-            )
-            self.sidecar = EnvoySidecar(
-                SidecarSettings(
-                    config=sidecar_config,
-                    policy_files=config.policy_files,
-                    workdir=workdir,
-                    root_namespace=config.root_namespace,
-                ),
-                self.identity,
-                config.sds_socket,
-                self.clock,
-            )
+        self.sidecar = sidecar
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._status: StatusHttpServer | None = None
+        self._status: StatusServer | None = None
         self.started = False
 
     def _expiry_seconds(self) -> float | None:
@@ -199,10 +159,10 @@ class Agent:
                 from meshtrust.config import parse_host_port
 
                 host, port = parse_host_port(cfg.status_listen, what="--status-listen")
-                self._status = StatusHttpServer(
+                self._status = StatusServer(
                     host, port, self.registry, self.ready, self.status_snapshot
                 )
-                self._status.start()
+                await self._status.start()
             if cfg.sds_socket is not None:
                 self._servers.append(SdsServer(self.cache, cfg.sds_socket))
             if cfg.workload_socket is not None:
@@ -254,7 +214,8 @@ class Agent:
                 await server.stop()
         self._servers.clear()
         if self._status is not None:
-            self._status.stop()
+            with contextlib.suppress(Exception):
+                await self._status.stop()
             self._status = None
 
     async def run_until(self, stop: asyncio.Event) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from meshtrust.agent.cache import WorkloadSecret
 from meshtrust.errors import ConfigError
+from meshtrust.fileio import Fsync, fsync_directory
 
 __all__ = ["CertificateFiles"]
 
@@ -25,8 +26,13 @@ DATA = "..data"
 
 
 class CertificateFiles:
-    def __init__(self, directory: Path) -> None:
+    """The three files in ``directory``. Every file, the generation directory and the
+    ``..data`` swap are fsynced (``fsync`` is the seam tests watch it through), so a power
+    loss cannot leave ``..data`` pointing at nothing."""
+
+    def __init__(self, directory: Path, *, fsync: Fsync = os.fsync) -> None:
         self.directory = directory
+        self._fsync = fsync
 
     def prepare(self) -> None:
         """Create the directory. Plain files already there under our names (from another
@@ -43,10 +49,10 @@ class CertificateFiles:
         if gen_dir.exists():
             shutil.rmtree(gen_dir)
         gen_dir.mkdir(mode=0o755)
-        _write(gen_dir / "cert-chain.pem", secret.chain_pem(), 0o644)
-        _write(gen_dir / "key.pem", secret.key_pem(), 0o600)
-        _write(gen_dir / "root-cert.pem", secret.roots_pem(), 0o644)
-        _fsync_dir(gen_dir)
+        self._write(gen_dir / "cert-chain.pem", secret.chain_pem(), 0o644)
+        self._write(gen_dir / "key.pem", secret.key_pem(), 0o600)
+        self._write(gen_dir / "root-cert.pem", secret.roots_pem(), 0o644)
+        fsync_directory(gen_dir, self._fsync)
 
         previous = os.readlink(d / DATA) if (d / DATA).is_symlink() else None
         tmp_link = d / f"..data_tmp-{os.getpid()}"
@@ -62,26 +68,18 @@ class CertificateFiles:
             tmp.unlink(missing_ok=True)
             os.symlink(target, tmp)
             os.replace(tmp, link)
-        _fsync_dir(d)
+        fsync_directory(d, self._fsync)  # the swap itself is durable
         # Keep exactly the previous generation; remove older ones.
         for entry in d.iterdir():
             if entry.name.startswith("..gen-") and entry.name not in (gen_dir.name, previous):
                 shutil.rmtree(entry, ignore_errors=True)
         return gen_dir
 
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, mode)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _write(self, path: Path, data: bytes, mode: int) -> None:
+        # A fresh file in a fresh directory: O_EXCL, no rename needed (the swap is the rename).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            self._fsync(f.fileno())
+        os.chmod(path, mode)

@@ -1,229 +1,254 @@
 """The Envoy sidecar, owned by the agent: generated config, launch, supervision, policy.
 
-Theory of operation. At start the agent compiles the workload's inbound policy (Istio YAML
--> mTLS mode + RBAC), writes the inbound listener to an LDS file, writes the bootstrap
-(SDS cluster on the agent's socket, the local app cluster, the outbound listeners and their
-mTLS clusters) and starts Envoy as its child. Then, every ``poll`` seconds:
+Theory of operation. At start the agent compiles the workload's inbound policy (Istio
+policies -> mTLS mode + RBAC), writes the inbound listener to an LDS file, builds the
+bootstrap (SDS cluster on the agent's socket, the local app cluster, the outbound listeners
+and their mTLS clusters) and has the launcher start Envoy. Then, every ``poll`` seconds of
+the injected clock:
 
-* if Envoy has died it is started again (with backoff), from the same files;
-* if a policy file changed, the policies are loaded and compiled again; if that works, the
-  new listener is written atomically and Envoy picks it up by itself (no restart; open
-  connections on unchanged filter chains are untouched). If it fails, the error — naming
-  the file, the object and the field — is logged and the previous policy stays in force.
+* if Envoy has died it is started again; a start that fails is retried with exponential
+  backoff (``backoff_base`` doubling up to ``backoff_cap``) and never ends supervision;
+* if the policy source says something changed, the policies are loaded and compiled again;
+  if that works, the new listener is written atomically and Envoy picks it up by itself (no
+  restart; open connections on unchanged filter chains are untouched). If loading, compiling
+  or writing fails, the error — naming the file, the object and the field — is logged and
+  kept in ``last_policy_error``, and the previous policy stays in force;
+* readiness is Envoy's own (``/ready`` says LIVE).
 
-Readiness is Envoy's own (``/ready`` says LIVE), checked on the same beat.
+Collaborators are constructor arguments (:class:`EnvoyLauncher`, :class:`PolicySource`, the
+clock), narrow protocols owned here: the agent's assembly passes the real ones
+(:class:`meshtrust.envoy.ProcessLauncher`, :class:`meshtrust.agent.build.PolicyFiles`), tests
+pass fakes and run supervision on a fake clock.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from meshtrust.agent.rotation import backoff_delay
 from meshtrust.clock import Clock
-from meshtrust.envoy.process import EnvoyProcess
 from meshtrust.envoy.sidecar import (
     SidecarConfig,
     inbound_listeners,
     sidecar_bootstrap,
-    sidecar_envoy_args,
     write_lds_file,
 )
 from meshtrust.errors import EnvoyFailed, InvalidInput
-from meshtrust.policy import InboundPolicy, PolicySet, WorkloadRef, load_policy_files
+from meshtrust.policy import InboundPolicy, PolicySet, WorkloadRef
 from meshtrust.spiffe import SpiffeId
 
-__all__ = ["EnvoySidecar", "SidecarSettings"]
+__all__ = ["Envoy", "EnvoyLauncher", "EnvoySidecar", "PolicySource", "SidecarSettings"]
 
 log = logging.getLogger("meshtrust.agent")
+
+
+class Envoy(Protocol):
+    """One Envoy the sidecar supervises (the real child process, or a fake)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def admin_url(self) -> str | None: ...
+
+    async def start(self) -> None:
+        """Launch and wait until the admin API answers; raises :class:`EnvoyFailed`."""
+        ...
+
+    async def stop(self) -> None: ...
+
+    async def ready(self) -> bool:
+        """Whether Envoy says it is LIVE."""
+        ...
+
+    def log_tail(self) -> str: ...
+
+
+class EnvoyLauncher(Protocol):
+    def prepare(self, bootstrap: Mapping[str, Any], workdir: Path, name: str) -> Envoy:
+        """An Envoy for ``bootstrap`` with its files in ``workdir``, not started yet."""
+        ...
+
+
+class PolicySource(Protocol):
+    def load(self) -> PolicySet:
+        """Every policy, validated; raises :class:`InvalidInput` (nothing is applied then)."""
+        ...
+
+    def changed(self) -> bool:
+        """Whether the policies may differ from what the last :meth:`load` returned."""
+        ...
 
 
 @dataclass(frozen=True)
 class SidecarSettings:
     config: SidecarConfig
-    policy_files: tuple[Path, ...]
     workdir: Path
     root_namespace: str = "istio-system"
     poll: float = 1.0
-
-
-def _mtimes(paths: Sequence[Path]) -> tuple[tuple[str, float, int], ...]:
-    out = []
-    for p in paths:
-        try:
-            st = p.stat()
-            out.append((str(p), st.st_mtime, st.st_size))
-        except OSError:
-            out.append((str(p), -1.0, -1))
-    return tuple(out)
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
 
 
 class EnvoySidecar:
+    """Runs one workload's Envoy; see the module docstring. Raises
+    :class:`~meshtrust.errors.PolicyError` at construction for a bad initial policy."""
+
     def __init__(
         self,
         settings: SidecarSettings,
         identity: SpiffeId,
         sds_socket: Path,
+        *,
+        launcher: EnvoyLauncher,
+        policies: PolicySource,
         clock: Clock,
     ) -> None:
         self.settings = settings
         self.identity = identity
         self.sds_socket = sds_socket
         self.clock = clock
-        cfg = settings.config
-        self.workload: WorkloadRef = cfg.workload(identity)
+        self._launcher = launcher
+        self._policies = policies
+        self.workload: WorkloadRef = settings.config.workload(identity)
         self.lds_path = settings.workdir / "lds" / "listeners.json"
-        self.envoy: EnvoyProcess | None = None
+        self.envoy: Envoy | None = None
         self.policy: InboundPolicy | None = None
         self.policy_version = 0
         self.restarts = 0
         self.live = False
         self.last_policy_error: str | None = None
-        self._seen = _mtimes(settings.policy_files)
         # Compiled now, so a bad policy stops the agent before anything runs.
         self._initial_policy = self.compile_policy()
 
     # -- policy
 
     def compile_policy(self) -> InboundPolicy:
-        """Load every policy file and compile this workload's inbound policy (raises
+        """Load the policies and compile this workload's inbound policy (raises
         PolicyError / ConfigError; nothing is applied then)."""
-        policies: PolicySet = load_policy_files(list(self.settings.policy_files))
-        return policies.inbound_for(
+        return self._policies.load().inbound_for(
             self.workload,
             root_namespace=self.settings.root_namespace,
             trust_domain=self.identity.trust_domain.name,
         )
 
     def _apply(self, policy: InboundPolicy) -> None:
-        self.policy_version += 1
+        version = self.policy_version + 1
         listeners = inbound_listeners(self.settings.config, policy)
         try:
             self.lds_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_lds_file(self.lds_path, listeners, str(self.policy_version))
+            write_lds_file(self.lds_path, listeners, str(version))
         except OSError as exc:
             raise EnvoyFailed(f"cannot write Envoy's listener file {self.lds_path}: {exc}") from exc
-        self.policy = policy
+        self.policy, self.policy_version = policy, version
         log.info(
             "inbound policy v%d for %s: mTLS %s, %d RBAC filter(s)",
-            self.policy_version,
+            version,
             self.workload.name,
             policy.mode,
             len(policy.rbac_filters),
         )
 
-    # -- lifecycle
-
-    async def start(self) -> None:
-        """Write the policy and the config, start Envoy; see :meth:`_launch`."""
-        self._apply(self._initial_policy)
-        cfg = self.settings.config
-        bootstrap = sidecar_bootstrap(
-            cfg,
-            sds_socket=self.sds_socket,
-            lds_path=self.lds_path,
-            node_id=f"sidecar~127.0.0.1~{cfg.name}.{cfg.namespace}~{cfg.namespace}.svc",
-            admin_port=cfg.admin_port,
-        )
-        self.envoy = EnvoyProcess(
-            bootstrap,
-            self.settings.workdir,
-            name=f"envoy-{cfg.name}",
-            extra_args=sidecar_envoy_args(),
-        )
-        await self._launch()
-
-    async def _launch(self) -> None:
-        """Start Envoy and wait until its admin answers (the config was accepted).
-
-        Not until it is LIVE: that needs the first certificate, which may wait for the CA;
-        liveness is watched by :meth:`run`.
-        """
-        envoy = self.envoy
-        assert envoy is not None
-        await asyncio.to_thread(envoy.start)
-        await asyncio.to_thread(envoy.wait_admin, 30)
-        log.info(
-            "Envoy for %s started (pid %s, admin %s)", self.workload.name, envoy.pid, self.admin_url
-        )
-
-    @property
-    def admin_url(self) -> str | None:
-        if self.envoy is None:
-            return None
-        with contextlib.suppress(Exception):
-            host, port = self.envoy.admin_address
-            return f"http://{host}:{port}"
-        return None
-
-    async def run(self) -> None:
-        """Supervise Envoy and watch the policy files until cancelled."""
-        attempt = 0
-        while True:
-            await self.clock.sleep(self.settings.poll)
-            assert self.envoy is not None
-            if not self.envoy.running:
-                self.live = False
-                self.restarts += 1
-                log.error(
-                    "Envoy for %s exited; restarting it (restart %d). Log tail:\n%s",
-                    self.workload.name,
-                    self.restarts,
-                    self.envoy.log_tail(),
-                )
-                await asyncio.to_thread(self.envoy.stop)
-                try:
-                    await self._launch()
-                    attempt = 0
-                except EnvoyFailed as exc:
-                    delay = backoff_delay(attempt, base=1.0, cap=30.0)
-                    attempt += 1
-                    log.error(
-                        "Envoy for %s did not come back: %s; retrying in %.0fs",
-                        self.workload.name,
-                        exc,
-                        delay,
-                    )
-                    await self.clock.sleep(delay)
-                continue
-            was_live = self.live
-            self.live = await asyncio.to_thread(self._probe_live)
-            if self.live and not was_live:
-                log.info("Envoy for %s is live", self.workload.name)
-            seen = _mtimes(self.settings.policy_files)
-            if seen != self._seen:
-                self._seen = seen
-                self.reload_policy()
-
     def reload_policy(self) -> bool:
-        """Re-read the policy files; apply them if valid. Returns whether they were applied."""
+        """Load the policies again; apply them if valid. Returns whether they were applied."""
         try:
-            policy = self.compile_policy()
-        except InvalidInput as exc:
-            self.last_policy_error = str(exc)
-            log.error("policy not applied, the previous one stays in force: %s", exc)
-            return False
-        try:
-            self._apply(policy)
-        except EnvoyFailed as exc:
+            self._apply(self.compile_policy())
+        except (InvalidInput, EnvoyFailed) as exc:
             self.last_policy_error = str(exc)
             log.error("policy not applied, the previous one stays in force: %s", exc)
             return False
         self.last_policy_error = None
         return True
 
-    def _probe_live(self) -> bool:
-        assert self.envoy is not None
+    # -- lifecycle
+
+    def bootstrap(self) -> dict[str, Any]:
+        """Envoy's bootstrap for this workload (pure)."""
+        cfg = self.settings.config
+        return sidecar_bootstrap(
+            cfg,
+            sds_socket=self.sds_socket,
+            lds_path=self.lds_path,
+            node_id=f"sidecar~127.0.0.1~{cfg.name}.{cfg.namespace}~{cfg.namespace}.svc",
+            admin_port=cfg.admin_port,
+        )
+
+    async def start(self) -> None:
+        """Write the policy, start Envoy and wait until its admin answers (not until it is
+        LIVE: that needs the first certificate, which may wait for the CA; :meth:`run`
+        watches that). Raises :class:`EnvoyFailed`."""
+        self._apply(self._initial_policy)
+        name = f"envoy-{self.settings.config.name}"
+        self.envoy = self._launcher.prepare(self.bootstrap(), self.settings.workdir, name)
+        await self._launch()
+
+    async def _launch(self) -> None:
+        envoy = self._require_envoy()
+        await envoy.start()
+        log.info(
+            "Envoy for %s started (pid %s, admin %s)", self.workload.name, envoy.pid, self.admin_url
+        )
+
+    @property
+    def admin_url(self) -> str | None:
+        return self.envoy.admin_url if self.envoy is not None else None
+
+    async def run(self) -> None:
+        """Supervise Envoy and watch the policies until cancelled."""
+        attempt = 0
+        while True:
+            await self.clock.sleep(self.settings.poll)
+            envoy = self._require_envoy()
+            if not envoy.running:
+                attempt = await self._restart(envoy, attempt)
+                continue
+            was_live = self.live
+            self.live = await envoy.ready()
+            if self.live and not was_live:
+                log.info("Envoy for %s is live", self.workload.name)
+            if self._policies.changed():
+                self.reload_policy()
+
+    async def _restart(self, envoy: Envoy, attempt: int) -> int:
+        """Start a dead Envoy again; returns the next backoff attempt number (0 after a
+        success). A failure is logged and waited out, never raised."""
+        self.live = False
+        self.restarts += 1
+        log.error(
+            "Envoy for %s exited; restarting it (restart %d). Log tail:\n%s",
+            self.workload.name,
+            self.restarts,
+            envoy.log_tail(),
+        )
         try:
-            return self.envoy.admin_get("/ready").strip() == "LIVE"
-        except Exception:
-            return False
+            await envoy.stop()
+            await self._launch()
+            return 0
+        except EnvoyFailed as exc:
+            s = self.settings
+            delay = backoff_delay(attempt, base=s.backoff_base, cap=s.backoff_cap, jitter=0.0)
+            log.error(
+                "Envoy for %s did not come back: %s; retrying in %.0fs",
+                self.workload.name,
+                exc,
+                delay,
+            )
+            await self.clock.sleep(delay)
+            return attempt + 1
+
+    def _require_envoy(self) -> Envoy:
+        if self.envoy is None:
+            raise RuntimeError("the sidecar is not started")
+        return self.envoy
 
     async def stop(self) -> None:
         self.live = False
         if self.envoy is not None:
-            await asyncio.to_thread(self.envoy.stop)
+            await self.envoy.stop()

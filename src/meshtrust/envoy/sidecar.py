@@ -85,7 +85,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +102,7 @@ from meshtrust.config import (
 )
 from meshtrust.envoy.bootstrap import admin, node, sds_cluster, sds_secret_config
 from meshtrust.errors import ConfigError
+from meshtrust.fileio import Fsync, write_file_atomic
 from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
 from meshtrust.spiffe import SpiffeId
 
@@ -780,24 +780,20 @@ def lds_response(listeners: Iterable[Mapping[str, Any]], version: str) -> dict[s
     }
 
 
-def write_lds_file(path: Path, listeners: Iterable[Mapping[str, Any]], version: str) -> None:
-    """Replace the LDS file at ``path`` atomically (temp file in the same directory, fsync,
-    rename), as JSON. Envoy sees the rename and applies the listeners; a reader never sees a
-    half-written file. Envoy reports the version it applied in the stat
+def write_lds_file(
+    path: Path,
+    listeners: Iterable[Mapping[str, Any]],
+    version: str,
+    *,
+    fsync: Fsync = os.fsync,
+) -> None:
+    """Replace the LDS file at ``path`` atomically and durably, as JSON (through
+    :func:`meshtrust.fileio.write_file_atomic`, mode 0644: no secrets in it, readable for
+    whoever debugs the sidecar). Envoy sees the rename and applies the listeners; a reader
+    never sees a half-written file. Envoy reports the version it applied in the stat
     ``listener_manager.lds.version_text``.
 
     Raises :class:`OSError` if the directory is not writable (the old file is untouched).
     """
-    path = Path(path)
     data = json.dumps(lds_response(listeners, version), indent=1).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # no secrets in it; readable for whoever debugs the sidecar
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(Path(path), data, 0o644, fsync=fsync)

@@ -1,0 +1,168 @@
+"""Assembly: read what the agent's configuration points at, and build the agent from it.
+
+:func:`build_agent` is the one place that reads the agent's files at start (CA roots, the
+first token, the sidecar YAML and the policies) and chooses the real collaborators (the CA
+client over gRPC, the system clock, the Envoy process launcher, the policy files). The
+objects it builds take everything as constructor arguments and read nothing themselves,
+except through the collaborators that exist for that: :class:`TokenFile` re-reads the token
+at every request (projected tokens rotate) and :class:`PolicyFiles` re-reads the policies
+when they change.
+
+The sidecar's modules (policy compiler, Envoy config) are imported only when a sidecar is
+configured: an agent that serves SDS, the Workload API or files alone does not carry them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+
+from meshtrust.agent.agent import Agent
+from meshtrust.agent.config import AgentConfig, resolve_identity
+from meshtrust.agent.issuance import CertificateSource, GrpcCertificateSource, TokenFile
+from meshtrust.clock import Clock, SystemClock
+from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId
+from meshtrust.pki import TrustBundle, load_certs_pem
+from meshtrust.spiffe import SpiffeId, TrustDomain
+
+if TYPE_CHECKING:
+    from meshtrust.agent.sidecar import EnvoyLauncher, EnvoySidecar
+    from meshtrust.policy import PolicySet
+
+__all__ = ["PolicyFiles", "build_agent", "build_sidecar"]
+
+log = logging.getLogger("meshtrust.agent")
+
+
+class PolicyFiles:
+    """The Istio policy files, as the sidecar's policy source: :meth:`changed` compares
+    modification times and sizes with those seen at the last :meth:`load`."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = tuple(paths)
+        self._seen = self._stamps()
+
+    def _stamps(self) -> tuple[tuple[str, float, int], ...]:
+        out = []
+        for p in self.paths:
+            try:
+                st = p.stat()
+                out.append((str(p), st.st_mtime, st.st_size))
+            except OSError:
+                out.append((str(p), -1.0, -1))
+        return tuple(out)
+
+    def load(self) -> PolicySet:
+        from meshtrust.policy import load_policy_files
+
+        self._seen = self._stamps()
+        return load_policy_files(list(self.paths))
+
+    def changed(self) -> bool:
+        return self._stamps() != self._seen
+
+
+def _root_trust_domain(roots: list[x509.Certificate]) -> TrustDomain | None:
+    for root in roots:
+        for attr in root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME):
+            with contextlib.suppress(InvalidSpiffeId):
+                return TrustDomain.parse(str(attr.value))
+    return None
+
+
+def _read_roots(path: Path) -> tuple[bytes, list[x509.Certificate]]:
+    try:
+        root_pem = path.read_bytes()
+        return root_pem, load_certs_pem(root_pem, source=str(path))
+    except OSError as exc:
+        raise ConfigError(f"--ca-root {path}: {exc.strerror}") from exc
+    except InvalidCertificate as exc:
+        raise ConfigError(f"--ca-root: {exc}") from exc
+
+
+def _first_token(config: AgentConfig, token: TokenFile) -> str | None:
+    if config.token_file is None:
+        return None
+    try:
+        return token.read()
+    except ConfigError:
+        if config.namespace is None or config.service_account is None:
+            raise
+        log.warning(
+            "token file %s is not readable yet; will retry at each request", config.token_file
+        )
+        return None
+
+
+def build_sidecar(
+    config: AgentConfig,
+    identity: SpiffeId,
+    clock: Clock,
+    launcher: EnvoyLauncher | None = None,
+) -> EnvoySidecar:
+    """The Envoy sidecar of ``config`` (which must name one): reads the sidecar YAML and
+    the policies. Raises ConfigError / PolicyError."""
+    from meshtrust.agent.sidecar import EnvoySidecar, SidecarSettings
+    from meshtrust.envoy import ProcessLauncher
+    from meshtrust.envoy.sidecar import load_sidecar_config, sidecar_envoy_args
+
+    assert config.sidecar is not None and config.sds_socket is not None  # AgentConfig checks
+    sidecar_config = load_sidecar_config(config.sidecar)
+    if sidecar_config.namespace != identity.istio_namespace:
+        raise ConfigError(
+            f"sidecar {config.sidecar} is for namespace {sidecar_config.namespace!r} "
+            f"but this agent's identity is {identity}"
+        )
+    workdir = config.envoy_workdir or config.sds_socket.parent / f"envoy-{sidecar_config.name}"
+    return EnvoySidecar(
+        SidecarSettings(
+            config=sidecar_config, workdir=workdir, root_namespace=config.root_namespace
+        ),
+        identity,
+        config.sds_socket,
+        launcher=launcher or ProcessLauncher(extra_args=tuple(sidecar_envoy_args())),
+        policies=PolicyFiles(config.policy_files),
+        clock=clock,
+    )
+
+
+def build_agent(
+    config: AgentConfig,
+    *,
+    clock: Clock | None = None,
+    source: CertificateSource | None = None,
+    launcher: EnvoyLauncher | None = None,
+    rng: random.Random | None = None,
+) -> Agent:
+    """Read what ``config`` names and build the :class:`Agent`, with the real collaborators
+    unless given (a test or benchmark passes a fake clock, CA or Envoy launcher).
+
+    Raises :class:`ConfigError` (unreadable or bad roots/token/sidecar file, identity
+    mismatch) or :class:`PolicyError` (a bad policy), before anything starts.
+    """
+    clock = clock or SystemClock()
+    root_pem, roots = _read_roots(config.ca_root)
+    token = TokenFile(config.token_file)
+    identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
+    source = source or GrpcCertificateSource(
+        config.ca_address, root_pem, server_name=config.ca_server_name
+    )
+    sidecar = None
+    if config.sidecar is not None:
+        sidecar = build_sidecar(config, identity, clock, launcher)
+    return Agent(
+        config,
+        identity=identity,
+        anchors=TrustBundle(identity.trust_domain, tuple(roots)),
+        source=source,
+        token=token,
+        clock=clock,
+        sidecar=sidecar,
+        rng=rng,
+    )

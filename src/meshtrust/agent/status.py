@@ -1,0 +1,134 @@
+"""The agent's status port: ``/healthz/ready`` (Istio's path; ``/ready`` too), ``/metrics``
+(Prometheus text) and ``/debug/status`` (what ``meshtrust status`` shows; no secrets).
+
+Served on the agent's own event loop with :func:`asyncio.start_server` rather than
+``http.server`` on a thread: the answers are read from the agent's state on the thread that
+changes it (no snapshot half-way through a rotation), and the long-lived agent carries
+neither a thread nor ``http.server``'s imports (``email``, ``html``, ``mimetypes``, a reverse
+DNS lookup at bind) — about 1.5 MB of its resident memory. One request per connection
+(``Connection: close``), GET and HEAD only, request heads capped at 8 KiB and 10 s.
+
+:func:`route` is the pure part: path in, status, content type and body out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from meshtrust.errors import AddressInUse, ConfigError
+from meshtrust.metrics_text import CONTENT_TYPE
+
+__all__ = ["StatusServer", "TextExposition", "route"]
+
+log = logging.getLogger("meshtrust.agent")
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS[503] = "Service Unavailable"
+_MAX_HEAD = 8192
+
+
+class TextExposition(Protocol):
+    """A registry that renders itself (:class:`meshtrust.metrics_text.TextRegistry`)."""
+
+    def exposition(self) -> bytes: ...
+
+
+StatusSnapshot = Callable[[], Mapping[str, object]]
+
+
+def route(
+    path: str,
+    registry: TextExposition,
+    ready: Callable[[], bool],
+    status: StatusSnapshot | None,
+) -> tuple[int, str, bytes]:
+    """The answer to ``GET path`` (query string ignored): (status code, type, body)."""
+    path = path.split("?", 1)[0]
+    if path == "/metrics":
+        return 200, CONTENT_TYPE, registry.exposition()
+    if path in ("/ready", "/healthz/ready"):
+        ok = ready()
+        return (200, "text/plain", b"ready\n") if ok else (503, "text/plain", b"not ready\n")
+    if path == "/debug/status" and status is not None:
+        body = json.dumps(status(), indent=2, default=str).encode()
+        return 200, "application/json", body
+    return 404, "text/plain", b"not found\n"
+
+
+def _response(code: int, ctype: str, body: bytes, *, head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + (b"" if head_only else body)
+
+
+class StatusServer:
+    """The status port on ``host:port`` (0: any free port; :attr:`port` says which)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: TextExposition,
+        ready: Callable[[], bool],
+        status: StatusSnapshot | None = None,
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.registry, self.ready, self.status = registry, ready, status
+        self.timeout = timeout
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen. Raises :class:`AddressInUse` or :class:`ConfigError`."""
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, limit=_MAX_HEAD
+            )
+        except OSError as exc:
+            where = f"{self.host}:{self.port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"status listen address {where} is already in use") from exc
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror}") from exc
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(self._answer(head))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass  # a client that went away or sent too much: nothing to answer
+        except ConnectionError:
+            pass
+        except Exception:  # a bug in a snapshot must not take the port down
+            log.exception("status port: request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _answer(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return _response(400, "text/plain", b"bad request\n")
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return _response(405, "text/plain", b"only GET\n")
+        code, ctype, body = route(target, self.registry, self.ready, self.status)
+        return _response(code, ctype, body, head_only=method == "HEAD")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
