@@ -337,3 +337,35 @@ def test_metrics_expose_istio_names() -> None:
         == (now - dt.timedelta(days=1)).timestamp()
     )
     assert 'meshtrust_ca_refusals_total{reason="permission_denied"} 1.0' in lines
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "server_name",
+    [
+        "istiod.istio-system.svc",
+        "istiod.istio-system.svc.cluster.local",
+        "istiod",
+        "istiod.istio-system",
+        "localhost",
+    ],
+)
+async def test_serving_certificate_covers_istiods_names(
+    running_ca: RunningCa, server_name: str
+) -> None:
+    """Istio's CA client rewrites a localhost address to istiod.istio-system.svc; a client
+    verifying any of istiod's names against the root gets through the TLS handshake."""
+    import asyncio
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cadata=running_ca.root_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    host, port = running_ca.address.rsplit(":", 1)
+
+    def handshake() -> str | None:
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                return tls.selected_alpn_protocol()
+
+    assert await asyncio.to_thread(handshake) == "h2"

@@ -52,6 +52,7 @@ from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_s
 from meshtrust.status_http import StatusHttpServer
 
 __all__ = [
+    "ISTIOD_SERVER_NAMES",
     "PreparedCa",
     "build_authority",
     "Books",
@@ -65,6 +66,16 @@ __all__ = [
 
 log = logging.getLogger("meshtrust.ca")
 SERVING_CERT_TTL = dt.timedelta(days=30)
+
+#: Names the serving certificate always covers besides localhost: istiod's. Istio's own CA
+#: client (istio-agent's citadel provider) rewrites a ``localhost`` CA address to the server
+#: name ``istiod.istio-system.svc``, so Istio's clients connect to this CA unchanged.
+ISTIOD_SERVER_NAMES = (
+    "istiod.istio-system.svc",
+    "istiod.istio-system.svc.cluster.local",
+    "istiod",
+    "istiod.istio-system",
+)
 
 
 @dataclass
@@ -105,7 +116,7 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     else:
         log.warning("no token-key.pem in %s: the CA's own token issuer is off", config.ca_dir)
     serving_key = generate_key(KeyType.EC_P256)
-    names = [n for n in config.server_names]
+    names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
     host, _ = parse_host_port(config.listen, what="--listen")
     if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
         names.append(host)
