@@ -259,7 +259,7 @@ def in_process_handler(ca_dir: Path, workloads: Sequence[Workload], seconds: flo
     JWT authn (cached) + CSR checks + sign + record building), one core, no transport and a
     ledger that does nothing: the upper bound one worker could reach."""
     from meshtrust.ca import CaServeConfig, Credentials, prepare_ca
-    from meshtrust.ca.runtime import build_authority
+    from meshtrust.ca.assembly import build_authority
     from meshtrust.clock import SystemClock
     from meshtrust.spiffe import TrustDomain
 
@@ -292,7 +292,7 @@ async def _load(spec: ClientSpec, conn: mpc.Connection) -> ClientResult:
     import grpc
     import grpc.aio
 
-    from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
+    from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 
     result = ClientResult()
     creds = grpc.ssl_channel_credentials(root_certificates=spec.root_pem)
@@ -568,7 +568,6 @@ def grpcio_server_main(ca_dir: Path, port: int, ledger_url: str) -> None:
     import grpc
     import grpc.aio
 
-    from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
     from meshtrust.ca import (
         CaServeConfig,
         Credentials,
@@ -576,8 +575,9 @@ def grpcio_server_main(ca_dir: Path, port: int, ledger_url: str) -> None:
         SqlLedger,
         prepare_ca,
     )
-    from meshtrust.ca.runtime import build_authority
+    from meshtrust.ca.assembly import build_authority
     from meshtrust.ca.server import status_for
+    from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
     from meshtrust.clock import SystemClock
     from meshtrust.errors import MeshTrustError
     from meshtrust.pki import certs_pem, private_key_pem

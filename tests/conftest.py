@@ -14,7 +14,6 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.ca import (
     CaServeConfig,
     GroupCommitLedger,
@@ -26,8 +25,9 @@ from meshtrust.ca import (
     prepare_ca,
     token_issuer_for,
 )
-from meshtrust.ca.runtime import build_authority
+from meshtrust.ca.assembly import build_authority
 from meshtrust.ca.server import CaGrpcService, bind_listener, serve_grpc
+from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.clock import SystemClock
 from meshtrust.pki import KeyType
 from meshtrust.spiffe import TrustDomain

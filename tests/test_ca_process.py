@@ -12,9 +12,9 @@ import grpc.aio
 import pytest
 from cryptography import x509
 
-from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.ca import SqlLedger, default_ledger_url, load_token_signing_key, mint_token
 from meshtrust.ca.cadir import token_issuer_for
+from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.clock import SystemClock
 from meshtrust.pki import build_csr, format_serial, generate_key
 from meshtrust.spiffe import SpiffeId

@@ -292,7 +292,7 @@ async def test_concurrent_requests_share_commits(running_ca: RunningCa) -> None:
     token = running_ca.token()
     csr = build_csr(generate_key(), WEB)
     async with running_ca.channel() as channel:
-        from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
+        from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 
         stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         responses = await asyncio.gather(

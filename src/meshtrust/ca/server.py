@@ -21,16 +21,14 @@ from cryptography import x509
 from grpclib import GRPCError, Status
 from grpclib.server import Server, Stream
 
-from meshtrust._proto.istio import ca_grpc, ca_pb2
 from meshtrust.ca.authority import CertificateAuthority, Credentials
+from meshtrust.caapi import status_name_for
+from meshtrust.caapi.istio import ca_grpc, ca_pb2
 from meshtrust.errors import (
     AddressInUse,
-    AuthenticationError,
     ConfigError,
-    InvalidInput,
     LedgerError,
     MeshTrustError,
-    PermissionDenied,
 )
 from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.pki import PrivateKey, certs_pem, private_key_pem
@@ -87,14 +85,8 @@ def server_ssl_context(
 
 
 def status_for(exc: MeshTrustError) -> Status:
-    """The gRPC status for one of our errors (DESIGN.md "Error codes")."""
-    if isinstance(exc, AuthenticationError):
-        return Status.UNAUTHENTICATED
-    if isinstance(exc, PermissionDenied):
-        return Status.PERMISSION_DENIED
-    if isinstance(exc, InvalidInput):
-        return Status.INVALID_ARGUMENT
-    return Status.UNAVAILABLE
+    """The gRPC status for one of our errors, as :mod:`meshtrust.caapi.statuses` maps it."""
+    return Status[status_name_for(exc)]
 
 
 def _bearer(value: str | bytes | None) -> str | None:

@@ -31,15 +31,20 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from meshtrust.ca.assembly import (
+    PreparedCa,
+    build_authority,
+    open_books,
+    run_loop,
+    serve_until_stopped,
+    start_status,
+)
 from meshtrust.ca.ledger import IssuedRecord
 from meshtrust.ca.metrics import CaEvent
+from meshtrust.ca.server import CaGrpcService
 from meshtrust.clock import Clock
 from meshtrust.errors import LedgerError
-
-if TYPE_CHECKING:  # runtime imports this module; the names are for annotations only
-    from meshtrust.ca.runtime import PreparedCa
 
 __all__ = ["run_supervisor"]
 
@@ -118,8 +123,6 @@ class RemoteMetrics:
 async def _worker_main(
     prepared: PreparedCa, sock: socket.socket, ipc: socket.socket, clock: Clock, index: int
 ) -> None:
-    from meshtrust.ca.runtime import build_authority, serve_until_stopped
-    from meshtrust.ca.server import CaGrpcService
 
     reader, writer = await asyncio.open_connection(sock=ipc)
     ledger = RemoteLedger(writer)
@@ -169,8 +172,6 @@ class _Child:
 
 def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
     """Fork ``config.workers`` workers on ``sock`` and supervise them (see module docs)."""
-    from meshtrust.ca.runtime import run_loop
-
     children: list[tuple[int, int, socket.socket]] = []
     for index in range(prepared.config.workers):
         parent_end, child_end = socket.socketpair()
@@ -198,8 +199,6 @@ def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> N
 async def _supervise(
     prepared: PreparedCa, spawned: list[tuple[int, int, socket.socket]], clock: Clock
 ) -> None:
-    from meshtrust.ca.runtime import open_books, start_status
-
     config = prepared.config
     books = open_books(prepared)
     sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
