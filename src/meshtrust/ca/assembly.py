@@ -34,7 +34,7 @@ from meshtrust.ca.authn import (
     trusted_issuer_from_jwks,
 )
 from meshtrust.ca.authority import CaPolicy, CertificateAuthority
-from meshtrust.ca.cadir import CaMaterial, load_ca_dir, load_token_signing_key, token_issuer_for
+from meshtrust.ca.cadir import CaMaterial, ensure_token_signing_key, load_ca_dir, token_issuer_for
 from meshtrust.ca.config import CaServeConfig, parse_host_port
 from meshtrust.ca.ledger import (
     AuditEvent,
@@ -47,7 +47,7 @@ from meshtrust.ca.ledger import (
 from meshtrust.ca.metrics import CaMetricsSink, PrometheusCaMetrics
 from meshtrust.ca.server import CaGrpcService, serve_grpc, server_ssl_context
 from meshtrust.clock import Clock
-from meshtrust.errors import ConfigError
+from meshtrust.errors import CADirectoryError, ConfigError
 from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
 from meshtrust.status_http import StatusHttpServer
 
@@ -100,21 +100,24 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     """Load and check the CA directory, trust domain and token issuers."""
     now = clock.now()
     material = load_ca_dir(config.ca_dir, now)
+    for warning in material.warnings:
+        log.warning("%s", warning)
     td = config.trust_domain or material.trust_domain_hint()
     if td is None:
         raise ConfigError(
             "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
         )
     issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
-    own = load_token_signing_key(config.ca_dir)
-    if own is not None:
+    try:
+        own = ensure_token_signing_key(config.ca_dir)
+    except CADirectoryError as exc:  # e.g. a read-only secret mount: run without it
+        log.warning("%s: the CA's own token issuer is off", exc)
+    else:
         issuers.append(
             trusted_issuer_from_jwks(
                 token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
             )
         )
-    else:
-        log.warning("no token-key.pem in %s: the CA's own token issuer is off", config.ca_dir)
     serving_key = generate_key(KeyType.EC_P256)
     names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
     host, _ = parse_host_port(config.listen, what="--listen")
