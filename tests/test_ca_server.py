@@ -311,20 +311,24 @@ async def test_concurrent_requests_share_commits(running_ca: RunningCa) -> None:
 
 
 def test_metrics_expose_istio_names() -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
+    from meshtrust.ca import CaMetrics
+    from meshtrust.metrics_text import TextRegistry
 
-    from meshtrust.ca import PrometheusCaMetrics
-
-    registry = CollectorRegistry()
-    metrics = PrometheusCaMetrics(registry)
+    registry = TextRegistry()
+    metrics = CaMetrics(registry)
     metrics.observe(CaEvent.CSR)
     metrics.observe(CaEvent.CSR)
     metrics.observe(CaEvent.ISSUED)
     metrics.observe(CaEvent.PERMISSION_DENIED)
     now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     metrics.set_expiries(now, now - dt.timedelta(days=1))
-    text = generate_latest(registry).decode()
+    text = registry.exposition().decode()
     lines = set(text.splitlines())
+    # Counters as istiod exposes them: typed counter, no _total suffix.
+    assert "# TYPE citadel_server_csr_count counter" in lines
+    assert "# TYPE citadel_server_success_cert_issuance_count counter" in lines
+    assert not any("citadel_server" in line and "_total" in line for line in lines)
+    assert "# TYPE citadel_server_root_cert_expiry_timestamp gauge" in lines
     assert "citadel_server_csr_count 2.0" in lines
     assert "citadel_server_success_cert_issuance_count 1.0" in lines
     assert "citadel_server_csr_sign_err_count 1.0" in lines

@@ -35,11 +35,12 @@ from meshtrust.ca.ledger import (
     SqlLedger,
     default_ledger_url,
 )
-from meshtrust.ca.metrics import CaEvent, PrometheusCaMetrics
+from meshtrust.ca.metrics import CaEvent, CaMetrics
 from meshtrust.ca.runtime import run_ca
 
 __all__ = [
     "CaEvent",
+    "CaMetrics",
     "CaMaterial",
     "CaPolicy",
     "CaServeConfig",
@@ -51,7 +52,6 @@ __all__ = [
     "InvalidTTL",
     "IssuedRecord",
     "JwtAuthenticator",
-    "PrometheusCaMetrics",
     "SqlLedger",
     "TrustedIssuer",
     "check_ttl",

@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
     uvloop = None  # type: ignore[assignment]
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry
 
 from meshtrust.ca.authn import (
     ClientCertAuthenticator,
@@ -44,10 +43,11 @@ from meshtrust.ca.ledger import (
     default_ledger_url,
     display_url,
 )
-from meshtrust.ca.metrics import CaMetricsSink, PrometheusCaMetrics
+from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
 from meshtrust.ca.server import CaGrpcService, serve_grpc, server_ssl_context
 from meshtrust.clock import Clock
 from meshtrust.errors import CADirectoryError, ConfigError
+from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
 from meshtrust.status_http import StatusHttpServer
 
@@ -178,8 +178,8 @@ class Books:
 
     sql: SqlLedger
     ledger: GroupCommitLedger
-    registry: CollectorRegistry
-    metrics: PrometheusCaMetrics
+    registry: TextRegistry
+    metrics: CaMetrics
 
     def started(self, prepared: PreparedCa, clock: Clock, workers: int) -> None:
         """Audit and log the start of the CA."""
@@ -205,8 +205,8 @@ class Books:
 def open_books(prepared: PreparedCa) -> Books:
     """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set."""
     sql = SqlLedger(prepared.ledger_url)
-    metrics_registry = CollectorRegistry()
-    metrics = PrometheusCaMetrics(metrics_registry)
+    metrics_registry = TextRegistry()
+    metrics = CaMetrics(metrics_registry)
     m = prepared.material
     metrics.set_expiries(
         min(r.not_valid_after_utc for r in m.roots),
@@ -216,7 +216,7 @@ def open_books(prepared: PreparedCa) -> Books:
 
 
 def start_status(
-    config: CaServeConfig, registry: CollectorRegistry, ready: Callable[[], bool]
+    config: CaServeConfig, registry: TextRegistry, ready: Callable[[], bool]
 ) -> StatusHttpServer | None:
     if not config.metrics_listen:
         return None
