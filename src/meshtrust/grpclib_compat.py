@@ -13,6 +13,10 @@ internals; ``tests/test_grpclib_compat.py`` fails when an upgrade moves any of t
   says a truncated frame with an ``AssertionError``, a compressed one with
   ``NotImplementedError`` (all answered ``UNKNOWN "Internal Server Error"`` with a traceback
   in the log); :func:`recv_request` turns each into :class:`MalformedRequest`;
+* fewer, larger writes: grpclib writes each HTTP/2 step (headers, data, trailers, window
+  updates) to the transport at once, which over TLS is one record and one ``send`` each --
+  three or four per response. :class:`TrackingServer` hands grpclib a transport that joins
+  what is written in one event-loop step into one write (``H2Protocol.connection_made``);
 * header bytes that are not ASCII: grpclib decodes headers as ASCII (``Server._h2_config``),
   and h2 raises ``UnicodeDecodeError`` -- not a protocol error grpclib handles -- out of
   ``data_received``, which kills the connection with a "Fatal error" traceback. We decode as
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
@@ -32,6 +36,7 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.server import Server, Stream
 
 __all__ = [
+    "CoalescingTransport",
     "MalformedRequest",
     "TrackingServer",
     "abort",
@@ -84,16 +89,96 @@ class TrackingServer(Server):
 
     def _protocol_factory(self) -> Any:
         protocol = super()._protocol_factory()
-        lost = protocol.connection_lost
+        made, lost = protocol.connection_made, protocol.connection_lost
         protocols = self.protocols
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            if isinstance(transport, asyncio.Transport):
+                transport = CoalescingTransport(transport)
+            made(transport)
 
         def connection_lost(exc: BaseException | None) -> None:
             protocols.discard(protocol)
             lost(exc)
 
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         protocols.add(protocol)
         return protocol
+
+
+class CoalescingTransport(asyncio.Transport):
+    """``transport``, with the writes of one event-loop step joined into one write.
+
+    Everything else is the real transport's: flow control (it calls the protocol's
+    ``pause_writing``), extra info (the peer certificate), closing. ``close()`` writes what
+    is buffered first; ``abort()`` drops it.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._buffer: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._buffer:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._buffer.append(bytes(data))
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._buffer:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._buffer))
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
 
 
 def transport_of(protocol: Any) -> asyncio.Transport | None:
