@@ -92,10 +92,9 @@ class TrackingServer(Server):
         made, lost = protocol.connection_made, protocol.connection_lost
         protocols = self.protocols
 
-        def connection_made(transport: asyncio.BaseTransport) -> None:
-            if isinstance(transport, asyncio.Transport):
-                transport = CoalescingTransport(transport)
-            made(transport)
+        def connection_made(transport: Any) -> None:
+            # Any transport: uvloop's do not derive from asyncio.Transport.
+            made(CoalescingTransport(transport))
 
         def connection_lost(exc: BaseException | None) -> None:
             protocols.discard(protocol)
@@ -115,9 +114,10 @@ class CoalescingTransport(asyncio.Transport):
     is buffered first; ``abort()`` drops it.
     """
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: Any) -> None:
         super().__init__()
-        self._transport = transport
+        # Duck-typed: uvloop's transports have asyncio.Transport's methods, not its class.
+        self._transport: asyncio.Transport = transport
         self._buffer: list[bytes] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
