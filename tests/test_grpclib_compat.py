@@ -118,3 +118,31 @@ async def test_recv_request_names_what_is_wrong_with_a_body(tmp_path: Path) -> N
         await server.wait_closed()
         await asyncio.sleep(0.01)  # let the closed transports run connection_lost
     assert calls.malformed == ["Wire format was corrupt", "String field had bad UTF-8"]
+
+
+@pytest.mark.asyncio
+async def test_coalescing_transport_joins_one_steps_writes_and_flushes_on_close() -> None:
+    import socket as socket_module
+
+    from meshtrust.grpclib_compat import CoalescingTransport
+
+    ours, theirs = socket_module.socketpair()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    coalescing = CoalescingTransport(transport)
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    try:
+        for part in (b"headers|", b"data|", b"trailers"):
+            coalescing.write(part)
+        assert coalescing.get_write_buffer_size() == len(b"headers|data|trailers")
+        await asyncio.sleep(0)  # one step later, one write
+        assert coalescing.get_write_buffer_size() == 0
+        assert await reader.readexactly(21) == b"headers|data|trailers"
+
+        coalescing.write(b"goaway")
+        coalescing.close()  # what is buffered goes out before the close
+        assert await reader.read() == b"goaway"
+        assert coalescing.is_closing()
+    finally:
+        writer.close()
+        await asyncio.sleep(0.01)
