@@ -28,33 +28,41 @@ def grpc_frame(body: bytes) -> bytes:
 
 async def raw_call(
     address: str,
-    root_pem: bytes,
+    root_pem: bytes | None,
     body: bytes,
     *,
     authorization: bytes | None = None,
     path: str = CREATE_CERTIFICATE,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> RawReply:
     """POST ``body`` (already framed, or not: it is sent as given) to ``path`` with an
-    ``authorization`` header of arbitrary bytes; returns the trailers' status and message."""
-    host, port = address.rsplit(":", 1)
-    context = ssl.create_default_context(cadata=root_pem.decode())
-    context.set_alpn_protocols(["h2"])
-    reader, writer = await asyncio.open_connection(
-        host, int(port), ssl=context, server_hostname="localhost"
-    )
+    ``authorization`` header of arbitrary bytes; returns the trailers' status and message.
+
+    ``address`` is HOST:PORT (TLS, verified with ``root_pem``) or ``unix:PATH`` (plain)."""
+    if address.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(address.removeprefix("unix:"))
+    else:
+        assert root_pem is not None
+        host, port = address.rsplit(":", 1)
+        context = ssl.create_default_context(cadata=root_pem.decode())
+        context.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=context, server_hostname="localhost"
+        )
     conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
     conn.initiate_connection()
-    headers = [
+    request_headers = [
         (b":method", b"POST"),
         (b":scheme", b"https"),
         (b":path", path.encode()),
         (b":authority", b"localhost"),
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
+        *headers,
     ]
     if authorization is not None:
-        headers.append((b"authorization", authorization))
-    conn.send_headers(1, headers)
+        request_headers.append((b"authorization", authorization))
+    conn.send_headers(1, request_headers)
     conn.send_data(1, body, end_stream=True)
     writer.write(conn.data_to_send())
     status: int | None = None
