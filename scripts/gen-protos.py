@@ -1,10 +1,12 @@
-"""Regenerate the committed protobuf/gRPC code under src/meshtrust/_proto from proto/.
+"""Regenerate the committed protobuf/gRPC code under src/ from proto/.
 
-Run from the repository root: .venv/bin/python scripts/gen-protos.py
+Run from the repository root: .venv/bin/python scripts/gen-protos.py [--out DIR]
+(``--out`` writes the tree somewhere else; tests/test_protos.py compares it with src/).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -17,10 +19,18 @@ from google.protobuf import descriptor_pb2
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# Package-less protos (the SPIFFE Workload API) register global names that py-spiffe
-# registers too; they are never imported as modules. We ship their serialized descriptor
-# (<name>.pb, loaded into a private pool at run time) and type stubs (<name>_pb2.pyi).
-DESCRIPTOR_ONLY = {"meshtrust/_proto/spiffe/workload.proto"}
+# Protos whose names other libraries register globally too: the package-less SPIFFE Workload
+# API (py-spiffe), and the subset of Envoy's SDS messages the agent serves (xds-protos, whose
+# own modules would cost the agent about a megabyte of memory). They are never imported as
+# modules: we ship their serialized descriptor (<name>.pb, loaded into a private pool at run
+# time), with type stubs (<name>_pb2.pyi) where the value is True.
+DESCRIPTOR_ONLY = {
+    "meshtrust/_proto/spiffe/workload.proto": True,
+    "meshtrust/_proto/sds/rpc.proto": False,
+    "meshtrust/_proto/sds/core.proto": False,
+    "meshtrust/_proto/sds/tls.proto": False,
+    "meshtrust/_proto/sds/discovery.proto": False,
+}
 
 
 def _strip_json_names(messages: Iterable[descriptor_pb2.DescriptorProto]) -> None:
@@ -31,6 +41,10 @@ def _strip_json_names(messages: Iterable[descriptor_pb2.DescriptorProto]) -> Non
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "src", help="output tree (src/)")
+    out_root = parser.parse_args().out.resolve()
+    out_root.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
@@ -40,21 +54,22 @@ def main() -> int:
         subprocess.run(
             [
                 *protoc,
-                "--python_out=src",
-                "--mypy_out=src",
-                "--grpc_python_out=src",
-                "--grpclib_python_out=src",
+                f"--python_out={out_root}",
+                f"--mypy_out={out_root}",
+                f"--grpc_python_out={out_root}",
+                f"--grpclib_python_out={out_root}",
                 *services,
             ],
             cwd=ROOT,
             env=env,
             check=True,
         )
-    for proto in sorted(DESCRIPTOR_ONLY & set(protos)):
+    for proto in sorted(set(DESCRIPTOR_ONLY) & set(protos)):
+        stubs = [f"--mypy_out={out_root}"] if DESCRIPTOR_ONLY[proto] else []
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "set.pb"
             subprocess.run(
-                [*protoc, "--mypy_out=src", f"--descriptor_set_out={out}", proto],
+                [*protoc, *stubs, f"--descriptor_set_out={out}", proto],
                 cwd=ROOT,
                 env=env,
                 check=True,
@@ -62,11 +77,12 @@ def main() -> int:
             descriptors = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
         (file,) = descriptors.file
         _strip_json_names(file.message_type)  # as protoc embeds descriptors in *_pb2.py
-        target = ROOT / "src" / proto.removesuffix(".proto")
-        target.with_suffix(".pb").write_bytes(file.SerializeToString())
+        target = out_root / proto.removesuffix(".proto")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.with_suffix(".pb").write_bytes(file.SerializeToString(deterministic=True))
     for proto in protos:
-        pkg = (ROOT / "src" / proto).parent
-        while pkg != ROOT / "src" / "meshtrust":
+        pkg = (out_root / proto).parent
+        while pkg != out_root / "meshtrust":
             (pkg / "__init__.py").touch()
             pkg = pkg.parent
     print(f"generated code for {len(protos)} proto files")

@@ -12,13 +12,11 @@ import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry
 
-from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.ca import (
+    CaMetrics,
     CaServeConfig,
     GroupCommitLedger,
-    PrometheusCaMetrics,
     SqlLedger,
     init_ca_dir,
     load_token_signing_key,
@@ -26,9 +24,11 @@ from meshtrust.ca import (
     prepare_ca,
     token_issuer_for,
 )
-from meshtrust.ca.runtime import build_authority
+from meshtrust.ca.assembly import build_authority
 from meshtrust.ca.server import CaGrpcService, bind_listener, serve_grpc
+from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.clock import SystemClock
+from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import KeyType
 from meshtrust.spiffe import TrustDomain
 
@@ -50,7 +50,7 @@ class RunningCa:
     ca_dir: Path
     root_pem: bytes
     ledger: SqlLedger
-    metrics: PrometheusCaMetrics
+    metrics: CaMetrics
     service: CaGrpcService
 
     def token(
@@ -117,7 +117,7 @@ async def serve_ca(ca_dir: Path, port: int = 0, **config: object) -> AsyncIterat
     prepared = prepare_ca(CaServeConfig(**settings), clock)  # type: ignore[arg-type]
     sql = SqlLedger(prepared.ledger_url)
     ledger = GroupCommitLedger(sql)
-    metrics = PrometheusCaMetrics(CollectorRegistry())
+    metrics = CaMetrics(TextRegistry())
     service = CaGrpcService(build_authority(prepared, clock, ledger, metrics))
     sock = bind_listener("127.0.0.1", port, what="test")
     bound = sock.getsockname()[1]

@@ -40,7 +40,7 @@ from meshtrust.ca import (
 )
 from meshtrust.ca.cadir import TokenSigningKey
 from meshtrust.errors import AuthenticationError, InvalidCSR, PermissionDenied
-from meshtrust.pki import parse_csr
+from meshtrust.pki import format_serial, parse_csr
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests import badcerts
 from tests.badcerts import NOW, CaFixture
@@ -468,7 +468,7 @@ def test_a_valid_svid_authenticates_as_its_spiffe_id(
     assert caller == Caller(
         identity=WEB,
         authenticator="client-cert",
-        subject=f"serial {leaf.cert.serial_number:x}",
+        subject=f"serial {format_serial(leaf.cert.serial_number)}",
         expires=NOW + HOUR,
     )
 

@@ -12,9 +12,9 @@ import grpc.aio
 import pytest
 from cryptography import x509
 
-from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.ca import SqlLedger, default_ledger_url, load_token_signing_key, mint_token
 from meshtrust.ca.cadir import token_issuer_for
+from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.clock import SystemClock
 from meshtrust.pki import build_csr, format_serial, generate_key
 from meshtrust.spiffe import SpiffeId
@@ -209,3 +209,21 @@ def test_broken_ca_directory_stops_startup_with_a_message(
     assert out.returncode == 1
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_default_worker_count_is_one_per_cpu_capped(ca_dir: Path) -> None:
+    """`ca serve` without --workers uses the machine's CPUs (at most 8), as a server should."""
+    import os
+
+    expected = min(os.cpu_count() or 1, 8)
+    ca = CaProcess(ca_dir)
+    try:
+        ca.wait_ready()
+    finally:
+        ca.stop()
+    ledger = SqlLedger(default_ledger_url(ca_dir))
+    try:
+        (start,) = [e for e in ledger.audit_events() if e.action == "ca-start"]
+    finally:
+        ledger.close()
+    assert f"workers={expected}" in start.detail

@@ -292,7 +292,7 @@ async def test_concurrent_requests_share_commits(running_ca: RunningCa) -> None:
     token = running_ca.token()
     csr = build_csr(generate_key(), WEB)
     async with running_ca.channel() as channel:
-        from meshtrust._proto.istio import ca_pb2, ca_pb2_grpc
+        from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 
         stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         responses = await asyncio.gather(
@@ -311,20 +311,24 @@ async def test_concurrent_requests_share_commits(running_ca: RunningCa) -> None:
 
 
 def test_metrics_expose_istio_names() -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
+    from meshtrust.ca import CaMetrics
+    from meshtrust.metrics_text import TextRegistry
 
-    from meshtrust.ca import PrometheusCaMetrics
-
-    registry = CollectorRegistry()
-    metrics = PrometheusCaMetrics(registry)
+    registry = TextRegistry()
+    metrics = CaMetrics(registry)
     metrics.observe(CaEvent.CSR)
     metrics.observe(CaEvent.CSR)
     metrics.observe(CaEvent.ISSUED)
     metrics.observe(CaEvent.PERMISSION_DENIED)
     now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     metrics.set_expiries(now, now - dt.timedelta(days=1))
-    text = generate_latest(registry).decode()
+    text = registry.exposition().decode()
     lines = set(text.splitlines())
+    # Counters as istiod exposes them: typed counter, no _total suffix.
+    assert "# TYPE citadel_server_csr_count counter" in lines
+    assert "# TYPE citadel_server_success_cert_issuance_count counter" in lines
+    assert not any("citadel_server" in line and "_total" in line for line in lines)
+    assert "# TYPE citadel_server_root_cert_expiry_timestamp gauge" in lines
     assert "citadel_server_csr_count 2.0" in lines
     assert "citadel_server_success_cert_issuance_count 1.0" in lines
     assert "citadel_server_csr_sign_err_count 1.0" in lines
@@ -337,3 +341,35 @@ def test_metrics_expose_istio_names() -> None:
         == (now - dt.timedelta(days=1)).timestamp()
     )
     assert 'meshtrust_ca_refusals_total{reason="permission_denied"} 1.0' in lines
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "server_name",
+    [
+        "istiod.istio-system.svc",
+        "istiod.istio-system.svc.cluster.local",
+        "istiod",
+        "istiod.istio-system",
+        "localhost",
+    ],
+)
+async def test_serving_certificate_covers_istiods_names(
+    running_ca: RunningCa, server_name: str
+) -> None:
+    """Istio's CA client rewrites a localhost address to istiod.istio-system.svc; a client
+    verifying any of istiod's names against the root gets through the TLS handshake."""
+    import asyncio
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cadata=running_ca.root_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    host, port = running_ca.address.rsplit(":", 1)
+
+    def handshake() -> str | None:
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                return tls.selected_alpn_protocol()
+
+    assert await asyncio.to_thread(handshake) == "h2"

@@ -74,7 +74,7 @@ def test_init_writes_private_keys_0600_and_refuses_to_overwrite(tmp_path: Path) 
         (["ca", "serve", "--ca-dir", "x", "--jwt-issuer", "no-equals"], "ISSUER=JWKS_FILE"),
         (
             ["token", "create", "--ca-dir", "x", "--namespace", "a/b", "--service-account", "s"],
-            "token-key.pem",
+            "CA directory x does not exist",
         ),
     ],
 )

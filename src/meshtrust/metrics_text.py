@@ -1,11 +1,12 @@
 """Prometheus metrics as plain text, without prometheus_client.
 
-The agent has a handful of counters and one gauge; importing prometheus_client for them
-would cost the long-lived per-workload process more memory than its metrics are worth. A
-collector here is any object with ``families()``; :class:`TextRegistry` renders them in the
-Prometheus text format (version 0.0.4), line for line as ``prometheus_client``'s
-``generate_latest`` renders the same metrics (the CA, whose metrics are richer, keeps
-prometheus_client; :class:`~meshtrust.status_http.StatusHttpServer` serves either registry).
+The agent's and the CA's metrics: a handful of counters and gauges each, for which
+prometheus_client would cost the long-lived per-workload agent more memory than its metrics
+are worth. A collector here is any object with ``families()``; :class:`TextRegistry` renders
+them in the Prometheus text format (version 0.0.4), line for line as ``prometheus_client``'s
+``generate_latest`` renders the same metrics. One thing prometheus_client cannot do and istiod
+does: a counter named without ``_total`` (``citadel_server_csr_count``), announced as
+``# TYPE citadel_server_csr_count counter`` (``MetricFamily(total_suffix=False)``).
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ class Sample:
 @dataclass(frozen=True, slots=True)
 class MetricFamily:
     """One metric: its name (without ``_total`` for a counter, as in OpenMetrics), help text,
-    type and samples (each with its full name, ``_total`` included for a counter)."""
+    type and samples (each with its full name, ``_total`` included for a counter).
+
+    ``total_suffix=False`` is for counters whose exposed name has no ``_total`` (istiod's
+    ``citadel_server_*``): the family is announced under ``name`` itself.
+    """
 
     name: str
     documentation: str
     type: MetricType
     samples: tuple[Sample, ...] = field(default=())
+    total_suffix: bool = True
 
 
 class TextCollector(Protocol):
@@ -114,7 +120,8 @@ def render(families: Iterable[MetricFamily]) -> bytes:
     """The Prometheus text format (0.0.4) of ``families``."""
     out: list[str] = []
     for family in families:
-        name = family.name + "_total" if family.type == "counter" else family.name
+        suffixed = family.type == "counter" and family.total_suffix
+        name = family.name + "_total" if suffixed else family.name
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {doc}\n")
         out.append(f"# TYPE {name} {_TYPE_NAMES[family.type]}\n")

@@ -2,10 +2,8 @@
 thread (``/debug/status``: what ``meshtrust status`` shows; no secrets in it).
 
 Used by the CA (``/ready``) and the agent (``/healthz/ready``, Istio's path); both paths
-answer on both. ``/metrics`` renders either a ``prometheus_client`` ``CollectorRegistry`` (the
-CA's) or any registry with an ``exposition()`` method, such as
-:class:`meshtrust.metrics_text.TextRegistry` (the agent's, which spares the agent
-prometheus_client: it is imported only for a ``CollectorRegistry``).
+answer on both. ``/metrics`` renders a registry that renders itself: both use
+:class:`meshtrust.metrics_text.TextRegistry`.
 """
 
 from __future__ import annotations
@@ -15,13 +13,10 @@ import http.server
 import json
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
+from typing import Protocol
 
 from meshtrust.errors import AddressInUse, ConfigError
 from meshtrust.metrics_text import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
 
 __all__ = ["MetricsRegistry", "StatusHttpServer", "TextExposition"]
 
@@ -32,29 +27,8 @@ class TextExposition(Protocol):
     def exposition(self) -> bytes: ...
 
 
-#: What ``/metrics`` serves: a ``prometheus_client.CollectorRegistry``, or a registry that
-#: renders itself.
-MetricsRegistry: TypeAlias = "CollectorRegistry | TextExposition"
-
-
-def _exposition(registry: MetricsRegistry) -> Callable[[], tuple[bytes, str]]:
-    """How to render ``registry``: its own ``exposition()``, or prometheus_client's."""
-    render: Callable[[], bytes] | None = getattr(registry, "exposition", None)
-    if render is not None:
-
-        def text() -> tuple[bytes, str]:
-            return render(), CONTENT_TYPE
-
-        return text
-    from prometheus_client import generate_latest
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-    collectors = cast("CollectorRegistry", registry)
-
-    def prometheus() -> tuple[bytes, str]:
-        return generate_latest(collectors), CONTENT_TYPE_LATEST
-
-    return prometheus
+#: What ``/metrics`` serves.
+MetricsRegistry = TextExposition
 
 
 class StatusHttpServer:
@@ -73,7 +47,7 @@ class StatusHttpServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.split("?")[0] == "/metrics":
-                    (body, ctype), code = outer._metrics(), 200
+                    body, ctype, code = outer.registry.exposition(), CONTENT_TYPE, 200
                 elif self.path.split("?")[0] in ("/ready", "/healthz/ready"):
                     ok = outer.ready()
                     body = b"ready\n" if ok else b"not ready\n"
@@ -92,7 +66,7 @@ class StatusHttpServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass
 
-        self._metrics = _exposition(registry)
+        self.registry = registry
         self.ready = ready
         self.status = status
         try:

@@ -13,7 +13,8 @@ user:
 * a graceful stop: the owner first ends its calls its own way (SDS ends its streams with OK,
   the Workload API with UNAVAILABLE), :meth:`UnixGrpcServer.stop` waits up to ``grace``
   seconds for them to finish, then cancels what is left, says GOAWAY on every connection and
-  closes it -- grpclib's ``close()`` leaves idle client connections open.
+  closes it -- grpclib's ``close()`` leaves idle client connections open (the grpclib
+  internals this needs are :mod:`meshtrust.grpclib_compat`'s).
 
 Handlers are given as grpclib handlers (``{"/pkg.Service/Method": grpclib.const.Handler}``),
 written by hand: the generated stubs we could use (xds-protos's) are grpcio's.
@@ -27,10 +28,10 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from grpclib.const import Handler
-from grpclib.encoding.proto import ProtoCodec
-from grpclib.server import Server, Stream
+from grpclib.server import Stream
 
 from meshtrust.agent.uds import PrivateSocket
+from meshtrust.grpclib_compat import TrackingServer, abort, goaway_and_close
 
 __all__ = ["GrpcMethod", "UnixGrpcServer"]
 
@@ -51,29 +52,6 @@ class _Service:
         return self._mapping
 
 
-class _Server(Server):
-    """grpclib's server, remembering its connections so that stop can close them."""
-
-    def __init__(self, service: _Service) -> None:
-        # An explicit codec, so no status-details codec: we never send details, and grpclib
-        # would import google.rpc (and its descriptors) to offer them.
-        super().__init__([service], codec=ProtoCodec())
-        self.protocols: set[Any] = set()  # H2Protocol; uvloop transports are not weakref-able
-
-    def _protocol_factory(self) -> Any:  # grpclib < 0.5 hook, as in meshtrust.ca.server
-        protocol = super()._protocol_factory()
-        lost = protocol.connection_lost
-        protocols = self.protocols
-
-        def connection_lost(exc: BaseException | None) -> None:
-            protocols.discard(protocol)
-            lost(exc)
-
-        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-        protocols.add(protocol)
-        return protocol
-
-
 class UnixGrpcServer:
     """grpclib on the Unix socket ``socket``, serving ``methods``.
 
@@ -88,7 +66,7 @@ class UnixGrpcServer:
             path: Handler(self._tracked(h.func), h.cardinality, h.request_type, h.reply_type)
             for path, h in methods.items()
         }
-        self._server: _Server | None = None
+        self._server: TrackingServer | None = None
         self.active_calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -111,7 +89,7 @@ class UnixGrpcServer:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("the server is already started")
-        server = _Server(_Service(self._methods))
+        server = TrackingServer([_Service(self._methods)])
         sock = self._socket.listen()  # synchronous: the umask window holds no await
         try:
             await server.start(sock=sock)
@@ -135,7 +113,7 @@ class UnixGrpcServer:
             server.close()  # stop listening; cancel the handlers still running
             protocols = list(server.protocols)
             for protocol in protocols:
-                _goaway_and_close(protocol)
+                goaway_and_close(protocol)
             if protocols:
                 try:
                     async with asyncio.timeout(_CLOSE_TIMEOUT):
@@ -143,35 +121,9 @@ class UnixGrpcServer:
                             await asyncio.sleep(0.01)
                 except TimeoutError:
                     for protocol in list(server.protocols):
-                        _abort(protocol)
+                        abort(protocol)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await server.wait_closed()
         finally:
             self._socket.remove()
-
-
-def _transport(protocol: Any) -> asyncio.Transport | None:
-    connection = getattr(protocol, "connection", None)
-    transport = getattr(connection, "_transport", None)
-    return transport if isinstance(transport, asyncio.Transport) else None
-
-
-def _goaway_and_close(protocol: Any) -> None:
-    """HTTP/2 GOAWAY (the client reconnects without counting a failure), then close: the
-    transport flushes what is buffered (trailers, the GOAWAY) before it closes."""
-    transport = _transport(protocol)
-    if transport is None or transport.is_closing():
-        return
-    h2 = getattr(protocol.connection, "_connection", None)
-    if h2 is not None:
-        with contextlib.suppress(Exception):  # the connection may already be broken
-            h2.close_connection()
-            transport.write(h2.data_to_send())
-    transport.close()
-
-
-def _abort(protocol: Any) -> None:
-    transport = _transport(protocol)
-    if transport is not None:
-        transport.abort()

@@ -1,9 +1,8 @@
 """Getting a certificate from the CA, and refusing to use a bad one.
 
-:class:`GrpcCertificateSource` asks the CA over gRPC + TLS with grpclib on Python's ``ssl``
-(not grpcio: its C core would cost the long-lived agent some ten megabytes for one request an
-hour; ``meshtrust cert request`` still uses :class:`meshtrust.ca.client.CaClient`). Its
-failures map to the same errors as :class:`~meshtrust.ca.client.CaClient`'s.
+:class:`GrpcCertificateSource` is the CA's one client, :class:`meshtrust.caapi.CaClient`
+(grpclib on Python's ``ssl``; ``meshtrust cert request`` uses it too), under the name of the
+role it plays here: the agent's :class:`CertificateSource`.
 
 :func:`verify_issued` is the pure check every CA response passes before anything is served:
 the chain leads to a root the agent trusts (its configured anchors — not whatever the CA
@@ -13,9 +12,7 @@ certifies the key this agent generated.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +20,14 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from grpclib import GRPCError
-from grpclib.client import Channel
-from grpclib.config import Configuration
-from grpclib.encoding.proto import ProtoCodec
 
-from meshtrust._proto.istio import ca_grpc, ca_pb2
-from meshtrust.ca.statuses import error_for_status
-from meshtrust.config import parse_host_port
+from meshtrust.caapi import CaClient as GrpcCertificateSource
+from meshtrust.caapi import client_ssl_context
 from meshtrust.errors import (
     ConfigError,
     InvalidCertificate,
     SvidVerificationError,
 )
-from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.pki import PrivateKey, TrustBundle, load_certs_pem, verify_svid
 from meshtrust.spiffe import SpiffeId
 
@@ -61,96 +52,6 @@ class CertificateSource(Protocol):
         token: str | None,
         client_cert: tuple[bytes, bytes] | None,
     ) -> list[str]: ...
-
-
-class GrpcCertificateSource:
-    """The meshtrust (or Istio) CA over gRPC + TLS, verified with ``root_pem``.
-
-    A connection per request: renewals are minutes to hours apart, and the client certificate
-    (the workload's current one) changes between them. ``server_name`` is the name the CA's
-    certificate must carry when it is not the host of ``address`` (grpcio's
-    ``ssl_target_name_override``). Every failure is a :class:`MeshTrustError`: refusals as
-    :func:`~meshtrust.ca.statuses.error_for_status` maps them, anything else (connection,
-    TLS, timeout) as :class:`CAUnavailable`.
-    """
-
-    def __init__(
-        self,
-        address: str,
-        root_pem: bytes,
-        *,
-        server_name: str | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self.address = address
-        # HOST:PORT, as AgentConfig checks it (grpcio's "dns:///" prefix is accepted too).
-        self._host, self._port = parse_host_port(address.removeprefix("dns:///"), what="ca-address")
-        self._root_pem = root_pem
-        self._server_name = server_name
-        self._timeout = timeout
-
-    async def sign(
-        self,
-        csr_pem: str,
-        *,
-        ttl_seconds: int,
-        token: str | None,
-        client_cert: tuple[bytes, bytes] | None,
-    ) -> list[str]:
-        try:
-            context = client_ssl_context(self._root_pem, client_cert)
-        except (ssl.SSLError, ValueError) as exc:
-            raise InvalidCertificate(
-                f"cannot use the CA root or client certificate: {exc}"
-            ) from exc
-        config = Configuration(ssl_target_name_override=self._server_name)
-        # An explicit codec: no status-details codec, whose google.rpc import we do not need.
-        channel = Channel(self._host, self._port, ssl=context, config=config, codec=ProtoCodec())
-        metadata = [("authorization", f"Bearer {token}")] if token else []
-        try:
-            async with asyncio.timeout(self._timeout):
-                response = await ca_grpc.IstioCertificateServiceStub(channel).CreateCertificate(
-                    ca_pb2.IstioCertificateRequest(csr=csr_pem, validity_duration=ttl_seconds),
-                    metadata=metadata,
-                    timeout=self._timeout,
-                )
-        except GRPCError as exc:
-            raise error_for_status(exc.status.name, exc.message or "", self.address) from None
-        except TimeoutError:
-            raise error_for_status(
-                "DEADLINE_EXCEEDED", f"no answer within {self._timeout:g}s", self.address
-            ) from None
-        except Exception as exc:  # connection refused, TLS, HTTP/2: the CA is not usable
-            raise error_for_status("UNAVAILABLE", _describe(exc), self.address) from None
-        finally:
-            channel.close()
-        return list(response.cert_chain)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: {exc.verify_message or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def client_ssl_context(
-    root_pem: bytes, client_cert: tuple[bytes, bytes] | None = None
-) -> ssl.SSLContext:
-    """TLS to the CA: its certificate must chain to ``root_pem`` (nothing else is trusted)
-    and carry the name we connect to; ``client_cert`` (chain PEM, key PEM) is presented when
-    given; HTTP/2 by ALPN.
-
-    Raises :class:`ssl.SSLError` or :class:`ValueError` for unusable PEM.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_verify_locations(cadata=root_pem.decode("ascii"))
-    if client_cert is not None:
-        load_cert_chain_pem(context, *client_cert)
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 class TokenFile:

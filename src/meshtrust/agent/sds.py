@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.resources
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -103,128 +104,17 @@ _MAX_LOGGED_ERROR = 1000
 # xds-protos' generated modules would do, but importing them loads some fifty modules
 # (Envoy's core config, validation annotations, udpa, xds) and their descriptors for seven
 # messages and some twenty fields: about a megabyte of the agent's resident memory, for good. So
-# we declare just the fields SDS reads and writes, under their real names and numbers (the
-# wire format is the field numbers and types), in a private pool, as the Workload API does
-# for its own reasons. Fields we do not declare (the request's ``node``, ...) are skipped on
-# parse. The sources: envoy/service/discovery/v3/discovery.proto,
-# envoy/extensions/transport_sockets/tls/v3/{secret,common}.proto,
+# proto/meshtrust/_proto/sds/*.proto declare just the fields SDS reads and writes, under their
+# real names and numbers (the wire format is the field numbers and types), and
+# scripts/gen-protos.py compiles them to serialized descriptors (*.pb) that we load into a
+# private pool, as the Workload API does for its own reasons. Fields we do not declare (the
+# request's ``node``, ...) are skipped on parse. The sources: envoy/service/discovery/v3/
+# discovery.proto, envoy/extensions/transport_sockets/tls/v3/{secret,common}.proto,
 # envoy/config/core/v3/base.proto and google/rpc/status.proto, as shipped in xds-protos.
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _int_field(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-def _bytes_field(number: int, payload: bytes | str) -> bytes:
-    data = payload.encode() if isinstance(payload, str) else payload
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-# google.protobuf.FieldDescriptorProto.Type and .Label values.
-_SCALARS = {"string": 9, "bytes": 12, "int32": 5}
-_MESSAGE, _OPTIONAL, _REPEATED = 11, 1, 3
-
-
-def _field(name: str, number: int, kind: str, *, repeated: bool = False, oneof: int = -1) -> bytes:
-    """A ``FieldDescriptorProto``: ``kind`` is a scalar type or a message's full name."""
-    out = _bytes_field(1, name) + _int_field(3, number)
-    out += _int_field(4, _REPEATED if repeated else _OPTIONAL)
-    if kind in _SCALARS:
-        out += _int_field(5, _SCALARS[kind])
-    else:
-        out += _int_field(5, _MESSAGE) + _bytes_field(6, "." + kind)
-    if oneof >= 0:
-        out += _int_field(9, oneof)
-    return out
-
-
-def _message(name: str, *fields: bytes, oneof: str = "") -> bytes:
-    """A ``DescriptorProto``; ``oneof`` names oneof 0."""
-    out = _bytes_field(1, name) + b"".join(_bytes_field(2, f) for f in fields)
-    return out + (_bytes_field(8, _bytes_field(1, oneof)) if oneof else b"")
-
-
-def _file(name: str, package: str, deps: tuple[str, ...], *messages: bytes) -> bytes:
-    """A proto3 ``FileDescriptorProto``."""
-    out = _bytes_field(1, name) + _bytes_field(2, package)
-    out += b"".join(_bytes_field(3, d) for d in deps)
-    return out + b"".join(_bytes_field(4, m) for m in messages) + _bytes_field(12, "proto3")
-
-
-_RPC, _CORE = "meshtrust/agent/sds/rpc.proto", "meshtrust/agent/sds/core.proto"
+_DESCRIPTORS = ("rpc.pb", "core.pb", "tls.pb", "discovery.pb")  # dependencies first
 _DATA_SOURCE = "envoy.config.core.v3.DataSource"
 _TLS = "envoy.extensions.transport_sockets.tls.v3"
-_WIRE_FILES = (
-    _file(
-        _RPC,
-        "google.rpc",
-        (),
-        _message("Status", _field("code", 1, "int32"), _field("message", 2, "string")),
-    ),
-    _file(
-        _CORE,
-        "envoy.config.core.v3",
-        (),
-        _message(
-            "DataSource",
-            _field("filename", 1, "string", oneof=0),
-            _field("inline_bytes", 2, "bytes", oneof=0),
-            _field("inline_string", 3, "string", oneof=0),
-            _field("environment_variable", 4, "string", oneof=0),
-            oneof="specifier",
-        ),
-    ),
-    _file(
-        "meshtrust/agent/sds/tls.proto",
-        _TLS,
-        (_CORE,),
-        _message(
-            "TlsCertificate",
-            _field("certificate_chain", 1, _DATA_SOURCE),
-            _field("private_key", 2, _DATA_SOURCE),
-        ),
-        _message("CertificateValidationContext", _field("trusted_ca", 1, _DATA_SOURCE)),
-        _message(
-            "Secret",
-            _field("name", 1, "string"),
-            _field("tls_certificate", 2, f"{_TLS}.TlsCertificate", oneof=0),
-            _field("validation_context", 4, f"{_TLS}.CertificateValidationContext", oneof=0),
-            oneof="type",
-        ),
-    ),
-    _file(
-        "meshtrust/agent/sds/discovery.proto",
-        "envoy.service.discovery.v3",
-        (_RPC, any_pb2.DESCRIPTOR.name),
-        _message(
-            "DiscoveryRequest",
-            _field("version_info", 1, "string"),
-            _field("resource_names", 3, "string", repeated=True),
-            _field("type_url", 4, "string"),
-            _field("response_nonce", 5, "string"),
-            _field("error_detail", 6, "google.rpc.Status"),
-        ),
-        _message(
-            "DiscoveryResponse",
-            _field("version_info", 1, "string"),
-            _field("resources", 2, "google.protobuf.Any", repeated=True),
-            _field("type_url", 4, "string"),
-            _field("nonce", 5, "string"),
-        ),
-        # Delta is refused: its messages are read, never looked into.
-        _message("DeltaDiscoveryRequest"),
-        _message("DeltaDiscoveryResponse"),
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -243,8 +133,9 @@ class _SdsProto:
 def _load_sds_proto() -> _SdsProto:
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(any_pb2.DESCRIPTOR.serialized_pb)
-    for serialized in _WIRE_FILES:
-        pool.AddSerializedFile(serialized)
+    package = importlib.resources.files("meshtrust._proto.sds")
+    for name in _DESCRIPTORS:
+        pool.AddSerializedFile(package.joinpath(name).read_bytes())
 
     def message(name: str) -> Any:
         return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))

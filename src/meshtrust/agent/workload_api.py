@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import descriptor_pool, message_factory, struct_pb2
-from google.protobuf.message import DecodeError
 from grpclib import GRPCError, Status
 from grpclib.const import Cardinality, Handler
 from grpclib.server import Stream
@@ -55,6 +54,7 @@ from grpclib.server import Stream
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.grpc_server import UnixGrpcServer
 from meshtrust.agent.uds import PrivateSocket
+from meshtrust.grpclib_compat import MalformedRequest, recv_request
 
 if TYPE_CHECKING:
     from meshtrust._proto.spiffe.workload_pb2 import (
@@ -256,9 +256,11 @@ class WorkloadApiServer:
             raise GRPCError(Status.INVALID_ARGUMENT, _MISSING_HEADER)
         log.debug("Workload API client connected: %s (%s)", method, _peer(stream))
         try:
-            await stream.recv_message()
-        except DecodeError as exc:
-            raise GRPCError(Status.INVALID_ARGUMENT, f"malformed {method} request") from exc
+            await recv_request(stream)
+        except MalformedRequest as exc:  # bad protobuf, a truncated or compressed frame
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"malformed {method} request: {exc.reason}"
+            ) from None
 
     async def _next_secret(self, generation: int) -> WorkloadSecret:
         """The first secret newer than ``generation``; ends the call (UNAVAILABLE) when the

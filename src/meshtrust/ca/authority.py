@@ -18,6 +18,7 @@ from meshtrust.ca.authn import Caller, ClientCertAuthenticator, JwtAuthenticator
 from meshtrust.ca.cadir import CaMaterial
 from meshtrust.ca.ledger import IssuedRecord, LedgerWriter
 from meshtrust.ca.metrics import CaEvent, CaMetricsSink
+from meshtrust.ca.refusals import RefusalLog
 from meshtrust.clock import Clock
 from meshtrust.durations import format_duration
 from meshtrust.errors import (
@@ -131,6 +132,8 @@ class CertificateAuthority:
         self._metrics = metrics
         self._jwt = jwt_authenticator
         self._certauth = cert_authenticator
+        # Refusals are logged through a throttle: a flood of bad requests cannot fill the log.
+        self.refusals = RefusalLog(log, clock)
         # The tail of every response: intermediates one per element, the root bundle last.
         self._chain_tail: list[str] = [
             c.public_bytes(serialization.Encoding.PEM).decode() for c in material.intermediates
@@ -171,31 +174,31 @@ class CertificateAuthority:
             caller = self.authenticate(creds)
         except AuthenticationError as exc:
             self._metrics.observe(CaEvent.AUTHN_FAILURE)
-            log.warning("refused: unauthenticated: %s", exc)
+            self.refusals.warning("refused: unauthenticated: %s", exc)
             raise
         try:
             csr = parse_csr(csr_pem)
         except InvalidCSR as exc:
             self._metrics.observe(CaEvent.CSR_PARSE_ERROR)
-            log.warning("refused %s: bad CSR: %s", caller.identity, exc)
+            self.refusals.warning("refused %s: bad CSR: %s", caller.identity, exc)
             raise
         try:
             ttl = check_ttl(validity_seconds, self.policy)
         except InvalidTTL as exc:
             self._metrics.observe(CaEvent.INVALID_TTL)
-            log.warning("refused %s: %s", caller.identity, exc)
+            self.refusals.warning("refused %s: %s", caller.identity, exc)
             raise
         try:
             identity = decide_identity(csr, caller)
         except PermissionDenied as exc:
             self._metrics.observe(CaEvent.PERMISSION_DENIED)
-            log.warning(
+            self.refusals.warning(
                 "refused %s (%s %s): %s", caller.identity, caller.authenticator, caller.subject, exc
             )
             raise
         except InvalidCSR as exc:
             self._metrics.observe(CaEvent.CSR_PARSE_ERROR)
-            log.warning("refused %s: bad CSR: %s", caller.identity, exc)
+            self.refusals.warning("refused %s: bad CSR: %s", caller.identity, exc)
             raise
 
         now = self._clock.now()

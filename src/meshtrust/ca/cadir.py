@@ -16,6 +16,8 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from meshtrust.fileio import write_file_atomic, write_private_file
 from meshtrust.pki import (
     KeyType,
     Signer,
+    ca_extension_policy,
+    cas_without_key_usage,
     certs_pem,
     generate_key,
     load_certs_pem,
@@ -44,6 +48,7 @@ __all__ = [
     "TLS_FILES",
     "CaMaterial",
     "TokenSigningKey",
+    "ensure_token_signing_key",
     "init_ca_dir",
     "load_ca_dir",
     "load_token_signing_key",
@@ -78,6 +83,8 @@ class CaMaterial:
     intermediates: tuple[x509.Certificate, ...]  # signing cert first, up to (not incl.) the root
     roots: tuple[x509.Certificate, ...]
     layout: str
+    # Things that work but deserve a word at start-up (a CA without KeyUsage).
+    warnings: tuple[str, ...] = ()
 
     @property
     def root_bundle_pem(self) -> str:
@@ -262,8 +269,8 @@ def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
         .store(xv.Store(list(roots)))
         .time(now)
         .extension_policies(
-            ca_policy=xv.ExtensionPolicy.webpki_defaults_ca(),
-            ee_policy=xv.ExtensionPolicy.webpki_defaults_ca(),
+            ca_policy=ca_extension_policy(),
+            ee_policy=ca_extension_policy(),  # the "leaf" verified here is the signing CA
         )
         .build_client_verifier()
     )
@@ -273,11 +280,19 @@ def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
         raise CADirectoryError(
             f"the chain of {cert_path} does not lead to a root in {root_path}: {exc}"
         ) from exc
+    unique = {c.public_bytes(serialization.Encoding.DER): c for c in (*inters, *roots, ca_cert)}
+    warnings = tuple(
+        f"CA certificate {cert.subject.rfc4514_string()} has no KeyUsage extension "
+        "(as `openssl req -x509` makes them); accepted, but a CA certificate should say "
+        "keyCertSign, cRLSign"
+        for cert in cas_without_key_usage(list(unique.values()))
+    )
     return CaMaterial(
         signer=Signer(ca_cert, ca_key),
         intermediates=tuple(inters),
         roots=tuple(roots),
         layout=layout,
+        warnings=warnings,
     )
 
 
@@ -311,3 +326,45 @@ def load_token_signing_key(directory: Path) -> TokenSigningKey | None:
         raise CADirectoryError(f"{path}: the token key must be an ECDSA P-256 key")
     kid, jwk = _jwk_for(key)
     return TokenSigningKey(key=key, kid=kid, jwks={"keys": [jwk]})
+
+
+def ensure_token_signing_key(directory: Path) -> TokenSigningKey:
+    """The CA's own token-issuer key, made on first use when the directory has none.
+
+    A plugged-in CA (Istio ``cacerts``, a cert-manager secret) comes without one; hosts
+    outside Kubernetes need it for ``meshtrust token create``. The key is written 0600 beside
+    the CA key, with ``token-jwks.json`` (0644). Two first uses at once agree on one key: it
+    is linked into place only if no other is there yet. Raises :class:`CADirectoryError` when
+    the directory cannot take it (a read-only secret mount, say).
+    """
+    existing = load_token_signing_key(directory)
+    if existing is not None:
+        return existing
+    path = directory / TOKEN_KEY
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{TOKEN_KEY}.")  # 0600
+        tmp = Path(tmp_name)
+        won = False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(private_key_pem(key))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if another first use got there first
+            won = True
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        ours = load_token_signing_key(directory)  # ours, or the other first use's
+        if ours is None:
+            raise CADirectoryError(f"{path} vanished while it was being created")
+        if won:  # the public half, for other verifiers (the CA derives it from the key)
+            jwks = json.dumps(ours.jwks, indent=2).encode()
+            write_file_atomic(directory / TOKEN_JWKS, jwks, 0o644)
+    except OSError as exc:
+        raise CADirectoryError(
+            f"cannot create the CA's token issuer key {path}: {exc.strerror}"
+        ) from exc
+    return ours

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ class CaServeConfig:
     metrics_listen: str | None = "127.0.0.1:15014"
     server_names: tuple[str, ...] = ()
     trust_domain: TrustDomain | None = None
-    workers: int = 1
+    # One per CPU (capped: beyond 8 the shared ledger, not the CPUs, is the limit).
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     drain_grace: dt.timedelta = dt.timedelta(seconds=10)
 
     def __post_init__(self) -> None:

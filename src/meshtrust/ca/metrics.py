@@ -1,9 +1,11 @@
 """CA metrics with Istio's ``citadel_server_*`` names.
 
-The CA core reports :class:`CaEvent`s to a :class:`CaMetricsSink`; :class:`PrometheusCaMetrics`
-counts them and exposes the counts under the exact names Istio uses (no ``_total`` suffix,
-so dashboards built for istiod work unchanged). A worker process forwards its events to the
-supervisor, which owns the one registry that ``/metrics`` serves (:mod:`meshtrust.ca.workers`).
+The CA core reports :class:`CaEvent`s to a :class:`CaMetricsSink`; :class:`CaMetrics` counts
+them and exposes the counts, through :mod:`meshtrust.metrics_text` as the agent's are, under
+the exact names and types istiod uses: ``# TYPE citadel_server_csr_count counter`` and no
+``_total`` suffix, so dashboards built for istiod work unchanged. A worker process forwards
+its events to the supervisor, which owns the one registry that ``/metrics`` serves
+(:mod:`meshtrust.ca.workers`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
+from meshtrust.metrics_text import MetricFamily, Sample, TextRegistry
 
-__all__ = ["CaEvent", "CaMetricsSink", "PrometheusCaMetrics"]
+__all__ = ["CaEvent", "CaMetrics", "CaMetricsSink"]
 
 
 class CaEvent(enum.StrEnum):
@@ -61,10 +62,10 @@ _COUNTERS: dict[str, tuple[str, frozenset[CaEvent]]] = {
 }
 
 
-class PrometheusCaMetrics:
-    """Counts CA events and exposes them through a prometheus_client registry."""
+class CaMetrics:
+    """Counts CA events and exposes them in ``registry`` (a :class:`TextRegistry`)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: TextRegistry) -> None:
         self._counts: Counter[CaEvent] = Counter()
         self._lock = threading.Lock()
         self._root_expiry: float | None = None
@@ -82,23 +83,26 @@ class PrometheusCaMetrics:
         self._root_expiry = root_not_after.timestamp()
         self._chain_expiry = chain_not_after.timestamp()
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[MetricFamily]:
         with self._lock:
             counts = dict(self._counts)
         for name, (doc, events) in _COUNTERS.items():
-            # "unknown" (untyped) keeps the exact Istio names: prometheus_client would
-            # otherwise announce a counter family as <name>_total.
-            m = Metric(name, doc, "unknown")
-            m.add_sample(name, {}, float(sum(counts.get(e, 0) for e in events)))
-            yield m
-        refusals = Metric("meshtrust_ca_refusals", "Refused requests by reason.", "counter")
-        for ev in CaEvent:
-            if ev not in (CaEvent.CSR, CaEvent.ISSUED):
-                refusals.add_sample(
+            value = float(sum(counts.get(e, 0) for e in events))
+            # istiod's names: counters without the _total suffix.
+            yield MetricFamily(name, doc, "counter", (Sample(name, {}, value),), total_suffix=False)
+        yield MetricFamily(
+            "meshtrust_ca_refusals",
+            "Refused requests by reason.",
+            "counter",
+            tuple(
+                Sample(
                     "meshtrust_ca_refusals_total", {"reason": ev.value}, float(counts.get(ev, 0))
                 )
-        yield refusals
-        for name, doc, value in (
+                for ev in CaEvent
+                if ev not in (CaEvent.CSR, CaEvent.ISSUED)
+            ),
+        )
+        for name, doc, expiry in (
             (
                 "citadel_server_root_cert_expiry_timestamp",
                 "Unix time when the CA's root certificate expires.",
@@ -110,7 +114,5 @@ class PrometheusCaMetrics:
                 self._chain_expiry,
             ),
         ):
-            if value is not None:
-                g = Metric(name, doc, "gauge")
-                g.add_sample(name, {}, value)
-                yield g
+            if expiry is not None:
+                yield MetricFamily(name, doc, "gauge", (Sample(name, {}, expiry),))

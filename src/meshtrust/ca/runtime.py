@@ -1,205 +1,34 @@
-"""Running the CA: assemble the pieces from a :class:`CaServeConfig` and serve until told to
-stop. One process by default; with ``workers > 1`` a supervisor forks workers that share
-the listening socket (see :mod:`meshtrust.ca.workers`).
-
-Start-up checks everything before it binds anything a client could reach: CA directory,
-trust domain, JWKS files, ledger. Each failure is a :class:`MeshTrustError` with a message.
+"""Running the CA until told to stop: one process by default for one worker; with
+``workers > 1`` a supervisor forks workers that share the listening socket
+(:mod:`meshtrust.ca.workers`). The pieces are :mod:`meshtrust.ca.assembly`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import signal
 import socket
-import ssl
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
 
-from cryptography import x509
-from prometheus_client import CollectorRegistry
-
-from meshtrust.ca.authn import (
-    ClientCertAuthenticator,
-    JwtAuthenticator,
-    TrustedIssuer,
-    load_jwks_file,
-    trusted_issuer_from_jwks,
+from meshtrust.ca.assembly import (
+    PreparedCa,
+    build_authority,
+    open_books,
+    prepare_ca,
+    run_loop,
+    serve_until_stopped,
+    start_status,
 )
-from meshtrust.ca.authority import CaPolicy, CertificateAuthority
-from meshtrust.ca.cadir import CaMaterial, load_ca_dir, load_token_signing_key, token_issuer_for
 from meshtrust.ca.config import CaServeConfig
-from meshtrust.ca.ledger import (
-    AuditEvent,
-    GroupCommitLedger,
-    LedgerWriter,
-    SqlLedger,
-    default_ledger_url,
-    display_url,
-)
-from meshtrust.ca.metrics import CaMetricsSink, PrometheusCaMetrics
-from meshtrust.ca.server import (
-    CaGrpcService,
-    bind_listener,
-    serve_grpc,
-    server_ssl_context,
-)
+from meshtrust.ca.ledger import SqlLedger
+from meshtrust.ca.server import CaGrpcService, bind_listener
+from meshtrust.ca.workers import run_supervisor
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.config import parse_host_port
-from meshtrust.errors import ConfigError
-from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
-from meshtrust.status_http import StatusHttpServer
 
-__all__ = [
-    "PreparedCa",
-    "build_authority",
-    "Books",
-    "open_books",
-    "prepare_ca",
-    "run_ca",
-    "run_loop",
-    "serve_in_process",
-    "start_status",
-]
+__all__ = ["run_ca", "serve_in_process"]
 
 log = logging.getLogger("meshtrust.ca")
-SERVING_CERT_TTL = dt.timedelta(days=30)
-
-
-@dataclass
-class PreparedCa:
-    """Everything checked and loaded, nothing served yet."""
-
-    config: CaServeConfig
-    material: CaMaterial
-    policy: CaPolicy
-    issuers: list[TrustedIssuer]
-    ledger_url: str
-    serving_chain: list[x509.Certificate]
-    serving_key: PrivateKey
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return server_ssl_context(
-            self.serving_chain, self.serving_key, self.material.root_bundle_pem
-        )
-
-
-def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
-    """Load and check the CA directory, trust domain and token issuers."""
-    now = clock.now()
-    material = load_ca_dir(config.ca_dir, now)
-    td = config.trust_domain or material.trust_domain_hint()
-    if td is None:
-        raise ConfigError(
-            "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
-        )
-    issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
-    own = load_token_signing_key(config.ca_dir)
-    if own is not None:
-        issuers.append(
-            trusted_issuer_from_jwks(
-                token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
-            )
-        )
-    else:
-        log.warning("no token-key.pem in %s: the CA's own token issuer is off", config.ca_dir)
-    serving_key = generate_key(KeyType.EC_P256)
-    names = [n for n in config.server_names]
-    host, _ = parse_host_port(config.listen, what="--listen")
-    if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
-        names.append(host)
-    serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
-    return PreparedCa(
-        config=config,
-        material=material,
-        policy=CaPolicy(td, config.default_ttl, config.max_ttl),
-        issuers=issuers,
-        ledger_url=config.ledger or default_ledger_url(config.ca_dir),
-        serving_chain=[serving, *material.intermediates],
-        serving_key=serving_key,
-    )
-
-
-def build_authority(
-    prepared: PreparedCa, clock: Clock, ledger: LedgerWriter, metrics: CaMetricsSink
-) -> CertificateAuthority:
-    material = prepared.material
-    return CertificateAuthority(
-        material=material,
-        policy=prepared.policy,
-        clock=clock,
-        ledger=ledger,
-        metrics=metrics,
-        jwt_authenticator=JwtAuthenticator(
-            prepared.policy.trust_domain, prepared.issuers, prepared.config.audience
-        ),
-        cert_authenticator=ClientCertAuthenticator(
-            TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
-        ),
-    )
-
-
-async def serve_until_stopped(
-    service: CaGrpcService,
-    sock: socket.socket,
-    ssl_ctx: ssl.SSLContext,
-    stop: asyncio.Event,
-    drain_grace: float,
-) -> None:
-    """Serve on ``sock`` until ``stop`` is set, then drain in-flight requests and close."""
-    server = await serve_grpc(service, sock, ssl_ctx)
-    await stop.wait()
-    drained = await service.drain(drain_grace)
-    if not drained:
-        log.warning(
-            "shutdown: %d requests still in flight after the grace period", service.in_flight
-        )
-    await server.shutdown()
-
-
-@dataclass
-class Books:
-    """What the process that owns them keeps: the ledger and the metrics registry."""
-
-    sql: SqlLedger
-    ledger: GroupCommitLedger
-    registry: CollectorRegistry
-    metrics: PrometheusCaMetrics
-
-    def started(self, prepared: PreparedCa, clock: Clock, workers: int) -> None:
-        """Audit and log the start of the CA."""
-        config = prepared.config
-        self.sql.add_audit(
-            AuditEvent(
-                clock.now(),
-                "meshtrust ca serve",
-                "ca-start",
-                f"listen={config.listen} workers={workers} "
-                f"trust_domain={prepared.policy.trust_domain}",
-            )
-        )
-        log.info(
-            "CA for trust domain %s serving on %s with %d worker(s) (ledger %s)",
-            prepared.policy.trust_domain,
-            config.listen,
-            workers,
-            display_url(prepared.ledger_url),
-        )
-
-
-def open_books(prepared: PreparedCa) -> Books:
-    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set."""
-    sql = SqlLedger(prepared.ledger_url)
-    metrics_registry = CollectorRegistry()
-    metrics = PrometheusCaMetrics(metrics_registry)
-    m = prepared.material
-    metrics.set_expiries(
-        min(r.not_valid_after_utc for r in m.roots),
-        min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
-    )
-    return Books(sql, GroupCommitLedger(sql), metrics_registry, metrics)
 
 
 async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
@@ -227,17 +56,6 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     log.info("CA stopped")
 
 
-def start_status(
-    config: CaServeConfig, registry: CollectorRegistry, ready: Callable[[], bool]
-) -> StatusHttpServer | None:
-    if not config.metrics_listen:
-        return None
-    host, port = parse_host_port(config.metrics_listen, what="--metrics-listen")
-    status = StatusHttpServer(host, port, registry, ready)
-    status.start()
-    return status
-
-
 def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
     """Run the CA described by ``config`` until SIGTERM/SIGINT. Raises MeshTrustError."""
     clock = clock or SystemClock()
@@ -246,17 +64,6 @@ def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
     host, port = parse_host_port(config.listen, what="--listen")
     sock = bind_listener(host, port, what="--listen")
     if config.workers > 1:
-        from meshtrust.ca.workers import run_supervisor
-
         run_supervisor(prepared, sock, clock)
         return
     run_loop(serve_in_process(prepared, sock, clock))
-
-
-def run_loop(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        asyncio.run(coro)

@@ -19,20 +19,25 @@ from typing import Any
 
 from cryptography import x509
 from grpclib import GRPCError, Status
-from grpclib.server import Server, Stream
+from grpclib.server import Stream
 
-from meshtrust._proto.istio import ca_grpc, ca_pb2
 from meshtrust.ca.authority import CertificateAuthority, Credentials
+from meshtrust.caapi import status_name_for
+from meshtrust.caapi.istio import ca_grpc, ca_pb2
 from meshtrust.errors import (
     AddressInUse,
-    AuthenticationError,
     ConfigError,
-    InvalidInput,
     LedgerError,
     MeshTrustError,
-    PermissionDenied,
 )
 from meshtrust.fileio import load_cert_chain_pem
+from meshtrust.grpclib_compat import (
+    MalformedRequest,
+    TrackingServer,
+    abort,
+    peer_cert_der,
+    recv_request,
+)
 from meshtrust.pki import PrivateKey, certs_pem, private_key_pem
 
 __all__ = [
@@ -87,36 +92,24 @@ def server_ssl_context(
 
 
 def status_for(exc: MeshTrustError) -> Status:
-    """The gRPC status for one of our errors (DESIGN.md "Error codes")."""
-    if isinstance(exc, AuthenticationError):
-        return Status.UNAUTHENTICATED
-    if isinstance(exc, PermissionDenied):
-        return Status.PERMISSION_DENIED
-    if isinstance(exc, InvalidInput):
-        return Status.INVALID_ARGUMENT
-    return Status.UNAVAILABLE
+    """The gRPC status for one of our errors, as :mod:`meshtrust.caapi.statuses` maps it."""
+    return Status[status_name_for(exc)]
 
 
 def _bearer(value: str | bytes | None) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bytes):
-        return ""
+    if isinstance(value, bytes) or not value.isascii():
+        return ""  # a JWT is ASCII; anything else authenticates as nothing, never echoed
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return ""  # present but unusable: authenticates as nothing, never echoed
     return token.strip()
 
 
-def _peer_cert_der(stream: Stream[object, object]) -> bytes | None:
-    # grpclib's Peer.cert() returns only the parsed dict; the DER leaf (needed for the SVID
-    # rules) comes from the same ssl object. grpclib is pinned < 0.5 for this.
-    transport = getattr(stream.peer, "_transport", None)
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    return der if der else None
+def _peer_name(stream: Stream[Any, Any]) -> str:
+    addr = stream.peer.addr()
+    return f"{addr[0]}:{addr[1]}" if addr else "a local peer"
 
 
 class CaGrpcService(ca_grpc.IstioCertificateServiceBase):
@@ -133,14 +126,24 @@ class CaGrpcService(ca_grpc.IstioCertificateServiceBase):
         self,
         stream: Stream[ca_pb2.IstioCertificateRequest, ca_pb2.IstioCertificateResponse],
     ) -> None:
-        request = await stream.recv_message()
+        try:
+            request = await recv_request(stream)
+        except MalformedRequest as exc:
+            # The caller's fault: one (throttled) line, never a traceback.
+            self._authority.refusals.warning(
+                "refused a malformed request from %s: %s", _peer_name(stream), exc.reason
+            )
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"the request is not a valid IstioCertificateRequest: {exc.reason}",
+            ) from None
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "empty request")
         if not self.accepting:
             raise GRPCError(Status.UNAVAILABLE, "CA is shutting down; retry another replica")
         creds = Credentials(
             bearer_token=_bearer(stream.metadata.get("authorization") if stream.metadata else None),
-            peer_cert_der=_peer_cert_der(stream),  # type: ignore[arg-type]
+            peer_cert_der=peer_cert_der(stream),
         )
         self.in_flight += 1
         self._idle.clear()
@@ -169,7 +172,7 @@ class CaGrpcService(ca_grpc.IstioCertificateServiceBase):
         return True
 
 
-class GrpcServer(Server):
+class GrpcServer(TrackingServer):
     """grpclib's server, plus closing client connections on shutdown.
 
     grpclib's ``close()`` stops listening and cancels handlers but leaves idle client
@@ -177,37 +180,13 @@ class GrpcServer(Server):
     their transports so an in-process shutdown leaves nothing behind.
     """
 
-    def __init__(self, handlers: list[CaGrpcService]) -> None:
-        super().__init__(handlers)
-        self._transports: set[asyncio.BaseTransport] = set()  # uvloop's are not weakref-able
-
-    def _protocol_factory(self) -> Any:  # grpclib < 0.5 hook; see the class docstring
-        protocol = super()._protocol_factory()
-        made, lost = protocol.connection_made, protocol.connection_lost
-        current: list[asyncio.BaseTransport] = []
-
-        def connection_made(transport: asyncio.BaseTransport) -> None:
-            self._transports.add(transport)
-            current.append(transport)
-            made(transport)
-
-        def connection_lost(exc: BaseException | None) -> None:
-            for transport in current:
-                self._transports.discard(transport)
-            lost(exc)
-
-        protocol.connection_made = connection_made  # type: ignore[method-assign]
-        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-        return protocol
-
     async def shutdown(self) -> None:
         self.close()
         await self.wait_closed()
-        for transport in list(self._transports):
+        for protocol in list(self.protocols):
             # abort, not close: nothing is in flight any more, and a TLS close_notify
             # exchange with an idle client could hold the socket open for 30 s.
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
+            abort(protocol)
         await asyncio.sleep(0)  # let the transports run their connection_lost callbacks
 
 

@@ -8,7 +8,9 @@ Theory of operation (the pre-fork model of gunicorn/nginx):
 * The ledger has one writer, the supervisor. A worker sends each issued record over its
   socketpair and answers the client only after the supervisor acknowledged the commit, so
   the durability promise of the single-process CA holds. Group commit then spans all
-  workers: one fsync covers every record that arrived during the previous one.
+  workers: one fsync covers every record that arrived during the previous one. Records (and
+  their acknowledgements) made in the same event-loop step travel as one message: one
+  pickle and one write per step, not per certificate.
 * Workers send metric events the same way (fire and forget); ``/metrics`` and ``/ready``
   are served by the supervisor from the one registry.
 * SIGTERM/SIGINT to the supervisor: it tells every worker to drain and stop, waits, flushes
@@ -31,15 +33,20 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from meshtrust.ca.assembly import (
+    PreparedCa,
+    build_authority,
+    open_books,
+    run_loop,
+    serve_until_stopped,
+    start_status,
+)
 from meshtrust.ca.ledger import IssuedRecord
 from meshtrust.ca.metrics import CaEvent
+from meshtrust.ca.server import CaGrpcService
 from meshtrust.clock import Clock
 from meshtrust.errors import LedgerError
-
-if TYPE_CHECKING:  # runtime imports this module; the names are for annotations only
-    from meshtrust.ca.runtime import PreparedCa
 
 __all__ = ["run_supervisor"]
 
@@ -66,13 +73,22 @@ class RemoteLedger:
         self._writer = writer
         self._next = 0
         self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._outbox: list[tuple[int, IssuedRecord]] = []
 
     async def record(self, rec: IssuedRecord) -> None:
         self._next += 1
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiting[self._next] = fut
-        _send(self._writer, ("rec", self._next, rec))
+        if not self._outbox:
+            loop.call_soon(self._flush)  # after every handler of this step has added its own
+        self._outbox.append((self._next, rec))
         await fut
+
+    def _flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        if batch and not self._writer.is_closing():
+            _send(self._writer, ("recs", batch))
 
     def resolve(self, msg_id: int, error: str | None) -> None:
         fut = self._waiting.pop(msg_id, None)
@@ -118,8 +134,6 @@ class RemoteMetrics:
 async def _worker_main(
     prepared: PreparedCa, sock: socket.socket, ipc: socket.socket, clock: Clock, index: int
 ) -> None:
-    from meshtrust.ca.runtime import build_authority, serve_until_stopped
-    from meshtrust.ca.server import CaGrpcService
 
     reader, writer = await asyncio.open_connection(sock=ipc)
     ledger = RemoteLedger(writer)
@@ -136,8 +150,9 @@ async def _worker_main(
             while True:
                 msg = await _recv(reader)
                 assert isinstance(msg, tuple)
-                if msg[0] == "ack":
-                    ledger.resolve(msg[1], msg[2])
+                if msg[0] == "acks":
+                    for msg_id, error in msg[1]:
+                        ledger.resolve(msg_id, error)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         ledger.fail_all("the CA supervisor is gone")
@@ -169,8 +184,6 @@ class _Child:
 
 def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> None:
     """Fork ``config.workers`` workers on ``sock`` and supervise them (see module docs)."""
-    from meshtrust.ca.runtime import run_loop
-
     children: list[tuple[int, int, socket.socket]] = []
     for index in range(prepared.config.workers):
         parent_end, child_end = socket.socketpair()
@@ -198,8 +211,6 @@ def run_supervisor(prepared: PreparedCa, sock: socket.socket, clock: Clock) -> N
 async def _supervise(
     prepared: PreparedCa, spawned: list[tuple[int, int, socket.socket]], clock: Clock
 ) -> None:
-    from meshtrust.ca.runtime import open_books, start_status
-
     config = prepared.config
     books = open_books(prepared)
     sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
@@ -217,13 +228,18 @@ async def _supervise(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
-    async def commit(writer: asyncio.StreamWriter, msg_id: int, rec: IssuedRecord) -> None:
-        try:
-            await ledger.record(rec)
-            error = None
-        except LedgerError as exc:
-            error = str(exc)
-        _send(writer, ("ack", msg_id, error))
+    async def commit(writer: asyncio.StreamWriter, batch: list[tuple[int, IssuedRecord]]) -> None:
+        # One group commit covers the batch (and whatever else arrives meanwhile).
+        results = await asyncio.gather(
+            *(ledger.record(rec) for _, rec in batch), return_exceptions=True
+        )
+        acks = []
+        for (msg_id, _), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, LedgerError):
+                raise result
+            acks.append((msg_id, str(result) if result is not None else None))
+        if not writer.is_closing():
+            _send(writer, ("acks", acks))
 
     async def serve_child(child: _Child) -> None:
         nonlocal failed
@@ -233,8 +249,8 @@ async def _supervise(
             while True:
                 msg = await _recv(reader)
                 assert isinstance(msg, tuple)
-                if msg[0] == "rec":
-                    task = asyncio.create_task(commit(writer, msg[1], msg[2]))
+                if msg[0] == "recs":
+                    task = asyncio.create_task(commit(writer, msg[1]))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 elif msg[0] == "evs":

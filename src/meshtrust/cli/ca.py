@@ -113,7 +113,11 @@ def init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None
     "localhost and 127.0.0.1). Repeatable.",
 )
 @click.option("--trust-domain", help="Trust domain.  [default: the root certificate's O]")
-@click.option("--workers", type=int, help="Worker processes sharing the port.  [default: 1]")
+@click.option(
+    "--workers",
+    type=int,
+    help="Worker processes sharing the port.  [default: one per CPU, at most 8]",
+)
 def serve(config_file: Path | None, **flags: Any) -> None:
     """Run the CA: Istio's IstioCertificateService/CreateCertificate on gRPC over TLS.
 

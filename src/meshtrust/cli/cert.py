@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from meshtrust.caapi import CaClient
 from meshtrust.cli.options import DURATION
 from meshtrust.errors import ConfigError, InvalidCertificate
 from meshtrust.fileio import write_private_file
@@ -90,18 +91,8 @@ def request(
     key = generate_key(KeyType(key_type))
     csr = build_csr(key, sid)
 
-    async def go() -> list[str]:
-        from meshtrust.ca.client import CaClient  # grpcio: only for this command
-
-        client = CaClient(ca_address, root_pem)
-        try:
-            return await client.create_certificate(
-                csr, token=token, ttl_seconds=int(ttl.total_seconds())
-            )
-        finally:
-            await client.close()
-
-    chain = asyncio.run(go())
+    client = CaClient(ca_address, root_pem, root_source=str(ca_root))
+    chain = asyncio.run(client.sign(csr, token=token, ttl_seconds=int(ttl.total_seconds())))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_private_file(out_dir / "key.pem", private_key_pem(key))
     (out_dir / "cert-chain.pem").write_text("".join(chain[:-1]))

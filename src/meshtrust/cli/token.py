@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from meshtrust.ca.cadir import load_ca_dir, load_token_signing_key, token_issuer_for
+from meshtrust.ca.cadir import ensure_token_signing_key, load_ca_dir, token_issuer_for
 from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
 from meshtrust.config import as_trust_domain
-from meshtrust.errors import CADirectoryError, ConfigError, InvalidSpiffeId
+from meshtrust.errors import ConfigError, InvalidSpiffeId
 from meshtrust.spiffe import SpiffeId
 
 __all__ = ["token"]
@@ -27,7 +27,7 @@ def token() -> None:
     "--ca-dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="CA directory holding token-key.pem (from `meshtrust ca init`).",
+    help="CA directory (its token issuer key token-key.pem is made on first use).",
 )
 @click.option("--namespace", required=True, help="Namespace of the workload.")
 @click.option("--service-account", required=True, help="Service account of the workload.")
@@ -60,16 +60,13 @@ def create(
     from meshtrust.ca.authn import mint_token
 
     clock = SystemClock()
-    key = load_token_signing_key(ca_dir)
-    if key is None:
-        raise CADirectoryError(
-            f"{ca_dir} has no token-key.pem; it was not made by "
-            "`meshtrust ca init`, so the CA has no token issuer"
-        )
+    material = load_ca_dir(ca_dir, clock.now())  # a CA is there, and it is usable
+    # A plugged-in CA gets its token issuer on first use (token-key.pem, 0600).
+    key = ensure_token_signing_key(ca_dir)
     if trust_domain is not None:
         td = as_trust_domain(trust_domain, "--trust-domain", Path())
     else:
-        hint = load_ca_dir(ca_dir, clock.now()).trust_domain_hint()
+        hint = material.trust_domain_hint()
         if hint is None:
             raise ConfigError("cannot tell the trust domain from the root; pass --trust-domain")
         td = hint

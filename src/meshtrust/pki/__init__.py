@@ -23,7 +23,14 @@ from meshtrust.pki.profile import (
     make_serving_cert,
     random_serial,
 )
-from meshtrust.pki.verify import TrustBundle, VerifiedSvid, check_svid_leaf, verify_svid
+from meshtrust.pki.verify import (
+    TrustBundle,
+    VerifiedSvid,
+    ca_extension_policy,
+    cas_without_key_usage,
+    check_svid_leaf,
+    verify_svid,
+)
 
 __all__ = [
     "CLOCK_SKEW",
@@ -52,5 +59,7 @@ __all__ = [
     "private_key_pem",
     "random_serial",
     "signature_hash",
+    "ca_extension_policy",
+    "cas_without_key_usage",
     "verify_svid",
 ]

@@ -17,7 +17,14 @@ from cryptography.x509 import verification as xv
 from meshtrust.errors import InvalidSpiffeId, SvidVerificationError
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["TrustBundle", "VerifiedSvid", "check_svid_leaf", "verify_svid"]
+__all__ = [
+    "TrustBundle",
+    "VerifiedSvid",
+    "ca_extension_policy",
+    "check_svid_leaf",
+    "cas_without_key_usage",
+    "verify_svid",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +82,38 @@ def check_svid_leaf(leaf: x509.Certificate) -> SpiffeId:
     return spiffe_id
 
 
+def _key_usage_allows_signing(
+    _policy: xv.Policy, _cert: x509.Certificate, key_usage: x509.KeyUsage | None
+) -> None:
+    if key_usage is not None and not key_usage.key_cert_sign:
+        raise ValueError("the CA's KeyUsage does not allow keyCertSign")
+
+
+def ca_extension_policy() -> xv.ExtensionPolicy:
+    """The Web PKI rules for CA certificates, except that KeyUsage may be absent.
+
+    ``openssl req -x509`` makes a CA without KeyUsage (the custom CA of Istio's guides);
+    Istio, Envoy and OpenSSL accept it, ``cryptography``'s defaults do not. When KeyUsage is
+    present it must allow keyCertSign. :func:`cas_without_key_usage` finds such CAs, to warn.
+    """
+    return xv.ExtensionPolicy.webpki_defaults_ca().may_be_present(
+        x509.KeyUsage, xv.Criticality.AGNOSTIC, _key_usage_allows_signing
+    )
+
+
+def cas_without_key_usage(certs: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """The CA certificates among ``certs`` that have no KeyUsage extension."""
+    out = []
+    for cert in certs:
+        try:
+            cert.extensions.get_extension_for_class(x509.KeyUsage)
+        except x509.ExtensionNotFound:
+            out.append(cert)
+    return out
+
+
 def _extension_policies() -> tuple[xv.ExtensionPolicy, xv.ExtensionPolicy]:
-    ca = xv.ExtensionPolicy.webpki_defaults_ca()
+    ca = ca_extension_policy()
     # SVIDs carry EKU serverAuth+clientAuth; either is fine for either direction.
     ee = xv.ExtensionPolicy.webpki_defaults_ee().may_be_present(
         x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, None

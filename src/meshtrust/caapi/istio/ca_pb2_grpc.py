@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from meshtrust._proto.istio import ca_pb2 as meshtrust_dot___proto_dot_istio_dot_ca__pb2
+from meshtrust.caapi.istio import ca_pb2 as meshtrust_dot_caapi_dot_istio_dot_ca__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in meshtrust/_proto/istio/ca_pb2_grpc.py depends on'
+        + ' but the generated code in meshtrust/caapi/istio/ca_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class IstioCertificateServiceStub:
         """
         self.CreateCertificate = channel.unary_unary(
                 '/istio.v1.auth.IstioCertificateService/CreateCertificate',
-                request_serializer=meshtrust_dot___proto_dot_istio_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
-                response_deserializer=meshtrust_dot___proto_dot_istio_dot_ca__pb2.IstioCertificateResponse.FromString,
+                request_serializer=meshtrust_dot_caapi_dot_istio_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
+                response_deserializer=meshtrust_dot_caapi_dot_istio_dot_ca__pb2.IstioCertificateResponse.FromString,
                 _registered_method=True)
 
 
@@ -58,8 +58,8 @@ def add_IstioCertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCertificate,
-                    request_deserializer=meshtrust_dot___proto_dot_istio_dot_ca__pb2.IstioCertificateRequest.FromString,
-                    response_serializer=meshtrust_dot___proto_dot_istio_dot_ca__pb2.IstioCertificateResponse.SerializeToString,
+                    request_deserializer=meshtrust_dot_caapi_dot_istio_dot_ca__pb2.IstioCertificateRequest.FromString,
+                    response_serializer=meshtrust_dot_caapi_dot_istio_dot_ca__pb2.IstioCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,8 +88,8 @@ class IstioCertificateService:
             request,
             target,
             '/istio.v1.auth.IstioCertificateService/CreateCertificate',
-            meshtrust_dot___proto_dot_istio_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
-            meshtrust_dot___proto_dot_istio_dot_ca__pb2.IstioCertificateResponse.FromString,
+            meshtrust_dot_caapi_dot_istio_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
+            meshtrust_dot_caapi_dot_istio_dot_ca__pb2.IstioCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

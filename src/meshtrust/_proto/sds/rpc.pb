@@ -1,0 +1,6 @@
+
+meshtrust/_proto/sds/rpc.proto
+google.rpc"'
+Status
+code (
+message (	bproto3

@@ -1,0 +1,234 @@
+"""Assembling the CA from a :class:`CaServeConfig`: the checked material (:func:`prepare_ca`),
+the authority, the books (ledger and metrics), the status server, serving until stopped.
+
+Both ways of running it use these pieces: one process (:mod:`meshtrust.ca.runtime`) and a
+supervisor with workers (:mod:`meshtrust.ca.workers`). Start-up checks everything before it
+binds anything a client could reach: CA directory, trust domain, JWKS files, ledger. Each
+failure is a :class:`MeshTrustError` with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+    uvloop = None  # type: ignore[assignment]
+
+from cryptography import x509
+
+from meshtrust.ca.authn import (
+    ClientCertAuthenticator,
+    JwtAuthenticator,
+    TrustedIssuer,
+    load_jwks_file,
+    trusted_issuer_from_jwks,
+)
+from meshtrust.ca.authority import CaPolicy, CertificateAuthority
+from meshtrust.ca.cadir import CaMaterial, ensure_token_signing_key, load_ca_dir, token_issuer_for
+from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.ledger import (
+    AuditEvent,
+    GroupCommitLedger,
+    LedgerWriter,
+    SqlLedger,
+    default_ledger_url,
+    display_url,
+)
+from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
+from meshtrust.ca.server import CaGrpcService, serve_grpc, server_ssl_context
+from meshtrust.clock import Clock
+from meshtrust.config import parse_host_port
+from meshtrust.errors import CADirectoryError, ConfigError
+from meshtrust.metrics_text import TextRegistry
+from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
+from meshtrust.status_http import StatusHttpServer
+
+__all__ = [
+    "ISTIOD_SERVER_NAMES",
+    "SERVING_CERT_TTL",
+    "Books",
+    "PreparedCa",
+    "build_authority",
+    "open_books",
+    "prepare_ca",
+    "run_loop",
+    "serve_until_stopped",
+    "start_status",
+]
+
+log = logging.getLogger("meshtrust.ca")
+SERVING_CERT_TTL = dt.timedelta(days=30)
+
+#: Names the serving certificate always covers besides localhost: istiod's. Istio's own CA
+#: client (istio-agent's citadel provider) rewrites a ``localhost`` CA address to the server
+#: name ``istiod.istio-system.svc``, so Istio's clients connect to this CA unchanged.
+ISTIOD_SERVER_NAMES = (
+    "istiod.istio-system.svc",
+    "istiod.istio-system.svc.cluster.local",
+    "istiod",
+    "istiod.istio-system",
+)
+
+
+@dataclass
+class PreparedCa:
+    """Everything checked and loaded, nothing served yet."""
+
+    config: CaServeConfig
+    material: CaMaterial
+    policy: CaPolicy
+    issuers: list[TrustedIssuer]
+    ledger_url: str
+    serving_chain: list[x509.Certificate]
+    serving_key: PrivateKey
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return server_ssl_context(
+            self.serving_chain, self.serving_key, self.material.root_bundle_pem
+        )
+
+
+def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
+    """Load and check the CA directory, trust domain and token issuers."""
+    now = clock.now()
+    material = load_ca_dir(config.ca_dir, now)
+    for warning in material.warnings:
+        log.warning("%s", warning)
+    td = config.trust_domain or material.trust_domain_hint()
+    if td is None:
+        raise ConfigError(
+            "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
+        )
+    issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
+    try:
+        own = ensure_token_signing_key(config.ca_dir)
+    except CADirectoryError as exc:  # e.g. a read-only secret mount: run without it
+        log.warning("%s: the CA's own token issuer is off", exc)
+    else:
+        issuers.append(
+            trusted_issuer_from_jwks(
+                token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
+            )
+        )
+    serving_key = generate_key(KeyType.EC_P256)
+    names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
+    host, _ = parse_host_port(config.listen, what="--listen")
+    if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
+        names.append(host)
+    serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
+    return PreparedCa(
+        config=config,
+        material=material,
+        policy=CaPolicy(td, config.default_ttl, config.max_ttl),
+        issuers=issuers,
+        ledger_url=config.ledger or default_ledger_url(config.ca_dir),
+        serving_chain=[serving, *material.intermediates],
+        serving_key=serving_key,
+    )
+
+
+def build_authority(
+    prepared: PreparedCa, clock: Clock, ledger: LedgerWriter, metrics: CaMetricsSink
+) -> CertificateAuthority:
+    material = prepared.material
+    return CertificateAuthority(
+        material=material,
+        policy=prepared.policy,
+        clock=clock,
+        ledger=ledger,
+        metrics=metrics,
+        jwt_authenticator=JwtAuthenticator(
+            prepared.policy.trust_domain, prepared.issuers, prepared.config.audience
+        ),
+        cert_authenticator=ClientCertAuthenticator(
+            TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
+        ),
+    )
+
+
+async def serve_until_stopped(
+    service: CaGrpcService,
+    sock: socket.socket,
+    ssl_ctx: ssl.SSLContext,
+    stop: asyncio.Event,
+    drain_grace: float,
+) -> None:
+    """Serve on ``sock`` until ``stop`` is set, then drain in-flight requests and close."""
+    server = await serve_grpc(service, sock, ssl_ctx)
+    await stop.wait()
+    drained = await service.drain(drain_grace)
+    if not drained:
+        log.warning(
+            "shutdown: %d requests still in flight after the grace period", service.in_flight
+        )
+    await server.shutdown()
+
+
+@dataclass
+class Books:
+    """What the process that owns them keeps: the ledger and the metrics registry."""
+
+    sql: SqlLedger
+    ledger: GroupCommitLedger
+    registry: TextRegistry
+    metrics: CaMetrics
+
+    def started(self, prepared: PreparedCa, clock: Clock, workers: int) -> None:
+        """Audit and log the start of the CA."""
+        config = prepared.config
+        self.sql.add_audit(
+            AuditEvent(
+                clock.now(),
+                "meshtrust ca serve",
+                "ca-start",
+                f"listen={config.listen} workers={workers} "
+                f"trust_domain={prepared.policy.trust_domain}",
+            )
+        )
+        log.info(
+            "CA for trust domain %s serving on %s with %d worker(s) (ledger %s)",
+            prepared.policy.trust_domain,
+            config.listen,
+            workers,
+            display_url(prepared.ledger_url),
+        )
+
+
+def open_books(prepared: PreparedCa) -> Books:
+    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set."""
+    sql = SqlLedger(prepared.ledger_url)
+    metrics_registry = TextRegistry()
+    metrics = CaMetrics(metrics_registry)
+    m = prepared.material
+    metrics.set_expiries(
+        min(r.not_valid_after_utc for r in m.roots),
+        min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
+    )
+    return Books(sql, GroupCommitLedger(sql), metrics_registry, metrics)
+
+
+def start_status(
+    config: CaServeConfig, registry: TextRegistry, ready: Callable[[], bool]
+) -> StatusHttpServer | None:
+    if not config.metrics_listen:
+        return None
+    host, port = parse_host_port(config.metrics_listen, what="--metrics-listen")
+    status = StatusHttpServer(host, port, registry, ready)
+    status.start()
+    return status
+
+
+def run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    if uvloop is None:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
