@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import yaml
 from meshtrust.errors import ConfigError
 from meshtrust.mesh import launch, load_mesh_config, plan_mesh
 from meshtrust.mesh.launch import pick_free_port, port_free
+from meshtrust.mesh.state import CaState, MeshState
 from tests.processes import free_port
 
 STRICT = (
@@ -198,3 +201,57 @@ def test_up_right_after_a_mesh_stopped_with_its_ports_in_time_wait(tmp_path: Pat
             env={**os.environ, "MESHTRUST_HOME": str(home)},
         )
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def _previous_state(work: Path, mesh: Path, ca_pid: int) -> None:
+    """A state file in ``work`` as an earlier `up` of ``mesh`` left it, its CA ``ca_pid``."""
+    state = MeshState(
+        mesh_file=str(mesh),
+        work_dir=str(work),
+        trust_domain="cluster.local",
+        cert_ttl_seconds=60,
+        ca=CaState(ca_pid, "127.0.0.1:1", "127.0.0.1:2", str(work / "ca"), str(work / "ca.log")),
+        services=[],
+    )
+    work.mkdir(parents=True)
+    (work / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+
+
+def _sleeper(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+
+
+def test_up_refuses_to_start_over_a_mesh_of_its_work_dir_that_still_runs(tmp_path: Path) -> None:
+    # The mesh file's ports were edited since: only the state file knows the old mesh runs.
+    path = _mesh_file(tmp_path, "work")
+    ca = _sleeper("-m", "meshtrust", "ca", "serve")  # looks like a CA to /proc
+    try:
+        _previous_state(tmp_path / "work", path, ca.pid)
+        with pytest.raises(ConfigError) as exc:
+            launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
+        assert str(exc.value) == (
+            f"the mesh of {path.resolve()} in {(tmp_path / 'work').resolve()} is still running "
+            f"(pids {ca.pid}); stop it first: `meshtrust down {path.resolve()}`"
+        )
+        assert ca.poll() is None  # left alone
+        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["state.json"]
+    finally:
+        ca.kill()
+        ca.wait()
+
+
+def test_a_state_file_whose_pids_are_not_meshtrust_does_not_block_up(tmp_path: Path) -> None:
+    # A pid of the old mesh reused by another program: not the mesh; up goes on (and here
+    # stops at the next check, a port in use).
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    path = _mesh_file(tmp_path, "work", ca_port=port)
+    other = _sleeper()
+    try:
+        _previous_state(tmp_path / "work", path, other.pid)
+        with pytest.raises(ConfigError, match=rf"port {port} \(ca.listen\) is already in use"):
+            launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
+    finally:
+        other.kill()
+        other.wait()
+        listener.close()

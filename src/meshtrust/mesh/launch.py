@@ -31,7 +31,14 @@ from meshtrust.fileio import write_private_file
 from meshtrust.mesh.config import MeshConfig
 from meshtrust.mesh.plan import HttpOk, MeshPlan, PathExists, ProcessPlan, Start, Wait, plan_mesh
 from meshtrust.mesh.probes import agent_status, alive
-from meshtrust.mesh.state import CaState, MeshState, ServiceState, write_state
+from meshtrust.mesh.state import (
+    STATE_FILE,
+    CaState,
+    MeshState,
+    ServiceState,
+    read_state,
+    write_state,
+)
 
 __all__ = [
     "MeshStartFailed",
@@ -196,6 +203,28 @@ def _wait(step: Wait, started: _Started, plan: MeshPlan) -> None:
     raise MeshStartFailed(f"{step.what} was not ready after {step.timeout:.0f}s\n{_tail(log)}")
 
 
+def _refuse_if_still_running(plan: MeshPlan) -> None:
+    """Refuse to start over a mesh of this workDir that still runs.
+
+    Its state file would be replaced, and ``down`` could no longer find its processes (the
+    fixed-port check does not catch it when the mesh file's ports were edited). A state
+    file whose processes are gone, or whose pids now belong to other programs, does not
+    count.
+    """
+    try:
+        previous = read_state(plan.work_dir / STATE_FILE)
+    except ConfigError:
+        return  # none, or damaged: there is nothing it could still stop
+    ours = [previous.ca.pid, *(s.agent_pid for s in previous.services)]
+    running = [pid for pid in ours if alive(pid) and _runs_meshtrust(pid)]
+    if running:
+        raise ConfigError(
+            f"the mesh of {previous.mesh_file} in {plan.work_dir} is still running "
+            f"(pids {', '.join(map(str, running))}); stop it first: "
+            f"`meshtrust down {previous.mesh_file}`"
+        )
+
+
 def _check_ports(plan: MeshPlan) -> None:
     for port, what in plan.fixed_ports.items():
         if not port_free(port):
@@ -302,9 +331,11 @@ def _state(plan: MeshPlan, started: _Started) -> MeshState:
 def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState:
     """Carry out ``plan`` and return the mesh's state once every sidecar is ready.
 
-    Raises ConfigError (a port in use, a CA directory for another trust domain) before
-    anything starts, MeshStartFailed (everything started is stopped again) after.
+    Raises ConfigError (this workDir's previous mesh still running, a port in use, a CA
+    directory for another trust domain) before anything starts, MeshStartFailed
+    (everything started is stopped again) after.
     """
+    _refuse_if_still_running(plan)
     _check_ports(plan)
     _prepare(plan)
     processes = plan.processes()
@@ -377,6 +408,15 @@ def stop_mesh(state: MeshState) -> list[str]:
                 Path(sock).unlink()
                 done.append(f"removed {sock}")
     return done
+
+
+def _runs_meshtrust(pid: int) -> bool:
+    """Whether ``pid`` runs ``python -m meshtrust`` (as the CA and the agents do)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(argv[i : i + 2] == [b"-m", b"meshtrust"] for i in range(len(argv)))
 
 
 def _cmdline(pid: int) -> str:
