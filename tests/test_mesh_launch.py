@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -255,3 +256,31 @@ def test_a_state_file_whose_pids_are_not_meshtrust_does_not_block_up(tmp_path: P
         other.kill()
         other.wait()
         listener.close()
+
+
+@pytest.mark.slow
+def test_up_terminated_while_starting_stops_what_it_started(tmp_path: Path) -> None:
+    # The mesh's processes run in sessions of their own: killed by SIGTERM, `up` used to
+    # leave the CA and the agents running, with no state file for `down` to find them by.
+    path = _mesh_file(tmp_path, "work")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "meshtrust", "up", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MESHTRUST_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if "starting a: agent + Envoy" in line:  # the CA runs; the agents are starting
+                break
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode != 0 and "Traceback" not in err, err
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "work" / "state.json").exists()

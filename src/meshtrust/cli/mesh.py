@@ -114,6 +114,23 @@ def _load_running(mesh_file: Path | None) -> Any:
     return read_state(find_state(mesh_file))
 
 
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (the terminal closed) stop ``up`` as Ctrl-C does.
+
+    The mesh's processes run in sessions of their own, so they outlive an ``up`` killed by
+    a signal; raised as KeyboardInterrupt, a launch half done stops what it started and the
+    live view stops the mesh. Later signals are ignored so that stopping is not cut short.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 @click.command()
 @click.argument("mesh_file", type=MESH_FILE)
 @click.option(
@@ -137,6 +154,7 @@ def up(mesh_file: Path, detach: bool) -> None:
 
     console = _console()
     config = load_mesh_config(mesh_file)
+    _interrupt_on_termination()
     state = start_mesh(config, progress=lambda m: console.print(f"[green]•[/green] {m}"))
     if detach:
         console.print(
@@ -144,16 +162,9 @@ def up(mesh_file: Path, detach: bool) -> None:
             f"(logs in {config.work_dir / 'logs'})"
         )
         return
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
     try:
         with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:
-            while not stopping:
+            while True:
                 time.sleep(1)
                 live.update(status_view(mesh_status(state)))
     except KeyboardInterrupt:
