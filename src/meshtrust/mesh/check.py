@@ -37,6 +37,7 @@ from meshtrust.mesh.probes import (
     read_roots,
 )
 from meshtrust.mesh.proxy_config import uri_sans
+from meshtrust.mesh.rbac_stats import rbac_denials
 from meshtrust.mesh.state import MeshState, ServiceState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
 from meshtrust.pki import TrustBundle, format_serial, verify_svid
@@ -514,14 +515,6 @@ def _tls_errors(stats: Mapping[str, int], svc: ServiceState) -> list[tuple[str, 
     return found
 
 
-def _rbac_denials(stats: Mapping[str, int]) -> list[tuple[str, int]]:
-    return [
-        (name, value)
-        for name, value in sorted(stats.items())
-        if value and ".rbac." in name and name.endswith("denied") and "shadow" not in name
-    ]
-
-
 def _counts(items: Iterable[tuple[str, int]]) -> str:
     return ", ".join(f"{name}={value}" for name, value in items)
 
@@ -549,7 +542,7 @@ def check_rbac(obs: Observation, now: dt.datetime) -> CheckStep:
     step = "rbac", "RBAC denials"
     if obs.stats is None:
         return CheckStep(*step, Verdict.SKIP, "Envoy's stats are unreachable")
-    denials = _rbac_denials(obs.stats)
+    denials = rbac_denials(obs.stats)
     if denials:
         files = ", ".join(obs.mesh.policy_files) or "the policy files"
         return CheckStep(
