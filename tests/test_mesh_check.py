@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import math
 from typing import Any
 
 import pytest
@@ -462,6 +463,10 @@ def test_certs_monitor(
     assert message in row.message
     if status != "MISSING":
         assert row.serial == SERIAL and row.not_after is not None and row.not_after.endswith("Z")
+        # whole seconds, as in every JSON output (not 599.999)
+        left = (AFTER - now).total_seconds()
+        assert row.expires_in_seconds == math.floor(left)
+        assert isinstance(row.expires_in_seconds, int)
 
 
 # --- proxy-config secret ------------------------------------------------------------------
