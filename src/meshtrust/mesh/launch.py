@@ -29,16 +29,18 @@ from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
 from meshtrust.fileio import write_private_file
 from meshtrust.mesh.config import MeshConfig
-from meshtrust.mesh.plan import HttpOk, MeshPlan, PathExists, ProcessPlan, Start, Wait, plan_mesh
-from meshtrust.mesh.probes import agent_status, alive
-from meshtrust.mesh.state import (
-    STATE_FILE,
-    CaState,
-    MeshState,
-    ServiceState,
-    read_state,
-    write_state,
+from meshtrust.mesh.plan import (
+    HttpOk,
+    MeshPlan,
+    PathExists,
+    ProcessPlan,
+    Start,
+    Wait,
+    mesh_state,
+    plan_mesh,
 )
+from meshtrust.mesh.probes import agent_status, alive
+from meshtrust.mesh.state import STATE_FILE, MeshState, ServiceState, read_state, write_state
 
 __all__ = [
     "MeshStartFailed",
@@ -149,9 +151,8 @@ class _Started:
         _CHILDREN[proc.pid] = proc
         return proc
 
-    def pid(self, key: str) -> int | None:
-        entry = self.procs.get(key)
-        return entry[1].pid if entry else None
+    def pids(self) -> dict[str, int]:
+        return {key: proc.pid for key, (_, proc) in self.procs.items()}
 
     def check_running(self) -> None:
         for process, proc in self.procs.values():
@@ -282,52 +283,6 @@ def _prepare(plan: MeshPlan) -> None:
             raise _os_error(exc, "write the token") from exc
 
 
-def _state(plan: MeshPlan, started: _Started) -> MeshState:
-    config = plan.config
-    services = []
-    for svc in plan.services:
-        agent_pid = started.pid(svc.agent.key)
-        assert agent_pid is not None
-        app_pid = started.pid(svc.app.key) if svc.app is not None else None
-        services.append(
-            ServiceState(
-                name=svc.spec.name,
-                namespace=svc.spec.namespace,
-                spiffe_id=str(svc.spec.spiffe_id),
-                protocol=svc.spec.protocol.value,
-                app_port=svc.spec.port,
-                inbound_port=svc.inbound_port,
-                status=svc.status_listen,
-                agent_pid=agent_pid,
-                app_pid=app_pid,
-                sds_socket=str(svc.sds_socket),
-                workload_socket=str(svc.workload_socket),
-                cert_dir=str(svc.cert_dir),
-                envoy_workdir=str(svc.envoy_workdir),
-                agent_log=str(svc.agent.log),
-                app_log=str(svc.app.log) if svc.app is not None else None,
-                upstreams={up.service: up.local_port for up in svc.spec.upstreams},
-            )
-        )
-    ca_pid = started.pid(plan.ca.key)
-    assert ca_pid is not None
-    return MeshState(
-        mesh_file=str(config.path),
-        work_dir=str(config.work_dir),
-        trust_domain=config.trust_domain.name,
-        cert_ttl_seconds=int(config.cert_ttl.total_seconds()),
-        ca=CaState(
-            pid=ca_pid,
-            address=config.ca_listen,
-            metrics=plan.ca_metrics,
-            ca_dir=str(config.ca_dir),
-            log=str(plan.ca.log),
-        ),
-        services=services,
-        policy_files=[str(p) for p in config.policy_files],
-    )
-
-
 def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState:
     """Carry out ``plan`` and return the mesh's state once every sidecar is ready.
 
@@ -343,12 +298,11 @@ def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState
     try:
         for step in plan.steps:
             if isinstance(step, Start):
-                process = processes[step.process]
-                progress(_announce(plan, process))
-                started.spawn(process)
+                progress(step.announce)
+                started.spawn(processes[step.process])
             else:
                 _wait(step, started, plan)
-        state = _state(plan, started)
+        state = mesh_state(plan, started.pids())
         for svc in state.services:
             svc.envoy_pid = envoy_pid(svc)
         progress("all sidecars have their certificates and are ready")
@@ -360,15 +314,6 @@ def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState
     except BaseException:
         started.stop_all()
         raise
-
-
-def _announce(plan: MeshPlan, process: ProcessPlan) -> str:
-    if process.key == plan.ca.key:
-        return f"starting the CA for {plan.config.trust_domain} on {plan.config.ca_listen}"
-    for svc in plan.services:
-        if process.key == svc.agent.key:
-            return f"starting {svc.spec.name}: agent + Envoy ({svc.spec.spiffe_id})"
-    return f"starting {process.what}"
 
 
 def start_mesh(config: MeshConfig, progress: Callable[[str], None] = print) -> MeshState:
