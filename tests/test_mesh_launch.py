@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from meshtrust.errors import ConfigError
-from meshtrust.mesh import launch, load_mesh_config, plan_mesh
+from meshtrust.mesh import MeshStartFailed, launch, load_mesh_config, plan_mesh
 from meshtrust.mesh.launch import pick_free_port, port_free
 from meshtrust.mesh.state import CaState, MeshState
 from tests.processes import free_port
@@ -284,3 +284,20 @@ def test_up_terminated_while_starting_stops_what_it_started(tmp_path: Path) -> N
     assert up.returncode != 0 and "Traceback" not in err, err
     assert _processes_mentioning(str(tmp_path)) == []
     assert not (tmp_path / "work" / "state.json").exists()
+
+
+@pytest.mark.parametrize("name", ["agent.yaml", "token"])
+def test_a_file_that_cannot_be_written_is_named_and_nothing_starts(
+    tmp_path: Path, name: str
+) -> None:
+    path = _mesh_file(tmp_path, "work")
+    blocked = tmp_path / "work" / "a" / name
+    blocked.mkdir(parents=True)  # a directory where the file goes
+    started: list[str] = []
+    with pytest.raises(MeshStartFailed) as exc:
+        launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=started.append)
+    what = "write the token" if name == "token" else "write"
+    assert str(exc.value) == f"cannot {what} {blocked.resolve()}: Is a directory"
+    assert started == []
+    # written whole or not at all: no temporary file left beside it
+    assert sorted(p.name for p in blocked.parent.iterdir() if p.name.startswith(".")) == []

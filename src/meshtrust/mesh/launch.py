@@ -27,7 +27,7 @@ from meshtrust.ca.authn import mint_token
 from meshtrust.ca.cadir import init_ca_dir, load_ca_dir, load_token_signing_key, token_issuer_for
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
-from meshtrust.fileio import write_private_file
+from meshtrust.fileio import write_file_atomic
 from meshtrust.mesh.config import MeshConfig
 from meshtrust.mesh.plan import (
     HttpOk,
@@ -261,10 +261,8 @@ def _prepare(plan: MeshPlan) -> None:
     except OSError as exc:
         raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
-        try:
-            planned.path.write_text(planned.content)
-        except OSError as exc:
-            raise _os_error(exc, "write") from exc
+        mode = 0o600 if planned.private else 0o644
+        _write(planned.path, planned.content.encode(), mode, "write")
     token_key = load_token_signing_key(config.ca_dir)
     if token_key is None:
         raise MeshStartFailed(f"{config.ca_dir} has no token-key.pem to mint tokens with")
@@ -277,10 +275,16 @@ def _prepare(plan: MeshPlan) -> None:
             SystemClock().now(),
             TOKEN_TTL,
         )
-        try:
-            write_private_file(svc.token_file, token.encode())
-        except OSError as exc:
-            raise _os_error(exc, "write the token") from exc
+        _write(svc.token_file, token.encode(), 0o600, "write the token")
+
+
+def _write(path: Path, data: bytes, mode: int, doing: str) -> None:
+    """Whole or not at all (an earlier mesh's file stays as it was), naming ``path`` on
+    failure rather than the temporary file beside it."""
+    try:
+        write_file_atomic(path, data, mode)
+    except OSError as exc:
+        raise MeshStartFailed(f"cannot {doing} {path}: {exc.strerror or exc}") from exc
 
 
 def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState:
