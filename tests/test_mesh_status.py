@@ -6,7 +6,9 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from meshtrust.cli.mesh import status_view
 from meshtrust.mesh.probes import serial_text
 from meshtrust.mesh.rbac_stats import rbac_allowed, rbac_denials
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
@@ -239,3 +241,14 @@ def test_rbac_counters(stats: dict[str, int], allowed: int, denied: int) -> None
 def test_serials_in_the_one_form() -> None:
     assert serial_text("c1f0e6a3b2d4c5e8f7a6b5c4d3e2f10") == SERIAL_TEXT
     assert [serial_text(v) for v in (None, "", "not hex")] == [None, None, None]
+
+
+def test_the_table_says_expired_and_overdue_for_moments_past() -> None:
+    console = Console(record=True, width=250)
+    later = NOW + dt.timedelta(seconds=40)  # past not_after and past next_rotation
+    console.print(status_view(status_document(observe(), later)))
+    row = next(line for line in console.export_text().splitlines() if " b " in line)
+    assert "EXPIRED" in row and "overdue" in row
+    console.print(status_view(status_document(observe(), NOW)))
+    row = next(line for line in console.export_text().splitlines()[::-1] if " b " in line)
+    assert "EXPIRED" not in row and "overdue" not in row and "30s" in row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import time
@@ -16,7 +17,7 @@ from rich.text import Text
 
 from meshtrust.durations import format_duration
 
-__all__ = ["down", "status", "up"]
+__all__ = ["down", "status", "up", "wide_console"]
 
 MESH_FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -26,13 +27,12 @@ def _short(serial: object) -> str:
     return text if len(text) <= 12 else text[:12] + "…"
 
 
-def _secs(value: object) -> str:
-    import datetime as dt
-
+def _secs(value: object, past: str) -> str:
+    """Seconds from now as a duration; ``past`` when the moment has passed."""
     if not isinstance(value, int | float):
         return "-"
     if value < 0:
-        return "EXPIRED"
+        return past
     return format_duration(dt.timedelta(seconds=int(value)))
 
 
@@ -70,8 +70,8 @@ def status_view(data: dict[str, Any]) -> Group:
             svc["name"],
             svc["spiffe_id"],
             _short(svc.get("serial")),
-            _secs(svc.get("expires_in_seconds")),
-            _secs(svc.get("next_rotation_in_seconds")),
+            _secs(svc.get("expires_in_seconds"), "EXPIRED"),
+            _secs(svc.get("next_rotation_in_seconds"), "overdue"),
             str(svc.get("rotations") if svc.get("rotations") is not None else "-"),
             envoy_state if svc["agent"] == "running" else "agent down",
             _mtls(envoy),
@@ -101,9 +101,10 @@ def _mtls(envoy: dict[str, Any]) -> Text:
     return Text(mode)
 
 
-def _console() -> Console:
+def wide_console() -> Console:
+    """A console for tables: piped or logged, 160 columns rather than a squeezed 80."""
     console = Console()
-    if not console.is_terminal:  # piped or logged: don't squeeze the table into 80 columns
+    if not console.is_terminal:
         console = Console(width=160)
     return console
 
@@ -152,7 +153,7 @@ def up(mesh_file: Path, detach: bool) -> None:
     from meshtrust.mesh.launch import start_mesh, stop_mesh
     from meshtrust.mesh.status import mesh_status
 
-    console = _console()
+    console = wide_console()
     config = load_mesh_config(mesh_file)
     _interrupt_on_termination()
     state = start_mesh(config, progress=lambda m: console.print(f"[green]•[/green] {m}"))
@@ -194,7 +195,7 @@ def status(mesh_file: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        _console().print(status_view(data))
+        wide_console().print(status_view(data))
     if data["state"] == "down":
         click.echo(
             f"error: the mesh {data['mesh_file']} is not running: {_NOT_RUNNING_HINT}", err=True
