@@ -16,6 +16,7 @@ from meshtrust.mesh.check import (
     CHECKS,
     Observation,
     Verdict,
+    caught_mid_rotation,
     check_agent,
     check_app,
     check_certificate,
@@ -526,3 +527,13 @@ def test_secret_rows_from_certs_when_the_dump_has_no_pem() -> None:
     (row,) = secret_rows({}, warming, certs, NOW)
     assert (row.status, row.serial_number, row.subject_alt_names) == ("WARMING", SERIAL, [WEB])
     assert row.valid_cert is True and row.not_after == "2030-01-01T01:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("serials", "again"),
+    [((1, 1, 1), False), ((2, 1, 1), True), ((1, 1, 2), True), ((1, None, 2), False)],
+)
+def test_a_rotation_seen_halfway_is_looked_at_again(
+    serials: tuple[int | None, int | None, int | None], again: bool
+) -> None:
+    assert caught_mid_rotation(*serials) is again

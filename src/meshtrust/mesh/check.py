@@ -140,6 +140,14 @@ def _envoy_certs(admin: str | None) -> tuple[dict[str, Any] | None, tuple[int, .
     return (leaves[0] if leaves else None), tuple(sorted(r for r in roots if r is not None)), True
 
 
+def caught_mid_rotation(agent: int | None, files: int | None, envoy: int | None) -> bool:
+    """Whether the agent, its files and Envoy name different serials, all present: a
+    rotation seen halfway, which a second look a moment later resolves. When one is missing,
+    or all agree, looking again will not change the verdict."""
+    serials = (agent, files, envoy)
+    return None not in serials and len(set(serials)) > 1
+
+
 def observe_workload(
     state: MeshState, workload: str, attempts: int = 4, pause: float = 0.5
 ) -> Observation:
@@ -160,8 +168,8 @@ def observe_workload(
             chain[0].serial_number if chain else None,
             parse_serial(leaf.get("serial_number")) if leaf else None,
         )
-        if len(set(serials)) == 1 or None in serials:
-            break  # all agree, or something is missing: re-reading will not help
+        if not caught_mid_rotation(*serials):
+            break
     admin = envoy_info(agent).get("admin")
     roots, roots_where = read_roots(state)
     return Observation(
