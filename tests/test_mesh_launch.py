@@ -301,3 +301,21 @@ def test_a_file_that_cannot_be_written_is_named_and_nothing_starts(
     assert started == []
     # written whole or not at all: no temporary file left beside it
     assert sorted(p.name for p in blocked.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.slow
+def test_a_state_that_cannot_be_recorded_stops_the_mesh_and_leaves_no_state_file(
+    tmp_path: Path,
+) -> None:
+    # Everything started and is ready; then ~/.meshtrust cannot be made (below a file).
+    (tmp_path / "afile").write_text("not a directory\n")
+    home = tmp_path / "afile" / "home"
+    out = _up(_mesh_file(tmp_path, "work"), home)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "all sidecars have their certificates and are ready" in out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot write the mesh state {home}: Not a directory"]
+    assert "Traceback" not in out.stderr
+    assert _processes_mentioning(str(tmp_path)) == []
+    # A state file would send `status` and `down` to processes that were stopped again.
+    assert not (tmp_path / "work" / "state.json").exists()

@@ -313,6 +313,8 @@ def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState
         try:
             write_state(state)
         except OSError as exc:
+            # A state file for a mesh stopped again would send `status` to dead pids.
+            (plan.work_dir / STATE_FILE).unlink(missing_ok=True)
             raise _os_error(exc, "write the mesh state") from exc
         return state
     except BaseException:
