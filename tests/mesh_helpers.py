@@ -126,7 +126,7 @@ def envoy_serial(state: MeshState, service: str) -> int:
 
 STATUS_DOC = ROOT / "docs" / "status-json.md"
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-_SERIAL = re.compile(r"^[0-9a-f]{32,}$")
+_SERIAL = re.compile(r"^[0-9a-f]{32}$")  # as the doc says: 32 digits
 
 
 def status_schema() -> dict[str, tuple[str, bool]]:

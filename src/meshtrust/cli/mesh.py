@@ -7,7 +7,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console, Group
@@ -16,6 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from meshtrust.durations import format_duration
+
+if TYPE_CHECKING:
+    from meshtrust.mesh.state import MeshState
 
 __all__ = ["down", "status", "up", "wide_console"]
 
@@ -109,7 +112,8 @@ def wide_console() -> Console:
     return console
 
 
-def _load_running(mesh_file: Path | None) -> Any:
+def _load_state(mesh_file: Path | None) -> MeshState:
+    """The state file of the mesh, running or not (``status`` reports a mesh that is down)."""
     from meshtrust.mesh.state import find_state, read_state
 
     return read_state(find_state(mesh_file))
@@ -191,7 +195,7 @@ def status(mesh_file: Path | None, as_json: bool) -> None:
     """
     from meshtrust.mesh.status import mesh_status
 
-    data = mesh_status(_load_running(mesh_file))
+    data = mesh_status(_load_state(mesh_file))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -215,7 +219,7 @@ def down(mesh_file: Path | None) -> None:
     from meshtrust.mesh.launch import stop_mesh
 
     try:
-        state = _load_running(mesh_file)
+        state = _load_state(mesh_file)
     except ConfigError as exc:
         click.echo(f"nothing to stop: {exc}")
         return
