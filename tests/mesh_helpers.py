@@ -21,6 +21,21 @@ from tests.processes import free_port
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "quickstart" / "app.py"
 
+#: The steps of `meshtrust check`, in the order a user reads them (ids in --json).
+CHECK_WALK = [
+    "agent",
+    "app",
+    "envoy",
+    "certificate",
+    "chain",
+    "identity",
+    "envoy-cert",
+    "time-left",
+    "policy",
+    "tls-errors",
+    "rbac",
+]
+
 TCP_ECHO = """
 import os, socket, threading
 srv = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))

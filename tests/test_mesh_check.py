@@ -34,6 +34,7 @@ from meshtrust.mesh.proxy_config import secret_rows
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 from meshtrust.pki import format_serial
 from tests.badcerts import NOW, cert_pem, leaf_from_another_root, make_ca, svid_leaf
+from tests.mesh_helpers import CHECK_WALK
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
 CA = make_ca("cluster.local")
@@ -120,19 +121,7 @@ def envoy(**change: Any) -> dict[str, Any]:
 
 def test_a_healthy_workload_passes_every_step_in_order() -> None:
     steps = judge(GOOD, NOW)
-    assert [s.id for s in steps] == [
-        "agent",
-        "app",
-        "envoy",
-        "certificate",
-        "chain",
-        "identity",
-        "envoy-cert",
-        "time-left",
-        "policy",
-        "tls-errors",
-        "rbac",
-    ]
+    assert [s.id for s in steps] == CHECK_WALK
     assert [s.verdict for s in steps] == [Verdict.PASS] * len(CHECKS)
     assert all(s.hint is None for s in steps)
 
