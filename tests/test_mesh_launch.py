@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,9 +260,15 @@ def test_a_state_file_whose_pids_are_not_meshtrust_does_not_block_up(tmp_path: P
 
 
 @pytest.mark.slow
-def test_up_terminated_while_starting_stops_what_it_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["SIGTERM", "Ctrl-C twice"]
+)
+def test_up_interrupted_while_starting_stops_what_it_started(
+    tmp_path: Path, signals: tuple[signal.Signals, ...]
+) -> None:
     # The mesh's processes run in sessions of their own: killed by SIGTERM, `up` used to
-    # leave the CA and the agents running, with no state file for `down` to find them by.
+    # leave the CA and the agents running, with no state file for `down` to find them by;
+    # a second Ctrl-C cut the stopping short.
     path = _mesh_file(tmp_path, "work")
     up = subprocess.Popen(
         [sys.executable, "-m", "meshtrust", "up", str(path)],
@@ -275,7 +282,9 @@ def test_up_terminated_while_starting_stops_what_it_started(tmp_path: Path) -> N
         for line in up.stdout:
             if "starting a: agent + Envoy" in line:  # the CA runs; the agents are starting
                 break
-        up.send_signal(signal.SIGTERM)
+        for sig in signals:
+            up.send_signal(sig)
+            time.sleep(0.2)  # the second one arrives while the first is stopping the mesh
         _, err = up.communicate(timeout=60)
     finally:
         if up.poll() is None:

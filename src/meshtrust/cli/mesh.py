@@ -119,20 +119,24 @@ def _load_state(mesh_file: Path | None) -> MeshState:
     return read_state(find_state(mesh_file))
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt_on_termination() -> None:
-    """SIGTERM and SIGHUP (the terminal closed) stop ``up`` as Ctrl-C does.
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all stop ``up`` the same way.
 
     The mesh's processes run in sessions of their own, so they outlive an ``up`` killed by
     a signal; raised as KeyboardInterrupt, a launch half done stops what it started and the
-    live view stops the mesh. Later signals are ignored so that stopping is not cut short.
+    live view stops the mesh. Later signals (a second Ctrl-C) are ignored so that stopping
+    is not cut short; it is bounded (SIGKILL after a grace period).
     """
 
     def interrupt(signum: int, frame: object) -> None:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, interrupt)
 
 
