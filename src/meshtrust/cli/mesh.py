@@ -119,25 +119,25 @@ def _load_state(mesh_file: Path | None) -> MeshState:
     return read_state(find_state(mesh_file))
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _interrupt_on_termination() -> None:
-    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all stop ``up`` the same way.
+class _StopRequest:
+    """Set by Ctrl-C, SIGTERM or SIGHUP (the terminal closed): ``up`` stops the mesh.
 
     The mesh's processes run in sessions of their own, so they outlive an ``up`` killed by
-    a signal; raised as KeyboardInterrupt, a launch half done stops what it started and the
-    live view stops the mesh. Later signals (a second Ctrl-C) are ignored so that stopping
-    is not cut short; it is bounded (SIGKILL after a grace period).
+    a signal. The handlers only set a flag, which the launcher and the live view look at:
+    an exception raised from a handler could land between the start of a process and its
+    record, or cut the stopping short (a second Ctrl-C).
     """
 
-    def interrupt(signum: int, frame: object) -> None:
-        for sig in _STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._request)
 
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, interrupt)
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
 
 
 @click.command()
@@ -163,21 +163,18 @@ def up(mesh_file: Path, detach: bool) -> None:
 
     console = wide_console()
     config = load_mesh_config(mesh_file)
-    _interrupt_on_termination()
-    state = start_mesh(config, progress=lambda m: console.print(f"[green]•[/green] {m}"))
+    stop = _StopRequest()
+    state = start_mesh(config, lambda m: console.print(f"[green]•[/green] {m}"), stop)
     if detach:
         console.print(
             f"the mesh is running; `meshtrust status`, `meshtrust down` "
             f"(logs in {config.work_dir / 'logs'})"
         )
         return
-    try:
-        with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:
-            while True:
-                time.sleep(1)
-                live.update(status_view(mesh_status(state)))
-    except KeyboardInterrupt:
-        pass
+    with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:
+        while not stop():
+            time.sleep(1)  # a signal's handler returns, and the sleep goes on: at most 1 s
+            live.update(status_view(mesh_status(state)))
     console.print("stopping the mesh …")
     for line in stop_mesh(state):
         console.print(f"  {line}")

@@ -44,6 +44,8 @@ from meshtrust.mesh.state import STATE_FILE, MeshState, ServiceState, read_state
 
 __all__ = [
     "MeshStartFailed",
+    "MeshStartInterrupted",
+    "StopRequested",
     "envoy_pid",
     "launch",
     "pick_free_port",
@@ -57,6 +59,27 @@ TOKEN_TTL = dt.timedelta(days=30)
 
 class MeshStartFailed(EnvironmentFault):
     """The mesh could not be started; what was started has been stopped again."""
+
+
+class MeshStartInterrupted(MeshStartFailed):
+    """Asked to stop (Ctrl-C, SIGTERM) while starting; what was started has been stopped."""
+
+
+#: Whether the user asked ``up`` to stop. Looked at between steps, never an exception
+#: raised from a signal handler: one raised between the fork of a process and its record
+#: here would leave that process running, unknown to the launcher.
+StopRequested = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+def _check_stop(stop: StopRequested) -> None:
+    if stop():
+        raise MeshStartInterrupted(
+            "interrupted while the mesh was starting; everything started has been stopped"
+        )
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -193,10 +216,11 @@ def _terminate(pids: Sequence[int], timeout: float = 15.0) -> None:
     _reap()
 
 
-def _wait(step: Wait, started: _Started, plan: MeshPlan) -> None:
+def _wait(step: Wait, started: _Started, plan: MeshPlan, stop: StopRequested) -> None:
     deadline = time.monotonic() + step.timeout
     while time.monotonic() < deadline:
         started.check_running()
+        _check_stop(stop)
         if _ready(step.until):
             return
         time.sleep(0.1)
@@ -287,25 +311,22 @@ def _write(path: Path, data: bytes, mode: int, doing: str) -> None:
         raise MeshStartFailed(f"cannot {doing} {path}: {exc.strerror or exc}") from exc
 
 
-def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState:
+def launch(
+    plan: MeshPlan, progress: Callable[[str], None] = print, stop: StopRequested = _never
+) -> MeshState:
     """Carry out ``plan`` and return the mesh's state once every sidecar is ready.
 
     Raises ConfigError (this workDir's previous mesh still running, a port in use, a CA
     directory for another trust domain) before anything starts, MeshStartFailed
-    (everything started is stopped again) after.
+    (everything started is stopped again) after; MeshStartInterrupted when ``stop()``
+    turns true before the mesh is ready.
     """
     _refuse_if_still_running(plan)
     _check_ports(plan)
     _prepare(plan)
-    processes = plan.processes()
     started = _Started()
     try:
-        for step in plan.steps:
-            if isinstance(step, Start):
-                progress(step.announce)
-                started.spawn(processes[step.process])
-            else:
-                _wait(step, started, plan)
+        _start_in_order(plan, started, progress, stop)
         state = mesh_state(plan, started.pids())
         for svc in state.services:
             svc.envoy_pid = envoy_pid(svc)
@@ -322,9 +343,24 @@ def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState
         raise
 
 
-def start_mesh(config: MeshConfig, progress: Callable[[str], None] = print) -> MeshState:
+def _start_in_order(
+    plan: MeshPlan, started: _Started, progress: Callable[[str], None], stop: StopRequested
+) -> None:
+    processes = plan.processes()
+    for step in plan.steps:
+        _check_stop(stop)
+        if isinstance(step, Start):
+            progress(step.announce)
+            started.spawn(processes[step.process])
+        else:
+            _wait(step, started, plan, stop)
+
+
+def start_mesh(
+    config: MeshConfig, progress: Callable[[str], None] = print, stop: StopRequested = _never
+) -> MeshState:
     """Plan ``config`` and launch it (see :func:`plan_mesh` and :func:`launch`)."""
-    return launch(plan_mesh(config, pick_free_port, python=sys.executable), progress)
+    return launch(plan_mesh(config, pick_free_port, python=sys.executable), progress, stop)
 
 
 def envoy_pid(svc: ServiceState) -> int | None:
