@@ -259,6 +259,35 @@ def test_a_state_file_whose_pids_are_not_meshtrust_does_not_block_up(tmp_path: P
         listener.close()
 
 
+def _up_until(path: Path, home: Path, seen: str) -> subprocess.Popen[str]:
+    """`meshtrust up` (not detached), read until it prints ``seen``."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "meshtrust", "up", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MESHTRUST_HOME": str(home), "PYTHONUNBUFFERED": "1"},
+    )
+    assert up.stdout is not None
+    for line in up.stdout:
+        if seen in line:
+            return up
+    up.kill()
+    raise AssertionError(f"up exited before it printed {seen!r}: {up.communicate()[1]}")
+
+
+def _signal_and_wait(up: subprocess.Popen[str], signals: tuple[signal.Signals, ...]) -> str:
+    try:
+        for sig in signals:
+            up.send_signal(sig)
+            time.sleep(0.2)  # the second one arrives while the first is stopping the mesh
+        return up.communicate(timeout=60)[1]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["SIGTERM", "Ctrl-C twice"]
@@ -269,27 +298,8 @@ def test_up_interrupted_while_starting_stops_what_it_started(
     # The mesh's processes run in sessions of their own: killed by SIGTERM, `up` used to
     # leave the CA and the agents running, with no state file for `down` to find them by;
     # a second Ctrl-C cut the stopping short. The signal lands as the agents are spawned.
-    path = _mesh_file(tmp_path, "work")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "meshtrust", "up", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MESHTRUST_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            if "starting a: agent + Envoy" in line:  # the CA runs; the agents are starting
-                break
-        for sig in signals:
-            up.send_signal(sig)
-            time.sleep(0.2)  # the second one arrives while the first is stopping the mesh
-        _, err = up.communicate(timeout=60)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.communicate()
+    up = _up_until(_mesh_file(tmp_path, "work"), tmp_path / "home", "starting a: agent + Envoy")
+    err = _signal_and_wait(up, signals)
     assert up.returncode == 1 and "Traceback" not in err, err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: interrupted while the mesh was starting; everything started has been stopped"
@@ -298,21 +308,12 @@ def test_up_interrupted_while_starting_stops_what_it_started(
     assert not (tmp_path / "work" / "state.json").exists()
 
 
-@pytest.mark.parametrize("name", ["agent.yaml", "token"])
-def test_a_file_that_cannot_be_written_is_named_and_nothing_starts(
-    tmp_path: Path, name: str
-) -> None:
-    path = _mesh_file(tmp_path, "work")
-    blocked = tmp_path / "work" / "a" / name
-    blocked.mkdir(parents=True)  # a directory where the file goes
-    started: list[str] = []
-    with pytest.raises(MeshStartFailed) as exc:
-        launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=started.append)
-    what = "write the token" if name == "token" else "write"
-    assert str(exc.value) == f"cannot {what} {blocked.resolve()}: Is a directory"
-    assert started == []
-    # written whole or not at all: no temporary file left beside it
-    assert sorted(p.name for p in blocked.parent.iterdir() if p.name.startswith(".")) == []
+@pytest.mark.slow
+def test_up_stops_the_running_mesh_on_ctrl_c(tmp_path: Path) -> None:
+    up = _up_until(_mesh_file(tmp_path, "work"), tmp_path / "home", "are ready")
+    err = _signal_and_wait(up, (signal.SIGINT,))
+    assert up.returncode == 0 and "Traceback" not in err, err
+    assert _processes_mentioning(str(tmp_path)) == []
 
 
 @pytest.mark.slow
@@ -331,3 +332,20 @@ def test_a_state_that_cannot_be_recorded_stops_the_mesh_and_leaves_no_state_file
     assert _processes_mentioning(str(tmp_path)) == []
     # A state file would send `status` and `down` to processes that were stopped again.
     assert not (tmp_path / "work" / "state.json").exists()
+
+
+@pytest.mark.parametrize("name", ["agent.yaml", "token"])
+def test_a_file_that_cannot_be_written_is_named_and_nothing_starts(
+    tmp_path: Path, name: str
+) -> None:
+    path = _mesh_file(tmp_path, "work")
+    blocked = tmp_path / "work" / "a" / name
+    blocked.mkdir(parents=True)  # a directory where the file goes
+    started: list[str] = []
+    with pytest.raises(MeshStartFailed) as exc:
+        launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=started.append)
+    what = "write the token" if name == "token" else "write"
+    assert str(exc.value) == f"cannot {what} {blocked.resolve()}: Is a directory"
+    assert started == []
+    # written whole or not at all: no temporary file left beside it
+    assert sorted(p.name for p in blocked.parent.iterdir() if p.name.startswith(".")) == []
