@@ -1,5 +1,5 @@
 """Istio policies enforced end to end: three workloads with agents and real Envoy sidecars,
-real mTLS, policies applied and edited live (DESIGN.md "Sidecar and policy")."""
+real mTLS, policies applied and edited live (docs/design.md "Sidecar and policy")."""
 
 from __future__ import annotations
 

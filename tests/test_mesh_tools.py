@@ -1,5 +1,5 @@
 """The operator's tools against a live mesh: ``proxy-config secret``, ``check`` and
-``certs monitor`` (DESIGN.md "Operator's tools"), including a certificate that expired
+``certs monitor`` (docs/design.md "Operator's tools"), including a certificate that expired
 because the CA went away."""
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def up(mesh_file: Path, detach: bool) -> None:
     applies the policies) and its app, and returns once every sidecar has its
     certificate and is ready. Without --detach it then shows a live view (identities,
     serials, time to rotation, allowed/denied connections) until Ctrl-C, and stops
-    everything. The mesh file format is in the README.
+    everything. The mesh file format is in docs/mesh.md.
     """
     from meshtrust.mesh.config import load_mesh_config
     from meshtrust.mesh.launch import start_mesh, stop_mesh
