@@ -335,7 +335,8 @@ def launch(
             write_state(state)
         except OSError as exc:
             # A state file for a mesh stopped again would send `status` to dead pids.
-            (plan.work_dir / STATE_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the error to report is the one above
+                (plan.work_dir / STATE_FILE).unlink(missing_ok=True)
             raise _os_error(exc, "write the mesh state") from exc
         return state
     except BaseException:
