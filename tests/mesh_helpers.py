@@ -21,6 +21,21 @@ from tests.processes import free_port
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "quickstart" / "app.py"
 
+#: The steps of `meshtrust check`, in the order a user reads them (ids in --json).
+CHECK_WALK = [
+    "agent",
+    "app",
+    "envoy",
+    "certificate",
+    "chain",
+    "identity",
+    "envoy-cert",
+    "time-left",
+    "policy",
+    "tls-errors",
+    "rbac",
+]
+
 TCP_ECHO = """
 import os, socket, threading
 srv = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
@@ -126,7 +141,7 @@ def envoy_serial(state: MeshState, service: str) -> int:
 
 STATUS_DOC = ROOT / "docs" / "status-json.md"
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-_SERIAL = re.compile(r"^[0-9a-f]{32,}$")
+_SERIAL = re.compile(r"^[0-9a-f]{32}$")  # as the doc says: 32 digits
 
 
 def status_schema() -> dict[str, tuple[str, bool]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tests.mesh_helpers import (
     running_mesh,
     write_mesh,
 )
+from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +52,28 @@ def status_json(home: Path) -> dict[str, Any]:
     return data
 
 
+def quickstart_on_free_ports(directory: Path) -> tuple[Path, int]:
+    """examples/quickstart as written, but on free ports and with its workDir in
+    ``directory``: the test may run beside other meshes on this machine. Returns the mesh
+    file and web's app port."""
+    for name in ("app.py", "policies.yaml"):
+        shutil.copy(QUICKSTART.parent / name, directory / name)
+    mesh = yaml.safe_load(QUICKSTART.read_text())
+    mesh["workDir"] = str(directory / "work")
+    mesh["ca"]["listen"] = f"127.0.0.1:{free_port()}"
+    for svc in mesh["services"]:
+        svc["port"], svc["inboundPort"] = free_port(), free_port()
+        for up in svc.get("upstreams", []):
+            up["localPort"] = free_port()
+    path = directory / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh, sort_keys=False))
+    return path, mesh["services"][0]["port"]
+
+
 def test_quickstart_up_detach_status_rotation_down(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    up = meshtrust("up", "--detach", str(QUICKSTART), home=home)
+    mesh_file, web = quickstart_on_free_ports(tmp_path)
+    up = meshtrust("up", "--detach", str(mesh_file), home=home)
     assert up.returncode == 0, up.stdout + up.stderr
     state = read_state(Path((home / "current").read_text().strip()))
     try:
@@ -68,9 +89,9 @@ def test_quickstart_up_detach_status_rotation_down(tmp_path: Path) -> None:
         assert first["state"] == "running"
 
         # The allowed call goes through the upstream port; the denied one is denied.
-        status, body = http_get(18080, "/call/backend")
+        status, body = http_get(web, "/call/backend")
         assert status == 200 and "backend saw spiffe://cluster.local/ns/default/sa/web" in body
-        status, body = http_get(18080, "/call/db")
+        status, body = http_get(web, "/call/db")
         assert status == 403 and "RBAC: access denied" in body
 
         # After a rotation period (1 m certificates renew at ~30 s) every serial changed.

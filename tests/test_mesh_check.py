@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import math
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from meshtrust.mesh.check import (
     CHECKS,
     Observation,
     Verdict,
+    caught_mid_rotation,
     check_agent,
     check_app,
     check_certificate,
@@ -32,6 +34,7 @@ from meshtrust.mesh.proxy_config import secret_rows
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 from meshtrust.pki import format_serial
 from tests.badcerts import NOW, cert_pem, leaf_from_another_root, make_ca, svid_leaf
+from tests.mesh_helpers import CHECK_WALK
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
 CA = make_ca("cluster.local")
@@ -118,19 +121,7 @@ def envoy(**change: Any) -> dict[str, Any]:
 
 def test_a_healthy_workload_passes_every_step_in_order() -> None:
     steps = judge(GOOD, NOW)
-    assert [s.id for s in steps] == [
-        "agent",
-        "app",
-        "envoy",
-        "certificate",
-        "chain",
-        "identity",
-        "envoy-cert",
-        "time-left",
-        "policy",
-        "tls-errors",
-        "rbac",
-    ]
+    assert [s.id for s in steps] == CHECK_WALK
     assert [s.verdict for s in steps] == [Verdict.PASS] * len(CHECKS)
     assert all(s.hint is None for s in steps)
 
@@ -462,6 +453,10 @@ def test_certs_monitor(
     assert message in row.message
     if status != "MISSING":
         assert row.serial == SERIAL and row.not_after is not None and row.not_after.endswith("Z")
+        # whole seconds, as in every JSON output (not 599.999)
+        left = (AFTER - now).total_seconds()
+        assert row.expires_in_seconds == math.floor(left)
+        assert isinstance(row.expires_in_seconds, int)
 
 
 # --- proxy-config secret ------------------------------------------------------------------
@@ -521,3 +516,13 @@ def test_secret_rows_from_certs_when_the_dump_has_no_pem() -> None:
     (row,) = secret_rows({}, warming, certs, NOW)
     assert (row.status, row.serial_number, row.subject_alt_names) == ("WARMING", SERIAL, [WEB])
     assert row.valid_cert is True and row.not_after == "2030-01-01T01:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("serials", "again"),
+    [((1, 1, 1), False), ((2, 1, 1), True), ((1, 1, 2), True), ((1, None, 2), False)],
+)
+def test_a_rotation_seen_halfway_is_looked_at_again(
+    serials: tuple[int | None, int | None, int | None], again: bool
+) -> None:
+    assert caught_mid_rotation(*serials) is again

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from meshtrust.errors import ConfigError
-from meshtrust.mesh import launch, load_mesh_config, plan_mesh
+from meshtrust.mesh import MeshStartFailed, launch, load_mesh_config, plan_mesh
 from meshtrust.mesh.launch import pick_free_port, port_free
+from meshtrust.mesh.state import CaState, MeshState
 from tests.processes import free_port
 
 STRICT = (
@@ -198,3 +203,149 @@ def test_up_right_after_a_mesh_stopped_with_its_ports_in_time_wait(tmp_path: Pat
             env={**os.environ, "MESHTRUST_HOME": str(home)},
         )
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def _previous_state(work: Path, mesh: Path, ca_pid: int) -> None:
+    """A state file in ``work`` as an earlier `up` of ``mesh`` left it, its CA ``ca_pid``."""
+    state = MeshState(
+        mesh_file=str(mesh),
+        work_dir=str(work),
+        trust_domain="cluster.local",
+        cert_ttl_seconds=60,
+        ca=CaState(ca_pid, "127.0.0.1:1", "127.0.0.1:2", str(work / "ca"), str(work / "ca.log")),
+        services=[],
+    )
+    work.mkdir(parents=True)
+    (work / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+
+
+def _sleeper(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+
+
+def test_up_refuses_to_start_over_a_mesh_of_its_work_dir_that_still_runs(tmp_path: Path) -> None:
+    # The mesh file's ports were edited since: only the state file knows the old mesh runs.
+    path = _mesh_file(tmp_path, "work")
+    ca = _sleeper("-m", "meshtrust", "ca", "serve")  # looks like a CA to /proc
+    try:
+        _previous_state(tmp_path / "work", path, ca.pid)
+        with pytest.raises(ConfigError) as exc:
+            launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
+        assert str(exc.value) == (
+            f"the mesh of {path.resolve()} in {(tmp_path / 'work').resolve()} is still running "
+            f"(pids {ca.pid}); stop it first: `meshtrust down {path.resolve()}`"
+        )
+        assert ca.poll() is None  # left alone
+        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["state.json"]
+    finally:
+        ca.kill()
+        ca.wait()
+
+
+def test_a_state_file_whose_pids_are_not_meshtrust_does_not_block_up(tmp_path: Path) -> None:
+    # A pid of the old mesh reused by another program: not the mesh; up goes on (and here
+    # stops at the next check, a port in use).
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    path = _mesh_file(tmp_path, "work", ca_port=port)
+    other = _sleeper()
+    try:
+        _previous_state(tmp_path / "work", path, other.pid)
+        with pytest.raises(ConfigError, match=rf"port {port} \(ca.listen\) is already in use"):
+            launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
+    finally:
+        other.kill()
+        other.wait()
+        listener.close()
+
+
+def _up_until(path: Path, home: Path, seen: str) -> subprocess.Popen[str]:
+    """`meshtrust up` (not detached), read until it prints ``seen``."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "meshtrust", "up", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MESHTRUST_HOME": str(home), "PYTHONUNBUFFERED": "1"},
+    )
+    assert up.stdout is not None
+    for line in up.stdout:
+        if seen in line:
+            return up
+    up.kill()
+    raise AssertionError(f"up exited before it printed {seen!r}: {up.communicate()[1]}")
+
+
+def _signal_and_wait(up: subprocess.Popen[str], signals: tuple[signal.Signals, ...]) -> str:
+    try:
+        for sig in signals:
+            up.send_signal(sig)
+            time.sleep(0.2)  # the second one arrives while the first is stopping the mesh
+        return up.communicate(timeout=60)[1]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["SIGTERM", "Ctrl-C twice"]
+)
+def test_up_interrupted_while_starting_stops_what_it_started(
+    tmp_path: Path, signals: tuple[signal.Signals, ...]
+) -> None:
+    # The mesh's processes run in sessions of their own: killed by SIGTERM, `up` used to
+    # leave the CA and the agents running, with no state file for `down` to find them by;
+    # a second Ctrl-C cut the stopping short. The signal lands as the agents are spawned.
+    up = _up_until(_mesh_file(tmp_path, "work"), tmp_path / "home", "starting a: agent + Envoy")
+    err = _signal_and_wait(up, signals)
+    assert up.returncode == 1 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: interrupted while the mesh was starting; everything started has been stopped"
+    ]
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "work" / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_up_stops_the_running_mesh_on_ctrl_c(tmp_path: Path) -> None:
+    up = _up_until(_mesh_file(tmp_path, "work"), tmp_path / "home", "are ready")
+    err = _signal_and_wait(up, (signal.SIGINT,))
+    assert up.returncode == 0 and "Traceback" not in err, err
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_a_state_that_cannot_be_recorded_stops_the_mesh_and_leaves_no_state_file(
+    tmp_path: Path,
+) -> None:
+    # Everything started and is ready; then ~/.meshtrust cannot be made (below a file).
+    (tmp_path / "afile").write_text("not a directory\n")
+    home = tmp_path / "afile" / "home"
+    out = _up(_mesh_file(tmp_path, "work"), home)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "all sidecars have their certificates and are ready" in out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot write the mesh state {home}: Not a directory"]
+    assert "Traceback" not in out.stderr
+    assert _processes_mentioning(str(tmp_path)) == []
+    # A state file would send `status` and `down` to processes that were stopped again.
+    assert not (tmp_path / "work" / "state.json").exists()
+
+
+@pytest.mark.parametrize("name", ["agent.yaml", "token"])
+def test_a_file_that_cannot_be_written_is_named_and_nothing_starts(
+    tmp_path: Path, name: str
+) -> None:
+    path = _mesh_file(tmp_path, "work")
+    blocked = tmp_path / "work" / "a" / name
+    blocked.mkdir(parents=True)  # a directory where the file goes
+    started: list[str] = []
+    with pytest.raises(MeshStartFailed) as exc:
+        launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=started.append)
+    what = "write the token" if name == "token" else "write"
+    assert str(exc.value) == f"cannot {what} {blocked.resolve()}: Is a directory"
+    assert started == []
+    # written whole or not at all: no temporary file left beside it
+    assert sorted(p.name for p in blocked.parent.iterdir() if p.name.startswith(".")) == []

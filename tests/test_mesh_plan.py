@@ -12,7 +12,8 @@ import yaml
 from meshtrust.agent.config import AgentConfig, load_agent_settings
 from meshtrust.errors import ConfigError
 from meshtrust.mesh import MeshPlan, load_mesh_config, plan_mesh
-from meshtrust.mesh.plan import SUN_PATH_MAX, HttpOk, PathExists, Start, Wait
+from meshtrust.mesh.plan import SUN_PATH_MAX, HttpOk, PathExists, Start, Wait, mesh_state
+from meshtrust.mesh.state import CaState
 
 STRICT = (
     "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
@@ -150,12 +151,18 @@ def test_start_order(tmp_path: Path) -> None:
     p = plan(tmp_path)
     web, db = p.services
     assert p.steps == (
-        Start("ca"),
+        Start("ca", "starting the CA for cluster.local on 127.0.0.1:25999"),
         Wait("the CA", HttpOk("http://127.0.0.1:40001/ready"), 30.0, "ca"),
-        Start("web-agent"),
-        Start("db-main-agent"),
+        Start(
+            "web-agent",
+            "starting web: agent + Envoy (spiffe://cluster.local/ns/default/sa/web)",
+        ),
+        Start(
+            "db-main-agent",
+            "starting db-main: agent + Envoy (spiffe://cluster.local/ns/default/sa/db-main)",
+        ),
         Wait("the Workload API socket of web", PathExists(web.workload_socket), 30.0, "web-agent"),
-        Start("web-app"),
+        Start("web-app", "starting the app of web"),
         Wait(
             "the Workload API socket of db-main",
             PathExists(db.workload_socket),
@@ -175,6 +182,38 @@ def test_start_order(tmp_path: Path) -> None:
             "db-main-agent",
         ),
     )
+
+
+def test_the_state_file_of_the_started_mesh(tmp_path: Path) -> None:
+    p = plan(tmp_path)
+    work = tmp_path.resolve() / "work"
+    state = mesh_state(p, {"ca": 10, "web-agent": 20, "web-app": 21, "db-main-agent": 30})
+    assert (state.mesh_file, state.work_dir) == (str(tmp_path.resolve() / "mesh.yaml"), str(work))
+    assert (state.trust_domain, state.cert_ttl_seconds) == ("cluster.local", 120)
+    assert state.policy_files == [str(tmp_path.resolve() / "p.yaml")]
+    assert state.ca == CaState(
+        10, "127.0.0.1:25999", "127.0.0.1:40001", str(work / "ca"), str(work / "logs" / "ca.log")
+    )
+    web, db = state.services
+    assert (web.name, web.agent_pid, web.app_pid, db.agent_pid, db.app_pid) == (
+        "web",
+        20,
+        21,
+        30,
+        None,
+    )
+    assert (web.status, web.inbound_port, web.app_port) == ("127.0.0.1:40002", 40004, 25001)
+    assert (web.sds_socket, web.workload_socket) == (
+        str(work / "web" / "sds.sock"),
+        str(work / "web" / "workload.sock"),
+    )
+    assert (web.agent_log, web.app_log, db.app_log) == (
+        str(work / "logs" / "web-agent.log"),
+        str(work / "logs" / "web-app.log"),
+        None,
+    )
+    assert web.upstreams == {"db-main": 25101} and db.upstreams == {}
+    assert (db.protocol, db.spiffe_id) == ("tcp", "spiffe://cluster.local/ns/default/sa/db-main")
 
 
 def test_agent_config_is_a_file_the_agent_accepts(tmp_path: Path) -> None:

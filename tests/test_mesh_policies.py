@@ -1,5 +1,5 @@
 """Istio policies enforced end to end: three workloads with agents and real Envoy sidecars,
-real mTLS, policies applied and edited live (DESIGN.md "Sidecar and policy")."""
+real mTLS, policies applied and edited live (docs/design.md "Sidecar and policy")."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from meshtrust.cli import cli
+from meshtrust.mesh.status import mesh_status
 from tests.mesh_helpers import (
     APP,
     agent_status,
@@ -96,6 +97,12 @@ def test_allowed_denied_and_deny_beats_allow(tmp_path: Path) -> None:
         status, body = http_get(a_to_b)
         assert status == 200
         assert caller_seen(body) == "spiffe://cluster.local/ns/default/sa/a"
+        c_calls = []
+
+        def from_c() -> int:
+            c_calls.append(http_get(c_to_b)[0])
+            return c_calls[-1]
+
         status, body = http_get(c_to_b)
         assert (status, body) == (403, "RBAC: access denied")
         # TCP: allowed through, denied by closing the connection.
@@ -105,9 +112,17 @@ def test_allowed_denied_and_deny_beats_allow(tmp_path: Path) -> None:
         # A DENY beats an ALLOW that also names c.
         (tmp_path / "policies.yaml").write_text(STRICT + ALLOW_A_AND_C + DENY_C)
         until(lambda: agent_status(mesh, "b")["envoy"]["policy_version"] >= 2)
-        until(lambda: http_get(c_to_b)[0] == 403)  # Envoy reloads within ms of the rename
-        assert [http_get(c_to_b)[0] for _ in range(5)] == [403] * 5
+        until(lambda: from_c() == 403)  # Envoy reloads within ms of the rename
+        assert [from_c() for _ in range(5)] == [403] * 5
         assert http_get(a_to_b)[0] == 200
+
+        # `status` counts each request once, though with a DENY and an ALLOW filter an
+        # allowed request passes both; shown per service, as the callee's sidecar saw them.
+        b, t = (mesh_status(mesh)["services"][i] for i in (1, 3))
+        assert [s["name"] for s in (b, t)] == ["b", "t"]
+        assert b["connections"]["allowed"] == 2  # a's two calls
+        assert b["connections"]["denied"] == 1 + c_calls.count(403)
+        assert (t["connections"]["allowed"], t["connections"]["denied"]) == (1, 1)
 
 
 def test_rotation_under_load_and_live_policy_edit(tmp_path: Path) -> None:

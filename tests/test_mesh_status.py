@@ -6,7 +6,11 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from meshtrust.cli.mesh import status_view
+from meshtrust.mesh.probes import serial_text
+from meshtrust.mesh.rbac_stats import rbac_allowed, rbac_denials
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 from meshtrust.mesh.status import MeshObservation, ServiceObservation, status_document
 from tests.mesh_helpers import assert_status_schema, status_example, status_schema
@@ -192,3 +196,59 @@ def test_nothing_answers() -> None:
     }
     b = doc["services"][1]
     assert b["agent"] == "down" and b["serial"] is None and b["envoy"]["state"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("stats", "allowed", "denied"),
+    [
+        # one HTTP filter, no rules prefix
+        ({"http.inbound_1.rbac.allowed": 7, "http.inbound_1.rbac.denied": 2}, 7, 2),
+        # a DENY and an ALLOW filter: a request that passes both is allowed once
+        (
+            {
+                "http.inbound_1.rbac.deny_.allowed": 5,
+                "http.inbound_1.rbac.allow_.allowed": 4,
+                "http.inbound_1.rbac.deny_.denied": 1,
+                "http.inbound_1.rbac.allow_.denied": 1,
+            },
+            4,
+            2,
+        ),
+        # the same on a TCP service (network RBAC, its own stat prefixes)
+        (
+            {
+                "inbound_rbac_deny.rbac.allowed": 5,
+                "inbound_rbac_allow.rbac.allowed": 4,
+                "inbound_rbac_deny.rbac.denied": 1,
+            },
+            4,
+            1,
+        ),
+        # shadow (dry-run) rules refuse nothing
+        (
+            {"http.inbound_1.rbac.shadow_denied": 9, "http.inbound_1.rbac.deny_.shadow_denied": 9},
+            0,
+            0,
+        ),
+    ],
+)
+def test_rbac_counters(stats: dict[str, int], allowed: int, denied: int) -> None:
+    assert rbac_allowed(stats) == allowed
+    assert sum(v for _, v in rbac_denials(stats)) == denied
+    assert all(v for _, v in rbac_denials(stats))  # what check lists: non-zero counters
+
+
+def test_serials_in_the_one_form() -> None:
+    assert serial_text("c1f0e6a3b2d4c5e8f7a6b5c4d3e2f10") == SERIAL_TEXT
+    assert [serial_text(v) for v in (None, "", "not hex")] == [None, None, None]
+
+
+def test_the_table_says_expired_and_overdue_for_moments_past() -> None:
+    console = Console(record=True, width=250)
+    later = NOW + dt.timedelta(seconds=40)  # past not_after and past next_rotation
+    console.print(status_view(status_document(observe(), later)))
+    row = next(line for line in console.export_text().splitlines() if " b " in line)
+    assert "EXPIRED" in row and "overdue" in row
+    console.print(status_view(status_document(observe(), NOW)))
+    row = next(line for line in console.export_text().splitlines()[::-1] if " b " in line)
+    assert "EXPIRED" not in row and "overdue" not in row and "30s" in row

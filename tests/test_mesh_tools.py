@@ -1,5 +1,5 @@
 """The operator's tools against a live mesh: ``proxy-config secret``, ``check`` and
-``certs monitor`` (DESIGN.md "Operator's tools"), including a certificate that expired
+``certs monitor`` (docs/design.md "Operator's tools"), including a certificate that expired
 because the CA went away."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography import x509
 from meshtrust.cli import cli
 from meshtrust.mesh import MeshState
 from tests import mesh_helpers
-from tests.mesh_helpers import APP, agent_status
+from tests.mesh_helpers import APP, CHECK_WALK, agent_status
 from tests.waiting import until
 
 pytestmark = pytest.mark.slow
@@ -116,19 +116,7 @@ def test_check_passes_then_reports_tls_errors_and_denials(live: tuple[MeshState,
         report = run_json("check", name, "--mesh", path)
         assert report["ok"] is True
         steps = by_id(report)
-        assert list(steps) == [
-            "agent",
-            "app",
-            "envoy",
-            "certificate",
-            "chain",
-            "identity",
-            "envoy-cert",
-            "time-left",
-            "policy",
-            "tls-errors",
-            "rbac",
-        ]
+        assert list(steps) == CHECK_WALK
         for step in report["steps"]:
             no_app = name == "a"
             expected = "SKIP" if step["id"] == "app" and no_app else "PASS"

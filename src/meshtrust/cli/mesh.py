@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console, Group
@@ -16,7 +17,10 @@ from rich.text import Text
 
 from meshtrust.durations import format_duration
 
-__all__ = ["down", "status", "up"]
+if TYPE_CHECKING:
+    from meshtrust.mesh.state import MeshState
+
+__all__ = ["down", "status", "up", "wide_console"]
 
 MESH_FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -26,13 +30,12 @@ def _short(serial: object) -> str:
     return text if len(text) <= 12 else text[:12] + "…"
 
 
-def _secs(value: object) -> str:
-    import datetime as dt
-
+def _secs(value: object, past: str) -> str:
+    """Seconds from now as a duration; ``past`` when the moment has passed."""
     if not isinstance(value, int | float):
         return "-"
     if value < 0:
-        return "EXPIRED"
+        return past
     return format_duration(dt.timedelta(seconds=int(value)))
 
 
@@ -70,8 +73,8 @@ def status_view(data: dict[str, Any]) -> Group:
             svc["name"],
             svc["spiffe_id"],
             _short(svc.get("serial")),
-            _secs(svc.get("expires_in_seconds")),
-            _secs(svc.get("next_rotation_in_seconds")),
+            _secs(svc.get("expires_in_seconds"), "EXPIRED"),
+            _secs(svc.get("next_rotation_in_seconds"), "overdue"),
             str(svc.get("rotations") if svc.get("rotations") is not None else "-"),
             envoy_state if svc["agent"] == "running" else "agent down",
             _mtls(envoy),
@@ -101,17 +104,40 @@ def _mtls(envoy: dict[str, Any]) -> Text:
     return Text(mode)
 
 
-def _console() -> Console:
+def wide_console() -> Console:
+    """A console for tables: piped or logged, 160 columns rather than a squeezed 80."""
     console = Console()
-    if not console.is_terminal:  # piped or logged: don't squeeze the table into 80 columns
+    if not console.is_terminal:
         console = Console(width=160)
     return console
 
 
-def _load_running(mesh_file: Path | None) -> Any:
+def _load_state(mesh_file: Path | None) -> MeshState:
+    """The state file of the mesh, running or not (``status`` reports a mesh that is down)."""
     from meshtrust.mesh.state import find_state, read_state
 
     return read_state(find_state(mesh_file))
+
+
+class _StopRequest:
+    """Set by Ctrl-C, SIGTERM or SIGHUP (the terminal closed): ``up`` stops the mesh.
+
+    The mesh's processes run in sessions of their own, so they outlive an ``up`` killed by
+    a signal. The handlers only set a flag, which the launcher and the live view look at:
+    an exception raised from a handler could land between the start of a process and its
+    record, or cut the stopping short (a second Ctrl-C).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
 
 
 @click.command()
@@ -129,35 +155,26 @@ def up(mesh_file: Path, detach: bool) -> None:
     applies the policies) and its app, and returns once every sidecar has its
     certificate and is ready. Without --detach it then shows a live view (identities,
     serials, time to rotation, allowed/denied connections) until Ctrl-C, and stops
-    everything. The mesh file format is in the README.
+    everything. The mesh file format is in docs/mesh.md.
     """
     from meshtrust.mesh.config import load_mesh_config
     from meshtrust.mesh.launch import start_mesh, stop_mesh
     from meshtrust.mesh.status import mesh_status
 
-    console = _console()
+    console = wide_console()
     config = load_mesh_config(mesh_file)
-    state = start_mesh(config, progress=lambda m: console.print(f"[green]•[/green] {m}"))
+    stop = _StopRequest()
+    state = start_mesh(config, lambda m: console.print(f"[green]•[/green] {m}"), stop)
     if detach:
         console.print(
             f"the mesh is running; `meshtrust status`, `meshtrust down` "
             f"(logs in {config.work_dir / 'logs'})"
         )
         return
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:
-            while not stopping:
-                time.sleep(1)
-                live.update(status_view(mesh_status(state)))
-    except KeyboardInterrupt:
-        pass
+    with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:
+        while not stop():
+            time.sleep(1)  # a signal's handler returns, and the sleep goes on: at most 1 s
+            live.update(status_view(mesh_status(state)))
     console.print("stopping the mesh …")
     for line in stop_mesh(state):
         console.print(f"  {line}")
@@ -179,11 +196,11 @@ def status(mesh_file: Path | None, as_json: bool) -> None:
     """
     from meshtrust.mesh.status import mesh_status
 
-    data = mesh_status(_load_running(mesh_file))
+    data = mesh_status(_load_state(mesh_file))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        _console().print(status_view(data))
+        wide_console().print(status_view(data))
     if data["state"] == "down":
         click.echo(
             f"error: the mesh {data['mesh_file']} is not running: {_NOT_RUNNING_HINT}", err=True
@@ -203,7 +220,7 @@ def down(mesh_file: Path | None) -> None:
     from meshtrust.mesh.launch import stop_mesh
 
     try:
-        state = _load_running(mesh_file)
+        state = _load_state(mesh_file)
     except ConfigError as exc:
         click.echo(f"nothing to stop: {exc}")
         return

@@ -8,13 +8,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from meshtrust.cli.mesh import wide_console
 from meshtrust.cli.options import DURATION
+
+if TYPE_CHECKING:
+    from meshtrust.mesh.certs_monitor import CertExpiry
+    from meshtrust.mesh.check import CheckStep
 
 __all__ = ["certs", "check", "proxy_config"]
 
@@ -44,13 +49,6 @@ def _mesh_option(f: click.decorators.FC) -> click.decorators.FC:
 
 def _json_option(f: click.decorators.FC) -> click.decorators.FC:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
-
-
-def _console() -> Console:
-    console = Console()
-    if not console.is_terminal:  # piped or logged: don't squeeze the table into 80 columns
-        console = Console(width=160)
-    return console
 
 
 def _styled(word: str) -> Text:
@@ -112,7 +110,7 @@ def secret(workload: str, mesh_file: Path | None, as_json: bool) -> None:
             r.not_after or "-",
             r.not_before or "-",
         )
-    _console().print(table)
+    wide_console().print(table)
 
 
 @click.command()
@@ -154,27 +152,34 @@ def check(workload: str, mesh_file: Path | None, as_json: bool) -> None:
             )
         )
     else:
-        console = _console()
-        table = Table(expand=False, show_lines=False)
-        table.add_column("STEP", no_wrap=True)
-        table.add_column("RESULT", no_wrap=True)
-        table.add_column("DETAIL")
-        for s in steps:
-            table.add_row(s.title, _styled(s.verdict), s.detail)
-        console.print(table)
-        for s in steps:
-            if s.hint and s.verdict in (Verdict.WARN, Verdict.FAIL):
-                console.print(
-                    Text.assemble((f"{s.verdict} ", _STYLE[s.verdict]), (s.title, "bold"), ": ")
-                    + Text(s.hint)
-                )
-        counts = {v: sum(1 for s in steps if s.verdict == v) for v in Verdict}
-        console.print(
-            f"{workload}: {counts[Verdict.PASS]} passed, {counts[Verdict.WARN]} warning(s), "
-            f"{counts[Verdict.FAIL]} failed, {counts[Verdict.SKIP]} skipped"
-        )
+        _print_check(workload, steps)
     if failed:
         raise SystemExit(1)
+
+
+def _print_check(workload: str, steps: list[CheckStep]) -> None:
+    """The walk as a table, then each WARN's and FAIL's hint, then the counts."""
+    from meshtrust.mesh.check import Verdict
+
+    console = wide_console()
+    table = Table(expand=False, show_lines=False)
+    table.add_column("STEP", no_wrap=True)
+    table.add_column("RESULT", no_wrap=True)
+    table.add_column("DETAIL")
+    for s in steps:
+        table.add_row(s.title, _styled(s.verdict), s.detail)
+    console.print(table)
+    for s in steps:
+        if s.hint and s.verdict in (Verdict.WARN, Verdict.FAIL):
+            console.print(
+                Text.assemble((f"{s.verdict} ", _STYLE[s.verdict]), (s.title, "bold"), ": ")
+                + Text(s.hint)
+            )
+    counts = {v: sum(1 for s in steps if s.verdict == v) for v in Verdict}
+    console.print(
+        f"{workload}: {counts[Verdict.PASS]} passed, {counts[Verdict.WARN]} warning(s), "
+        f"{counts[Verdict.FAIL]} failed, {counts[Verdict.SKIP]} skipped"
+    )
 
 
 @click.group()
@@ -203,7 +208,6 @@ def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) ->
     Exit status 0 when every certificate is OK, 1 otherwise: run it from cron or a health
     check, e.g. `meshtrust certs monitor --warn-within 1h || alert`.
     """
-    from meshtrust.durations import format_duration
     from meshtrust.mesh.certs_monitor import monitor_certs
     from meshtrust.mesh.probes import load_running_state
 
@@ -221,33 +225,39 @@ def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) ->
             )
         )
     else:
-        console = _console()
-        table = Table(expand=False)
-        for col in ("SERVICE", "SPIFFE ID", "SERIAL", "NOT AFTER", "TIME LEFT", "STATUS", "NOTE"):
-            table.add_column(col, no_wrap=col not in ("NOTE",))
-        for r in rows:
-            left = r.expires_in_seconds
-            table.add_row(
-                r.service,
-                r.spiffe_id,
-                r.serial or "-",
-                r.not_after or "-",
-                "-" if left is None else format_duration(dt.timedelta(seconds=int(left))),
-                _styled(r.status),
-                r.message,
-            )
-        console.print(table)
-        for r in bad:
-            if r.last_error:
-                console.print(f"{r.service}: the agent's last error: {r.last_error}")
-        if bad:
-            console.print(
-                f"{len(bad)} of {len(rows)} certificate(s) expired, missing or expiring within "
-                f"{format_duration(warn_within)}"
-            )
-        else:
-            console.print(
-                f"all {len(rows)} certificate(s) valid for more than {format_duration(warn_within)}"
-            )
+        _print_expiries(rows, warn_within)
     if bad:
         raise SystemExit(1)
+
+
+def _print_expiries(rows: list[CertExpiry], warn_within: dt.timedelta) -> None:
+    """The rows as a table, the agents' last errors, then the verdict in a sentence."""
+    from meshtrust.durations import format_duration
+
+    console = wide_console()
+    table = Table(expand=False)
+    for col in ("SERVICE", "SPIFFE ID", "SERIAL", "NOT AFTER", "TIME LEFT", "STATUS", "NOTE"):
+        table.add_column(col, no_wrap=col not in ("NOTE",))
+    for r in rows:
+        left = r.expires_in_seconds
+        table.add_row(
+            r.service,
+            r.spiffe_id,
+            r.serial or "-",
+            r.not_after or "-",
+            "-" if left is None else format_duration(dt.timedelta(seconds=left)),
+            _styled(r.status),
+            r.message,
+        )
+    console.print(table)
+    bad = [r for r in rows if not r.fine]
+    for r in bad:
+        if r.last_error:
+            console.print(f"{r.service}: the agent's last error: {r.last_error}")
+    within = format_duration(warn_within)
+    if bad:
+        console.print(
+            f"{len(bad)} of {len(rows)} certificate(s) expired, missing or expiring within {within}"
+        )
+    else:
+        console.print(f"all {len(rows)} certificate(s) valid for more than {within}")

@@ -8,6 +8,7 @@ MISSING, from its agent or, when the agent does not answer, from the files it wr
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,7 +31,7 @@ class CertExpiry:
     spiffe_id: str
     serial: str | None  # format_serial
     not_after: str | None
-    expires_in_seconds: float | None
+    expires_in_seconds: int | None  # whole seconds, rounded down; negative when expired
     status: str  # OK | WARN | EXPIRED | MISSING
     source: str  # "agent" (its /debug/status) or "files" (cert-chain.pem)
     message: str
@@ -110,7 +111,7 @@ def judge_expiry(obs: CertObservation, warn_within: dt.timedelta, now: dt.dateti
         spiffe_id=svc.spiffe_id,
         serial=format_serial(serial) if serial is not None else None,
         not_after=format_timestamp(not_after),
-        expires_in_seconds=left,
+        expires_in_seconds=math.floor(left),
         status=status,
         source=source,
         message=message,

@@ -37,6 +37,7 @@ from meshtrust.mesh.probes import (
     read_roots,
 )
 from meshtrust.mesh.proxy_config import uri_sans
+from meshtrust.mesh.rbac_stats import rbac_denials
 from meshtrust.mesh.state import MeshState, ServiceState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
 from meshtrust.pki import TrustBundle, format_serial, verify_svid
@@ -139,6 +140,14 @@ def _envoy_certs(admin: str | None) -> tuple[dict[str, Any] | None, tuple[int, .
     return (leaves[0] if leaves else None), tuple(sorted(r for r in roots if r is not None)), True
 
 
+def caught_mid_rotation(agent: int | None, files: int | None, envoy: int | None) -> bool:
+    """Whether the agent, its files and Envoy name different serials, all present: a
+    rotation seen halfway, which a second look a moment later resolves. When one is missing,
+    or all agree, looking again will not change the verdict."""
+    serials = (agent, files, envoy)
+    return None not in serials and len(set(serials)) > 1
+
+
 def observe_workload(
     state: MeshState, workload: str, attempts: int = 4, pause: float = 0.5
 ) -> Observation:
@@ -159,8 +168,8 @@ def observe_workload(
             chain[0].serial_number if chain else None,
             parse_serial(leaf.get("serial_number")) if leaf else None,
         )
-        if len(set(serials)) == 1 or None in serials:
-            break  # all agree, or something is missing: re-reading will not help
+        if not caught_mid_rotation(*serials):
+            break
     admin = envoy_info(agent).get("admin")
     roots, roots_where = read_roots(state)
     return Observation(
@@ -514,14 +523,6 @@ def _tls_errors(stats: Mapping[str, int], svc: ServiceState) -> list[tuple[str, 
     return found
 
 
-def _rbac_denials(stats: Mapping[str, int]) -> list[tuple[str, int]]:
-    return [
-        (name, value)
-        for name, value in sorted(stats.items())
-        if value and ".rbac." in name and name.endswith("denied") and "shadow" not in name
-    ]
-
-
 def _counts(items: Iterable[tuple[str, int]]) -> str:
     return ", ".join(f"{name}={value}" for name, value in items)
 
@@ -549,7 +550,7 @@ def check_rbac(obs: Observation, now: dt.datetime) -> CheckStep:
     step = "rbac", "RBAC denials"
     if obs.stats is None:
         return CheckStep(*step, Verdict.SKIP, "Envoy's stats are unreachable")
-    denials = _rbac_denials(obs.stats)
+    denials = rbac_denials(obs.stats)
     if denials:
         files = ", ".join(obs.mesh.policy_files) or "the policy files"
         return CheckStep(

@@ -27,14 +27,25 @@ from meshtrust.ca.authn import mint_token
 from meshtrust.ca.cadir import init_ca_dir, load_ca_dir, load_token_signing_key, token_issuer_for
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
-from meshtrust.fileio import write_private_file
+from meshtrust.fileio import write_file_atomic
 from meshtrust.mesh.config import MeshConfig
-from meshtrust.mesh.plan import HttpOk, MeshPlan, PathExists, ProcessPlan, Start, Wait, plan_mesh
+from meshtrust.mesh.plan import (
+    HttpOk,
+    MeshPlan,
+    PathExists,
+    ProcessPlan,
+    Start,
+    Wait,
+    mesh_state,
+    plan_mesh,
+)
 from meshtrust.mesh.probes import agent_status, alive
-from meshtrust.mesh.state import CaState, MeshState, ServiceState, write_state
+from meshtrust.mesh.state import STATE_FILE, MeshState, ServiceState, read_state, write_state
 
 __all__ = [
     "MeshStartFailed",
+    "MeshStartInterrupted",
+    "StopRequested",
     "envoy_pid",
     "launch",
     "pick_free_port",
@@ -48,6 +59,27 @@ TOKEN_TTL = dt.timedelta(days=30)
 
 class MeshStartFailed(EnvironmentFault):
     """The mesh could not be started; what was started has been stopped again."""
+
+
+class MeshStartInterrupted(MeshStartFailed):
+    """Asked to stop (Ctrl-C, SIGTERM) while starting; what was started has been stopped."""
+
+
+#: Whether the user asked ``up`` to stop. Looked at between steps, never an exception
+#: raised from a signal handler: one raised between the fork of a process and its record
+#: here would leave that process running, unknown to the launcher.
+StopRequested = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+def _check_stop(stop: StopRequested) -> None:
+    if stop():
+        raise MeshStartInterrupted(
+            "interrupted while the mesh was starting; everything started has been stopped"
+        )
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -142,9 +174,8 @@ class _Started:
         _CHILDREN[proc.pid] = proc
         return proc
 
-    def pid(self, key: str) -> int | None:
-        entry = self.procs.get(key)
-        return entry[1].pid if entry else None
+    def pids(self) -> dict[str, int]:
+        return {key: proc.pid for key, (_, proc) in self.procs.items()}
 
     def check_running(self) -> None:
         for process, proc in self.procs.values():
@@ -185,15 +216,38 @@ def _terminate(pids: Sequence[int], timeout: float = 15.0) -> None:
     _reap()
 
 
-def _wait(step: Wait, started: _Started, plan: MeshPlan) -> None:
+def _wait(step: Wait, started: _Started, plan: MeshPlan, stop: StopRequested) -> None:
     deadline = time.monotonic() + step.timeout
     while time.monotonic() < deadline:
         started.check_running()
+        _check_stop(stop)
         if _ready(step.until):
             return
         time.sleep(0.1)
     log = plan.processes()[step.log_of].log
     raise MeshStartFailed(f"{step.what} was not ready after {step.timeout:.0f}s\n{_tail(log)}")
+
+
+def _refuse_if_still_running(plan: MeshPlan) -> None:
+    """Refuse to start over a mesh of this workDir that still runs.
+
+    Its state file would be replaced, and ``down`` could no longer find its processes (the
+    fixed-port check does not catch it when the mesh file's ports were edited). A state
+    file whose processes are gone, or whose pids now belong to other programs, does not
+    count.
+    """
+    try:
+        previous = read_state(plan.work_dir / STATE_FILE)
+    except ConfigError:
+        return  # none, or damaged: there is nothing it could still stop
+    ours = [previous.ca.pid, *(s.agent_pid for s in previous.services)]
+    running = [pid for pid in ours if alive(pid) and _runs_meshtrust(pid)]
+    if running:
+        raise ConfigError(
+            f"the mesh of {previous.mesh_file} in {plan.work_dir} is still running "
+            f"(pids {', '.join(map(str, running))}); stop it first: "
+            f"`meshtrust down {previous.mesh_file}`"
+        )
 
 
 def _check_ports(plan: MeshPlan) -> None:
@@ -231,10 +285,8 @@ def _prepare(plan: MeshPlan) -> None:
     except OSError as exc:
         raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
-        try:
-            planned.path.write_text(planned.content)
-        except OSError as exc:
-            raise _os_error(exc, "write") from exc
+        mode = 0o600 if planned.private else 0o644
+        _write(planned.path, planned.content.encode(), mode, "write")
     token_key = load_token_signing_key(config.ca_dir)
     if token_key is None:
         raise MeshStartFailed(f"{config.ca_dir} has no token-key.pem to mint tokens with")
@@ -247,83 +299,44 @@ def _prepare(plan: MeshPlan) -> None:
             SystemClock().now(),
             TOKEN_TTL,
         )
-        try:
-            write_private_file(svc.token_file, token.encode())
-        except OSError as exc:
-            raise _os_error(exc, "write the token") from exc
+        _write(svc.token_file, token.encode(), 0o600, "write the token")
 
 
-def _state(plan: MeshPlan, started: _Started) -> MeshState:
-    config = plan.config
-    services = []
-    for svc in plan.services:
-        agent_pid = started.pid(svc.agent.key)
-        assert agent_pid is not None
-        app_pid = started.pid(svc.app.key) if svc.app is not None else None
-        services.append(
-            ServiceState(
-                name=svc.spec.name,
-                namespace=svc.spec.namespace,
-                spiffe_id=str(svc.spec.spiffe_id),
-                protocol=svc.spec.protocol.value,
-                app_port=svc.spec.port,
-                inbound_port=svc.inbound_port,
-                status=svc.status_listen,
-                agent_pid=agent_pid,
-                app_pid=app_pid,
-                sds_socket=str(svc.sds_socket),
-                workload_socket=str(svc.workload_socket),
-                cert_dir=str(svc.cert_dir),
-                envoy_workdir=str(svc.envoy_workdir),
-                agent_log=str(svc.agent.log),
-                app_log=str(svc.app.log) if svc.app is not None else None,
-                upstreams={up.service: up.local_port for up in svc.spec.upstreams},
-            )
-        )
-    ca_pid = started.pid(plan.ca.key)
-    assert ca_pid is not None
-    return MeshState(
-        mesh_file=str(config.path),
-        work_dir=str(config.work_dir),
-        trust_domain=config.trust_domain.name,
-        cert_ttl_seconds=int(config.cert_ttl.total_seconds()),
-        ca=CaState(
-            pid=ca_pid,
-            address=config.ca_listen,
-            metrics=plan.ca_metrics,
-            ca_dir=str(config.ca_dir),
-            log=str(plan.ca.log),
-        ),
-        services=services,
-        policy_files=[str(p) for p in config.policy_files],
-    )
+def _write(path: Path, data: bytes, mode: int, doing: str) -> None:
+    """Whole or not at all (an earlier mesh's file stays as it was), naming ``path`` on
+    failure rather than the temporary file beside it."""
+    try:
+        write_file_atomic(path, data, mode)
+    except OSError as exc:
+        raise MeshStartFailed(f"cannot {doing} {path}: {exc.strerror or exc}") from exc
 
 
-def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState:
+def launch(
+    plan: MeshPlan, progress: Callable[[str], None] = print, stop: StopRequested = _never
+) -> MeshState:
     """Carry out ``plan`` and return the mesh's state once every sidecar is ready.
 
-    Raises ConfigError (a port in use, a CA directory for another trust domain) before
-    anything starts, MeshStartFailed (everything started is stopped again) after.
+    Raises ConfigError (this workDir's previous mesh still running, a port in use, a CA
+    directory for another trust domain) before anything starts, MeshStartFailed
+    (everything started is stopped again) after; MeshStartInterrupted when ``stop()``
+    turns true before the mesh is ready.
     """
+    _refuse_if_still_running(plan)
     _check_ports(plan)
     _prepare(plan)
-    processes = plan.processes()
     started = _Started()
     try:
-        for step in plan.steps:
-            if isinstance(step, Start):
-                process = processes[step.process]
-                progress(_announce(plan, process))
-                started.spawn(process)
-            else:
-                _wait(step, started, plan)
-        state = _state(plan, started)
+        _start_in_order(plan, started, progress, stop)
+        state = mesh_state(plan, started.pids())
         for svc in state.services:
             svc.envoy_pid = envoy_pid(svc)
         progress("all sidecars have their certificates and are ready")
         try:
             write_state(state)
         except OSError as exc:
+            # A state file for a mesh stopped again would send `status` to dead pids.
+            with contextlib.suppress(OSError):  # the error to report is the one above
+                (plan.work_dir / STATE_FILE).unlink(missing_ok=True)
             raise _os_error(exc, "write the mesh state") from exc
         return state
     except BaseException:
@@ -331,18 +344,24 @@ def launch(plan: MeshPlan, progress: Callable[[str], None] = print) -> MeshState
         raise
 
 
-def _announce(plan: MeshPlan, process: ProcessPlan) -> str:
-    if process.key == plan.ca.key:
-        return f"starting the CA for {plan.config.trust_domain} on {plan.config.ca_listen}"
-    for svc in plan.services:
-        if process.key == svc.agent.key:
-            return f"starting {svc.spec.name}: agent + Envoy ({svc.spec.spiffe_id})"
-    return f"starting {process.what}"
+def _start_in_order(
+    plan: MeshPlan, started: _Started, progress: Callable[[str], None], stop: StopRequested
+) -> None:
+    processes = plan.processes()
+    for step in plan.steps:
+        _check_stop(stop)
+        if isinstance(step, Start):
+            progress(step.announce)
+            started.spawn(processes[step.process])
+        else:
+            _wait(step, started, plan, stop)
 
 
-def start_mesh(config: MeshConfig, progress: Callable[[str], None] = print) -> MeshState:
+def start_mesh(
+    config: MeshConfig, progress: Callable[[str], None] = print, stop: StopRequested = _never
+) -> MeshState:
     """Plan ``config`` and launch it (see :func:`plan_mesh` and :func:`launch`)."""
-    return launch(plan_mesh(config, pick_free_port, python=sys.executable), progress)
+    return launch(plan_mesh(config, pick_free_port, python=sys.executable), progress, stop)
 
 
 def envoy_pid(svc: ServiceState) -> int | None:
@@ -377,6 +396,15 @@ def stop_mesh(state: MeshState) -> list[str]:
                 Path(sock).unlink()
                 done.append(f"removed {sock}")
     return done
+
+
+def _runs_meshtrust(pid: int) -> bool:
+    """Whether ``pid`` runs ``python -m meshtrust`` (as the CA and the agents do)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(argv[i : i + 2] == [b"-m", b"meshtrust"] for i in range(len(argv)))
 
 
 def _cmdline(pid: int) -> str:

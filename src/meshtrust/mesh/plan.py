@@ -26,6 +26,7 @@ import yaml
 
 from meshtrust.errors import ConfigError
 from meshtrust.mesh.config import MeshConfig, ServiceSpec
+from meshtrust.mesh.state import CaState, MeshState, ServiceState
 
 __all__ = [
     "SUN_PATH_MAX",
@@ -38,6 +39,7 @@ __all__ = [
     "Start",
     "Step",
     "Wait",
+    "mesh_state",
     "plan_mesh",
 ]
 
@@ -89,6 +91,7 @@ class PathExists:
 @dataclass(frozen=True)
 class Start:
     process: str  # a ProcessPlan.key
+    announce: str  # what `up` prints as it starts it
 
 
 @dataclass(frozen=True)
@@ -346,15 +349,20 @@ def _service_plan(
     )
 
 
-def _steps(ca: ProcessPlan, metrics: str, services: tuple[ServicePlan, ...]) -> tuple[Step, ...]:
+def _steps(
+    config: MeshConfig, ca: ProcessPlan, metrics: str, services: tuple[ServicePlan, ...]
+) -> tuple[Step, ...]:
     """The CA first (agents need it for their first certificate); then every agent at once;
     each app once its agent's Workload API socket exists (apps may fetch their SVID at
     start); done when every sidecar is ready (certificate + Envoy live)."""
     steps: list[Step] = [
-        Start(ca.key),
+        Start(ca.key, f"starting the CA for {config.trust_domain} on {config.ca_listen}"),
         Wait("the CA", HttpOk(f"http://{metrics}/ready"), CA_READY_TIMEOUT, ca.key),
     ]
-    steps += [Start(s.agent.key) for s in services]
+    steps += [
+        Start(s.agent.key, f"starting {s.spec.name}: agent + Envoy ({s.spec.spiffe_id})")
+        for s in services
+    ]
     for s in services:
         steps.append(
             Wait(
@@ -365,7 +373,7 @@ def _steps(ca: ProcessPlan, metrics: str, services: tuple[ServicePlan, ...]) -> 
             )
         )
         if s.app is not None:
-            steps.append(Start(s.app.key))
+            steps.append(Start(s.app.key, f"starting {s.app.what}"))
     steps += [
         Wait(
             f"{s.spec.name} (certificate + Envoy)",
@@ -413,6 +421,49 @@ def plan_mesh(
         ca_metrics=metrics,
         ca=ca,
         services=services,
-        steps=_steps(ca, metrics, services),
+        steps=_steps(config, ca, metrics, services),
         dirs=dirs,
+    )
+
+
+def _service_state(svc: ServicePlan, pids: Mapping[str, int]) -> ServiceState:
+    return ServiceState(
+        name=svc.spec.name,
+        namespace=svc.spec.namespace,
+        spiffe_id=str(svc.spec.spiffe_id),
+        protocol=svc.spec.protocol.value,
+        app_port=svc.spec.port,
+        inbound_port=svc.inbound_port,
+        status=svc.status_listen,
+        agent_pid=pids[svc.agent.key],
+        app_pid=pids[svc.app.key] if svc.app is not None else None,
+        sds_socket=str(svc.sds_socket),
+        workload_socket=str(svc.workload_socket),
+        cert_dir=str(svc.cert_dir),
+        envoy_workdir=str(svc.envoy_workdir),
+        agent_log=str(svc.agent.log),
+        app_log=str(svc.app.log) if svc.app is not None else None,
+        upstreams={up.service: up.local_port for up in svc.spec.upstreams},
+    )
+
+
+def mesh_state(plan: MeshPlan, pids: Mapping[str, int]) -> MeshState:
+    """The state file of ``plan``'s mesh once its processes run with ``pids`` (by
+    :attr:`ProcessPlan.key`). Raises KeyError when one of them is missing."""
+    config = plan.config
+    services = [_service_state(svc, pids) for svc in plan.services]
+    return MeshState(
+        mesh_file=str(config.path),
+        work_dir=str(config.work_dir),
+        trust_domain=config.trust_domain.name,
+        cert_ttl_seconds=int(config.cert_ttl.total_seconds()),
+        ca=CaState(
+            pid=pids[plan.ca.key],
+            address=config.ca_listen,
+            metrics=plan.ca_metrics,
+            ca_dir=str(config.ca_dir),
+            log=str(plan.ca.log),
+        ),
+        services=services,
+        policy_files=[str(p) for p in config.policy_files],
     )

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from meshtrust.errors import ConfigError, EnvironmentFault, MeshTrustError
 from meshtrust.mesh.state import MeshState, ServiceState, find_state, read_state
-from meshtrust.pki import load_certs_pem
+from meshtrust.pki import format_serial, load_certs_pem
 
 __all__ = [
     "WorkloadUnavailable",
@@ -39,6 +39,7 @@ __all__ = [
     "read_chain",
     "read_roots",
     "require_admin",
+    "serial_text",
 ]
 
 
@@ -149,6 +150,13 @@ def parse_serial(text: object) -> int | None:
         return int(str(text), 16)
     except ValueError:
         return None
+
+
+def serial_text(value: object) -> str | None:
+    """A hex serial as the agent or Envoy prints it, in the one form of
+    :func:`~meshtrust.pki.format_serial`; None when there is none."""
+    serial = parse_serial(value)
+    return None if serial is None else format_serial(serial)
 
 
 def certs_entries(certs_json: Any, key: str) -> list[dict[str, Any]]:

@@ -28,8 +28,8 @@ from meshtrust.mesh.probes import (
     WorkloadUnavailable,
     certs_entries,
     fetch_json,
-    parse_serial,
     require_admin,
+    serial_text,
 )
 from meshtrust.mesh.state import MeshState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
@@ -84,11 +84,6 @@ def _secret_pem(source: object) -> bytes | None:
     return None
 
 
-def _serial_text(value: object) -> str:
-    serial = parse_serial(value) if value else None
-    return format_serial(serial) if serial is not None else ""
-
-
 _Row = Callable[..., SecretRow]
 
 
@@ -134,7 +129,7 @@ def _rows_from_certs(
             row(
                 kind,
                 valid=nb is not None and na is not None and nb <= now < na,
-                serial=_serial_text(serial),
+                serial=serial_text(serial) or "",
                 not_after=format_timestamp(na) if na else "",
                 not_before=format_timestamp(nb) if nb else "",
                 sans=sans,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshtrust.errors import ConfigError
+from meshtrust.fileio import write_file_atomic
 
 __all__ = [
     "CaState",
@@ -91,16 +92,13 @@ class MeshState:
 
 
 def write_state(state: MeshState) -> Path:
-    """Write ``state.json`` atomically and point ``~/.meshtrust/current`` at it."""
+    """Write ``state.json`` and point ``~/.meshtrust/current`` at it, each whole or not at
+    all. Raises OSError; then neither was changed, or only the pointer was not."""
     path = Path(state.work_dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2))
-    tmp.replace(path)
+    write_file_atomic(path, json.dumps(asdict(state), indent=2).encode(), 0o644)
     pointer = current_pointer()
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    ptmp = pointer.with_suffix(".tmp")
-    ptmp.write_text(str(path.resolve()) + "\n")
-    ptmp.replace(pointer)
+    write_file_atomic(pointer, (str(path.resolve()) + "\n").encode(), 0o644)
     return path
 
 

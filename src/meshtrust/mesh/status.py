@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshtrust.clock import SystemClock
-from meshtrust.mesh.probes import agent_status, alive, envoy_stats, fetch
+from meshtrust.mesh.probes import agent_status, alive, envoy_info, envoy_stats, fetch, serial_text
+from meshtrust.mesh.rbac_stats import rbac_allowed, rbac_denials
 from meshtrust.mesh.state import MeshState, ServiceState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
-from meshtrust.pki import format_serial
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -54,17 +54,12 @@ class MeshObservation:
     services: tuple[ServiceObservation, ...]
 
 
-def _envoy_of(agent: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    envoy = agent.get("envoy") if agent else None
-    return envoy if isinstance(envoy, dict) else {}
-
-
 def observe_mesh(state: MeshState) -> MeshObservation:
     """Everything ``status`` needs, read once from the live mesh."""
     services = []
     for svc in state.services:
         agent = agent_status(svc)
-        admin = _envoy_of(agent).get("admin")
+        admin = envoy_info(agent).get("admin")
         services.append(
             ServiceObservation(
                 service=svc,
@@ -98,36 +93,13 @@ def _timestamp(t: dt.datetime | None) -> str | None:
     return None if t is None else format_timestamp(t)
 
 
-def _serial(value: object) -> str | None:
-    try:
-        return format_serial(int(str(value), 16)) if value else None
-    except ValueError:
-        return None
-
-
-def _rbac_counts(stats: Mapping[str, int]) -> tuple[int, int]:
-    allowed = denied = 0
-    for name, value in stats.items():
-        if ".rbac." not in name or ".shadow_" in name:
-            continue
-        if name.endswith("denied"):
-            denied += value
-        elif name.endswith("allowed") and (
-            # With a DENY and an ALLOW filter a request passes both; count it once.
-            "allow_" in name or not any("allow_" in n for n in stats)
-        ):
-            allowed += value
-    return allowed, denied
-
-
 def service_document(obs: ServiceObservation, now: dt.datetime) -> dict[str, Any]:
     """One entry of ``services`` (docs/status-json.md)."""
     svc, agent = obs.service, obs.agent or {}
     not_after = parse_timestamp(agent.get("not_after"))
     next_rotation = parse_timestamp(agent.get("next_rotation"))
-    envoy = _envoy_of(agent)
+    envoy = envoy_info(agent)
     stats = obs.envoy_stats or {}
-    allowed, denied = _rbac_counts(stats)
     prefix = f"listener.inbound_{svc.inbound_port}."
     ready = agent.get("ready")
     return {
@@ -138,7 +110,7 @@ def service_document(obs: ServiceObservation, now: dt.datetime) -> dict[str, Any
         "inbound_port": svc.inbound_port,
         "state": _str(agent.get("state")),
         "ready": ready if isinstance(ready, bool) else None,
-        "serial": _serial(agent.get("serial")),
+        "serial": serial_text(agent.get("serial")),
         "not_before": _timestamp(parse_timestamp(agent.get("not_before"))),
         "not_after": _timestamp(not_after),
         "expires_in_seconds": _seconds_until(not_after, now),
@@ -156,8 +128,8 @@ def service_document(obs: ServiceObservation, now: dt.datetime) -> dict[str, Any
             "policy_error": _str(envoy.get("policy_error")),
         },
         "connections": {
-            "allowed": allowed,
-            "denied": denied,
+            "allowed": rbac_allowed(stats),
+            "denied": sum(value for _, value in rbac_denials(stats)),
             "tls_handshakes": stats.get(prefix + "ssl.handshake", 0),
             "tls_errors": stats.get(prefix + "ssl.connection_error", 0),
             "plaintext_refused": stats.get(prefix + "no_filter_chain_match", 0),
