@@ -163,7 +163,7 @@ class MeshPlan:
 
 def fixed_ports(config: MeshConfig) -> dict[int, str]:
     """Every port the mesh file names, and what names it."""
-    fixed: dict[int, str] = {int(config.ca_listen.rpartition(":")[2]): "ca.listen"}
+    fixed: dict[int, str] = {config.ca_port: "ca.listen"}
     for svc in config.services:
         fixed[svc.port] = f"service {svc.name} port"
         if svc.inbound_port is not None:
