@@ -15,10 +15,23 @@ from pathlib import Path
 MESHTRUST = [sys.executable, "-m", "meshtrust"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that no earlier call in this run returned.
+
+    The kernel may hand the same port to two bind-to-0 calls in a row once the first socket is
+    closed, and a test that asks for several ports (a mesh file's CA, app and inbound ports)
+    would then get a clash it did not ask for.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def run_cli(
