@@ -223,15 +223,17 @@ def leaf_serial_hex(leaf_pem: str) -> str:
 
 
 def in_process_limit(ca_dir: Path, workloads: Sequence[Workload], seconds: float) -> float:
-    """Certificates/s on one core: parse_csr (incl. signature verify) + issue_leaf + PEM."""
+    """Certificates/s on one core: parse_csr (incl. signature verify) + issuing the leaf (the
+    CA's own LeafIssuer) + PEM."""
     from cryptography.hazmat.primitives import serialization
 
     from meshtrust.ca import load_ca_dir
-    from meshtrust.pki import issue_leaf, parse_csr
+    from meshtrust.pki import parse_csr
+    from meshtrust.pki.profile import LeafIssuer
     from meshtrust.spiffe import SpiffeId, TrustDomain
 
     now = dt.datetime.now(dt.UTC)
-    signer = load_ca_dir(ca_dir, now).signer
+    issuer = LeafIssuer(load_ca_dir(ca_dir, now).signer)
     td = TrustDomain.parse(TRUST_DOMAIN)
     ids = [SpiffeId.for_workload(td, NAMESPACE, f"bench-{i:02d}") for i in range(len(workloads))]
     ttl = dt.timedelta(hours=24)
@@ -242,7 +244,7 @@ def in_process_limit(ca_dir: Path, workloads: Sequence[Workload], seconds: float
     while True:
         for w, spiffe_id in zip(workloads, ids, strict=True):
             csr = parse_csr(w.csr_pem)
-            leaf = issue_leaf(signer, csr.public_key, spiffe_id, now, ttl)
+            leaf = issuer.issue(csr.public_key, spiffe_id, now, ttl)
             leaf.public_bytes(pem).decode()
         n += len(workloads)
         now_s = time.perf_counter()

@@ -29,7 +29,8 @@ from meshtrust.errors import (
     LedgerError,
     PermissionDenied,
 )
-from meshtrust.pki import CsrRequest, format_serial, issue_leaf, parse_csr
+from meshtrust.pki import CsrRequest, format_serial, parse_csr
+from meshtrust.pki.profile import LeafIssuer
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -100,7 +101,8 @@ def decide_identity(csr: CsrRequest, caller: Caller) -> SpiffeId:
         )
     if len(csr.uri_sans) > 1:
         raise InvalidCSR(f"CSR has {len(csr.uri_sans)} URI SANs; an SVID has exactly one")
-    if csr.uri_sans:
+    if csr.uri_sans and csr.uri_sans[0] != str(caller.identity):
+        # Only a SAN that is not exactly the caller's ID needs parsing, to say what is wrong.
         try:
             asked = SpiffeId.parse(csr.uri_sans[0])
         except InvalidSpiffeId as exc:
@@ -134,6 +136,7 @@ class CertificateAuthority:
         self._certauth = cert_authenticator
         # Refusals are logged through a throttle: a flood of bad requests cannot fill the log.
         self.refusals = RefusalLog(log, clock)
+        self._issuer = LeafIssuer(material.signer)
         # The tail of every response: intermediates one per element, the root bundle last.
         self._chain_tail: list[str] = [
             c.public_bytes(serialization.Encoding.PEM).decode() for c in material.intermediates
@@ -202,7 +205,7 @@ class CertificateAuthority:
             raise
 
         now = self._clock.now()
-        leaf = issue_leaf(self.material.signer, csr.public_key, identity, now, ttl)
+        leaf = self._issuer.issue(csr.public_key, identity, now, ttl)
         leaf_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
         serial = format_serial(leaf.serial_number)
         record = IssuedRecord(

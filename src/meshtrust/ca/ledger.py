@@ -223,14 +223,20 @@ class GroupCommitLedger:
 
     def __init__(self, ledger: SqlLedger) -> None:
         self._ledger = ledger
-        self._pending: list[tuple[IssuedRecord, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Sequence[IssuedRecord], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ledger")
 
     async def record(self, rec: IssuedRecord) -> None:
         """Return once ``rec`` is committed; raises :class:`LedgerError` if it could not be."""
+        await self.record_many((rec,))
+
+    async def record_many(self, recs: Sequence[IssuedRecord]) -> None:
+        """Return once all of ``recs`` are committed (in one transaction); raises
+        :class:`LedgerError` if they could not be. One future for the group: a worker's
+        batch costs the supervisor one wait, not one per certificate."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((rec, fut))
+        self._pending.append((recs, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await fut
@@ -239,10 +245,9 @@ class GroupCommitLedger:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
+            records = [r for recs, _ in batch for r in recs]
             try:
-                await loop.run_in_executor(
-                    self._executor, self._ledger.record_batch, [r for r, _ in batch]
-                )
+                await loop.run_in_executor(self._executor, self._ledger.record_batch, records)
             except Exception as exc:  # every waiter learns its record is not durable
                 err = exc if isinstance(exc, LedgerError) else LedgerError(str(exc))
                 for _, fut in batch:

@@ -10,7 +10,9 @@ Theory of operation (the pre-fork model of gunicorn/nginx):
   the durability promise of the single-process CA holds. Group commit then spans all
   workers: one fsync covers every record that arrived during the previous one. Records (and
   their acknowledgements) made in the same event-loop step travel as one message: one
-  pickle and one write per step, not per certificate.
+  pickle and one write per step, not per certificate. A record travels as a plain tuple
+  (pickling a slotted dataclass runs Python code per object on both ends), and the
+  supervisor commits a worker's batch as one group with one acknowledgement message.
 * Workers send metric events the same way (fire and forget); ``/metrics`` and ``/ready``
   are served by the supervisor from the one registry.
 * SIGTERM/SIGINT to the supervisor: it tells every worker to drain and stop, waits, flushes
@@ -52,6 +54,11 @@ __all__ = ["run_supervisor"]
 
 log = logging.getLogger("meshtrust.ca")
 _HEADER = struct.Struct("!I")
+_RECORD_FIELDS = IssuedRecord.__slots__
+
+
+def _record_to_wire(rec: IssuedRecord) -> tuple[object, ...]:
+    return tuple([getattr(rec, name) for name in _RECORD_FIELDS])
 
 
 def _send(writer: asyncio.StreamWriter, message: object) -> None:
@@ -73,7 +80,8 @@ class RemoteLedger:
         self._writer = writer
         self._next = 0
         self._waiting: dict[int, asyncio.Future[None]] = {}
-        self._outbox: list[tuple[int, IssuedRecord]] = []
+        self._outbox_ids: list[int] = []
+        self._outbox: list[tuple[object, ...]] = []
 
     async def record(self, rec: IssuedRecord) -> None:
         self._next += 1
@@ -82,18 +90,22 @@ class RemoteLedger:
         self._waiting[self._next] = fut
         if not self._outbox:
             loop.call_soon(self._flush)  # after every handler of this step has added its own
-        self._outbox.append((self._next, rec))
+        self._outbox_ids.append(self._next)
+        self._outbox.append(_record_to_wire(rec))
         await fut
 
     def _flush(self) -> None:
-        batch, self._outbox = self._outbox, []
+        ids, batch = self._outbox_ids, self._outbox
+        self._outbox_ids, self._outbox = [], []
         if batch and not self._writer.is_closing():
-            _send(self._writer, ("recs", batch))
+            _send(self._writer, ("recs", ids, batch))
 
-    def resolve(self, msg_id: int, error: str | None) -> None:
-        fut = self._waiting.pop(msg_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None) if error is None else fut.set_exception(LedgerError(error))
+    def resolve(self, msg_ids: list[int], error: str | None) -> None:
+        """The supervisor's answer for the records ``msg_ids``: committed, or ``error``."""
+        for msg_id in msg_ids:
+            fut = self._waiting.pop(msg_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None) if error is None else fut.set_exception(LedgerError(error))
 
     def fail_all(self, reason: str) -> None:
         for fut in self._waiting.values():
@@ -151,8 +163,7 @@ async def _worker_main(
                 msg = await _recv(reader)
                 assert isinstance(msg, tuple)
                 if msg[0] == "acks":
-                    for msg_id, error in msg[1]:
-                        ledger.resolve(msg_id, error)
+                    ledger.resolve(msg[1], msg[2])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         ledger.fail_all("the CA supervisor is gone")
@@ -228,18 +239,17 @@ async def _supervise(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
-    async def commit(writer: asyncio.StreamWriter, batch: list[tuple[int, IssuedRecord]]) -> None:
+    async def commit(
+        writer: asyncio.StreamWriter, ids: list[int], rows: list[tuple[object, ...]]
+    ) -> None:
         # One group commit covers the batch (and whatever else arrives meanwhile).
-        results = await asyncio.gather(
-            *(ledger.record(rec) for _, rec in batch), return_exceptions=True
-        )
-        acks = []
-        for (msg_id, _), result in zip(batch, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, LedgerError):
-                raise result
-            acks.append((msg_id, str(result) if result is not None else None))
+        error: str | None = None
+        try:
+            await ledger.record_many([IssuedRecord(*row) for row in rows])  # type: ignore[arg-type]
+        except LedgerError as exc:
+            error = str(exc)
         if not writer.is_closing():
-            _send(writer, ("acks", acks))
+            _send(writer, ("acks", ids, error))
 
     async def serve_child(child: _Child) -> None:
         nonlocal failed
@@ -250,7 +260,7 @@ async def _supervise(
                 msg = await _recv(reader)
                 assert isinstance(msg, tuple)
                 if msg[0] == "recs":
-                    task = asyncio.create_task(commit(writer, msg[1]))
+                    task = asyncio.create_task(commit(writer, msg[1], msg[2]))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 elif msg[0] == "evs":

@@ -18,6 +18,7 @@ from meshtrust.spiffe import SpiffeId
 
 __all__ = [
     "CLOCK_SKEW",
+    "LeafIssuer",
     "Signer",
     "issue_leaf",
     "leaf_validity",
@@ -148,6 +149,73 @@ def leaf_validity(
     return now - CLOCK_SKEW, min(now + ttl, signer_not_after)
 
 
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=True,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_LEAF_EKU = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+_NOT_A_CA = x509.BasicConstraints(ca=False, path_length=None)
+
+
+class LeafIssuer:
+    """Issues X.509-SVIDs under one signer (DESIGN.md "Issued leaf").
+
+    Empty subject, one critical URI SAN, KeyUsage digitalSignature+keyEncipherment,
+    EKU serverAuth+clientAuth, critical BasicConstraints CA=false, AKI/SKI.
+
+    What is the same for every leaf of the signer -- issuer name, the constant extensions,
+    the AKI (which reads the signer's extensions), the signature hash -- is built once here;
+    a CA issuing thousands of certificates a second then only adds what differs.
+    """
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+        self._signer_not_after = signer.cert.not_valid_after_utc
+        self._hash = signature_hash(signer.key)
+        self._base = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(signer.cert.subject)
+            .add_extension(_LEAF_KEY_USAGE, critical=True)
+            .add_extension(_LEAF_EKU, critical=False)
+            .add_extension(_NOT_A_CA, critical=True)
+            .add_extension(_aki(signer), critical=False)
+        )
+
+    def issue(
+        self,
+        public_key: PublicKey,
+        spiffe_id: SpiffeId,
+        now: dt.datetime,
+        ttl: dt.timedelta,
+        serial: int | None = None,
+    ) -> x509.Certificate:
+        """A leaf for ``spiffe_id`` valid from ``now`` - :data:`CLOCK_SKEW` for ``ttl``
+        (never past the signer's NotAfter); a random serial unless ``serial`` is given."""
+        not_before, not_after = leaf_validity(self._signer_not_after, now, ttl)
+        return (
+            self._base.public_key(public_key)
+            .serial_number(serial if serial is not None else random_serial())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+                critical=True,
+            )
+            .add_extension(_ski(public_key), critical=False)
+            .sign(self.signer.key, self._hash)
+        )
+
+
 def issue_leaf(
     signer: Signer,
     public_key: PublicKey,
@@ -156,49 +224,9 @@ def issue_leaf(
     ttl: dt.timedelta,
     serial: int | None = None,
 ) -> x509.Certificate:
-    """An X.509-SVID for ``spiffe_id`` (DESIGN.md "Issued leaf").
-
-    Empty subject, one critical URI SAN, KeyUsage digitalSignature+keyEncipherment,
-    EKU serverAuth+clientAuth, critical BasicConstraints CA=false, AKI/SKI.
-    """
-    not_before, not_after = leaf_validity(signer.cert.not_valid_after_utc, now, ttl)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(signer.cert.subject)
-        .public_key(public_key)
-        .serial_number(serial if serial is not None else random_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-            critical=True,
-        )
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_aki(signer), critical=False)
-        .add_extension(_ski(public_key), critical=False)
-        .sign(signer.key, signature_hash(signer.key))
-    )
+    """An X.509-SVID for ``spiffe_id`` (see :class:`LeafIssuer`, which a CA issuing many
+    keeps instead of calling this)."""
+    return LeafIssuer(signer).issue(public_key, spiffe_id, now, ttl, serial)
 
 
 def make_serving_cert(
