@@ -32,6 +32,7 @@ from meshtrust.pki import KeyType, PrivateKey, Signer, TrustBundle
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
+    "ARTICLE_CA_SUBJECT",
     "NOW",
     "CaFixture",
     "Leaf",
@@ -48,6 +49,7 @@ __all__ = [
     "csr_without_san",
     "expired_leaf",
     "garbled_pem",
+    "intermediate_without_key_usage",
     "leaf_from_another_root",
     "leaf_in_another_trust_domain",
     "leaf_with_ca_true",
@@ -62,6 +64,7 @@ __all__ = [
     "non_pem_csr",
     "not_yet_valid_leaf",
     "oversized_csr",
+    "root_without_key_usage",
     "svid_leaf",
     "truncated_csr",
     "truncated_pem",
@@ -127,6 +130,8 @@ def _ca_cert(
     issuer: Signer | None,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    *,
+    key_usage: bool = True,
 ) -> x509.Certificate:
     signing_key = issuer.key if issuer else key
     builder = (
@@ -141,9 +146,10 @@ def _ca_cert(
             x509.BasicConstraints(ca=True, path_length=None if issuer is None else 0),
             critical=True,
         )
-        .add_extension(_key_usage(key_cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     )
+    if key_usage:
+        builder = builder.add_extension(_key_usage(key_cert_sign=True), critical=True)
     if issuer is not None:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
@@ -180,6 +186,55 @@ def make_ca(
     )
     inter_after = now + (intermediate_lifetime or lifetime)
     inter = _ca_cert(inter_name, inter_key, Signer(root, root_key), now - _SKEW, inter_after)
+    return CaFixture(root, root_key, Signer(inter, inter_key))
+
+
+def _ca_name(trust_domain: str, cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+#: The subject of the article's custom CA (``-subj "/CN=My-Cluster-CA/O=My-Organization"``).
+ARTICLE_CA_SUBJECT = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, "My-Cluster-CA"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "My-Organization"),
+    ]
+)
+
+
+def root_without_key_usage(*, now: dt.datetime = NOW) -> CaFixture:
+    """A self-signed root without KeyUsage that signs leaves itself: the article's custom CA
+    (``openssl req -x509`` adds no KeyUsage; Istio's ``cacerts`` plugs it in as signing CA),
+    with its subject. Its O names no trust domain, so build bundles with
+    ``TrustBundle(td, (ca.root,))``, not ``ca.bundle``; its signer is the root itself."""
+    key = new_key()
+    after = now + dt.timedelta(days=3650)
+    root = _ca_cert(ARTICLE_CA_SUBJECT, key, None, now - _SKEW, after, key_usage=False)
+    return CaFixture(root, key, Signer(root, key))
+
+
+def intermediate_without_key_usage(
+    trust_domain: TrustDomain | str, *, now: dt.datetime = NOW
+) -> CaFixture:
+    """A root with KeyUsage whose signing intermediate has none (openssl's ``v3_ca``
+    section leaves keyUsage commented out)."""
+    td = str(trust_domain)
+    root_key, inter_key = new_key(), new_key()
+    after = now + dt.timedelta(days=365)
+    root = _ca_cert(_ca_name(td, f"test root ({td})"), root_key, None, now - _SKEW, after)
+    inter = _ca_cert(
+        _ca_name(td, f"test intermediate without KeyUsage ({td})"),
+        inter_key,
+        Signer(root, root_key),
+        now - _SKEW,
+        after,
+        key_usage=False,
+    )
     return CaFixture(root, root_key, Signer(inter, inter_key))
 
 

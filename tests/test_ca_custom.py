@@ -29,29 +29,17 @@ from meshtrust.pki import (
     verify_svid,
 )
 from meshtrust.spiffe import SpiffeId, TrustDomain
+from tests.article_ca import make_article_ca
 from tests.processes import CaProcess, run_cli
 
 TD = TrustDomain("cluster.local")
 WEB = SpiffeId.for_workload(TD, "default", "web")
 
-# setup-custom-ca.sh, as the article writes it.
-ARTICLE = [
-    "openssl genrsa -out ca-key.pem 4096",
-    "openssl req -x509 -new -nodes -key ca-key.pem -days 3650 -out ca-cert.pem "
-    '-subj "/CN=My-Cluster-CA/O=My-Organization"',
-]
-
 
 @pytest.fixture(scope="module")
 def article_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The article's CA directory, made once (a 4096-bit RSA key takes a moment)."""
-    directory = tmp_path_factory.mktemp("article") / "cacerts"
-    directory.mkdir()
-    for command in ARTICLE:
-        subprocess.run(command, shell=True, cwd=directory, check=True, capture_output=True)
-    shutil.copy(directory / "ca-cert.pem", directory / "cert-chain.pem")
-    shutil.copy(directory / "ca-cert.pem", directory / "root-cert.pem")
-    return directory
+    return make_article_ca(tmp_path_factory.mktemp("article") / "cacerts")
 
 
 @pytest.fixture

@@ -33,7 +33,15 @@ from meshtrust.mesh.check import (
 from meshtrust.mesh.proxy_config import secret_rows
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 from meshtrust.pki import format_serial
-from tests.badcerts import NOW, cert_pem, leaf_from_another_root, make_ca, svid_leaf
+from tests.badcerts import (
+    NOW,
+    cert_pem,
+    intermediate_without_key_usage,
+    leaf_from_another_root,
+    make_ca,
+    root_without_key_usage,
+    svid_leaf,
+)
 from tests.mesh_helpers import CHECK_WALK
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
@@ -41,6 +49,11 @@ CA = make_ca("cluster.local")
 LEAF = svid_leaf(CA.signer, WEB, ttl=dt.timedelta(minutes=10))
 OTHER_LEAF = svid_leaf(CA.signer, "spiffe://cluster.local/ns/default/sa/db")
 FOREIGN = leaf_from_another_root(WEB)
+# The article's root plugged in as signing CA, and an intermediate, without KeyUsage.
+ARTICLE = root_without_key_usage()
+ARTICLE_LEAF = svid_leaf(ARTICLE.signer, WEB, ttl=dt.timedelta(minutes=10))
+KU_LESS = intermediate_without_key_usage("cluster.local")
+KU_LESS_LEAF = svid_leaf(KU_LESS.signer, WEB, ttl=dt.timedelta(minutes=10))
 SERIAL = format_serial(LEAF.cert.serial_number)
 
 SVC = ServiceState(
@@ -219,6 +232,27 @@ CASES: list[tuple[str, Observation, Any, Verdict, str, str | None]] = [
         Verdict.FAIL,
         "",
         "re-created",
+    ),
+    (
+        # As the agent writes it: the leaf alone (the signing CA is the root).
+        "chain: the article's root, no KeyUsage",
+        obs(chain=(ARTICLE_LEAF.cert,), roots=(ARTICLE.root,)),
+        check_chain,
+        Verdict.WARN,
+        "1 certificate(s) to the root O=My-Organization,CN=My-Cluster-CA (serial "
+        f"{format_serial(ARTICLE.root.serial_number)}); no KeyUsage extension in "
+        "O=My-Organization,CN=My-Cluster-CA",
+        "accepted, as Istio, Envoy and OpenSSL accept it (`openssl req -x509` makes CAs "
+        "without one), but a CA certificate should say keyCertSign, cRLSign: make the next "
+        'one with -addext "keyUsage=critical,keyCertSign,cRLSign"',
+    ),
+    (
+        "chain: intermediate without KeyUsage",
+        obs(chain=tuple(KU_LESS_LEAF.chain), roots=(KU_LESS.root,)),
+        check_chain,
+        Verdict.WARN,
+        "no KeyUsage extension in CN=test intermediate without KeyUsage",
+        "keyCertSign, cRLSign",
     ),
     (
         "identity: another",

@@ -111,6 +111,8 @@ def test_processes(tmp_path: Path) -> None:
         "serve",
         "--ca-dir",
         str(work / "ca"),
+        "--trust-domain",  # the mesh file's: a plugged-in CA's root need not name it
+        "cluster.local",
         "--listen",
         "127.0.0.1:25999",
         "--metrics-listen",

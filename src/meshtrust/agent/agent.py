@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from meshtrust.agent.cache import SecretCache
@@ -29,10 +30,12 @@ from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock
 from meshtrust.errors import MeshTrustError
 from meshtrust.metrics_text import TextRegistry
-from meshtrust.pki import TrustBundle
+from meshtrust.pki import TrustBundle, cas_without_key_usage
 from meshtrust.spiffe import SpiffeId
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from meshtrust.agent.sidecar import EnvoySidecar
 
 __all__ = ["Agent"]
@@ -95,6 +98,7 @@ class Agent:
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._status: StatusServer | None = None
+        self._noted_without_key_usage: set[x509.Certificate] = set()
         self.started = False
 
     def _expiry_seconds(self) -> float | None:
@@ -176,6 +180,8 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
+        self._note_cas_without_key_usage(self.anchors.roots, f"trusted root ({cfg.ca_root})")
+        self._tasks.append(asyncio.create_task(self._note_issuing_cas()))
         self._tasks.append(asyncio.create_task(self.rotator.run()))
         if self.sidecar is not None:
             try:
@@ -186,6 +192,31 @@ class Agent:
             self._tasks.append(asyncio.create_task(self.sidecar.run()))
         self.started = True
         log.info("agent for %s started (CA %s)", self.identity, cfg.ca_address)
+
+    def _note_cas_without_key_usage(self, certs: Iterable[x509.Certificate], role: str) -> None:
+        """Warn once per CA certificate without KeyUsage (``openssl req -x509`` makes them).
+
+        Such a CA is accepted, as by Istio, Envoy and OpenSSL (see
+        :func:`meshtrust.pki.ca_extension_policy`), but deserves a word; the issuing CA comes
+        back with every certificate, and one word is enough.
+        """
+        for cert in cas_without_key_usage(list(certs)):
+            if cert in self._noted_without_key_usage:
+                continue
+            self._noted_without_key_usage.add(cert)
+            log.warning(
+                "%s %s has no KeyUsage extension; accepted, as Istio, Envoy and OpenSSL "
+                "accept it, but a CA certificate should say keyCertSign, cRLSign",
+                role,
+                cert.subject.rfc4514_string(),
+            )
+
+    async def _note_issuing_cas(self) -> None:
+        generation = 0
+        while True:
+            secret = await self.cache.wait_newer(generation)
+            generation = secret.generation
+            self._note_cas_without_key_usage(secret.chain[1:], "issuing CA")
 
     async def _write_files(self, files: CertificateFiles) -> None:
         generation = 0

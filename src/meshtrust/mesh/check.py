@@ -40,7 +40,7 @@ from meshtrust.mesh.proxy_config import uri_sans
 from meshtrust.mesh.rbac_stats import rbac_denials
 from meshtrust.mesh.state import MeshState, ServiceState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
-from meshtrust.pki import TrustBundle, format_serial, verify_svid
+from meshtrust.pki import TrustBundle, cas_without_key_usage, format_serial, verify_svid
 from meshtrust.spiffe import TrustDomain
 
 __all__ = [
@@ -337,7 +337,7 @@ def check_chain(obs: Observation, now: dt.datetime) -> CheckStep:
     at = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
     try:
         bundle = TrustBundle(TrustDomain.parse(obs.mesh.trust_domain), obs.roots)
-        anchor = verify_svid(list(chain), bundle, at).chain[-1]
+        verified = verify_svid(list(chain), bundle, at).chain
     except MeshTrustError as exc:
         return CheckStep(
             *step,
@@ -347,12 +347,24 @@ def check_chain(obs: Observation, now: dt.datetime) -> CheckStep:
             f"CA directory re-created while the agent kept an old certificate? "
             f"{_restart_hint(obs.mesh)}",
         )
-    return CheckStep(
-        *step,
-        Verdict.PASS,
+    anchor = verified[-1]
+    detail = (
         f"{len(chain)} certificate(s) to the root {anchor.subject.rfc4514_string()} "
-        f"(serial {format_serial(anchor.serial_number)})",
+        f"(serial {format_serial(anchor.serial_number)})"
     )
+    without = cas_without_key_usage(verified[1:])
+    if without:
+        names = ", ".join(c.subject.rfc4514_string() for c in without)
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"{detail}; no KeyUsage extension in {names}",
+            "accepted, as Istio, Envoy and OpenSSL accept it (`openssl req -x509` makes CAs "
+            "without one), but a CA certificate should say keyCertSign, cRLSign: make the "
+            'next one with -addext "keyUsage=critical,keyCertSign,cRLSign" '
+            "(or `meshtrust ca init`)",
+        )
+    return CheckStep(*step, Verdict.PASS, detail)
 
 
 def check_identity(obs: Observation, now: dt.datetime) -> CheckStep:

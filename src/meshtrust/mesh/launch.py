@@ -24,7 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from meshtrust.ca.authn import mint_token
-from meshtrust.ca.cadir import init_ca_dir, load_ca_dir, load_token_signing_key, token_issuer_for
+from meshtrust.ca.cadir import (
+    ensure_token_signing_key,
+    init_ca_dir,
+    load_ca_dir,
+    token_issuer_for,
+)
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
 from meshtrust.fileio import write_file_atomic
@@ -287,9 +292,8 @@ def _prepare(plan: MeshPlan) -> None:
     for planned in plan.files:
         mode = 0o600 if planned.private else 0o644
         _write(planned.path, planned.content.encode(), mode, "write")
-    token_key = load_token_signing_key(config.ca_dir)
-    if token_key is None:
-        raise MeshStartFailed(f"{config.ca_dir} has no token-key.pem to mint tokens with")
+    # A plugged-in CA (the article's cacerts) has no token issuer yet: made on first use.
+    token_key = ensure_token_signing_key(config.ca_dir)
     for svc in plan.services:
         token = mint_token(
             token_key,

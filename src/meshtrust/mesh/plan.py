@@ -201,6 +201,8 @@ def _seconds(config: MeshConfig) -> int:
 
 
 def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> ProcessPlan:
+    """``ca serve`` for the mesh. The trust domain is the mesh file's, said explicitly: a
+    plugged-in CA's root need not name it in its O (the article's says My-Organization)."""
     ttl = _seconds(config)
     return ProcessPlan(
         key="ca",
@@ -213,6 +215,8 @@ def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> Pr
             "serve",
             "--ca-dir",
             str(config.ca_dir),
+            "--trust-domain",
+            config.trust_domain.name,
             "--listen",
             config.ca_listen,
             "--metrics-listen",
