@@ -129,7 +129,7 @@ def check(workload: str, mesh_file: Path | None, as_json: bool) -> None:
       app running              the app process is alive and listens (if the mesh runs one)
       Envoy live               the sidecar runs and its admin API answers
       certificate present      the agent wrote cert-chain.pem
-      chain valid              it chains to the mesh's root CA
+      chain valid              it chains to the mesh's root CA (WARN: a CA without KeyUsage)
       identity as expected     its SPIFFE ID is the one the mesh file implies
       Envoy serves the cert    Envoy holds the agent's current certificate and the mesh root
       time left                not expired; WARN under 20% of the certificate TTL
