@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import importlib.resources
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -67,6 +66,7 @@ from grpclib import GRPCError, Status
 from grpclib.const import Cardinality, Handler
 from grpclib.server import Stream
 
+from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.grpc_server import GrpcMethod, UnixGrpcServer
 from meshtrust.agent.uds import PrivateSocket
@@ -133,9 +133,8 @@ class _SdsProto:
 def _load_sds_proto() -> _SdsProto:
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(any_pb2.DESCRIPTOR.serialized_pb)
-    package = importlib.resources.files("meshtrust._proto.sds")
     for name in _DESCRIPTORS:
-        pool.AddSerializedFile(package.joinpath(name).read_bytes())
+        pool.AddSerializedFile(read_descriptor(f"sds/{name}"))
 
     def message(name: str) -> Any:
         return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))

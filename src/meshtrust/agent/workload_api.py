@@ -37,7 +37,6 @@ static types.
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import logging
 import socket
 import struct
@@ -51,6 +50,7 @@ from grpclib import GRPCError, Status
 from grpclib.const import Cardinality, Handler
 from grpclib.server import Stream
 
+from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.grpc_server import UnixGrpcServer
 from meshtrust.agent.uds import PrivateSocket
@@ -86,7 +86,7 @@ _MISSING_HEADER = (
     "'workload.spiffe.io: true'"
 )
 _SHUTTING_DOWN = "the meshtrust agent is shutting down; reconnect to its new instance"
-_DESCRIPTOR = ("meshtrust._proto.spiffe", "workload.pb")
+_DESCRIPTOR = "spiffe/workload.pb"
 
 
 # --- the protobuf messages, in a private descriptor pool --------------------------------------
@@ -106,8 +106,7 @@ def _serialized_workload_descriptor() -> bytes:
     """The Workload API's ``FileDescriptorProto``, as ``scripts/gen-protos.py`` wrote it
     (``workload.pb``): loaded into a private pool, never imported as a module (see the
     module docstring)."""
-    package, filename = _DESCRIPTOR
-    return importlib.resources.files(package).joinpath(filename).read_bytes()
+    return read_descriptor(_DESCRIPTOR)
 
 
 def _load_workload_proto() -> _WorkloadProto:

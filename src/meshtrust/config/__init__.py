@@ -6,6 +6,7 @@ validators here; every problem is a :class:`~meshtrust.errors.ConfigError` namin
 and field path (``mesh.yaml:12: services[1].upstreams[0].localPort: expected a port ...``).
 """
 
+from meshtrust.config.documents import LineMap, LineSeq, YamlError, YamlLimits, line_for
 from meshtrust.config.settings import (
     Converter,
     as_address,
@@ -36,16 +37,7 @@ from meshtrust.config.validators import (
     describe,
     parse_host_port,
 )
-from meshtrust.config.yaml import (
-    LineMap,
-    LineSeq,
-    YamlError,
-    YamlLimits,
-    line_for,
-    load_yaml_documents,
-    load_yaml_mapping,
-    parse_yaml_documents,
-)
+from meshtrust.config.yaml import load_yaml_documents, load_yaml_mapping, parse_yaml_documents
 from meshtrust.errors import ConfigError
 
 __all__ = [

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from meshtrust.config.documents import line_for
 from meshtrust.config.validators import (
     check_duration,
     check_float,
@@ -24,7 +25,7 @@ from meshtrust.config.validators import (
     check_string,
     check_trust_domain,
 )
-from meshtrust.config.yaml import line_for, load_yaml_mapping
+from meshtrust.config.yaml import load_yaml_mapping
 from meshtrust.errors import ConfigError
 from meshtrust.spiffe import TrustDomain
 
