@@ -63,9 +63,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from meshtrust.agent.issuance import CertificateSource
-    from meshtrust.clock import FakeClock
-    from meshtrust.spiffe import SpiffeId
-    from tests.badcerts import CaFixture
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -496,39 +493,6 @@ async def first_cert_cold(ca: RealCa, work: Path, runs: int) -> list[ColdStart]:
 # --------------------------------------------------------------------------- 2. RSS child
 
 
-@dataclass
-class FakeClockCa:
-    """A :class:`CertificateSource` that signs with a test CA at the fake clock's time."""
-
-    clock: FakeClock
-    ca: CaFixture
-    identity: SpiffeId
-    calls: int = 0
-
-    async def sign(
-        self,
-        csr_pem: str,
-        *,
-        ttl_seconds: int,
-        token: str | None,
-        client_cert: tuple[bytes, bytes] | None,
-    ) -> list[str]:
-        from meshtrust.pki import certs_pem, issue_leaf, parse_csr
-
-        self.calls += 1
-        csr = parse_csr(csr_pem)
-        now = self.clock.now()
-        signer = self.ca.signer
-        leaf = issue_leaf(
-            signer, csr.public_key, self.identity, now, dt.timedelta(seconds=ttl_seconds)
-        )
-        return [
-            certs_pem([leaf]).decode(),
-            certs_pem([signer.cert]).decode(),
-            certs_pem([self.ca.root]).decode(),
-        ]
-
-
 def _emit(message: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -562,6 +526,7 @@ async def _rss_child(
     from meshtrust.clock import FakeClock
     from meshtrust.spiffe import SpiffeId
     from tests.badcerts import cert_pem, make_ca
+    from tests.fake_ca import FakeClockCa
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

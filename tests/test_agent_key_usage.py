@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,44 +15,14 @@ import pytest
 from meshtrust.agent.build import build_agent
 from meshtrust.agent.config import AgentConfig
 from meshtrust.clock import FakeClock
-from meshtrust.pki import certs_pem, issue_leaf, parse_csr
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests import badcerts
+from tests.fake_ca import FakeClockCa
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 TD = TrustDomain("example.org")
 WEB = SpiffeId.for_workload(TD, "default", "web")
 TTL = dt.timedelta(hours=1)
-
-
-@dataclass
-class SigningCa:
-    """Signs every CSR for web with ``ca``, answering as meshtrust's CA does: the leaf, the
-    intermediates (none when the signer is the root itself), the root bundle."""
-
-    clock: FakeClock
-    ca: badcerts.CaFixture
-    calls: int = 0
-
-    async def sign(
-        self,
-        csr_pem: str,
-        *,
-        ttl_seconds: int,
-        token: str | None,
-        client_cert: tuple[bytes, bytes] | None,
-    ) -> list[str]:
-        self.calls += 1
-        now = self.clock.now()
-        leaf = issue_leaf(
-            self.ca.signer,
-            parse_csr(csr_pem).public_key,
-            WEB,
-            now,
-            dt.timedelta(seconds=ttl_seconds),
-        )
-        between = [] if self.ca.signer.cert == self.ca.root else [self.ca.signer.cert]
-        return [certs_pem([c]).decode() for c in (leaf, *between, self.ca.root)]
 
 
 def _article_ca() -> badcerts.CaFixture:
@@ -84,7 +53,7 @@ async def _warnings_over_rotations(
         status_listen=None,
     )
     clock = FakeClock(T0)
-    source = SigningCa(clock, ca)
+    source = FakeClockCa(clock, ca, WEB)
     agent = build_agent(config, clock=clock, source=source)
     caplog.set_level(logging.WARNING, logger="meshtrust.agent")
     await agent.start()

@@ -31,10 +31,10 @@ from meshtrust.clock import FakeClock
 from meshtrust.envoy import ProcessLauncher
 from meshtrust.envoy.sidecar import SidecarConfig
 from meshtrust.errors import EnvoyFailed, PolicyError
-from meshtrust.pki import certs_pem, issue_leaf, parse_csr
 from meshtrust.policy import MtlsMode, PeerAuthentication, PolicySet
 from meshtrust.spiffe import SpiffeId
 from tests import badcerts
+from tests.fake_ca import FakeClockCa
 from tests.fake_envoy import FakeEnvoy, FakeLauncher, FakePolicies
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -240,32 +240,6 @@ async def test_bad_initial_policy_stops_the_sidecar_before_envoy_starts(tmp_path
 # --- the agent, built from files, with the fake launcher ------------------------------------
 
 
-@dataclass
-class FakeClockCa:
-    """Signs with a test CA at the fake clock's time."""
-
-    clock: FakeClock
-    ca: badcerts.CaFixture
-
-    async def sign(
-        self,
-        csr_pem: str,
-        *,
-        ttl_seconds: int,
-        token: str | None,
-        client_cert: tuple[bytes, bytes] | None,
-    ) -> list[str]:
-        now = self.clock.now()
-        leaf = issue_leaf(
-            self.ca.signer,
-            parse_csr(csr_pem).public_key,
-            WEB,
-            now,
-            dt.timedelta(seconds=ttl_seconds),
-        )
-        return [certs_pem([c]).decode() for c in (leaf, self.ca.signer.cert, self.ca.root)]
-
-
 def agent_files(tmp_path: Path) -> tuple[AgentConfig, badcerts.CaFixture]:
     ca = badcerts.make_ca("example.org", now=T0, lifetime=dt.timedelta(days=3650))
     (tmp_path / "root-cert.pem").write_bytes(badcerts.cert_pem(ca.root))
@@ -293,7 +267,7 @@ async def test_agent_with_sidecar_is_ready_when_envoy_is_live_and_follows_policy
     clock = FakeClock(T0)
     envoy = FakeEnvoy(clock)
     agent = build_agent(
-        config, clock=clock, source=FakeClockCa(clock, ca), launcher=FakeLauncher(envoy)
+        config, clock=clock, source=FakeClockCa(clock, ca, WEB), launcher=FakeLauncher(envoy)
     )
     await agent.start()
     try:
@@ -362,7 +336,7 @@ async def test_agent_without_envoy_fails_to_start_cleanly(tmp_path: Path) -> Non
     agent = build_agent(
         config,
         clock=clock,
-        source=FakeClockCa(clock, ca),
+        source=FakeClockCa(clock, ca, WEB),
         launcher=ProcessLauncher(binary=tmp_path / "bin" / "envoy"),
     )
     with pytest.raises(EnvoyFailed, match="no Envoy binary on this machine"):

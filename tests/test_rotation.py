@@ -29,9 +29,10 @@ from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.clock import FakeClock
 from meshtrust.errors import CAUnavailable
 from meshtrust.metrics_text import TextRegistry
-from meshtrust.pki import CLOCK_SKEW, certs_pem, issue_leaf, parse_csr
+from meshtrust.pki import CLOCK_SKEW
 from meshtrust.spiffe import SpiffeId
 from tests import badcerts
+from tests.fake_ca import signed_chain
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 WEB = SpiffeId.parse("spiffe://example.org/ns/default/sa/web")
@@ -151,20 +152,12 @@ class ScriptedCa:
         self.calls.append(Call(now, token, client_cert is not None))
         if self.mode == "down":
             raise CAUnavailable("CA at test unavailable (UNAVAILABLE): connection refused")
-        csr = parse_csr(csr_pem)
-        signer, root = self.ca.signer, self.ca.root
-        identity = WEB
+        ca, identity = self.ca, WEB
         if self.mode == "wrong-identity":
             identity = SpiffeId.parse("spiffe://example.org/ns/default/sa/admin")
         elif self.mode == "foreign-root":
-            other = badcerts.make_ca("example.org", now=now)
-            signer, root = other.signer, other.root
-        leaf = issue_leaf(signer, csr.public_key, identity, now, dt.timedelta(seconds=ttl_seconds))
-        return [
-            certs_pem([leaf]).decode(),
-            certs_pem([signer.cert]).decode(),
-            certs_pem([root]).decode(),
-        ]
+            ca = badcerts.make_ca("example.org", now=now)
+        return signed_chain(ca, csr_pem, identity, now, ttl_seconds)
 
 
 @dataclass
