@@ -3,12 +3,12 @@ fast Envoy picks up a rotation.
 
 1. **First certificate over SDS.** The real CA runs as a process (``meshtrust ca init`` +
    ``meshtrust ca serve``). ``--runs`` times, an :class:`~meshtrust.agent.Agent` is built
-   and started in this process (real :class:`GrpcCertificateSource`, TLS to the CA, SDS on a
-   Unix socket) and an SDS client (grpcio, ``StreamSecrets`` for ``default``) measures from
-   just before ``agent.start()`` to the ``DiscoveryResponse`` carrying ``default``. Reported
-   separately: the cold start of the whole ``meshtrust agent`` process (spawned from the
-   console script, SDS client connecting as soon as the socket exists), which includes the
-   interpreter start and the imports.
+   and started in this process (the real :class:`~meshtrust.caapi.CaClient`, TLS to the CA,
+   SDS on a Unix socket) and an SDS client (grpcio, ``StreamSecrets`` for ``default``)
+   measures from just before ``agent.start()`` to the ``DiscoveryResponse`` carrying
+   ``default``. Reported separately: the cold start of the whole ``meshtrust agent``
+   process (spawned from the console script, SDS client connecting as soon as the socket
+   exists), which includes the interpreter start and the imports.
 2. **Resident memory after an hour of rotations.** A child process (this script with
    ``--rss-child``, importing what ``meshtrust agent`` imports) runs an Agent on a
    :class:`FakeClock` with an in-process CA that signs on that clock, 60 s certificates
@@ -385,7 +385,8 @@ class FirstCert:
 
 
 async def first_cert_in_process(ca: RealCa, work: Path, runs: int) -> list[FirstCert]:
-    from meshtrust.agent import AgentConfig, GrpcCertificateSource, build_agent
+    from meshtrust.agent import AgentConfig, build_agent
+    from meshtrust.caapi import CaClient
 
     root_pem = ca.root.read_bytes()
     results = []
@@ -398,7 +399,7 @@ async def first_cert_in_process(ca: RealCa, work: Path, runs: int) -> list[First
             sds_socket=run_dir / "sds.sock",
             status_listen=None,
         )
-        source = TimedSource(GrpcCertificateSource(ca.address, root_pem))
+        source = TimedSource(CaClient(ca.address, root_pem))
         agent = build_agent(config, source=source)
         assert config.sds_socket is not None
         client: SdsClient | None = None

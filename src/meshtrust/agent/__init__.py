@@ -7,7 +7,6 @@ from meshtrust.agent.config import AgentConfig, resolve_identity
 from meshtrust.agent.files import CertificateFiles
 from meshtrust.agent.issuance import (
     CertificateSource,
-    GrpcCertificateSource,
     TokenFile,
     verify_issued,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "AgentConfig",
     "CertificateFiles",
     "CertificateSource",
-    "GrpcCertificateSource",
     "PolicyFiles",
     "RotationPolicy",
     "Rotator",

@@ -25,7 +25,8 @@ from cryptography import x509
 
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.config import AgentConfig, resolve_identity
-from meshtrust.agent.issuance import CertificateSource, GrpcCertificateSource, TokenFile
+from meshtrust.agent.issuance import CertificateSource, TokenFile
+from meshtrust.caapi import CaClient
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId
 from meshtrust.pki import TrustBundle, load_certs_pem
@@ -150,9 +151,7 @@ def build_agent(
     root_pem, roots = _read_roots(config.ca_root)
     token = TokenFile(config.token_file)
     identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
-    source = source or GrpcCertificateSource(
-        config.ca_address, root_pem, server_name=config.ca_server_name
-    )
+    source = source or CaClient(config.ca_address, root_pem, server_name=config.ca_server_name)
     sidecar = None
     if config.sidecar is not None:
         sidecar = build_sidecar(config, identity, clock, launcher)

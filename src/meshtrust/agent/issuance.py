@@ -1,8 +1,8 @@
 """Getting a certificate from the CA, and refusing to use a bad one.
 
-:class:`GrpcCertificateSource` is the CA's one client, :class:`meshtrust.caapi.CaClient`
-(grpclib on Python's ``ssl``; ``meshtrust cert request`` uses it too), under the name of the
-role it plays here: the agent's :class:`CertificateSource`.
+:class:`CertificateSource` is what the agent needs of the CA; the CA's one client,
+:class:`meshtrust.caapi.CaClient` (grpclib on Python's ``ssl``; ``meshtrust cert request``
+uses it too), is the real one.
 
 :func:`verify_issued` is the pure check every CA response passes before anything is served:
 the chain leads to a root the agent trusts (its configured anchors — not whatever the CA
@@ -21,8 +21,6 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshtrust.caapi import CaClient as GrpcCertificateSource
-from meshtrust.caapi import client_ssl_context
 from meshtrust.errors import (
     ConfigError,
     InvalidCertificate,
@@ -33,10 +31,8 @@ from meshtrust.spiffe import SpiffeId
 
 __all__ = [
     "CertificateSource",
-    "GrpcCertificateSource",
     "IssuedChain",
     "TokenFile",
-    "client_ssl_context",
     "verify_issued",
 ]
 

@@ -3,7 +3,8 @@
 Counters keep Istio's exact names (no ``_total`` suffix) so istio-agent dashboards work.
 
 :class:`AgentMetrics` registers itself with a :class:`~meshtrust.metrics_text.TextRegistry`
-(``families()``): the agent keeps prometheus_client out of its process (memory).
+(``families()``), not with prometheus_client, which would cost the agent more memory than
+its metrics are worth.
 """
 
 from __future__ import annotations

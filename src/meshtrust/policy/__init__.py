@@ -17,18 +17,17 @@ from meshtrust.policy.compile import (
     rbac_filters_for,
     selects,
 )
-from meshtrust.policy.istio import (
+from meshtrust.policy.istio import PolicySet, load_policy_files
+from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
+from meshtrust.policy.objects import (
     API_VERSIONS,
     Action,
     AuthorizationPolicy,
     Operation,
     PeerAuthentication,
-    PolicySet,
     Rule,
     Source,
-    load_policy_files,
 )
-from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
 
 __all__ = [
     "API_VERSIONS",

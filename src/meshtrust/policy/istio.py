@@ -50,17 +50,7 @@ from meshtrust.policy.objects import (
 )
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
-__all__ = [
-    "API_VERSIONS",
-    "Action",
-    "AuthorizationPolicy",
-    "Operation",
-    "PeerAuthentication",
-    "PolicySet",
-    "Rule",
-    "Source",
-    "load_policy_files",
-]
+__all__ = ["PolicySet", "load_policy_files"]
 
 
 @dataclass(frozen=True)
