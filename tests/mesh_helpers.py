@@ -8,6 +8,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,18 @@ import yaml
 
 from meshtrust.mesh import MeshState, load_mesh_config, start_mesh, stop_mesh
 from tests.processes import free_port
+
+
+def meshtrust(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m meshtrust ARGS`` with its own ``MESHTRUST_HOME`` (where `up` records meshes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrust", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "MESHTRUST_HOME": str(home)},
+    )
+
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "quickstart" / "app.py"

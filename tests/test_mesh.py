@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from tests.mesh_helpers import (
     agent_status,
     assert_status_schema,
     http_get,
+    meshtrust,
     running_mesh,
     write_mesh,
 )
@@ -30,16 +29,6 @@ from tests.processes import free_port
 pytestmark = pytest.mark.slow
 
 QUICKSTART = ROOT / "examples" / "quickstart" / "mesh.yaml"
-
-
-def meshtrust(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshtrust", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "MESHTRUST_HOME": str(home)},
-    )
 
 
 def status_json(home: Path) -> dict[str, Any]:

@@ -5,11 +5,9 @@ from one app through both sidecars, and the served certificates chaining to that
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from meshtrust.mesh import read_state
 from meshtrust.mesh.probes import alive
 from meshtrust.pki import format_serial
 from tests.article_ca import make_article_ca
-from tests.mesh_helpers import APP, http_get
+from tests.mesh_helpers import APP, http_get, meshtrust
 from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
@@ -36,16 +34,6 @@ STRICT = (
     "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
     "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
 )
-
-
-def meshtrust(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshtrust", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "MESHTRUST_HOME": str(home)},
-    )
 
 
 def two_services_on(directory: Path, ca_dir: Path) -> tuple[Path, int]:

@@ -19,6 +19,7 @@ from meshtrust.errors import ConfigError
 from meshtrust.mesh import MeshStartFailed, launch, load_mesh_config, plan_mesh
 from meshtrust.mesh.launch import pick_free_port, port_free
 from meshtrust.mesh.state import CaState, MeshState
+from tests.mesh_helpers import meshtrust
 from tests.processes import free_port
 
 STRICT = (
@@ -93,13 +94,7 @@ def _mesh_file(
 
 
 def _up(path: Path, home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshtrust", "up", "--detach", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "MESHTRUST_HOME": str(home)},
-    )
+    return meshtrust("up", "--detach", str(path), home=home)
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -196,12 +191,7 @@ def test_up_right_after_a_mesh_stopped_with_its_ports_in_time_wait(tmp_path: Pat
         out = _up(path, home)
         assert out.returncode == 0, out.stdout + out.stderr
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "meshtrust", "down", str(path)],
-            capture_output=True,
-            timeout=60,
-            env={**os.environ, "MESHTRUST_HOME": str(home)},
-        )
+        meshtrust("down", str(path), home=home, timeout=60)
     assert _processes_mentioning(str(tmp_path)) == []
 
 
