@@ -9,8 +9,9 @@ fast Envoy picks up a rotation.
    ``default``. Reported separately: the cold start of the whole ``meshtrust agent``
    process (spawned from the console script, SDS client connecting as soon as the socket
    exists), which includes the interpreter start and the imports.
-2. **Resident memory after an hour of rotations.** A child process (this script with
-   ``--rss-child``, importing what ``meshtrust agent`` imports) runs an Agent on a
+2. **Resident memory after an hour of rotations.** A child process
+   (``benchmarks/agent_rss_child.py``, importing what ``meshtrust agent`` imports and little
+   else: the harness's own code and imports are not the agent's memory) runs an Agent on a
    :class:`FakeClock` with an in-process CA that signs on that clock, 60 s certificates
    (a rotation every ~30 s), SDS, Workload API, output files and the status port all on.
    This process holds an acking SDS stream and a Workload API ``FetchX509SVID`` stream to it
@@ -46,9 +47,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -491,117 +490,6 @@ async def first_cert_cold(ca: RealCa, work: Path, runs: int) -> list[ColdStart]:
     return results
 
 
-# --------------------------------------------------------------------------- 2. RSS child
-
-
-def _emit(message: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-def rss_child_main(directory: Path, step: float, cert_ttl: float) -> int:
-    """The child of phase 2: an agent on a fake clock, driven over stdin, one JSON line out
-    per command. Commands: ``step`` (advance the clock ``step`` seconds), ``report``."""
-    entry_kb = proc_status_kb("self", "VmRSS")  # the interpreter and this script's stdlib
-    _repo_on_path()
-    # The modules a `meshtrust agent` process loads: the CLI (its command groups) and, once
-    # the command runs, the agent.
-    import meshtrust.agent
-    import meshtrust.cli.main  # noqa: F401
-
-    imports_kb = proc_status_kb("self", "VmRSS")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return asyncio.run(_rss_child(directory, step, cert_ttl, entry_kb, imports_kb))
-
-
-async def _rss_child(
-    directory: Path, step: float, cert_ttl: float, entry_kb: int, imports_kb: int
-) -> int:
-    import socket
-
-    from meshtrust.agent import AgentConfig, build_agent
-    from meshtrust.clock import FakeClock
-    from meshtrust.spiffe import SpiffeId
-    from tests.badcerts import cert_pem, make_ca
-    from tests.fake_ca import FakeClockCa
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        status_port = int(probe.getsockname()[1])
-
-    clock = FakeClock(T0)
-    clock_start = clock.monotonic()
-    ca = make_ca(TRUST_DOMAIN, now=T0, lifetime=dt.timedelta(days=3650))
-    root = directory / "root-cert.pem"
-    root.write_bytes(cert_pem(ca.root))
-    config = AgentConfig(
-        ca_root=root,
-        namespace=NAMESPACE,
-        service_account=SERVICE_ACCOUNT,
-        cert_ttl=dt.timedelta(seconds=cert_ttl),
-        sds_socket=directory / "sds.sock",
-        workload_socket=directory / "workload.sock",
-        output_dir=directory / "certs",
-        status_listen=f"127.0.0.1:{status_port}",
-    )
-    source = FakeClockCa(clock, ca, SpiffeId.parse(SPIFFE_ID))
-    agent = build_agent(config, clock=clock, source=source, rng=random.Random(1))
-
-    def state() -> dict[str, object]:
-        current = agent.cache.current
-        assert current is not None
-        return {
-            "sim_s": clock.monotonic() - clock_start,
-            "generation": current.generation,
-            "serial": current.leaf.serial_number,
-            "issued": agent.metrics.rotations_ok,
-            "failed": agent.metrics.rotations_failed,
-            "ca_calls": source.calls,
-            "rss_kb": proc_status_kb("self", "VmRSS"),
-        }
-
-    await agent.start()
-    try:
-        await agent.cache.wait_newer(0)
-        await clock.wait_for_sleepers(1)
-        _emit(
-            {
-                "event": "ready",
-                "sds": str(config.sds_socket),
-                "workload": str(config.workload_socket),
-                "files": str(config.output_dir),
-                **state(),
-            }
-        )
-        while True:
-            command = (await asyncio.to_thread(sys.stdin.readline)).strip()
-            if command == "step":
-                await clock.advance(step)
-                await clock.wait_for_sleepers(1)
-                _emit({"event": "step", **state()})
-            else:  # "report", or the parent went away
-                _emit(
-                    {
-                        "event": "report",
-                        "entry_kb": entry_kb,
-                        "imports_kb": imports_kb,
-                        "hwm_kb": proc_status_kb("self", "VmHWM"),
-                        "anon_kb": proc_status_kb("self", "RssAnon"),
-                        "file_kb": proc_status_kb("self", "RssFile"),
-                        "pss_kb": smaps_pss_kb("self"),
-                        "threads": proc_status_kb("self", "Threads"),
-                        **state(),
-                    }
-                )
-                return 0
-    finally:
-        await agent.stop()
-
-
 # --------------------------------------------------------------------------- 2. RSS parent
 
 
@@ -644,14 +532,13 @@ async def _child_send(proc: asyncio.subprocess.Process, command: str) -> None:
 
 async def rss_after_rotations(work: Path, hours: float, step: float, cert_ttl: float) -> RssResult:
     directory = work / "r"
-    directory.mkdir()
+    directory.mkdir(parents=True)
     log_path = work / "rss-child.log"
     started = time.perf_counter()
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(Path(__file__).resolve()),
-            "--rss-child",
+            str(Path(__file__).resolve().with_name("agent_rss_child.py")),
             str(directory),
             "--rss-step",
             str(step),
@@ -915,9 +802,8 @@ def report_rss(r: Report, res: RssResult, hours: float, step: float, cert_ttl: f
     trend = ", ".join(f"{s / 60:.0f} min {kb / 1024:.1f}" for s, kb in res.trend)
     r.say(
         "   the SDS and Workload API clients run in this process, not in the measured one; "
-        "the child is this script, whose own code (its stdlib imports, compiling its "
-        "1,100 lines, the test CA fixture) adds about 2.7 MB (measured by hand against the "
-        "same child code as a small module of its own)"
+        "the child is benchmarks/agent_rss_child.py, which imports what `meshtrust agent` "
+        "imports plus the in-process test CA (tests.fake_ca) and nothing of this harness"
     )
     r.say(f"   VmRSS (MB): {trend}")
     r.say(
@@ -983,6 +869,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cold-runs", type=int, default=3, help="`meshtrust agent` process starts")
     p.add_argument("--hours", type=float, default=1.0, help="simulated hours of rotations")
     p.add_argument(
+        "--rss-runs", type=int, default=3, help="phase 2 runs (a fresh child each; median)"
+    )
+    p.add_argument(
         "--rss-cert-ttl", type=float, default=60.0, help="certificate TTL (s) for phase 2"
     )
     p.add_argument("--rss-step", type=float, default=5.0, help="fake clock step (s) in phase 2")
@@ -995,10 +884,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run only this phase (repeatable): first, cold, rss, envoy",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
-    p.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.runs, args.cold_runs, args.rotations) < 1 and args.rss_child is None:
-        p.error("--runs, --cold-runs and --rotations must be at least 1")
+    if min(args.runs, args.cold_runs, args.rotations, args.rss_runs) < 1:
+        p.error("--runs, --cold-runs, --rss-runs and --rotations must be at least 1")
     if not 0 < args.rss_step < args.rss_cert_ttl / 2 or args.hours <= 0:
         p.error("--rss-step must be positive and below half of --rss-cert-ttl; --hours > 0")
     return args
@@ -1052,8 +940,18 @@ def run_phases(args: argparse.Namespace, work: Path, r: Report) -> None:
             report_cold(r, cold)
             r.say()
     if "rss" in phases:
-        rss = run_async(rss_after_rotations(work, args.hours, args.rss_step, args.rss_cert_ttl))
-        report_rss(r, rss, args.hours, args.rss_step, args.rss_cert_ttl)
+        results = [
+            run_async(
+                rss_after_rotations(work / f"rss{i}", args.hours, args.rss_step, args.rss_cert_ttl)
+            )
+            for i in range(args.rss_runs)
+        ]
+        # Report the median run whole (its trend and build-up), and every run's end figure.
+        results.sort(key=lambda res: res.end_kb)
+        report_rss(r, results[len(results) // 2], args.hours, args.rss_step, args.rss_cert_ttl)
+        ends = ", ".join(f"{res.end_kb / 1024:.1f}" for res in results)
+        r.say(f"   end VmRSS of the {len(results)} runs (MB, sorted): {ends}; the median is shown")
+        r.say()
     if "envoy" in phases:
         envoy = run_async(envoy_rotation(work, args.rotations, args.gap))
         report_envoy(r, envoy, args.gap)
@@ -1061,16 +959,12 @@ def run_phases(args: argparse.Namespace, work: Path, r: Report) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.rss_child is not None:
-        return rss_child_main(args.rss_child, args.rss_step, args.rss_cert_ttl)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     # Short paths: a Unix socket path holds at most 107 bytes.
     work = Path(tempfile.mkdtemp(prefix="mtb-"))
     r = Report()
     try:
-        settings = {
-            k: v for k, v in vars(args).items() if k not in ("rss_child", "keep") and v is not None
-        }
+        settings = {k: v for k, v in vars(args).items() if k != "keep" and v is not None}
         r.say(
             f"meshtrust agent benchmark: {os.cpu_count()} cores "
             f"({len(os.sched_getaffinity(0))} usable), Python {sys.version.split()[0]}, "
