@@ -4,7 +4,10 @@ from before versioning is adopted."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -14,18 +17,30 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 import sqlalchemy as sa
+from cryptography import x509
 
+from meshtrust.ca import load_token_signing_key, mint_token
+from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.ca.ledger import IssuedRecord, SqlLedger
 from meshtrust.ca.schema import SCHEMA_VERSION
+from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
+from meshtrust.clock import SystemClock
 from meshtrust.errors import LedgerError
+from meshtrust.pki import build_csr, format_serial, generate_key
+from meshtrust.spiffe import SpiffeId
+from tests.conftest import TD
 from tests.postgres import PostgresServer, postgres_server
 from tests.processes import CaProcess, run_cli
+from tests.waiting import async_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 T = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+WEB = SpiffeId.for_workload(TD, "default", "web")
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +240,133 @@ def test_three_ca_replicas_started_together_on_a_fresh_postgresql_ledger_all_ser
             ca.stop()
     listed = run_cli("ca", "certs", "list", "--ledger", pg_url)
     assert listed.returncode == 0, listed.stderr
+
+
+# --------------------------------------------------------------------------- under load
+
+
+def _token(ca_dir: Path) -> str:
+    key = load_token_signing_key(ca_dir)
+    assert key is not None
+    return mint_token(
+        key, token_issuer_for(TD), "default", "web", SystemClock().now(), dt.timedelta(hours=1)
+    )
+
+
+class Client:
+    """Concurrent CreateCertificate calls to one replica; every serial received, every
+    failure's status code."""
+
+    def __init__(self, ca: CaProcess, token: str, csr: str) -> None:
+        self.ca, self.token, self.csr = ca, token, csr
+        self.received: list[str] = []
+        self.failures: list[tuple[grpc.StatusCode, str]] = []
+
+    async def call(self, stub: ca_pb2_grpc.IstioCertificateServiceStub) -> None:
+        try:
+            resp = await stub.CreateCertificate(
+                ca_pb2.IstioCertificateRequest(csr=self.csr),
+                metadata=[("authorization", f"Bearer {self.token}")],
+                timeout=20,
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.failures.append((exc.code(), exc.details() or ""))
+            raise
+        leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+        self.received.append(format_serial(leaf.serial_number))
+
+    async def run(self, concurrency: int, stop: asyncio.Event) -> None:
+        root = (self.ca.ca_dir / "root-cert.pem").read_bytes()
+        creds = grpc.ssl_channel_credentials(root_certificates=root)
+        async with grpc.aio.secure_channel(self.ca.address, creds) as channel:
+            stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    try:
+                        await self.call(stub)
+                    except grpc.aio.AioRpcError:
+                        return  # this replica is gone; an agent would fail over
+
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
+
+
+def _ledger_serials(url: str) -> tuple[int, set[str]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = [r[0] for r in conn.execute(sa.text("SELECT serial FROM certificates"))]
+    finally:
+        engine.dispose()
+    return len(rows), set(rows)
+
+
+@pytest.mark.asyncio
+async def test_three_replicas_under_load_one_killed_lose_and_duplicate_nothing(
+    pg_url: str, ca_dir: Path
+) -> None:
+    replicas = [CaProcess(ca_dir, "--ledger", pg_url, "--workers", "1") for _ in range(3)]
+    token = _token(ca_dir)
+    csr = build_csr(generate_key(), SpiffeId.for_workload(TD, "default", "web"))
+    try:
+        for ca in replicas:
+            ca.wait_ready(timeout=60)
+        clients = [Client(ca, token, csr) for ca in replicas]
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(c.run(8, stop)) for c in clients]
+
+        def total() -> int:
+            return sum(len(c.received) for c in clients)
+
+        await async_until(lambda: total() >= 300, timeout=120, what="300 certificates")
+        replicas[1].signal(signal.SIGKILL)  # mid-burst, with requests in flight
+        killed_at = total()
+        await async_until(lambda: total() >= killed_at + 300, timeout=120, what="300 more")
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    finally:
+        for ca in replicas:
+            ca.stop()
+    received = [s for c in clients for s in c.received]
+    rows, in_ledger = _ledger_serials(pg_url)
+    assert len(received) == len(set(received))  # no serial handed out twice
+    assert set(received) - in_ledger == set()  # every certificate received is recorded
+    assert rows == len(in_ledger)  # and recorded once
+    # Only the killed replica's clients saw failures, and only UNAVAILABLE/connection loss.
+    assert clients[0].failures == [] and clients[2].failures == []
+    assert {code for code, _ in clients[1].failures} <= {grpc.StatusCode.UNAVAILABLE}
+
+
+@pytest.mark.asyncio
+async def test_postgresql_stopped_is_unavailable_with_a_reason_and_recovers(
+    ca_dir: Path,
+) -> None:
+    with postgres_server() as own:  # a server of its own: this test stops it
+        url = own.create_database("ledger")
+        ca = CaProcess(ca_dir, "--ledger", url, "--workers", "1")
+        try:
+            ca.wait_ready(timeout=60)
+            client = Client(ca, _token(ca_dir), build_csr(generate_key(), WEB))
+            root = (ca_dir / "root-cert.pem").read_bytes()
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            async with grpc.aio.secure_channel(ca.address, creds) as channel:
+                stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+                await client.call(stub)
+                own.stop("immediate")
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.call(stub)
+                code, details = client.failures[-1]
+                assert code == grpc.StatusCode.UNAVAILABLE
+                assert "ledger" in details, details
+                assert "password" not in details.lower()
+                own.start()
+                for _ in range(3):  # the first call after may meet a dead pooled connection
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await client.call(stub)
+                assert len(client.received) >= 2
+            log = ca.log()
+        finally:
+            ca.stop()
+        assert "Traceback" not in log
+        _, in_ledger = _ledger_serials(url)
+        assert set(client.received) <= in_ledger
