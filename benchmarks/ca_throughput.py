@@ -174,6 +174,17 @@ def tree_cpu_seconds(pid: int) -> tuple[float, dict[int, float]]:
     return (int(own[11]) + int(own[12])) / _CLK_TCK, children
 
 
+def servers_cpu_seconds(pids: Sequence[int]) -> tuple[float, dict[int, float]]:
+    """:func:`tree_cpu_seconds` summed over several servers (CA replicas): their main
+    processes' seconds, and every worker by pid."""
+    total, workers = 0.0, {}
+    for pid in pids:
+        own, children = tree_cpu_seconds(pid)
+        total += own
+        workers.update(children)
+    return total, workers
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent not idle since boot (/proc/stat)."""
     with open("/proc/stat") as f:
@@ -405,7 +416,7 @@ def _poll(conn: mpc.Connection, timeout: float, server_pid: int) -> bool:
 
 
 def run_load(
-    target: str,
+    targets: Sequence[str],
     root_pem: bytes,
     workloads: tuple[Workload, ...],
     *,
@@ -414,10 +425,12 @@ def run_load(
     channels: int,
     warmup: float,
     duration: float,
-    server_pid: int,
+    server_pids: Sequence[int],
 ) -> tuple[list[ClientResult], CpuShare]:
-    """Run ``clients`` load processes for ``duration`` s after ``warmup`` s; returns their
-    results and the CPU the server, the clients and the machine used in the window."""
+    """Run ``clients`` load processes for ``duration`` s after ``warmup`` s, client ``i``
+    loading ``targets[i % len(targets)]`` (one target per CA replica); returns their results
+    and the CPU the servers (``server_pids`` and their workers), the clients and the machine
+    used in the window."""
     ctx = mp.get_context("spawn")
     procs: list[tuple[mp.process.BaseProcess, mpc.Connection]] = []
     try:
@@ -425,7 +438,7 @@ def run_load(
             share = concurrency // clients + (1 if i < concurrency % clients else 0)
             spec = ClientSpec(
                 index=i,
-                target=target,
+                target=targets[i % len(targets)],
                 root_pem=root_pem,
                 workloads=workloads,
                 concurrency=max(1, share),
@@ -437,7 +450,7 @@ def run_load(
             child_end.close()
             procs.append((child, parent_end))
         for proc, conn in procs:
-            if not _poll(conn, CLIENT_READY_TIMEOUT, server_pid):
+            if not _poll(conn, CLIENT_READY_TIMEOUT, server_pids[0]):
                 raise RuntimeError(f"load client {proc.pid} did not get ready")
             kind, _ = conn.recv()
             assert kind == "ready"
@@ -446,14 +459,14 @@ def run_load(
         for _, conn in procs:
             conn.send((start, end))
         time.sleep(max(0.0, start - time.time()))
-        sup0, work0 = tree_cpu_seconds(server_pid)
+        sup0, work0 = servers_cpu_seconds(server_pids)
         busy0 = machine_busy_seconds()
         time.sleep(max(0.0, end - time.time()))
-        sup1, work1 = tree_cpu_seconds(server_pid)
+        sup1, work1 = servers_cpu_seconds(server_pids)
         busy1 = machine_busy_seconds()
         results = []
         for proc, conn in procs:
-            if not _poll(conn, warmup + duration + REQUEST_TIMEOUT + 30, server_pid):
+            if not _poll(conn, warmup + duration + REQUEST_TIMEOUT + 30, server_pids[0]):
                 raise RuntimeError(f"load client {proc.pid} did not report")
             kind, res = conn.recv()
             assert kind == "result" and isinstance(res, dict)
@@ -544,7 +557,7 @@ def wait_log_line(server: ServerProcess, marker: str) -> None:
 
 
 def start_meshtrust_server(
-    ca_dir: Path, workers: int | None, log_path: Path
+    ca_dir: Path, workers: int | None, log_path: Path, ledger: str | None = None
 ) -> tuple[ServerProcess, str]:
     port, mport = free_port(), free_port()
     argv = [
@@ -558,6 +571,7 @@ def start_meshtrust_server(
         "--metrics-listen",
         f"127.0.0.1:{mport}",
         *(["--workers", str(workers)] if workers is not None else []),
+        *(["--ledger", ledger] if ledger is not None else []),
     ]
     name = "meshtrust ca serve" + (f" --workers {workers}" if workers is not None else "")
     server = ServerProcess(argv, log_path, name)
@@ -667,12 +681,12 @@ def start_grpcio_server(ca_dir: Path, ledger_url: str, log_path: Path) -> tuple[
 
 
 def measure(
-    target: str,
+    targets: Sequence[str],
     root_pem: bytes,
     workloads: tuple[Workload, ...],
     ledger_url: str,
     args: argparse.Namespace,
-    server_pid: int,
+    server_pids: Sequence[int],
 ) -> RunResult:
     from meshtrust.ca import SqlLedger
 
@@ -680,7 +694,7 @@ def measure(
     try:
         rows_before = len(sql.serials())
         results, cpu = run_load(
-            target,
+            targets,
             root_pem,
             workloads,
             clients=args.clients,
@@ -688,7 +702,7 @@ def measure(
             channels=args.channels,
             warmup=args.warmup,
             duration=args.duration,
-            server_pid=server_pid,
+            server_pids=server_pids,
         )
         fatal = [r.fatal for r in results if r.fatal]
         if fatal:
@@ -764,33 +778,42 @@ def median_of(runs: Sequence[RunResult]) -> RunResult:
     )
 
 
+def _state(server: ServerProcess) -> str:
+    code = server.proc.poll()
+    return "running" if code is None else f"exited with code {code}"
+
+
 def run_series(
     name: str,
-    target: str,
+    targets: Sequence[str],
     root_pem: bytes,
     workloads: tuple[Workload, ...],
     ledger_url: str,
     args: argparse.Namespace,
-    server: ServerProcess,
+    servers: Sequence[ServerProcess],
 ) -> tuple[RunResult, float]:
+    """``args.runs`` measured runs against ``targets`` (one per server in ``servers``)."""
     print(f"{name}:", flush=True)
     runs = []
+    pids = [server.proc.pid for server in servers]
     for i in range(args.runs):
-        server.check_alive()
+        for server in servers:
+            server.check_alive()
         try:
-            r = measure(target, root_pem, workloads, ledger_url, args, server.proc.pid)
+            r = measure(targets, root_pem, workloads, ledger_url, args, pids)
         except RuntimeError as exc:
-            status = server.proc.poll()
-            raise RuntimeError(
-                f"{exc}\nserver {'running' if status is None else f'exited with code {status}'}"
-                f"; log ({server.log_path}):\n{server.log_tail()}"
-            ) from exc
-        print_run(f"run {i + 1}", r)
-        if server.proc.poll() is not None:
-            print(
-                f"           the server exited during this run (code {server.proc.returncode}); "
-                f"signalled from outside the benchmark? log:\n{server.log_tail(5)}"
+            logs = "".join(
+                f"\nserver {_state(server)}; log ({server.log_path}):\n{server.log_tail()}"
+                for server in servers
             )
+            raise RuntimeError(f"{exc}{logs}") from exc
+        print_run(f"run {i + 1}", r)
+        for server in servers:
+            if server.proc.poll() is not None:
+                print(
+                    f"           a server exited during this run (code {server.proc.returncode});"
+                    f" signalled from outside the benchmark? log:\n{server.log_tail(5)}"
+                )
         runs.append(r)
     med = median_of(runs)
     print_run("median", med)
@@ -900,12 +923,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             servers.append(server)
             med, best = run_series(
                 f"meshtrust ca serve (grpclib, TLS, JWT, SQLite ledger) on {target}",
-                target,
+                [target],
                 root_pem,
                 workloads,
                 default_ledger_url(ca_dir),
                 args,
-                server,
+                [server],
             )
             code = server.stop()
             if code != 0:
@@ -918,12 +941,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 servers.append(gserver)
                 grpcio_med, _ = run_series(
                     "comparison: same handler behind grpcio.aio (1 process, TLS, JWT, ledger)",
-                    gtarget,
+                    [gtarget],
                     root_pem,
                     workloads,
                     url,
                     args,
-                    gserver,
+                    [gserver],
                 )
                 gserver.stop()
 

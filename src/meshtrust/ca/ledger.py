@@ -21,6 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from meshtrust.ca.schema import audit, certificates, migrate
+from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import LedgerError
 
 __all__ = [
@@ -32,32 +34,6 @@ __all__ = [
     "default_ledger_url",
     "display_url",
 ]
-
-_meta = sa.MetaData()
-
-certificates = sa.Table(
-    "certificates",
-    _meta,
-    sa.Column("serial", sa.String(40), primary_key=True),  # lower-case hex
-    sa.Column("spiffe_id", sa.String(2048), nullable=False, index=True),
-    sa.Column("not_before", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("not_after", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("key_type", sa.String(32), nullable=False),
-    sa.Column("requester", sa.String(512), nullable=False),
-    sa.Column("authenticator", sa.String(32), nullable=False),
-    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("cert_pem", sa.Text, nullable=False),
-)
-
-audit = sa.Table(
-    "audit",
-    _meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("actor", sa.String(512), nullable=False),
-    sa.Column("action", sa.String(64), nullable=False),
-    sa.Column("detail", sa.Text, nullable=False),
-)
 
 
 def default_ledger_url(ca_dir: Path) -> str:
@@ -119,7 +95,12 @@ def display_url(url: str) -> str:
 class SqlLedger:
     """Synchronous ledger access. One instance per process; thread-safe via the engine pool."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Clock | None = None) -> None:
+        """Open (and create or migrate: :mod:`meshtrust.ca.schema`) the ledger at ``url``.
+
+        Raises :class:`LedgerError` when the URL is unusable, the database unreachable, or
+        its schema newer than this meshtrust knows.
+        """
         self.url = url
         try:
             self._engine: Engine = sa.create_engine(url, pool_pre_ping=True)
@@ -128,12 +109,12 @@ class SqlLedger:
         if self._engine.dialect.name == "sqlite":
             sa.event.listen(self._engine, "connect", _sqlite_pragmas)
         try:
-            _meta.create_all(self._engine)
-        except SQLAlchemyError as exc:
-            raise LedgerError(
-                f"cannot open the ledger at {display_url(url)}: {exc.__class__.__name__}: "
-                f"{str(exc.orig) if hasattr(exc, 'orig') else exc}"
-            ) from exc
+            self.schema_found = migrate(
+                self._engine, (clock or SystemClock()).now(), display_url(url)
+            )
+        except LedgerError:
+            self._engine.dispose()
+            raise
 
     def record_batch(self, records: Sequence[IssuedRecord]) -> None:
         """Insert ``records`` in one transaction, committed durably before returning."""

@@ -1,0 +1,172 @@
+"""The ledger's tables and their versioned migrations, which the CA applies itself at start.
+
+Theory of operation. The ledger records its schema version in ``meshtrust_schema`` (one row
+per migration applied: version, description, when). :func:`migrate` runs when a ledger is
+opened: it reads the version, refuses a ledger *newer* than this meshtrust knows (a replica
+of an older release must not write into a schema it does not understand), and applies the
+migrations still missing, in order, in one transaction.
+
+Several CA replicas may open one fresh PostgreSQL ledger at the same moment. Without care
+they all run ``CREATE TABLE`` at once and all but one die on the catalogue's unique index
+(``pg_type_typname_nsp_index``). So the whole check-and-migrate transaction first takes a
+transaction-scoped advisory lock (``pg_advisory_xact_lock``): replicas queue, the first one
+migrates, the others find the schema current and go on. PostgreSQL's DDL is transactional,
+so a migration that fails leaves nothing half-made. On SQLite the transaction is ``BEGIN
+IMMEDIATE``, which takes the database's write lock at once for the same effect.
+
+A ledger made before versioning (``certificates`` and ``audit`` present, no
+``meshtrust_schema``) is adopted as version 1: migration 1 creates its tables only where
+they are missing.
+
+Why not Alembic: the CA is the only thing that migrates its ledger and does it at start,
+under a lock, for SQLite and PostgreSQL alike; a list of small functions on a connection
+(the shape Alembic's operations have) says the same with no ``alembic.ini``/``env.py`` to
+ship or configure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from meshtrust.errors import LedgerError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Migration",
+    "audit",
+    "certificates",
+    "migrate",
+    "schema_version",
+]
+
+metadata = sa.MetaData()
+
+certificates = sa.Table(
+    "certificates",
+    metadata,
+    sa.Column("serial", sa.String(40), primary_key=True),  # lower-case hex
+    sa.Column("spiffe_id", sa.String(2048), nullable=False, index=True),
+    sa.Column("not_before", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("not_after", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("key_type", sa.String(32), nullable=False),
+    sa.Column("requester", sa.String(512), nullable=False),
+    sa.Column("authenticator", sa.String(32), nullable=False),
+    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("cert_pem", sa.Text, nullable=False),
+)
+
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor", sa.String(512), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
+schema_table = sa.Table(
+    "meshtrust_schema",
+    sa.MetaData(),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Any 64-bit number no other application on the server uses: "meshtrst" in ASCII.
+ADVISORY_LOCK_KEY = 0x6D65736874727374 - (1 << 63)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _v1_certificates_and_audit(conn: Connection) -> None:
+    certificates.create(conn, checkfirst=True)
+    audit.create(conn, checkfirst=True)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "certificates and audit", _v1_certificates_and_audit),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def schema_version(conn: Connection) -> int:
+    """The version recorded in the ledger (0: nothing recorded yet)."""
+    if not sa.inspect(conn).has_table(schema_table.name):
+        return 0
+    found = conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
+    return int(found or 0)
+
+
+def _lock(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
+    """Bring the ledger to :data:`SCHEMA_VERSION`; return the version it had before.
+
+    Raises :class:`LedgerError` when the ledger is newer than this meshtrust, or when it
+    cannot be read or migrated (``where`` names it in the message, password hidden).
+    """
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                # pysqlite opens transactions lazily; let BEGIN IMMEDIATE be the first.
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                _lock(conn)
+                try:
+                    found = _migrate_locked(conn, now, where)
+                except BaseException:
+                    conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
+                return found
+            with conn.begin():
+                _lock(conn)
+                return _migrate_locked(conn, now, where)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise LedgerError(
+            f"cannot open the ledger at {where}: {exc.__class__.__name__}: {reason}"
+        ) from exc
+
+
+def _migrate_locked(conn: Connection, now: dt.datetime, where: str) -> int:
+    found = schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise LedgerError(
+            f"the ledger at {where} has schema version {found}, newer than this meshtrust "
+            f"knows (up to {SCHEMA_VERSION}): another CA replica runs a newer release; "
+            "upgrade this one (a ledger is never downgraded)"
+        )
+    if found == SCHEMA_VERSION:
+        return found
+    schema_table.create(conn, checkfirst=True)
+    for migration in MIGRATIONS:
+        if migration.version > found:
+            migration.apply(conn)
+            conn.execute(
+                schema_table.insert(),
+                [
+                    {
+                        "version": migration.version,
+                        "description": migration.description,
+                        "applied_at": now,
+                    }
+                ],
+            )
+    return found
