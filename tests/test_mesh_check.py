@@ -91,7 +91,7 @@ MESH = MeshState(
 ENVOY: dict[str, Any] = {
     "live": True,
     "pid": 4242,
-    "admin": "http://127.0.0.1:40123",
+    "admin": "unix:///tmp/mesh/web/envoy/admin.sock",
     "restarts": 0,
     "mtls_mode": "STRICT",
     "policy_version": 1,
@@ -182,6 +182,20 @@ CASES: list[tuple[str, Observation, Any, Verdict, str, str | None]] = [
         check_envoy,
         Verdict.FAIL,
         "is not live",
+        "envoy-web.log",
+    ),
+    (
+        "envoy listener not active",
+        obs(
+            agent=envoy(
+                live=False,
+                not_live_reason="inbound listener 127.0.0.1:16080 is not active: the port is "
+                "taken? (see the Envoy log)",
+            )
+        ),
+        check_envoy,
+        Verdict.FAIL,
+        "is not live: inbound listener 127.0.0.1:16080 is not active: the port is taken?",
         "envoy-web.log",
     ),
     (

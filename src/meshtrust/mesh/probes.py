@@ -20,12 +20,15 @@ from typing import Any
 
 from cryptography import x509
 
+from meshtrust.envoy import EnvoyAdmin
 from meshtrust.errors import ConfigError, EnvironmentFault, MeshTrustError
 from meshtrust.mesh.state import MeshState, ServiceState, find_state, read_state
 from meshtrust.pki import format_serial, load_certs_pem
 
 __all__ = [
     "WorkloadUnavailable",
+    "admin_json",
+    "admin_text",
     "agent_status",
     "alive",
     "certs_entries",
@@ -85,15 +88,37 @@ def agent_status(svc: ServiceState, timeout: float = 2.0) -> dict[str, Any] | No
     return data if isinstance(data, dict) else None
 
 
+def admin_text(admin: str | None, path: str, timeout: float = 2.0) -> str | None:
+    """The body of a 200 from the Envoy admin API at ``admin`` (the ``unix:///...`` address
+    the agent reports), or None when there is no address, it is not a socket address, or
+    nothing answers (``PermissionError`` included: it is another user's Envoy)."""
+    if not admin:
+        return None
+    try:
+        client = EnvoyAdmin.at(admin)
+    except ValueError:
+        return None
+    return client.text(path, timeout=timeout)
+
+
+def admin_json(admin: str | None, path: str, timeout: float = 2.0) -> Any:
+    """Like :func:`admin_text`, the body parsed as JSON (None when it is not JSON)."""
+    raw = admin_text(admin, path, timeout=timeout)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 def envoy_stats(
     admin: str | None, pattern: str = "", timeout: float = 2.0
 ) -> dict[str, int] | None:
     """Envoy's numeric stats whose name matches ``pattern`` (a regex); None when Envoy (or
     its admin address) is not there."""
-    if not admin:
-        return None
-    url = f"{admin}/stats?filter={urllib.parse.quote(pattern)}" if pattern else f"{admin}/stats"
-    text = fetch(url, timeout=timeout)
+    path = f"/stats?filter={urllib.parse.quote(pattern)}" if pattern else "/stats"
+    text = admin_text(admin, path, timeout=timeout)
     if text is None:
         return None
     out: dict[str, int] = {}
