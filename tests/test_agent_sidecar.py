@@ -337,6 +337,39 @@ async def test_agent_with_sidecar_is_ready_when_envoy_is_live_and_follows_policy
     assert envoy.stops >= 2 and not envoy.running
 
 
+@pytest.mark.asyncio
+async def test_agent_is_not_ready_while_its_inbound_listener_is_not_active(
+    tmp_path: Path,
+) -> None:
+    """Issue #9 point 4: /healthz/ready (agent.ready()) answered 200 while Envoy, LIVE by its
+    own account, had no inbound listener because another process held the port."""
+    config, ca = agent_files(tmp_path)
+    clock = FakeClock(T0)
+    envoy = FakeEnvoy(clock)
+    agent = build_agent(
+        config, clock=clock, source=FakeClockCa(clock, ca, WEB), launcher=FakeLauncher(envoy)
+    )
+    await agent.start()
+    try:
+        await agent.cache.wait_newer(0)
+        await clock.wait_for_sleepers(2)
+        await clock.advance(1.0)
+        await clock.wait_for_sleepers(2)
+        assert agent.ready()
+        envoy.unbound = {"inbound"}
+        await clock.advance(1.0)
+        await clock.wait_for_sleepers(2)
+        assert not agent.ready()
+        envoy_status = agent.status_snapshot()["envoy"]
+        assert isinstance(envoy_status, dict)
+        assert envoy_status["live"] is False
+        assert envoy_status["not_live_reason"] == (
+            "inbound listener 127.0.0.1:15006 is not active: the port is taken? (see the Envoy log)"
+        )
+    finally:
+        await agent.stop()
+
+
 # --- defect 12: no Envoy binary ------------------------------------------------------------
 
 

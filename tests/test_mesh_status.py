@@ -193,6 +193,9 @@ def test_a_sidecar_whose_listener_is_not_active_is_degraded_with_the_reason() ->
     assert (b["ready"], b["envoy"]["state"], b["envoy"]["reason"]) == (False, "not ready", why)
     live = status_document(observe(), NOW)["services"][1]["envoy"]
     assert live["reason"] is None
+    console = Console(record=True, width=250)
+    console.print(status_view(doc))
+    assert f"b: sidecar not ready: {why}" in console.export_text()
 
 
 def test_nothing_answers() -> None:

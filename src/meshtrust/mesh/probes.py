@@ -29,6 +29,7 @@ __all__ = [
     "WorkloadUnavailable",
     "admin_json",
     "admin_text",
+    "admin_unreachable",
     "agent_status",
     "alive",
     "certs_entries",
@@ -110,6 +111,27 @@ def admin_json(admin: str | None, path: str, timeout: float = 2.0) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def admin_unreachable(admin: str) -> str:
+    """Why the Envoy admin API at ``admin`` does not answer, for a message a person can act
+    on (another user's socket, a missing one, an address from an older agent)."""
+    try:
+        client = EnvoyAdmin.at(admin)
+    except ValueError as exc:
+        return f"{exc}: an agent from before the admin API moved to a Unix socket? restart it"
+    try:
+        client.get("/ready", timeout=2.0)
+    except PermissionError:
+        return (
+            f"permission denied on {client.socket_path}: only the user that runs the mesh "
+            "can open Envoy's admin socket; run this as that user"
+        )
+    except FileNotFoundError:
+        return f"{client.socket_path} does not exist: Envoy is not running?"
+    except OSError as exc:
+        return f"{client.socket_path}: {exc.strerror or exc}"
+    return f"{client.socket_path} answers, but not with what was asked"
 
 
 def envoy_stats(

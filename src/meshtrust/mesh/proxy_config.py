@@ -27,6 +27,7 @@ from meshtrust.errors import MeshTrustError
 from meshtrust.mesh.probes import (
     WorkloadUnavailable,
     admin_json,
+    admin_unreachable,
     certs_entries,
     require_admin,
     serial_text,
@@ -223,7 +224,9 @@ def proxy_secrets(
     _, admin = require_admin(svc)
     active = admin_json(admin, "/config_dump?resource=dynamic_active_secrets")
     if active is None:
-        raise WorkloadUnavailable(f"the Envoy of {workload} does not answer on {admin}")
+        raise WorkloadUnavailable(
+            f"the Envoy of {workload} does not answer on {admin}: {admin_unreachable(admin)}"
+        )
     warming = admin_json(admin, "/config_dump?resource=dynamic_warming_secrets")
     certs_json = admin_json(admin, "/certs")
     return secret_rows(active, warming, certs_json, now or SystemClock().now())
