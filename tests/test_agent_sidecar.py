@@ -139,6 +139,15 @@ async def test_not_live_while_a_configured_listener_is_not_active(supervised: Su
     assert supervised.sidecar.not_live_reason == (
         "inbound listener 127.0.0.1:15006 is not active: the port is taken? (see the Envoy log)"
     )
+    # Envoy retries a bind only when its listener file changes: the sidecar rewrites it
+    # (same listeners, same policy, a new LDS version), backing off 1 s, 2 s, 4 s, ...
+    assert supervised.lds()["version_info"] == "1"
+    versions = []
+    for _ in range(7):
+        await supervised.tick()
+        versions.append(supervised.lds()["version_info"])
+    assert versions == ["1.1", "1.1", "1.2", "1.2", "1.2", "1.2", "1.3"]
+    assert supervised.sidecar.policy_version == 1
     supervised.envoy.admin_answers = False
     await supervised.tick()
     assert not supervised.sidecar.live

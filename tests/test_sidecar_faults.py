@@ -255,10 +255,11 @@ async def test_a_sidecar_whose_inbound_port_is_taken_is_not_ready_and_says_why(
     workdir: Path, sds: Path
 ) -> None:
     """Issue #9 point 4: Envoy logs "cannot bind" and still says LIVE; the sidecar must not."""
-    with socket.socket() as holder:  # another process's socket, in effect
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
+    holder = socket.socket()  # another process's socket, in effect
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
         async with running(web(port), workdir / "web", sds) as sidecar:
             await async_until(
                 lambda: (
@@ -276,3 +277,9 @@ async def test_a_sidecar_whose_inbound_port_is_taken_is_not_ready_and_says_why(
             assert f"cannot bind '127.0.0.1:{port}'" in sidecar.envoy.log_tail()
             # And Envoy itself says LIVE: the reason readiness cannot be Envoy's /ready alone.
             assert await sidecar.envoy.ready()
+            # Once the port is free again, the sidecar binds it and is ready by itself.
+            holder.close()
+            await async_until(lambda: sidecar.live, 30, "live once the port is free")
+            assert sidecar.not_live_reason is None
+    finally:
+        holder.close()

@@ -16,7 +16,9 @@ the injected clock:
 * the sidecar is live when Envoy says LIVE (``/ready``: every listener has its secrets)
   *and* reports every listener the sidecar configured as active (``/listeners``): Envoy
   says LIVE even when it could not bind a listener's port because another process holds
-  it. Otherwise ``not_live_reason`` says why, in words a person can act on.
+  it. Otherwise ``not_live_reason`` says why, in words a person can act on. While a
+  listener is down the listener file is written again now and then (with backoff), since
+  Envoy retries a bind only when that file changes.
 
 Collaborators are constructor arguments (:class:`EnvoyLauncher`, :class:`PolicySource`, the
 clock), narrow protocols owned here: the agent's assembly passes the real ones
@@ -135,6 +137,8 @@ class EnvoySidecar:
         self.restarts = 0
         self.live = False
         self.not_live_reason: str | None = "Envoy is not started yet"
+        self._bind_retries = 0
+        self._next_bind_retry: float | None = None
         self.last_policy_error: str | None = None
         # Compiled now, so a bad policy stops the agent before anything runs.
         self._initial_policy = self.compile_policy()
@@ -242,11 +246,34 @@ class EnvoySidecar:
             else:
                 problems = listener_problems(self.settings.config, active)
                 reason = "; ".join(problems) if problems else None
+                self._retry_bind(bool(problems))
         self.live, self.not_live_reason = reason is None, reason
         if self.live and not was_live:
             log.info("Envoy for %s is live", self.workload.name)
         elif reason is not None and reason != old_reason:
             log.warning("Envoy for %s is not ready: %s", self.workload.name, reason)
+
+    def _retry_bind(self, needed: bool) -> None:
+        """Envoy does not retry a listener it could not bind; it does when its listener file
+        changes. So while a listener is down, write the same listeners again (a new LDS
+        version, same policy), backing off like restarts do: once the other process lets
+        the port go, the sidecar becomes ready by itself."""
+        if not needed:
+            self._bind_retries, self._next_bind_retry = 0, None
+            return
+        s, now = self.settings, self.clock.monotonic()
+        if self._next_bind_retry is None or now >= self._next_bind_retry:
+            if self._next_bind_retry is not None and self.policy is not None:
+                self._bind_retries += 1
+                version = f"{self.policy_version}.{self._bind_retries}"
+                try:
+                    write_lds_file(self.lds_path, inbound_listeners(s.config, self.policy), version)
+                except OSError as exc:
+                    log.error("cannot write Envoy's listener file %s: %s", self.lds_path, exc)
+            delay = backoff_delay(
+                self._bind_retries, base=s.backoff_base, cap=s.backoff_cap, jitter=0.0
+            )
+            self._next_bind_retry = now + delay
 
     async def _restart(self, envoy: Envoy, attempt: int) -> int:
         """Start a dead Envoy again; returns the next backoff attempt number (0 after a
