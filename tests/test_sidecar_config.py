@@ -575,7 +575,7 @@ def test_lds_file_is_a_discovery_response_of_listeners(tmp_path: Path) -> None:
     (resource,) = response.resources
     listener = unpack(resource, listener_pb2.Listener())
     assert listener.name == INBOUND_LISTENER
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # RBAC principals: the agent's user only
     assert lds_response(listeners, "7") == json.loads(path.read_text())
 
 

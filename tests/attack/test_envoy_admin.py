@@ -62,6 +62,10 @@ def envoy(world_traversable_dir: Path) -> Iterator[tuple[EnvoyProcess, int]]:
         os.umask(old)
     try:
         process.wait_admin(WAIT)
+        assert stat.S_IMODE(world_traversable_dir.stat().st_mode) == 0o700  # Envoy's own
+        # Open it up again, as an operator's --envoy-workdir might be: only the modes of
+        # the socket and files themselves are under test.
+        world_traversable_dir.chmod(0o755)
         yield process, port
     finally:
         process.stop()

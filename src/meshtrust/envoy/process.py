@@ -188,7 +188,10 @@ class EnvoyProcess:
         binary = self.binary or envoy_binary()
         if not (binary.is_file() and os.access(binary, os.X_OK)):
             raise envoy_missing(f"{binary} is not an executable file")
+        # Envoy's own directory: config, log, pidfile, admin socket. 0700 even when someone
+        # made it before us (Envoy binds the socket before it chmods it to 0600).
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.workdir.chmod(0o700)
         _write_private(self.config_path, json.dumps(dict(self.config), indent=2).encode())
         self.admin_address_path.unlink(missing_ok=True)
         # Envoy chmods the socket after bind; a stale one would only confuse the wait.

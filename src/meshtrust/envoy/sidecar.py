@@ -826,12 +826,13 @@ def write_lds_file(
     fsync: Fsync = os.fsync,
 ) -> None:
     """Replace the LDS file at ``path`` atomically and durably, as JSON (through
-    :func:`meshtrust.fileio.write_file_atomic`, mode 0644: no secrets in it, readable for
-    whoever debugs the sidecar). Envoy sees the rename and applies the listeners; a reader
+    :func:`meshtrust.fileio.write_file_atomic`, mode 0600: no keys in it, but the RBAC
+    principals of the workload's policy, which are nobody else's business; Envoy runs as the
+    agent's user). Envoy sees the rename and applies the listeners; a reader
     never sees a half-written file. Envoy reports the version it applied in the stat
     ``listener_manager.lds.version_text``.
 
     Raises :class:`OSError` if the directory is not writable (the old file is untouched).
     """
     data = json.dumps(lds_response(listeners, version), indent=1).encode()
-    write_file_atomic(Path(path), data, 0o644, fsync=fsync)
+    write_file_atomic(Path(path), data, 0o600, fsync=fsync)
