@@ -266,7 +266,7 @@ class LoopThread:
 # --------------------------------------------------------------------------- the processes
 
 
-def upstream_bootstrap(port: int) -> dict[str, Any]:
+def upstream_bootstrap(port: int, admin_socket: Path) -> dict[str, Any]:
     """An Envoy answering every request on 127.0.0.1:``port`` with 200 and a small body."""
     from meshtrust.envoy import admin, node
 
@@ -315,7 +315,7 @@ def upstream_bootstrap(port: int) -> dict[str, Any]:
     }
     return {
         "node": node("upstream", "upstream"),
-        "admin": admin(0),
+        "admin": admin(admin_socket),
         "static_resources": {"listeners": [listener]},
     }
 
@@ -443,7 +443,7 @@ def start_sidecar(
         sds_socket=sds.socket_path,
         lds_path=lds_path,
         node_id=f"sidecar~127.0.0.1~{config.name}.{config.namespace}~local",
-        admin_port=0,
+        admin_socket=directory / "admin.sock",
     )
     if args.tls13_only:
         listeners, bootstrap = tls13_only(listeners), tls13_only(bootstrap)
@@ -469,7 +469,7 @@ def start_rig(
 
     upstream_port = free_port()
     upstream = EnvoyProcess(
-        upstream_bootstrap(upstream_port),
+        upstream_bootstrap(upstream_port, work / "upstream-admin.sock"),
         work,
         name="upstream",
         extra_args=("--concurrency", str(args.upstream_concurrency)),

@@ -79,10 +79,14 @@ def inbound_listener(port: int) -> dict[str, Any]:
     }
 
 
-def sidecar_bootstrap(socket_path: Path, listener_port: int) -> dict[str, Any]:
+def sidecar_bootstrap(
+    socket_path: Path, listener_port: int, admin_socket: Path | None = None
+) -> dict[str, Any]:
+    """A bootstrap whose admin API is on ``admin_socket`` (default: ``admin.sock`` beside the
+    SDS socket), the only place meshtrust ever puts it."""
     return {
         "node": node("sidecar~127.0.0.1~server.default~default.svc.cluster.local", "server"),
-        "admin": admin(0),
+        "admin": admin(admin_socket or socket_path.parent / "admin.sock"),
         "static_resources": {
             "clusters": [sds_cluster(socket_path)],
             "listeners": [inbound_listener(listener_port)],

@@ -3,6 +3,7 @@ implement the protocols of :mod:`meshtrust.agent.sidecar` in memory, on a fake c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,11 @@ __all__ = ["FakeEnvoy", "FakeLauncher", "FakePolicies"]
 @dataclass
 class FakeEnvoy:
     """An Envoy that starts (or fails to) at once, dies on request and says LIVE when
-    running. ``starts`` records the fake clock's time of every start attempt."""
+    running. ``starts`` records the fake clock's time of every start attempt.
+
+    Like the real one it reports as active every listener of its bootstrap and of its LDS
+    file (read from disk, as Envoy does), except those named in ``unbound`` (their port is
+    taken by another process)."""
 
     clock: FakeClock
     fail_starts: int = 0
@@ -28,6 +33,10 @@ class FakeEnvoy:
     running: bool = False
     pid: int | None = None
     admin_url: str | None = None
+    bootstrap: Mapping[str, Any] = field(default_factory=dict)
+    unbound: set[str] = field(default_factory=set)
+    admin_answers: bool = True
+    _lds_names: set[str] = field(default_factory=set)
 
     async def start(self) -> None:
         self.starts.append(self.clock.monotonic())
@@ -35,7 +44,7 @@ class FakeEnvoy:
             self.fail_starts -= 1
             raise EnvoyFailed("envoy-web: Envoy exited with status 1 while starting")
         self.running, self.pid = True, 4000 + len(self.starts)
-        self.admin_url = "http://127.0.0.1:19000"
+        self.admin_url = "unix:///run/web/envoy/admin.sock"
 
     async def stop(self) -> None:
         self.running = False
@@ -43,6 +52,19 @@ class FakeEnvoy:
 
     async def ready(self) -> bool:
         return self.running and self.says_live
+
+    async def active_listeners(self) -> frozenset[str] | None:
+        if not (self.running and self.admin_answers):
+            return None
+        names = {item["name"] for item in self.bootstrap["static_resources"]["listeners"]}
+        lds = self.bootstrap["dynamic_resources"]["lds_config"]["path_config_source"]["path"]
+        try:  # Envoy keeps the listeners of the last file it could read
+            self._lds_names = {
+                item["name"] for item in json.loads(Path(lds).read_text())["resources"]
+            }
+        except (OSError, ValueError):
+            pass
+        return frozenset((names | self._lds_names) - self.unbound)
 
     def log_tail(self) -> str:
         return "[warning] fake Envoy log"
@@ -58,6 +80,7 @@ class FakeLauncher:
 
     def prepare(self, bootstrap: Mapping[str, Any], workdir: Path, name: str) -> FakeEnvoy:
         self.prepared.append((bootstrap, workdir, name))
+        self.envoy.bootstrap = bootstrap
         return self.envoy
 
 

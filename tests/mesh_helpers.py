@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from meshtrust.envoy import EnvoyAdmin
 from meshtrust.mesh import MeshState, load_mesh_config, start_mesh, stop_mesh
 from tests.processes import free_port
 
@@ -140,9 +141,10 @@ def agent_status(state: MeshState, service: str) -> dict[str, Any]:
 
 
 def envoy_serial(state: MeshState, service: str) -> int:
-    admin = agent_status(state, service)["envoy"]["admin"]
-    with urllib.request.urlopen(f"{admin}/certs", timeout=5) as resp:
-        certs = json.loads(resp.read())
+    admin = agent_status(state, service)["envoy"]["admin"]  # unix:///.../envoy/admin.sock
+    status, body = EnvoyAdmin.at(admin).get("/certs", timeout=5)
+    assert status == 200, body
+    certs = json.loads(body)
     for entry in certs["certificates"]:
         for cert in entry.get("cert_chain", []):
             return int(cert["serial_number"], 16)

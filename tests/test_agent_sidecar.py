@@ -28,7 +28,7 @@ from meshtrust.agent.build import build_agent
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.sidecar import EnvoySidecar, SidecarSettings
 from meshtrust.clock import FakeClock
-from meshtrust.envoy import ProcessLauncher
+from meshtrust.envoy import ProcessLauncher, admin
 from meshtrust.envoy.sidecar import SidecarConfig
 from meshtrust.errors import EnvoyFailed, PolicyError
 from meshtrust.policy import MtlsMode, PeerAuthentication, PolicySet
@@ -106,6 +106,9 @@ async def test_start_writes_the_listener_and_launches_envoy_on_the_agents_socket
     sds = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "sds-grpc")
     endpoint = sds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert endpoint["address"]["pipe"]["path"] == str(tmp_path / "sds.sock")
+    # Admin on a 0600 Unix socket in the workload's Envoy directory, never TCP.
+    pipe = bootstrap["admin"]["address"]["pipe"]
+    assert pipe == {"path": str(tmp_path / "envoy-web" / "admin.sock"), "mode": 0o600}
     assert supervised.lds()["version_info"] == "1"
     assert supervised.sidecar.policy is not None
     assert supervised.sidecar.policy.mode is MtlsMode.STRICT
@@ -122,6 +125,36 @@ async def test_live_follows_what_envoy_says(supervised: Supervised) -> None:
     supervised.envoy.says_live = False
     await supervised.tick()
     assert not supervised.sidecar.live
+
+
+@pytest.mark.asyncio
+async def test_not_live_while_a_configured_listener_is_not_active(supervised: Supervised) -> None:
+    """Issue #9 point 4: Envoy says LIVE even when the inbound port is taken by another
+    process and its listener could not bind; the sidecar must not believe it."""
+    await supervised.tick()
+    assert supervised.sidecar.live and supervised.sidecar.not_live_reason is None
+    supervised.envoy.unbound = {"inbound"}
+    await supervised.tick()
+    assert not supervised.sidecar.live
+    assert supervised.sidecar.not_live_reason == (
+        "inbound listener 127.0.0.1:15006 is not active: the port is taken? (see the Envoy log)"
+    )
+    # Envoy retries a bind only when its listener file changes: the sidecar rewrites it
+    # (same listeners, same policy, a new LDS version), backing off 1 s, 2 s, 4 s, ...
+    assert supervised.lds()["version_info"] == "1"
+    versions = []
+    for _ in range(7):
+        await supervised.tick()
+        versions.append(supervised.lds()["version_info"])
+    assert versions == ["1.1", "1.1", "1.2", "1.2", "1.2", "1.2", "1.3"]
+    assert supervised.sidecar.policy_version == 1
+    supervised.envoy.admin_answers = False
+    await supervised.tick()
+    assert not supervised.sidecar.live
+    assert "admin API unix:///" in (supervised.sidecar.not_live_reason or "")
+    supervised.envoy.unbound, supervised.envoy.admin_answers = set(), True
+    await supervised.tick()
+    assert supervised.sidecar.live and supervised.sidecar.not_live_reason is None
 
 
 @pytest.mark.asyncio
@@ -303,6 +336,7 @@ async def test_agent_with_sidecar_is_ready_when_envoy_is_live_and_follows_policy
         assert agent.status_snapshot()["envoy"] == {
             **envoy_status,
             "live": False,
+            "not_live_reason": "Envoy exited; restarting it (restart 1)",
             "restarts": 1,
             "pid": envoy.pid,
         }
@@ -312,12 +346,47 @@ async def test_agent_with_sidecar_is_ready_when_envoy_is_live_and_follows_policy
     assert envoy.stops >= 2 and not envoy.running
 
 
+@pytest.mark.asyncio
+async def test_agent_is_not_ready_while_its_inbound_listener_is_not_active(
+    tmp_path: Path,
+) -> None:
+    """Issue #9 point 4: /healthz/ready (agent.ready()) answered 200 while Envoy, LIVE by its
+    own account, had no inbound listener because another process held the port."""
+    config, ca = agent_files(tmp_path)
+    clock = FakeClock(T0)
+    envoy = FakeEnvoy(clock)
+    agent = build_agent(
+        config, clock=clock, source=FakeClockCa(clock, ca, WEB), launcher=FakeLauncher(envoy)
+    )
+    await agent.start()
+    try:
+        await agent.cache.wait_newer(0)
+        await clock.wait_for_sleepers(2)
+        await clock.advance(1.0)
+        await clock.wait_for_sleepers(2)
+        assert agent.ready()
+        envoy.unbound = {"inbound"}
+        await clock.advance(1.0)
+        await clock.wait_for_sleepers(2)
+        assert not agent.ready()
+        envoy_status = agent.status_snapshot()["envoy"]
+        assert isinstance(envoy_status, dict)
+        assert envoy_status["live"] is False
+        assert envoy_status["not_live_reason"] == (
+            "inbound listener 127.0.0.1:15006 is not active: the port is taken? (see the Envoy log)"
+        )
+    finally:
+        await agent.stop()
+
+
 # --- defect 12: no Envoy binary ------------------------------------------------------------
 
 
 def test_missing_envoy_binary_is_a_clear_message_naming_the_platform(tmp_path: Path) -> None:
     launcher = ProcessLauncher(binary=tmp_path / "no-such-envoy")
-    envoy = launcher.prepare({"admin": {}}, tmp_path / "work", "envoy-web")
+    envoy = launcher.prepare(
+        {"admin": admin(tmp_path / "admin.sock")}, tmp_path / "work", "envoy-web"
+    )
     with pytest.raises(EnvoyFailed) as error:
         asyncio.run(envoy.start())
     message = str(error.value)

@@ -68,7 +68,8 @@ def test_bootstrap_is_a_valid_envoy_v3_bootstrap() -> None:
     http = http_protocol_options_pb2.HttpProtocolOptions()
     assert options.Unpack(http)
     assert http.explicit_http_config.HasField("http2_protocol_options")
-    assert parsed.admin.address.socket_address.address == "127.0.0.1"
+    assert parsed.admin.address.pipe.path == "/run/meshtrust/admin.sock"
+    assert parsed.admin.address.pipe.mode == 0o600  # only the agent's user opens it
     assert (parsed.node.id, parsed.node.cluster) == (
         "sidecar~127.0.0.1~server.default~default.svc.cluster.local",
         "server",
@@ -83,8 +84,10 @@ def test_bootstrap_is_a_valid_envoy_v3_bootstrap() -> None:
 
 
 def test_bootstrap_argument_checks() -> None:
-    with pytest.raises(ValueError):
-        admin(70000)
+    with pytest.raises(ValueError, match="not absolute"):
+        admin("admin.sock")
+    with pytest.raises(ValueError, match="more than the 107"):
+        admin("/" + "x" * 107)
     with pytest.raises(ValueError):
         node("", "server")
     assert envoy_binary().is_file()
@@ -288,7 +291,7 @@ async def test_rejected_secret_keeps_the_old_one(mesh: Mesh) -> None:
 
 
 def test_envoy_refusing_its_config_raises_with_log(workdir: Path) -> None:
-    config = {"admin": admin(0), "static_resources": {"no_such_field": []}}
+    config = {"admin": admin(workdir / "admin.sock"), "static_resources": {"no_such_field": []}}
     envoy = EnvoyProcess(config, workdir, name="bad")
     envoy.start()
     try:

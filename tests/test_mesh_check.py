@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import datetime as dt
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from meshtrust.mesh.check import (
     check_tls_errors,
     judge,
 )
+from meshtrust.mesh.probes import admin_json, admin_unreachable
 from meshtrust.mesh.proxy_config import secret_rows
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 from meshtrust.pki import format_serial
@@ -91,7 +93,7 @@ MESH = MeshState(
 ENVOY: dict[str, Any] = {
     "live": True,
     "pid": 4242,
-    "admin": "http://127.0.0.1:40123",
+    "admin": "unix:///tmp/mesh/web/envoy/admin.sock",
     "restarts": 0,
     "mtls_mode": "STRICT",
     "policy_version": 1,
@@ -182,6 +184,20 @@ CASES: list[tuple[str, Observation, Any, Verdict, str, str | None]] = [
         check_envoy,
         Verdict.FAIL,
         "is not live",
+        "envoy-web.log",
+    ),
+    (
+        "envoy listener not active",
+        obs(
+            agent=envoy(
+                live=False,
+                not_live_reason="inbound listener 127.0.0.1:16080 is not active: the port is "
+                "taken? (see the Envoy log)",
+            )
+        ),
+        check_envoy,
+        Verdict.FAIL,
+        "is not live: inbound listener 127.0.0.1:16080 is not active: the port is taken?",
         "envoy-web.log",
     ),
     (
@@ -560,3 +576,12 @@ def test_a_rotation_seen_halfway_is_looked_at_again(
     serials: tuple[int | None, int | None, int | None], again: bool
 ) -> None:
     assert caught_mid_rotation(*serials) is again
+
+
+def test_why_an_admin_socket_does_not_answer(tmp_path: Path) -> None:
+    missing = f"unix://{tmp_path}/admin.sock"
+    assert admin_json(missing, "/certs") is None
+    assert admin_unreachable(missing).endswith("does not exist: Envoy is not running?")
+    old = "http://127.0.0.1:40123"  # what agents reported before the admin API moved
+    assert admin_json(old, "/certs") is None
+    assert "before the admin API moved to a Unix socket" in admin_unreachable(old)

@@ -271,16 +271,17 @@ def test_sidecar_config(tmp_path: Path) -> None:
 
 
 def _work_dir_for(tmp_path: Path, socket_bytes: int, name: str) -> Path:
-    """A workDir that makes `<workDir>/<name>/workload.sock` exactly ``socket_bytes`` long."""
+    """A workDir that makes `<workDir>/<name>/envoy/admin.sock` (the longest socket path of a
+    service: Envoy's admin API) exactly ``socket_bytes`` long."""
     base = tmp_path.resolve()
-    fill = socket_bytes - len(f"{base}/{name}/workload.sock") - 1
+    fill = socket_bytes - len(f"{base}/{name}/envoy/admin.sock") - 1
     assert fill > 0
     return base / ("w" * fill)
 
 
 @pytest.mark.parametrize(
     ("socket_bytes", "refused"),
-    # db-main's workload.sock at 107, 108 bytes (web's paths are shorter: only db-main's
+    # db-main's admin.sock at 107, 108 bytes (web's paths are shorter: only db-main's
     # are too long), and far beyond (web, first in the file, is named first).
     [(SUN_PATH_MAX - 1, None), (SUN_PATH_MAX, "db-main"), (SUN_PATH_MAX + 40, "web")],
 )
@@ -288,10 +289,11 @@ def test_a_socket_path_too_long_is_refused_naming_the_service(
     tmp_path: Path, socket_bytes: int, refused: str | None
 ) -> None:
     work = _work_dir_for(tmp_path, socket_bytes, "db-main")
-    assert len(str(work / "db-main" / "workload.sock")) == socket_bytes
+    assert len(str(work / "db-main" / "envoy" / "admin.sock")) == socket_bytes
     if refused is None:
         p = plan(tmp_path, workDir=str(work))
-        assert len(str(p.service("db-main").workload_socket).encode()) == SUN_PATH_MAX - 1
+        assert len(str(p.service("db-main").admin_socket).encode()) == SUN_PATH_MAX - 1
+        assert p.service("db-main").admin_socket == work / "db-main" / "envoy" / "admin.sock"
         return
     with pytest.raises(ConfigError) as exc:
         plan(tmp_path, workDir=str(work))
@@ -299,6 +301,8 @@ def test_a_socket_path_too_long_is_refused_naming_the_service(
     assert message.startswith(f"service {refused}: its socket path ")
     assert ".sock is " in message
     assert "shorter workDir" in message
+    if socket_bytes == SUN_PATH_MAX:  # only the admin socket is too long: it is the one named
+        assert "/envoy/admin.sock is 108 bytes" in message
 
 
 def test_a_long_service_name_is_refused_by_the_plan(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ AGENT: dict[str, Any] = {
     "envoy": {
         "live": True,
         "pid": 4242,
-        "admin": "http://127.0.0.1:40123",
+        "admin": "unix:///tmp/mesh/web/envoy/admin.sock",
         "restarts": 0,
         "inbound_port": 16080,
         "mtls_mode": "STRICT",
@@ -181,6 +181,21 @@ def test_mesh_state(change: dict[str, Any], state: str) -> None:
     doc = status_document(observe(**change), NOW)
     assert_status_schema(doc)
     assert doc["state"] == state
+
+
+def test_a_sidecar_whose_listener_is_not_active_is_degraded_with_the_reason() -> None:
+    why = "inbound listener 127.0.0.1:16080 is not active: the port is taken? (see the Envoy log)"
+    envoy = {**AGENT["envoy"], "live": False, "not_live_reason": why}
+    doc = status_document(observe(agent={**AGENT, "ready": False, "envoy": envoy}), NOW)
+    assert_status_schema(doc)
+    assert doc["state"] == "degraded"
+    b = doc["services"][1]
+    assert (b["ready"], b["envoy"]["state"], b["envoy"]["reason"]) == (False, "not ready", why)
+    live = status_document(observe(), NOW)["services"][1]["envoy"]
+    assert live["reason"] is None
+    console = Console(record=True, width=250)
+    console.print(status_view(doc))
+    assert f"b: sidecar not ready: {why}" in console.export_text()
 
 
 def test_nothing_answers() -> None:

@@ -38,10 +38,12 @@ from meshtrust.envoy.sidecar import (
     inbound_listeners,
     inbound_stat_prefix,
     lds_response,
+    listener_problems,
     load_sidecar_config,
     outbound_cluster_name,
     sidecar_bootstrap,
     sidecar_envoy_args,
+    sidecar_listeners,
     write_lds_file,
 )
 from meshtrust.errors import ConfigError
@@ -120,7 +122,6 @@ def test_documented_example_loads(tmp_path: Path) -> None:
         app_port=8080,
         inbound_port=15006,
         protocol=Protocol.HTTP,
-        admin_port=0,
         upstreams=(
             Upstream(
                 "api",
@@ -148,7 +149,7 @@ def test_defaults_and_either_key_spelling(tmp_path: Path) -> None:
             """,
         )
     )
-    assert (loaded.namespace, loaded.admin_port, loaded.protocol) == ("default", 0, Protocol.TCP)
+    assert (loaded.namespace, loaded.protocol) == ("default", Protocol.TCP)
     assert loaded.labels == {"app": "db"}
     (upstream,) = loaded.upstreams
     assert (upstream.host, upstream.port, upstream.protocol) == ("::1", 15007, Protocol.HTTP)
@@ -181,8 +182,9 @@ SPIFFE = "    spiffe_id: spiffe://example.org/ns/default/sa/api\n"
         (MINIMAL + "labels: {version: 1}\n", "labels.version", 4, "quote numbers"),
         (MINIMAL + "labels: [a]\n", "labels", 4, "expected a mapping"),
         (MINIMAL + "labels: {app: other}\n", "labels", 4, "app is 'other'"),
-        (MINIMAL + "admin_port: -1\n", "admin_port", 4, "expected a port 0-65535, got -1"),
-        (MINIMAL + "admin_port: 8080\n", "admin_port", 4, "already used by app_port"),
+        # Removed: Envoy's admin API is a Unix socket now; the message says where.
+        (MINIMAL + "admin_port: 0\n", "admin_port", 4, "is no longer a setting"),
+        (MINIMAL + "admin-port: 15000\n", "admin-port", 4, "admin.sock in the workload's Envoy"),
         (MINIMAL.replace("15006", "8080"), "inbound_port", 3, "already used by app_port"),
         (MINIMAL + "upstreams: {a: 1}\n", "upstreams", 4, "expected a list"),
         (MINIMAL + "upstreams: [api]\n", "upstreams[0]", 4, "expected a mapping"),
@@ -291,14 +293,17 @@ def bootstrap(tmp: Path = Path("/run/web")) -> Any:
         sds_socket=tmp / "sds.sock",
         lds_path=tmp / "lds" / "listeners.json",
         node_id="sidecar~127.0.0.1~web.shop~local",
-        admin_port=0,
+        admin_socket=tmp / "envoy" / "admin.sock",
     )
     return json_format.ParseDict(made, bootstrap_pb2.Bootstrap())
 
 
 def test_bootstrap_is_a_valid_envoy_bootstrap() -> None:
     parsed = bootstrap()
-    assert parsed.admin.address.socket_address.address == "127.0.0.1"
+    # Admin on a Unix socket only the agent's user can open, never on TCP.
+    assert parsed.admin.address.pipe.path == "/run/web/envoy/admin.sock"
+    assert parsed.admin.address.pipe.mode == 0o600
+    assert not parsed.admin.address.HasField("socket_address")
     assert (parsed.node.id, parsed.node.cluster) == ("sidecar~127.0.0.1~web.shop~local", "web.shop")
     names = [c.name for c in parsed.static_resources.clusters]
     assert names == ["sds-grpc", "inbound|8080", "outbound|api", "outbound|db"]
@@ -369,6 +374,9 @@ def test_outbound_listeners_are_plain_text_on_loopback() -> None:
         assert (address.address, address.port_value) == ("127.0.0.1", port)
         (chain,) = listener.filter_chains
         assert not chain.HasField("transport_socket")
+        # No SO_REUSEPORT: a second Envoy on these ports fails to bind (issue #9).
+        assert listener.HasField("enable_reuse_port")
+        assert listener.enable_reuse_port.value is False
 
     (http_filter,) = listeners["outbound|api"].filter_chains[0].filters
     manager = unpack(http_filter.typed_config, hcm_pb2.HttpConnectionManager())
@@ -388,12 +396,30 @@ def test_outbound_listeners_are_plain_text_on_loopback() -> None:
 def test_bootstrap_argument_checks(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         sidecar_bootstrap(
-            config(), sds_socket=tmp_path, lds_path=tmp_path, node_id="", admin_port=0
+            config(), sds_socket=tmp_path, lds_path=tmp_path, node_id="", admin_socket=tmp_path
         )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="more than the 107"):
         sidecar_bootstrap(
-            config(), sds_socket=tmp_path, lds_path=tmp_path, node_id="n", admin_port=70000
+            config(),
+            sds_socket=tmp_path,
+            lds_path=tmp_path,
+            node_id="n",
+            admin_socket=tmp_path / ("x" * 108),
         )
+
+
+def test_listener_problems_name_every_configured_listener_that_is_not_active() -> None:
+    cfg = config()
+    assert sidecar_listeners(cfg) == {
+        "inbound": "inbound listener 127.0.0.1:15006",
+        "outbound|api": "outbound listener 127.0.0.1:15101 (to api)",
+        "outbound|db": "outbound listener 127.0.0.1:15102 (to db)",
+    }
+    assert listener_problems(cfg, ["inbound", "outbound|api", "outbound|db", "other"]) == []
+    assert listener_problems(cfg, ["outbound|api", "outbound|db"]) == [
+        "inbound listener 127.0.0.1:15006 is not active: the port is taken? (see the Envoy log)"
+    ]
+    assert len(listener_problems(cfg, [])) == 3
 
 
 def test_envoy_args() -> None:
@@ -438,6 +464,9 @@ def test_inbound_listener_basics(protocol: Protocol, mode: MtlsMode) -> None:
     assert listener.name == INBOUND_LISTENER
     address = listener.address.socket_address
     assert (address.address, address.port_value) == ("127.0.0.1", 15006)  # loopback only
+    # No SO_REUSEPORT (Envoy's Linux default): an orphan Envoy cannot share the port.
+    assert listener.HasField("enable_reuse_port")
+    assert listener.enable_reuse_port.value is False
     assert listener.stat_prefix == inbound_stat_prefix(config()) == "inbound_15006"
     inspectors = [f.name for f in listener.listener_filters]
     if mode is MtlsMode.DISABLE:
@@ -546,7 +575,7 @@ def test_lds_file_is_a_discovery_response_of_listeners(tmp_path: Path) -> None:
     (resource,) = response.resources
     listener = unpack(resource, listener_pb2.Listener())
     assert listener.name == INBOUND_LISTENER
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # RBAC principals: the agent's user only
     assert lds_response(listeners, "7") == json.loads(path.read_text())
 
 

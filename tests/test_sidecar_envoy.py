@@ -395,7 +395,7 @@ class Mesh:
             sds_socket=sds.socket_path,
             lds_path=lds_path,
             node_id=f"sidecar~127.0.0.1~{config.name}.{config.namespace}~local",
-            admin_port=config.admin_port,
+            admin_socket=directory / "admin.sock",
         )
         envoy = EnvoyProcess(
             bootstrap,

@@ -145,6 +145,7 @@ class Agent:
             sc = self.sidecar
             out["envoy"] = {
                 "live": sc.live,
+                "not_live_reason": sc.not_live_reason,
                 "pid": sc.envoy.pid if sc.envoy is not None else None,
                 "admin": sc.admin_url,
                 "restarts": sc.restarts,

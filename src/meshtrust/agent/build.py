@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,7 +111,7 @@ def build_sidecar(
     """The Envoy sidecar of ``config`` (which must name one): reads the sidecar YAML and
     the policies. Raises ConfigError / PolicyError."""
     from meshtrust.agent.sidecar import EnvoySidecar, SidecarSettings
-    from meshtrust.envoy import ProcessLauncher
+    from meshtrust.envoy import ADMIN_SOCKET, SUN_PATH_MAX, ProcessLauncher
     from meshtrust.envoy.sidecar import load_sidecar_config, sidecar_envoy_args
 
     assert config.sidecar is not None and config.sds_socket is not None  # AgentConfig checks
@@ -121,6 +122,14 @@ def build_sidecar(
             f"but this agent's identity is {identity}"
         )
     workdir = config.envoy_workdir or config.sds_socket.parent / f"envoy-{sidecar_config.name}"
+    admin_socket = os.fsencode(os.path.abspath(workdir / ADMIN_SOCKET))
+    if len(admin_socket) >= SUN_PATH_MAX:
+        raise ConfigError(
+            f"Envoy's admin socket {os.fsdecode(admin_socket)} would be {len(admin_socket)} "
+            f"bytes, more than the {SUN_PATH_MAX - 1} a Unix socket path may have; choose a "
+            "shorter envoy workdir",
+            field="envoy-workdir",
+        )
     return EnvoySidecar(
         SidecarSettings(
             config=sidecar_config, workdir=workdir, root_namespace=config.root_namespace

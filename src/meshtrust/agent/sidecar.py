@@ -13,7 +13,12 @@ the injected clock:
   restart; open connections on unchanged filter chains are untouched). If loading, compiling
   or writing fails, the error — naming the file, the object and the field — is logged and
   kept in ``last_policy_error``, and the previous policy stays in force;
-* readiness is Envoy's own (``/ready`` says LIVE).
+* the sidecar is live when Envoy says LIVE (``/ready``: every listener has its secrets)
+  *and* reports every listener the sidecar configured as active (``/listeners``): Envoy
+  says LIVE even when it could not bind a listener's port because another process holds
+  it. Otherwise ``not_live_reason`` says why, in words a person can act on. While a
+  listener is down the listener file is written again now and then (with backoff), since
+  Envoy retries a bind only when that file changes.
 
 Collaborators are constructor arguments (:class:`EnvoyLauncher`, :class:`PolicySource`, the
 clock), narrow protocols owned here: the agent's assembly passes the real ones
@@ -31,9 +36,11 @@ from typing import Any, Protocol
 
 from meshtrust.agent.rotation import backoff_delay
 from meshtrust.clock import Clock
+from meshtrust.envoy import ADMIN_SOCKET
 from meshtrust.envoy.sidecar import (
     SidecarConfig,
     inbound_listeners,
+    listener_problems,
     sidecar_bootstrap,
     write_lds_file,
 )
@@ -66,6 +73,11 @@ class Envoy(Protocol):
 
     async def ready(self) -> bool:
         """Whether Envoy says it is LIVE."""
+        ...
+
+    async def active_listeners(self) -> frozenset[str] | None:
+        """The names of the listeners Envoy has bound and serves; None when it does not
+        answer."""
         ...
 
     def log_tail(self) -> str: ...
@@ -124,6 +136,9 @@ class EnvoySidecar:
         self.policy_version = 0
         self.restarts = 0
         self.live = False
+        self.not_live_reason: str | None = "Envoy is not started yet"
+        self._bind_retries = 0
+        self._next_bind_retry: float | None = None
         self.last_policy_error: str | None = None
         # Compiled now, so a bad policy stops the agent before anything runs.
         self._initial_policy = self.compile_policy()
@@ -177,8 +192,13 @@ class EnvoySidecar:
             sds_socket=self.sds_socket,
             lds_path=self.lds_path,
             node_id=f"sidecar~127.0.0.1~{cfg.name}.{cfg.namespace}~{cfg.namespace}.svc",
-            admin_port=cfg.admin_port,
+            admin_socket=self.admin_socket,
         )
+
+    @property
+    def admin_socket(self) -> Path:
+        """Envoy's admin API: a Unix socket (0600) in the workload's Envoy directory."""
+        return self.settings.workdir / ADMIN_SOCKET
 
     async def start(self) -> None:
         """Write the policy, start Envoy and wait until its admin answers (not until it is
@@ -209,17 +229,57 @@ class EnvoySidecar:
             if not envoy.running:
                 attempt = await self._restart(envoy, attempt)
                 continue
-            was_live = self.live
-            self.live = await envoy.ready()
-            if self.live and not was_live:
-                log.info("Envoy for %s is live", self.workload.name)
+            await self._judge(envoy)
             if self._policies.changed():
                 self.reload_policy()
+
+    async def _judge(self, envoy: Envoy) -> None:
+        """Set ``live`` and ``not_live_reason`` from what Envoy reports; log changes."""
+        was_live, old_reason = self.live, self.not_live_reason
+        reason: str | None
+        if not await envoy.ready():
+            reason = "Envoy is not LIVE yet (waiting for its certificate from the agent?)"
+        else:
+            active = await envoy.active_listeners()
+            if active is None:
+                reason = f"Envoy's admin API {self.admin_url} does not answer"
+            else:
+                problems = listener_problems(self.settings.config, active)
+                reason = "; ".join(problems) if problems else None
+                self._retry_bind(bool(problems))
+        self.live, self.not_live_reason = reason is None, reason
+        if self.live and not was_live:
+            log.info("Envoy for %s is live", self.workload.name)
+        elif reason is not None and reason != old_reason:
+            log.warning("Envoy for %s is not ready: %s", self.workload.name, reason)
+
+    def _retry_bind(self, needed: bool) -> None:
+        """Envoy does not retry a listener it could not bind; it does when its listener file
+        changes. So while a listener is down, write the same listeners again (a new LDS
+        version, same policy), backing off like restarts do: once the other process lets
+        the port go, the sidecar becomes ready by itself."""
+        if not needed:
+            self._bind_retries, self._next_bind_retry = 0, None
+            return
+        s, now = self.settings, self.clock.monotonic()
+        if self._next_bind_retry is None or now >= self._next_bind_retry:
+            if self._next_bind_retry is not None and self.policy is not None:
+                self._bind_retries += 1
+                version = f"{self.policy_version}.{self._bind_retries}"
+                try:
+                    write_lds_file(self.lds_path, inbound_listeners(s.config, self.policy), version)
+                except OSError as exc:
+                    log.error("cannot write Envoy's listener file %s: %s", self.lds_path, exc)
+            delay = backoff_delay(
+                self._bind_retries, base=s.backoff_base, cap=s.backoff_cap, jitter=0.0
+            )
+            self._next_bind_retry = now + delay
 
     async def _restart(self, envoy: Envoy, attempt: int) -> int:
         """Start a dead Envoy again; returns the next backoff attempt number (0 after a
         success). A failure is logged and waited out, never raised."""
         self.live = False
+        self.not_live_reason = f"Envoy exited; restarting it (restart {self.restarts + 1})"
         self.restarts += 1
         log.error(
             "Envoy for %s exited; restarting it (restart %d). Log tail:\n%s",
@@ -232,6 +292,7 @@ class EnvoySidecar:
             await self._launch()
             return 0
         except EnvoyFailed as exc:
+            self.not_live_reason = _start_failure(exc)
             s = self.settings
             delay = backoff_delay(attempt, base=s.backoff_base, cap=s.backoff_cap, jitter=0.0)
             log.error(
@@ -250,5 +311,17 @@ class EnvoySidecar:
 
     async def stop(self) -> None:
         self.live = False
+        self.not_live_reason = "stopped"
         if self.envoy is not None:
             await self.envoy.stop()
+
+
+def _start_failure(exc: EnvoyFailed) -> str:
+    """A one-line reason from an Envoy that did not start: the first line of the error, and
+    the log line saying which port it could not bind, when that is what happened."""
+    lines = str(exc).splitlines()
+    bind = next((line for line in lines if "cannot bind" in line), None)
+    reason = f"Envoy does not start: {lines[0] if lines else exc}"
+    if bind is not None:
+        reason += "; " + bind[bind.index("cannot bind") :].rstrip() + " (the port is taken?)"
+    return reason

@@ -91,7 +91,12 @@ def status_view(data: dict[str, Any]) -> Group:
         for svc in data["services"]
         if svc["envoy"].get("policy_error")
     ]
-    return Group(head, table, *refusals)
+    not_ready = [
+        Text.assemble((f"{svc['name']}: sidecar not ready", "bold red"), f": {reason}")
+        for svc in data["services"]
+        if svc["agent"] == "running" and (reason := svc["envoy"].get("reason"))
+    ]
+    return Group(head, table, *refusals, *not_ready)
 
 
 _NOT_RUNNING_HINT = "none of its processes is alive; start it with `meshtrust up MESH_FILE`"

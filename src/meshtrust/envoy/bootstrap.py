@@ -20,6 +20,7 @@ from meshtrust.errors import EnvoyFailed
 
 __all__ = [
     "SDS_CLUSTER",
+    "SUN_PATH_MAX",
     "admin",
     "envoy_binary",
     "envoy_missing",
@@ -83,12 +84,28 @@ def sds_secret_config(name: str, *, cluster: str = SDS_CLUSTER) -> dict[str, Any
     }
 
 
-def admin(port: int) -> dict[str, Any]:
-    """The admin interface on 127.0.0.1:``port`` only (0 = any free port; Envoy reports the
-    one it took through ``--admin-address-path``). It is never exposed beyond loopback."""
-    if not 0 <= port <= 65535:
-        raise ValueError(f"admin port {port} is not a TCP port")
-    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+#: ``sizeof(sockaddr_un.sun_path)`` on Linux: a socket path has at most 107 bytes plus NUL.
+SUN_PATH_MAX = 108
+
+
+def admin(socket_path: Path | str) -> dict[str, Any]:
+    """The admin interface on the Unix socket ``socket_path``, mode 0600: only the user
+    running Envoy (the agent's) can open it. Never on TCP, where every local user could
+    reach it (see :mod:`meshtrust.envoy.admin`).
+
+    Raises :class:`ValueError` for a relative path or one longer than a Unix socket path may
+    be (107 bytes).
+    """
+    path = os.fspath(socket_path)
+    if not os.path.isabs(path):
+        raise ValueError(f"Envoy's admin socket path {path} is not absolute")
+    size = len(os.fsencode(path))
+    if size >= SUN_PATH_MAX:
+        raise ValueError(
+            f"Envoy's admin socket path {path} is {size} bytes, more than the "
+            f"{SUN_PATH_MAX - 1} a Unix socket path may have"
+        )
+    return {"address": {"pipe": {"path": path, "mode": 0o600}}}
 
 
 def node(node_id: str, cluster: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ One YAML file per workload (keys may be written ``app_port`` or ``app-port``)::
     app_port: 8080            # required; the app listens on 127.0.0.1:<app_port> in plain text
     inbound_port: 15006       # required; the sidecar's mTLS port, what peers connect to
     protocol: http            # optional, http (default) or tcp: what the app speaks
-    admin_port: 0             # optional; Envoy's admin API on 127.0.0.1, 0 = any free port
     upstreams:                # optional; services this app calls
       - name: api             #   required; [a-z0-9-], unique
         local_port: 15101     #   required; the app connects to 127.0.0.1:<local_port>
@@ -19,11 +18,13 @@ One YAML file per workload (keys may be written ``app_port`` or ``app-port``)::
         spiffe_id: spiffe://example.org/ns/default/sa/api  # required; who the peer must be
         protocol: http        #   optional, http (default) or tcp: what the app speaks to it
 
-All ports are 1-65535 and the ports this host listens on (app, inbound, admin, every
-upstream's local port) are all different. Duplicate or unknown keys and bad values are
-:class:`~meshtrust.errors.ConfigError`\\ s naming the file, the line and the key; names,
-ports, addresses and labels are checked by :mod:`meshtrust.config`'s validators, the same
-ones mesh.yaml goes through.
+All ports are 1-65535 and the ports this host listens on (app, inbound, every upstream's
+local port) are all different. There is no admin port: Envoy's admin API is a Unix socket
+in the workload's Envoy directory that only the agent's user can open
+(:mod:`meshtrust.envoy.admin`); an ``admin_port`` key is refused with a message saying so.
+Duplicate or unknown keys and bad values are :class:`~meshtrust.errors.ConfigError`\\ s
+naming the file, the line and the key; names, ports, addresses and labels are checked by
+:mod:`meshtrust.config`'s validators, the same ones mesh.yaml goes through.
 
 What Envoy is told
 ------------------
@@ -117,10 +118,12 @@ __all__ = [
     "inbound_listeners",
     "inbound_stat_prefix",
     "lds_response",
+    "listener_problems",
     "load_sidecar_config",
     "outbound_cluster_name",
     "sidecar_bootstrap",
     "sidecar_envoy_args",
+    "sidecar_listeners",
     "write_lds_file",
 ]
 
@@ -232,14 +235,12 @@ class SidecarConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     protocol: Protocol = Protocol.HTTP
     upstreams: tuple[Upstream, ...] = ()
-    admin_port: int = 0
 
     def __post_init__(self) -> None:
         check_dns_label(self.name, "name")
         check_dns_label(self.namespace, "namespace")
         check_port(self.app_port, "app_port")
         check_port(self.inbound_port, "inbound_port")
-        check_port(self.admin_port, "admin_port", zero=True)
         object.__setattr__(self, "protocol", _check_protocol(self.protocol, "protocol"))
         object.__setattr__(self, "upstreams", tuple(self.upstreams))
         labels = check_labels(self.labels, "labels")
@@ -255,11 +256,8 @@ class SidecarConfig:
         listening = [
             ("app_port", self.app_port),
             ("inbound_port", self.inbound_port),
-            ("admin_port", self.admin_port),
         ] + [(f"upstreams[{i}].local_port", u.local_port) for i, u in enumerate(self.upstreams)]
         for key, port in listening:
-            if port == 0:
-                continue
             if port in ports:
                 raise ConfigError(f"port {port} is already used by {ports[port]}", field=key)
             ports[port] = key
@@ -306,8 +304,14 @@ def _as_port(value: object, key: str) -> int:
     return check_port(value, key)
 
 
-def _as_admin_port(value: object, key: str) -> int:
-    return check_port(value, key, zero=True)
+def _admin_port_removed(value: object, key: str) -> int:
+    raise ConfigError(
+        "is no longer a setting: Envoy's admin API is not on TCP any more (every local user "
+        "could reach it there) but on the Unix socket admin.sock in the workload's Envoy "
+        "directory, which only the agent's user can open; remove this line (`meshtrust "
+        "status` shows the socket under envoy.admin)",
+        field=key,
+    )
 
 
 def _as_address(value: object, key: str) -> str:
@@ -353,6 +357,8 @@ def _read_fields(
     for key, value in raw.items():
         norm = str(key).replace("-", "_")
         path = f"{parent}.{key}" if parent else str(key)
+        if norm in _REMOVED_KEYS and norm not in keys:
+            _REMOVED_KEYS[norm](value, path)
         if norm not in keys:
             raise ConfigError(f"unknown key (known keys: {', '.join(keys)})", field=path)
         if norm in given_as:
@@ -395,8 +401,10 @@ _TOP_KEYS: dict[str, _Field] = {
     "inbound_port": _as_port,
     "protocol": _check_protocol,
     "upstreams": _as_upstreams,
-    "admin_port": _as_admin_port,
 }
+
+#: Keys that were settings once: each is refused by its converter with what replaced it.
+_REMOVED_KEYS: dict[str, _Field] = {"admin_port": _admin_port_removed}
 
 
 # --- names an operator (and the tests) look for ---------------------------------------------
@@ -422,6 +430,31 @@ def _outbound_stat_prefix(upstream: Upstream) -> str:
     return f"outbound_{upstream.name}"
 
 
+def sidecar_listeners(config: SidecarConfig) -> dict[str, str]:
+    """Every listener the sidecar configures, by Envoy name, with what a person calls it
+    (``inbound listener 127.0.0.1:15006``). The sidecar is ready only when Envoy reports all
+    of them active."""
+    out = {INBOUND_LISTENER: f"inbound listener 127.0.0.1:{config.inbound_port}"}
+    for upstream in config.upstreams:
+        out[outbound_cluster_name(upstream)] = (
+            f"outbound listener 127.0.0.1:{upstream.local_port} (to {upstream.name})"
+        )
+    return out
+
+
+def listener_problems(config: SidecarConfig, active: Iterable[str]) -> list[str]:
+    """What keeps the sidecar from serving, judged from the names of the listeners Envoy
+    reports active (admin ``/listeners``): one line per configured listener that is not.
+    Envoy leaves a listener out when it cannot bind its port (another process has it) --
+    it then says "cannot bind" in its log and still reports LIVE. Pure."""
+    up = set(active)
+    return [
+        f"{what} is not active: the port is taken? (see the Envoy log)"
+        for name, what in sidecar_listeners(config).items()
+        if name not in up
+    ]
+
+
 # --- the bootstrap --------------------------------------------------------------------------
 
 
@@ -431,21 +464,22 @@ def sidecar_bootstrap(
     sds_socket: Path,
     lds_path: Path,
     node_id: str,
-    admin_port: int,
+    admin_socket: Path,
 ) -> dict[str, Any]:
     """The Envoy v3 bootstrap of ``config``'s sidecar (see the module docstring).
 
     ``lds_path`` is the file :func:`write_lds_file` maintains; it must exist before Envoy
     starts, and Envoy reloads it whenever a file is renamed into its directory -- give it a
-    directory of its own. ``admin_port`` is the resolved port (0 = any; Envoy reports the one
-    it took). Raises :class:`ValueError` for an admin port outside 0-65535 or an empty node id.
+    directory of its own. The admin API is on the Unix socket ``admin_socket``, mode 0600
+    (:func:`~meshtrust.envoy.bootstrap.admin`). Raises :class:`ValueError` for an admin
+    socket path that is relative or too long, or an empty node id.
     """
     lds = Path(os.path.abspath(lds_path))
     clusters = [sds_cluster(sds_socket), _app_cluster(config)]
     clusters += [_outbound_cluster(u) for u in config.upstreams]
     return {
         "node": node(node_id, f"{config.name}.{config.namespace}"),
-        "admin": admin(admin_port),
+        "admin": admin(Path(os.path.abspath(admin_socket))),
         "static_resources": {
             "clusters": clusters,
             "listeners": [_outbound_listener(u) for u in config.upstreams],
@@ -614,6 +648,7 @@ def _outbound_listener(upstream: Upstream) -> dict[str, Any]:
     return {
         "name": cluster,
         "address": _loopback(upstream.local_port),
+        "enable_reuse_port": False,  # a second Envoy on these ports fails to bind
         "stat_prefix": prefix,
         "filter_chains": [{"filters": [terminal]}],
     }
@@ -651,6 +686,9 @@ def inbound_listeners(config: SidecarConfig, policy: InboundPolicy) -> list[dict
     listener: dict[str, Any] = {
         "name": INBOUND_LISTENER,
         "address": _loopback(config.inbound_port),
+        # Envoy's default on Linux is SO_REUSEPORT, with which a second Envoy (an orphan of a
+        # killed agent) binds the same port and silently takes a share of the connections.
+        "enable_reuse_port": False,
         "stat_prefix": prefix,
         "filter_chains": chains,
     }
@@ -788,12 +826,13 @@ def write_lds_file(
     fsync: Fsync = os.fsync,
 ) -> None:
     """Replace the LDS file at ``path`` atomically and durably, as JSON (through
-    :func:`meshtrust.fileio.write_file_atomic`, mode 0644: no secrets in it, readable for
-    whoever debugs the sidecar). Envoy sees the rename and applies the listeners; a reader
+    :func:`meshtrust.fileio.write_file_atomic`, mode 0600: no keys in it, but the RBAC
+    principals of the workload's policy, which are nobody else's business; Envoy runs as the
+    agent's user). Envoy sees the rename and applies the listeners; a reader
     never sees a half-written file. Envoy reports the version it applied in the stat
     ``listener_manager.lds.version_text``.
 
     Raises :class:`OSError` if the directory is not writable (the old file is untouched).
     """
     data = json.dumps(lds_response(listeners, version), indent=1).encode()
-    write_file_atomic(Path(path), data, 0o644, fsync=fsync)
+    write_file_atomic(Path(path), data, 0o600, fsync=fsync)

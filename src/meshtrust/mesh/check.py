@@ -25,12 +25,12 @@ from meshtrust.clock import SystemClock
 from meshtrust.durations import format_duration
 from meshtrust.errors import MeshTrustError
 from meshtrust.mesh.probes import (
+    admin_json,
     agent_status,
     alive,
     certs_entries,
     envoy_info,
     envoy_stats,
-    fetch_json,
     parse_serial,
     port_open,
     read_chain,
@@ -132,7 +132,7 @@ _STATS_PATTERN = r"ssl\.|rbac|no_filter_chain_match|upstream_cx_connect_fail|lds
 def _envoy_certs(admin: str | None) -> tuple[dict[str, Any] | None, tuple[int, ...], bool]:
     if not admin:
         return None, (), False
-    certs_json = fetch_json(f"{admin}/certs")
+    certs_json = admin_json(admin, "/certs")
     if certs_json is None:
         return None, (), False
     leaves = certs_entries(certs_json, "cert_chain")
@@ -288,6 +288,7 @@ def check_envoy(obs: Observation, now: dt.datetime) -> CheckStep:
             *step,
             Verdict.FAIL,
             f"Envoy (pid {envoy.get('pid')}) is not live"
+            + (f": {envoy['not_live_reason']}" if envoy.get("not_live_reason") else "")
             + ("" if obs.envoy_answers else f"; its admin API {obs.admin} does not answer"),
             f"the agent restarts it (restarts so far: {envoy.get('restarts')}); "
             f"see {obs.envoy_log} and {obs.service.agent_log}",

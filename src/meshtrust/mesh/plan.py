@@ -11,7 +11,8 @@ inherit from ``environ``. :mod:`meshtrust.mesh.launch` carries the plan out.
 
 A mesh whose plan cannot work is refused here, before anything starts: today that is a Unix
 socket path longer than the kernel's ``sun_path`` (108 bytes with its NUL), which the agent
-could not bind.
+(SDS, Workload API) or its Envoy (the admin API's socket, in the workload's Envoy
+directory) could not bind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from meshtrust.envoy.admin import ADMIN_SOCKET
 from meshtrust.errors import ConfigError
 from meshtrust.mesh.config import MeshConfig, ServiceSpec
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
@@ -125,6 +127,12 @@ class ServicePlan:
     def sockets(self) -> tuple[Path, ...]:
         """Every Unix socket the agent binds."""
         return (self.sds_socket, self.workload_socket)
+
+    @property
+    def admin_socket(self) -> Path:
+        """The Unix socket of Envoy's admin API (0600, Envoy binds it), in the workload's
+        Envoy directory: no TCP admin port."""
+        return self.envoy_workdir / ADMIN_SOCKET
 
 
 @dataclass(frozen=True)
@@ -328,8 +336,8 @@ def _service_plan(
         "sidecar": sdir / "sidecar.yaml",
         "agent": sdir / "agent.yaml",
     }
-    for key in ("sds", "workload"):
-        check_socket_path(svc.name, paths[key])
+    for socket_path in (paths["sds"], paths["workload"], paths["envoy"] / ADMIN_SOCKET):
+        check_socket_path(svc.name, socket_path)
     status = f"127.0.0.1:{status_port}"
     return ServicePlan(
         spec=svc,

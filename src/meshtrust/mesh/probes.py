@@ -20,12 +20,16 @@ from typing import Any
 
 from cryptography import x509
 
+from meshtrust.envoy import EnvoyAdmin
 from meshtrust.errors import ConfigError, EnvironmentFault, MeshTrustError
 from meshtrust.mesh.state import MeshState, ServiceState, find_state, read_state
 from meshtrust.pki import format_serial, load_certs_pem
 
 __all__ = [
     "WorkloadUnavailable",
+    "admin_json",
+    "admin_text",
+    "admin_unreachable",
     "agent_status",
     "alive",
     "certs_entries",
@@ -85,15 +89,58 @@ def agent_status(svc: ServiceState, timeout: float = 2.0) -> dict[str, Any] | No
     return data if isinstance(data, dict) else None
 
 
+def admin_text(admin: str | None, path: str, timeout: float = 2.0) -> str | None:
+    """The body of a 200 from the Envoy admin API at ``admin`` (the ``unix:///...`` address
+    the agent reports), or None when there is no address, it is not a socket address, or
+    nothing answers (``PermissionError`` included: it is another user's Envoy)."""
+    if not admin:
+        return None
+    try:
+        client = EnvoyAdmin.at(admin)
+    except ValueError:
+        return None
+    return client.text(path, timeout=timeout)
+
+
+def admin_json(admin: str | None, path: str, timeout: float = 2.0) -> Any:
+    """Like :func:`admin_text`, the body parsed as JSON (None when it is not JSON)."""
+    raw = admin_text(admin, path, timeout=timeout)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def admin_unreachable(admin: str) -> str:
+    """Why the Envoy admin API at ``admin`` does not answer, for a message a person can act
+    on (another user's socket, a missing one, an address from an older agent)."""
+    try:
+        client = EnvoyAdmin.at(admin)
+    except ValueError as exc:
+        return f"{exc}: an agent from before the admin API moved to a Unix socket? restart it"
+    try:
+        client.get("/ready", timeout=2.0)
+    except PermissionError:
+        return (
+            f"permission denied on {client.socket_path}: only the user that runs the mesh "
+            "can open Envoy's admin socket; run this as that user"
+        )
+    except FileNotFoundError:
+        return f"{client.socket_path} does not exist: Envoy is not running?"
+    except OSError as exc:
+        return f"{client.socket_path}: {exc.strerror or exc}"
+    return f"{client.socket_path} answers, but not with what was asked"
+
+
 def envoy_stats(
     admin: str | None, pattern: str = "", timeout: float = 2.0
 ) -> dict[str, int] | None:
     """Envoy's numeric stats whose name matches ``pattern`` (a regex); None when Envoy (or
     its admin address) is not there."""
-    if not admin:
-        return None
-    url = f"{admin}/stats?filter={urllib.parse.quote(pattern)}" if pattern else f"{admin}/stats"
-    text = fetch(url, timeout=timeout)
+    path = f"/stats?filter={urllib.parse.quote(pattern)}" if pattern else "/stats"
+    text = admin_text(admin, path, timeout=timeout)
     if text is None:
         return None
     out: dict[str, int] = {}

@@ -26,8 +26,9 @@ from meshtrust.clock import SystemClock
 from meshtrust.errors import MeshTrustError
 from meshtrust.mesh.probes import (
     WorkloadUnavailable,
+    admin_json,
+    admin_unreachable,
     certs_entries,
-    fetch_json,
     require_admin,
     serial_text,
 )
@@ -221,9 +222,11 @@ def proxy_secrets(
     """
     svc = state.service(workload)
     _, admin = require_admin(svc)
-    active = fetch_json(f"{admin}/config_dump?resource=dynamic_active_secrets")
+    active = admin_json(admin, "/config_dump?resource=dynamic_active_secrets")
     if active is None:
-        raise WorkloadUnavailable(f"the Envoy of {workload} does not answer on {admin}")
-    warming = fetch_json(f"{admin}/config_dump?resource=dynamic_warming_secrets")
-    certs_json = fetch_json(f"{admin}/certs")
+        raise WorkloadUnavailable(
+            f"the Envoy of {workload} does not answer on {admin}: {admin_unreachable(admin)}"
+        )
+    warming = admin_json(admin, "/config_dump?resource=dynamic_warming_secrets")
+    certs_json = admin_json(admin, "/certs")
     return secret_rows(active, warming, certs_json, now or SystemClock().now())

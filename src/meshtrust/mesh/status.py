@@ -120,6 +120,7 @@ def service_document(obs: ServiceObservation, now: dt.datetime) -> dict[str, Any
         "last_error": _str(agent.get("last_error")),
         "envoy": {
             "state": ("live" if envoy.get("live") else "not ready") if envoy else "unknown",
+            "reason": None if envoy.get("live") else _str(envoy.get("not_live_reason")),
             "pid": _int(envoy.get("pid")),
             "restarts": _int(envoy.get("restarts")),
             "admin": _str(envoy.get("admin")),
