@@ -32,7 +32,7 @@ from meshtrust.ca.cadir import (
 )
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
-from meshtrust.fileio import write_file_atomic
+from meshtrust.fileio import PRIVATE_FILE_MODE, ensure_private_dir, open_log, write_file_atomic
 from meshtrust.mesh.config import MeshConfig
 from meshtrust.mesh.plan import (
     HttpOk,
@@ -157,7 +157,7 @@ class _Started:
 
     def spawn(self, process: ProcessPlan) -> subprocess.Popen[bytes]:
         try:
-            out = process.log.open("ab")
+            out = open_log(process.log)
         except OSError as exc:
             raise _os_error(exc, f"open the log of {process.what}") from exc
         with out:
@@ -266,6 +266,8 @@ def _check_ports(plan: MeshPlan) -> None:
 
 def _ensure_ca(config: MeshConfig) -> None:
     now = SystemClock().now()
+    if config.ca_dir.is_relative_to(config.work_dir):
+        ensure_private_dir(config.ca_dir, tighten=True)  # ours; a user's ca.dir is checked
     if not (config.ca_dir / "root-cert.pem").exists():
         init_ca_dir(config.ca_dir, config.trust_domain, now)
         return
@@ -278,20 +280,27 @@ def _ensure_ca(config: MeshConfig) -> None:
 
 
 def _prepare(plan: MeshPlan) -> None:
-    """Directories, the CA directory, every planned file and each agent's token."""
+    """Directories, the CA directory, every planned file and each agent's token.
+
+    Modes whatever the umask: directories 0700, every file 0600 (configs name sockets and
+    token files; the token is a credential). The workDir itself may be the user's: one that
+    others could write to is refused; the directories inside it are meshtrust's, and made
+    0700 again if an earlier run left them more open.
+    """
     config = plan.config
-    for directory in plan.dirs:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _os_error(exc, "create the directory") from exc
+    own = [*plan.dirs, *(p for s in plan.services for p in (s.cert_dir, s.envoy_workdir))]
+    try:
+        ensure_private_dir(plan.work_dir)
+        for directory in own:
+            ensure_private_dir(directory, tighten=True)
+    except OSError as exc:
+        raise _os_error(exc, "create the directory") from exc
     try:
         _ensure_ca(config)
     except OSError as exc:
         raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
-        mode = 0o600 if planned.private else 0o644
-        _write(planned.path, planned.content.encode(), mode, "write")
+        _write(planned.path, planned.content.encode(), PRIVATE_FILE_MODE, "write")
     # A plugged-in CA (the article's cacerts) has no token issuer yet: made on first use.
     token_key = ensure_token_signing_key(config.ca_dir)
     for svc in plan.services:
@@ -303,7 +312,7 @@ def _prepare(plan: MeshPlan) -> None:
             SystemClock().now(),
             TOKEN_TTL,
         )
-        _write(svc.token_file, token.encode(), 0o600, "write the token")
+        _write(svc.token_file, token.encode(), PRIVATE_FILE_MODE, "write the token")
 
 
 def _write(path: Path, data: bytes, mode: int, doing: str) -> None:
