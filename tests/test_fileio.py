@@ -283,3 +283,29 @@ def test_certificate_generations_are_private_under_umask_000(
     assert _mode(tmp_path / "certs") == _mode(gen_dir) == 0o700
     assert _mode(gen_dir / "key.pem") == 0o600
     assert _mode(gen_dir / "cert-chain.pem") == _mode(gen_dir / "root-cert.pem") == 0o644
+
+
+def test_a_certs_directory_others_can_write_is_refused_by_the_agent(tmp_path: Path) -> None:
+    """Whoever can write there could point ``..data`` at certificates of their own."""
+    out = tmp_path / "certs"
+    out.mkdir()
+    out.chmod(0o777)
+    with pytest.raises(UnsafeDirectory, match="writable by group members and other users"):
+        CertificateFiles(out).prepare()
+
+
+def test_a_ca_directory_others_can_write_is_refused_when_loaded(tmp_path: Path) -> None:
+    """Whoever can write there could swap ``root-cert.pem`` (issue 9, point 6)."""
+    from meshtrust.ca.cadir import init_ca_dir, load_ca_dir
+    from meshtrust.spiffe import TrustDomain
+
+    now = SystemClock().now()
+    ca = tmp_path / "ca"
+    init_ca_dir(ca, TrustDomain("example.org"), now)
+    assert stat.S_IMODE(ca.stat().st_mode) == 0o700
+    load_ca_dir(ca, now)
+    ca.chmod(0o757)
+    with pytest.raises(UnsafeDirectory, match=r"writable by other users \(mode 0757\)"):
+        load_ca_dir(ca, now)
+    ca.chmod(0o1777)  # sticky, as a Kubernetes secret mount: nobody else can swap a file
+    load_ca_dir(ca, now)
