@@ -102,3 +102,20 @@ async def test_records_of_one_step_travel_together_and_wait_for_their_ack() -> N
     finally:
         worker_writer.close()
         sup_writer.close()
+
+
+def test_the_ledger_and_its_wal_and_shm_are_0600_whatever_the_umask(tmp_path: Path) -> None:
+    """It names every identity and requester (issue 9, point 6): 0600 from the first byte,
+    SQLite's side files taking the main file's mode."""
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+        ledger.record_batch([record("01")])
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+        ledger.close()
+    finally:
+        os.umask(old)
+    assert modes == {"ledger.db": 0o600, "ledger.db-wal": 0o600, "ledger.db-shm": 0o600}

@@ -21,6 +21,7 @@ from meshtrust.envoy.sidecar import SidecarConfig, load_sidecar_config
 from meshtrust.errors import ConfigError, PolicyError
 from meshtrust.mesh import load_mesh_config
 from meshtrust.policy import load_policy_files
+from tests.attack.bombs import billion_laughs
 
 MESH = "services:\n  - name: a\n    port: 25001\n"
 SIDECAR = "name: web\napp_port: 8080\ninbound_port: 15006\n"
@@ -44,47 +45,6 @@ KINDS: dict[str, tuple[str, str, str, Callable[[Path], object]]] = {
     "ca": (CA, "listen: 127.0.0.1:1\n", "listen", load_config_file),
     "policy": (POLICY, "kind: PeerAuthentication\n", "kind", _load_policy),
 }
-
-
-def billion_laughs() -> str:
-    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
-    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
-        text += f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]\n"
-    return text
-
-
-# defect: (text appended to a valid file, line of the problem relative to the end, problem)
-DEFECTS: dict[str, tuple[str | None, int, str]] = {
-    "duplicate-key": (None, 1, "duplicate key"),
-    "nesting-20000": ("zz: " + "[" * 20_000 + "]" * 20_000 + "\n", 1, "nests deeper than"),
-    "billion-laughs": (billion_laughs(), 6, "expands to more than"),
-    "merge-key": ("zz: &x {a: 1}\nzy:\n  <<: *x\n", 3, "merge key '<<' is not supported"),
-}
-
-
-@pytest.mark.parametrize("defect", list(DEFECTS))
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_every_file_refuses_the_same_bad_yaml(tmp_path: Path, kind: str, defect: str) -> None:
-    valid, duplicate, duplicate_key, load = KINDS[kind]
-    appended, from_end, problem = DEFECTS[defect]
-    text = valid + (duplicate if appended is None else appended)
-    path = tmp_path / f"{kind}.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    error = info.value
-    assert isinstance(error, PolicyError) == (kind == "policy")
-    assert error.file == path
-    assert error.line == valid.count("\n") + from_end
-    assert problem in str(error)
-    assert str(error).startswith(f"{path}:{error.line}: ")
-    expected_field = {
-        "duplicate-key": duplicate_key,
-        "nesting-20000": "zz",
-        "billion-laughs": "f[1]",
-        "merge-key": "zy.<<",
-    }[defect]
-    assert error.field == expected_field
 
 
 def test_each_valid_file_loads(tmp_path: Path) -> None:

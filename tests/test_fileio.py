@@ -22,7 +22,16 @@ from meshtrust.agent.cache import WorkloadSecret
 from meshtrust.agent.files import DATA, CertificateFiles
 from meshtrust.clock import SystemClock
 from meshtrust.envoy.sidecar import write_lds_file
-from meshtrust.fileio import load_cert_chain_pem, write_file_atomic, write_private_file
+from meshtrust.fileio import (
+    UnsafeDirectory,
+    check_not_writable_by_others,
+    create_private_file,
+    ensure_private_dir,
+    load_cert_chain_pem,
+    open_log,
+    write_file_atomic,
+    write_private_file,
+)
 from meshtrust.spiffe import SpiffeId
 from tests import badcerts
 
@@ -194,3 +203,109 @@ def test_a_failing_directory_sync_is_an_error(tmp_path: Path) -> None:
         write_file_atomic(
             tmp_path / "key.pem", b"k", fsync=_directory_fsync_failing_with(errno.EIO)
         )
+
+
+# -- modes whatever the umask (issue 9, point 6)
+
+
+@pytest.fixture
+def umask_000() -> Any:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_private_dirs_logs_and_files_keep_their_modes_under_umask_000(
+    tmp_path: Path, umask_000: None
+) -> None:
+    deep = tmp_path / "a" / "b" / "c"
+    ensure_private_dir(deep)
+    assert [_mode(p) for p in (tmp_path / "a", tmp_path / "a" / "b", deep)] == [0o700] * 3
+    with open_log(deep / "x.log") as log:
+        log.write(b"one\n")
+    assert _mode(deep / "x.log") == 0o600
+    create_private_file(deep / "ledger.db")
+    assert _mode(deep / "ledger.db") == 0o600
+
+
+def test_an_earlier_more_open_log_or_file_of_ours_is_tightened(tmp_path: Path) -> None:
+    for name in ("x.log", "ledger.db"):
+        (tmp_path / name).write_bytes(b"kept\n")
+        (tmp_path / name).chmod(0o644)
+    with open_log(tmp_path / "x.log") as log:
+        log.write(b"more\n")
+    create_private_file(tmp_path / "ledger.db")
+    assert (tmp_path / "x.log").read_bytes() == b"kept\nmore\n"
+    assert (tmp_path / "ledger.db").read_bytes() == b"kept\n"  # never truncated
+    assert _mode(tmp_path / "x.log") == _mode(tmp_path / "ledger.db") == 0o600
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o770, "group members"), (0o707, "other users")])
+def test_an_existing_directory_others_can_write_is_refused(
+    tmp_path: Path, mode: int, who: str
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(UnsafeDirectory, match=f"writable by {who} \\(mode 0{mode:o}\\)"):
+        ensure_private_dir(shared)
+    assert _mode(shared) == mode  # a user's directory is not changed behind their back
+    ensure_private_dir(shared, tighten=True)  # one of meshtrust's own is tightened
+    assert _mode(shared) == 0o700
+
+
+def test_a_sticky_or_read_only_existing_directory_is_kept_as_it_is(tmp_path: Path) -> None:
+    readable, sticky = tmp_path / "readable", tmp_path / "sticky"
+    for path, mode in ((readable, 0o755), (sticky, 0o1777)):
+        path.mkdir()
+        path.chmod(mode)
+        ensure_private_dir(path)
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+    check_not_writable_by_others(sticky)  # a Kubernetes secret mount looks like this
+
+
+def test_certificate_generations_are_private_under_umask_000(
+    tmp_path: Path, umask_000: None
+) -> None:
+    now = SystemClock().now()
+    ca = badcerts.make_ca("example.org", now=now)
+    leaf = badcerts.svid_leaf(ca.signer, WEB, now=now)
+    secret = WorkloadSecret(WEB, leaf.key, tuple(leaf.chain), (ca.root,), now, generation=1)
+    files = CertificateFiles(tmp_path / "certs", fsync=lambda fd: None)
+    files.prepare()
+    gen_dir = files.write(secret)
+    assert _mode(tmp_path / "certs") == _mode(gen_dir) == 0o700
+    assert _mode(gen_dir / "key.pem") == 0o600
+    assert _mode(gen_dir / "cert-chain.pem") == _mode(gen_dir / "root-cert.pem") == 0o644
+
+
+def test_a_certs_directory_others_can_write_is_refused_by_the_agent(tmp_path: Path) -> None:
+    """Whoever can write there could point ``..data`` at certificates of their own."""
+    out = tmp_path / "certs"
+    out.mkdir()
+    out.chmod(0o777)
+    with pytest.raises(UnsafeDirectory, match="writable by group members and other users"):
+        CertificateFiles(out).prepare()
+
+
+def test_a_ca_directory_others_can_write_is_refused_when_loaded(tmp_path: Path) -> None:
+    """Whoever can write there could swap ``root-cert.pem`` (issue 9, point 6)."""
+    from meshtrust.ca.cadir import init_ca_dir, load_ca_dir
+    from meshtrust.spiffe import TrustDomain
+
+    now = SystemClock().now()
+    ca = tmp_path / "ca"
+    init_ca_dir(ca, TrustDomain("example.org"), now)
+    assert stat.S_IMODE(ca.stat().st_mode) == 0o700
+    load_ca_dir(ca, now)
+    ca.chmod(0o757)
+    with pytest.raises(UnsafeDirectory, match=r"writable by other users \(mode 0757\)"):
+        load_ca_dir(ca, now)
+    ca.chmod(0o1777)  # sticky, as a Kubernetes secret mount: nobody else can swap a file
+    load_ca_dir(ca, now)

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -222,3 +224,72 @@ def _wait_status(home: Path, check: Any, timeout: float = 20) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise AssertionError(f"status never satisfied the check: {data}")
         time.sleep(0.3)
+
+
+STRICT_ONLY = (
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+    "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
+)
+
+
+def _up_process(mesh_file: Path, home: Path, *args: str) -> subprocess.Popen[str]:
+    """``meshtrust up ARGS MESH_FILE``, its output in files beside the mesh file (the live
+    view of a foreground `up` must not fill a pipe nobody reads)."""
+    out = (mesh_file.parent / f"up-{time.monotonic_ns()}.out").open("w")
+    with out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshtrust", "up", *args, str(mesh_file)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MESHTRUST_HOME": str(home)},
+        )
+
+
+def test_two_ups_of_one_fresh_mesh_at_once_the_second_says_who_is_starting(
+    tmp_path: Path,
+) -> None:
+    """Issue 9, point 10: the loser used to fail with "database is locked" (both made the
+    same CA directory and ledger); it is told which `up` is starting the mesh instead, and
+    once that one runs the mesh, what `up` says of a running mesh."""
+    path = write_mesh(tmp_path, [{"name": "a"}], STRICT_ONLY)
+    home = tmp_path / "home"
+    first, second = _up_process(path, home, "--detach"), _up_process(path, home, "--detach")
+    errors = {p.pid: p.communicate(timeout=120)[1] for p in (first, second)}
+    codes = {p.pid: p.returncode for p in (first, second)}
+    try:
+        ok = [pid for pid, rc in codes.items() if rc == 0]
+        assert len(ok) == 1, (codes, errors)
+        (winner,) = ok
+        (loser,) = set(codes) - {winner}
+        rc, err = codes[loser], errors[loser]
+        assert rc == 2, err
+        assert f"another `meshtrust up` of this mesh is starting (pid {winner})" in err
+        assert "Traceback" not in err and "database is locked" not in err
+        assert status_json(home)["state"] == "running"  # the winner's mesh is whole
+
+        # A third `up` while it runs: what `up` says of a running mesh.
+        third = meshtrust("up", "--detach", str(path), home=home)
+        assert third.returncode == 2 and "is still running" in third.stderr, third.stderr
+    finally:
+        meshtrust("down", str(path), home=home)
+
+
+def test_an_up_in_the_foreground_holds_the_mesh_against_a_second_one(tmp_path: Path) -> None:
+    path = write_mesh(tmp_path, [{"name": "a"}], STRICT_ONLY)
+    home = tmp_path / "home"
+    first = _up_process(path, home)
+    try:
+        deadline = time.monotonic() + 60
+        while not (home / "current").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr
+            time.sleep(0.2)
+        _wait_status(home, lambda d: d["state"] == "running", timeout=60)
+        second = meshtrust("up", "--detach", str(path), home=home)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "is still running" in second.stderr and "meshtrust down" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert status_json(home)["state"] == "down"  # it stopped its mesh, and let go

@@ -63,7 +63,8 @@ def test_a_fixed_port_in_use_refuses_the_mesh_before_anything_is_written(tmp_pat
             launch(plan_mesh(load_mesh_config(path), pick_free_port), progress=lambda _: None)
     finally:
         listener.close()
-    assert not (tmp_path / "work").exists()
+    # Only the lock every `up` takes first (point 10 of issue 9), in a 0700 workDir.
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["up.lock"]
 
 
 def _mesh_file(
@@ -226,7 +227,7 @@ def test_up_refuses_to_start_over_a_mesh_of_its_work_dir_that_still_runs(tmp_pat
             f"(pids {ca.pid}); stop it first: `meshtrust down {path.resolve()}`"
         )
         assert ca.poll() is None  # left alone
-        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["state.json"]
+        assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["state.json", "up.lock"]
     finally:
         ca.kill()
         ca.wait()
@@ -339,3 +340,30 @@ def test_a_file_that_cannot_be_written_is_named_and_nothing_starts(
     assert started == []
     # written whole or not at all: no temporary file left beside it
     assert sorted(p.name for p in blocked.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_mesh_lock_names_the_up_that_holds_it(tmp_path: Path) -> None:
+    """Issue 9, point 10, without processes: another holder of ``up.lock`` (here another
+    open file of this process, which flock treats the same) is named by its pid."""
+    import fcntl
+
+    from meshtrust.mesh.launch import UP_LOCK, mesh_lock
+
+    work = tmp_path / "work"
+    with mesh_lock(work):
+        assert (work / UP_LOCK).read_text() == f"{os.getpid()}\n"
+        assert oct(work.stat().st_mode & 0o777) == "0o700"
+        with mesh_lock(work):  # re-entrant: `up` holds it, then `launch` takes it again
+            pass
+    with (work / UP_LOCK).open("r+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate()
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(
+            ConfigError, match=r"another `meshtrust up` of this mesh is starting \(pid 4242\)"
+        ):
+            with mesh_lock(work):
+                pass
+    with mesh_lock(work):  # let go of: free again
+        pass

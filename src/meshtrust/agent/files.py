@@ -17,7 +17,7 @@ from pathlib import Path
 
 from meshtrust.agent.cache import WorkloadSecret
 from meshtrust.errors import ConfigError
-from meshtrust.fileio import Fsync, fsync_directory
+from meshtrust.fileio import Fsync, ensure_private_dir, fsync_directory
 
 __all__ = ["CertificateFiles"]
 
@@ -36,9 +36,10 @@ class CertificateFiles:
 
     def prepare(self) -> None:
         """Create the directory. Plain files already there under our names (from another
-        tool, or istio-agent) are replaced by our symlinks on the first write."""
+        tool, or istio-agent) are replaced by our symlinks on the first write. Made 0700; an
+        existing one others could write to is refused (they could swap ``..data``)."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(self.directory)
         except OSError as exc:
             raise ConfigError(f"output directory {self.directory}: {exc.strerror}") from exc
 
@@ -48,7 +49,8 @@ class CertificateFiles:
         gen_dir = d / f"..gen-{secret.generation:08d}-{os.getpid()}"
         if gen_dir.exists():
             shutil.rmtree(gen_dir)
-        gen_dir.mkdir(mode=0o755)
+        gen_dir.mkdir(mode=0o700)
+        gen_dir.chmod(0o700)  # whatever the umask
         self._write(gen_dir / "cert-chain.pem", secret.chain_pem(), 0o644)
         self._write(gen_dir / "key.pem", secret.key_pem(), 0o600)
         self._write(gen_dir / "root-cert.pem", secret.roots_pem(), 0o644)

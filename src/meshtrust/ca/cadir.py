@@ -27,7 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as xv
 
 from meshtrust.errors import CADirectoryError, InvalidCertificate, InvalidSpiffeId
-from meshtrust.fileio import write_file_atomic, write_private_file
+from meshtrust.fileio import (
+    PUBLIC_FILE_MODE,
+    check_not_writable_by_others,
+    ensure_private_dir,
+    write_file_atomic,
+    write_private_file,
+)
 from meshtrust.pki import (
     KeyType,
     Signer,
@@ -133,9 +139,11 @@ def init_ca_dir(
 ) -> None:
     """Create a root, an intermediate signing CA and a token-issuer key in ``directory``.
 
-    Refuses (:class:`CADirectoryError`) when a CA is already there, unless ``force``.
+    Refuses (:class:`CADirectoryError`) when a CA is already there, unless ``force``; a
+    directory it makes is 0700, an existing one that others could write to or that another
+    user owns is refused (:class:`~meshtrust.fileio.UnsafeDirectory`).
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory)
     ours = (*ISTIO_FILES, *TLS_FILES, "root-key.pem", TOKEN_KEY, TOKEN_JWKS)
     existing = [n for n in ours if (directory / n).exists()]
     if existing and not force:
@@ -155,10 +163,13 @@ def init_ca_dir(
     write_private_file(directory / "root-key.pem", private_key_pem(root_key))
     write_private_file(directory / "ca-key.pem", private_key_pem(ca_key))
     write_private_file(directory / TOKEN_KEY, private_key_pem(token_key))
-    write_file_atomic(directory / "root-cert.pem", certs_pem([root]), 0o644)
-    write_file_atomic(directory / "ca-cert.pem", certs_pem([ca_cert]), 0o644)
-    write_file_atomic(directory / "cert-chain.pem", certs_pem([ca_cert, root]), 0o644)
-    write_file_atomic(directory / TOKEN_JWKS, json.dumps({"keys": [jwk]}, indent=2).encode(), 0o644)
+    public = PUBLIC_FILE_MODE
+    write_file_atomic(directory / "root-cert.pem", certs_pem([root]), public)
+    write_file_atomic(directory / "ca-cert.pem", certs_pem([ca_cert]), public)
+    write_file_atomic(directory / "cert-chain.pem", certs_pem([ca_cert, root]), public)
+    write_file_atomic(
+        directory / TOKEN_JWKS, json.dumps({"keys": [jwk]}, indent=2).encode(), public
+    )
 
 
 def _read(path: Path) -> bytes:
@@ -196,6 +207,7 @@ def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
         raise CADirectoryError(
             f"CA directory {directory} does not exist (create one with `meshtrust ca init`)"
         )
+    check_not_writable_by_others(directory)  # or another user could swap root-cert.pem
     istio = [n for n in ISTIO_FILES if (directory / n).exists()]
     tls = [n for n in TLS_FILES if (directory / n).exists()]
     if istio:
@@ -362,7 +374,7 @@ def ensure_token_signing_key(directory: Path) -> TokenSigningKey:
             raise CADirectoryError(f"{path} vanished while it was being created")
         if won:  # the public half, for other verifiers (the CA derives it from the key)
             jwks = json.dumps(ours.jwks, indent=2).encode()
-            write_file_atomic(directory / TOKEN_JWKS, jwks, 0o644)
+            write_file_atomic(directory / TOKEN_JWKS, jwks, PUBLIC_FILE_MODE)
     except OSError as exc:
         raise CADirectoryError(
             f"cannot create the CA's token issuer key {path}: {exc.strerror}"

@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from meshtrust.ca.schema import audit, certificates, migrate
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import LedgerError
+from meshtrust.fileio import create_private_file
 
 __all__ = [
     "AuditEvent",
@@ -107,6 +108,7 @@ class SqlLedger:
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise LedgerError(f"ledger URL {display_url(url)} cannot be used: {exc}") from exc
         if self._engine.dialect.name == "sqlite":
+            _private_sqlite_files(self._engine.url.database)
             sa.event.listen(self._engine, "connect", _sqlite_pragmas)
         try:
             self.schema_found = migrate(
@@ -189,6 +191,22 @@ class SqlLedger:
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def _private_sqlite_files(database: str | None) -> None:
+    """The ledger names every identity and requester: its file is 0600 before SQLite opens
+    it (SQLite gives the ``-wal`` and ``-shm`` files the main file's mode), and a ledger of
+    an earlier run, or its side files, is tightened to 0600. Raises :class:`LedgerError`."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        create_private_file(path)
+        for side in ("-wal", "-shm", "-journal"):
+            if (side_file := path.with_name(path.name + side)).exists():
+                create_private_file(side_file)
+    except OSError as exc:
+        raise LedgerError(f"cannot create the ledger {path}: {exc.strerror}") from exc
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

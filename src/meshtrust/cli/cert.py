@@ -11,7 +11,12 @@ import click
 from meshtrust.caapi import CaClient
 from meshtrust.cli.options import DURATION
 from meshtrust.errors import ConfigError, InvalidCertificate
-from meshtrust.fileio import write_private_file
+from meshtrust.fileio import (
+    PUBLIC_FILE_MODE,
+    ensure_private_dir,
+    write_file_atomic,
+    write_private_file,
+)
 from meshtrust.pki import (
     KeyType,
     build_csr,
@@ -93,10 +98,10 @@ def request(
 
     client = CaClient(ca_address, root_pem, root_source=str(ca_root))
     chain = asyncio.run(client.sign(csr, token=token, ttl_seconds=int(ttl.total_seconds())))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(out_dir)
     write_private_file(out_dir / "key.pem", private_key_pem(key))
-    (out_dir / "cert-chain.pem").write_text("".join(chain[:-1]))
-    (out_dir / "root-cert.pem").write_text(chain[-1])
+    write_file_atomic(out_dir / "cert-chain.pem", "".join(chain[:-1]).encode(), PUBLIC_FILE_MODE)
+    write_file_atomic(out_dir / "root-cert.pem", chain[-1].encode(), PUBLIC_FILE_MODE)
     leaf = load_certs_pem(chain[0].encode())[0]
     click.echo(
         f"issued {sid} serial {format_serial(leaf.serial_number)} valid until "

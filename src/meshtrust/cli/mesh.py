@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,17 +164,29 @@ def up(mesh_file: Path, detach: bool) -> None:
     everything. The mesh file format is in docs/mesh.md.
     """
     from meshtrust.mesh.config import load_mesh_config
-    from meshtrust.mesh.launch import start_mesh, stop_mesh
-    from meshtrust.mesh.status import mesh_status
+    from meshtrust.mesh.launch import launch, mesh_lock, pick_free_port
+    from meshtrust.mesh.plan import plan_mesh
 
     console = wide_console()
     config = load_mesh_config(mesh_file)
+    plan = plan_mesh(config, pick_free_port, python=sys.executable)
     stop = _StopRequest()
-    state = start_mesh(config, lambda m: console.print(f"[green]•[/green] {m}"), stop)
+    with mesh_lock(config.work_dir):  # for the life of this `up`: a second one is told why
+        state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)
+        _serve(state, config.work_dir, detach, console, stop)
+
+
+def _serve(
+    state: MeshState, work_dir: Path, detach: bool, console: Console, stop: _StopRequest
+) -> None:
+    """After ``up`` started the mesh: return (--detach), or the live view until stopped."""
+    from meshtrust.mesh.launch import stop_mesh
+    from meshtrust.mesh.status import mesh_status
+
     if detach:
         console.print(
             f"the mesh is running; `meshtrust status`, `meshtrust down` "
-            f"(logs in {config.work_dir / 'logs'})"
+            f"(logs in {work_dir / 'logs'})"
         )
         return
     with Live(status_view(mesh_status(state)), console=console, refresh_per_second=2) as live:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from meshtrust.ca.authn import mint_token
@@ -32,7 +33,7 @@ from meshtrust.ca.cadir import (
 )
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
-from meshtrust.fileio import write_file_atomic
+from meshtrust.fileio import PRIVATE_FILE_MODE, ensure_private_dir, open_log, write_file_atomic
 from meshtrust.mesh.config import MeshConfig
 from meshtrust.mesh.plan import (
     HttpOk,
@@ -51,8 +52,10 @@ __all__ = [
     "MeshStartFailed",
     "MeshStartInterrupted",
     "StopRequested",
+    "UP_LOCK",
     "envoy_pid",
     "launch",
+    "mesh_lock",
     "pick_free_port",
     "port_free",
     "start_mesh",
@@ -60,6 +63,10 @@ __all__ = [
 ]
 
 TOKEN_TTL = dt.timedelta(days=30)
+
+#: ``<workDir>/up.lock``: held (``flock``) by the ``up`` starting or running the mesh; it
+#: holds that ``up``'s pid. Never removed: removing a lock file races with the next taker.
+UP_LOCK = "up.lock"
 
 
 class MeshStartFailed(EnvironmentFault):
@@ -157,7 +164,7 @@ class _Started:
 
     def spawn(self, process: ProcessPlan) -> subprocess.Popen[bytes]:
         try:
-            out = process.log.open("ab")
+            out = open_log(process.log)
         except OSError as exc:
             raise _os_error(exc, f"open the log of {process.what}") from exc
         with out:
@@ -233,7 +240,62 @@ def _wait(step: Wait, started: _Started, plan: MeshPlan, stop: StopRequested) ->
     raise MeshStartFailed(f"{step.what} was not ready after {step.timeout:.0f}s\n{_tail(log)}")
 
 
-def _refuse_if_still_running(plan: MeshPlan) -> None:
+# Locks this process holds, by workDir: `up` holds its mesh's for its whole life and
+# `launch` takes it again inside (two flocks on one file conflict even in one process).
+_HELD: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def mesh_lock(work_dir: Path) -> Iterator[None]:
+    """Hold ``<workDir>/up.lock`` (exclusive ``flock``), made before anything else of the
+    mesh (the workDir first, 0700). Re-entrant within a process. The kernel drops the lock
+    when its holder dies, so a killed ``up`` leaves nothing stale.
+
+    Raises ConfigError: "the mesh ... is still running" when another ``up`` holds it and its
+    mesh runs, "another `meshtrust up` of this mesh is starting (pid N)" while it starts.
+    """
+    key = work_dir.resolve()
+    if key in _HELD:
+        yield
+        return
+    try:
+        ensure_private_dir(work_dir)
+        fd = os.open(work_dir / UP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _os_error(exc, "create the directory") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            _refuse_if_still_running(work_dir)
+            raise ConfigError(
+                f"another `meshtrust up` of this mesh is starting (pid {holder}) in "
+                f"{work_dir}; wait for it, then `meshtrust status`"
+            ) from None
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = fd
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the holder wrote (it writes it just after taking the lock: look a few times)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.05)
+    return "unknown"
+
+
+def _refuse_if_still_running(work_dir: Path) -> None:
     """Refuse to start over a mesh of this workDir that still runs.
 
     Its state file would be replaced, and ``down`` could no longer find its processes (the
@@ -242,14 +304,14 @@ def _refuse_if_still_running(plan: MeshPlan) -> None:
     count.
     """
     try:
-        previous = read_state(plan.work_dir / STATE_FILE)
+        previous = read_state(work_dir / STATE_FILE)
     except ConfigError:
         return  # none, or damaged: there is nothing it could still stop
     ours = [previous.ca.pid, *(s.agent_pid for s in previous.services)]
     running = [pid for pid in ours if alive(pid) and _runs_meshtrust(pid)]
     if running:
         raise ConfigError(
-            f"the mesh of {previous.mesh_file} in {plan.work_dir} is still running "
+            f"the mesh of {previous.mesh_file} in {work_dir} is still running "
             f"(pids {', '.join(map(str, running))}); stop it first: "
             f"`meshtrust down {previous.mesh_file}`"
         )
@@ -266,6 +328,8 @@ def _check_ports(plan: MeshPlan) -> None:
 
 def _ensure_ca(config: MeshConfig) -> None:
     now = SystemClock().now()
+    if config.ca_dir.is_relative_to(config.work_dir):
+        ensure_private_dir(config.ca_dir, tighten=True)  # ours; a user's ca.dir is checked
     if not (config.ca_dir / "root-cert.pem").exists():
         init_ca_dir(config.ca_dir, config.trust_domain, now)
         return
@@ -278,20 +342,27 @@ def _ensure_ca(config: MeshConfig) -> None:
 
 
 def _prepare(plan: MeshPlan) -> None:
-    """Directories, the CA directory, every planned file and each agent's token."""
+    """Directories, the CA directory, every planned file and each agent's token.
+
+    Modes whatever the umask: directories 0700, every file 0600 (configs name sockets and
+    token files; the token is a credential). The workDir itself may be the user's: one that
+    others could write to is refused; the directories inside it are meshtrust's, and made
+    0700 again if an earlier run left them more open.
+    """
     config = plan.config
-    for directory in plan.dirs:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _os_error(exc, "create the directory") from exc
+    own = [*plan.dirs, *(p for s in plan.services for p in (s.cert_dir, s.envoy_workdir))]
+    try:
+        ensure_private_dir(plan.work_dir)
+        for directory in own:
+            ensure_private_dir(directory, tighten=True)
+    except OSError as exc:
+        raise _os_error(exc, "create the directory") from exc
     try:
         _ensure_ca(config)
     except OSError as exc:
         raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
-        mode = 0o600 if planned.private else 0o644
-        _write(planned.path, planned.content.encode(), mode, "write")
+        _write(planned.path, planned.content.encode(), PRIVATE_FILE_MODE, "write")
     # A plugged-in CA (the article's cacerts) has no token issuer yet: made on first use.
     token_key = ensure_token_signing_key(config.ca_dir)
     for svc in plan.services:
@@ -303,7 +374,7 @@ def _prepare(plan: MeshPlan) -> None:
             SystemClock().now(),
             TOKEN_TTL,
         )
-        _write(svc.token_file, token.encode(), 0o600, "write the token")
+        _write(svc.token_file, token.encode(), PRIVATE_FILE_MODE, "write the token")
 
 
 def _write(path: Path, data: bytes, mode: int, doing: str) -> None:
@@ -320,12 +391,19 @@ def launch(
 ) -> MeshState:
     """Carry out ``plan`` and return the mesh's state once every sidecar is ready.
 
-    Raises ConfigError (this workDir's previous mesh still running, a port in use, a CA
-    directory for another trust domain) before anything starts, MeshStartFailed
-    (everything started is stopped again) after; MeshStartInterrupted when ``stop()``
-    turns true before the mesh is ready.
+    Holds the mesh's lock while it starts (see :func:`mesh_lock`; ``up`` holds it longer).
+
+    Raises ConfigError (another ``up`` of this mesh starting, this workDir's previous mesh
+    still running, a port in use, a CA directory for another trust domain) before anything
+    starts, MeshStartFailed (everything started is stopped again) after;
+    MeshStartInterrupted when ``stop()`` turns true before the mesh is ready.
     """
-    _refuse_if_still_running(plan)
+    with mesh_lock(plan.work_dir):
+        return _launch(plan, progress, stop)
+
+
+def _launch(plan: MeshPlan, progress: Callable[[str], None], stop: StopRequested) -> MeshState:
+    _refuse_if_still_running(plan.work_dir)
     _check_ports(plan)
     _prepare(plan)
     started = _Started()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshtrust.errors import ConfigError
-from meshtrust.fileio import write_file_atomic
+from meshtrust.fileio import PRIVATE_FILE_MODE, ensure_private_dir, write_file_atomic
 
 __all__ = [
     "CaState",
@@ -93,12 +93,14 @@ class MeshState:
 
 def write_state(state: MeshState) -> Path:
     """Write ``state.json`` and point ``~/.meshtrust/current`` at it, each whole or not at
-    all. Raises OSError; then neither was changed, or only the pointer was not."""
+    all, 0600 (pids, ports and paths are nobody else's business). Raises OSError (or
+    :class:`~meshtrust.fileio.UnsafeDirectory` for a ``MESHTRUST_HOME`` others can write
+    to); then neither was changed, or only the pointer was not."""
     path = Path(state.work_dir) / STATE_FILE
-    write_file_atomic(path, json.dumps(asdict(state), indent=2).encode(), 0o644)
+    write_file_atomic(path, json.dumps(asdict(state), indent=2).encode(), PRIVATE_FILE_MODE)
     pointer = current_pointer()
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(pointer, (str(path.resolve()) + "\n").encode(), 0o644)
+    ensure_private_dir(pointer.parent)
+    write_file_atomic(pointer, (str(path.resolve()) + "\n").encode(), PRIVATE_FILE_MODE)
     return path
 
 
