@@ -33,7 +33,13 @@ from meshtrust.ca.authn import (
     trusted_issuer_from_jwks,
 )
 from meshtrust.ca.authority import CaPolicy, CertificateAuthority
-from meshtrust.ca.cadir import CaMaterial, ensure_token_signing_key, load_ca_dir, token_issuer_for
+from meshtrust.ca.cadir import (
+    CaMaterial,
+    ensure_token_signing_key,
+    load_ca_dir,
+    load_token_signing_key,
+    token_issuer_for,
+)
 from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.ledger import (
     AuditEvent,
@@ -109,11 +115,15 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
             "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
         )
     issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
-    try:
-        own = ensure_token_signing_key(config.ca_dir)
-    except CADirectoryError as exc:  # e.g. a read-only secret mount: run without it
-        log.warning("%s: the CA's own token issuer is off", exc)
-    else:
+    # A token key that is there but unusable stops start-up (it names the file); only one
+    # that cannot be *made* (a read-only secret mount) leaves the CA's own issuer off.
+    own = load_token_signing_key(config.ca_dir)
+    if own is None:
+        try:
+            own = ensure_token_signing_key(config.ca_dir)
+        except CADirectoryError as exc:
+            log.warning("%s: the CA's own token issuer is off", exc)
+    if own is not None:
         issuers.append(
             trusted_issuer_from_jwks(
                 token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
