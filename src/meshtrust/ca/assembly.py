@@ -50,6 +50,7 @@ from meshtrust.ca.ledger import (
     display_url,
 )
 from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
+from meshtrust.ca.readiness import LedgerHealth, Readiness, WatchedLedger
 from meshtrust.ca.server import CaGrpcService, serve_grpc, server_ssl_context
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
@@ -188,9 +189,10 @@ class Books:
     """What the process that owns them keeps: the ledger and the metrics registry."""
 
     sql: SqlLedger
-    ledger: GroupCommitLedger
+    ledger: WatchedLedger  # group commit, reporting every outcome to ``health``
     registry: TextRegistry
     metrics: CaMetrics
+    health: LedgerHealth
 
     def started(self, prepared: PreparedCa, clock: Clock, workers: int) -> None:
         """Audit and log the start of the CA."""
@@ -223,16 +225,24 @@ def open_books(prepared: PreparedCa) -> Books:
         min(r.not_valid_after_utc for r in m.roots),
         min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
     )
-    return Books(sql, GroupCommitLedger(sql), metrics_registry, metrics)
+    health = LedgerHealth()
+    ledger = WatchedLedger(GroupCommitLedger(sql), health)
+    return Books(sql, ledger, metrics_registry, metrics, health)
 
 
 def start_status(
-    config: CaServeConfig, registry: TextRegistry, ready: Callable[[], bool]
+    config: CaServeConfig, registry: TextRegistry, ready: Callable[[], Readiness]
 ) -> StatusHttpServer | None:
+    """``/metrics`` and ``/ready`` (503 with the reason when ``ready()`` says not ready)."""
     if not config.metrics_listen:
         return None
     host, port = parse_host_port(config.metrics_listen, what="--metrics-listen")
-    status = StatusHttpServer(host, port, registry, ready)
+
+    def answer() -> tuple[bool, str]:
+        readiness = ready()
+        return readiness.ready, readiness.reason
+
+    status = StatusHttpServer(host, port, registry, answer)
     status.start()
     return status
 

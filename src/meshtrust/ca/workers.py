@@ -48,6 +48,7 @@ from meshtrust.ca.assembly import (
 )
 from meshtrust.ca.ledger import IssuedRecord
 from meshtrust.ca.metrics import CaEvent
+from meshtrust.ca.readiness import Readiness, decide_readiness, probe_ledger
 from meshtrust.ca.server import CaGrpcService
 from meshtrust.clock import Clock
 from meshtrust.errors import LedgerError
@@ -250,12 +251,15 @@ async def _supervise(
     stopping = asyncio.Event()
     failed = False
 
-    def ready() -> bool:
-        return not stopping.is_set() and all(
-            c.connected and not c.exited.is_set() for c in children
+    def ready() -> Readiness:
+        return decide_readiness(
+            stopping=stopping.is_set(),
+            workers_down=sum(not c.connected or c.exited.is_set() for c in children),
+            ledger_failure=books.health.failure,
         )
 
     status = start_status(config, registry, ready)
+    probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -326,6 +330,7 @@ async def _supervise(
                 log.error("worker %d did not stop in %.0fs; killing it", c.index, grace)
                 os.kill(c.pid, signal.SIGKILL)
         await asyncio.gather(*tasks, return_exceptions=True)
+    probe.cancel()
     await ledger.aclose()
     sql.close()
     if status is not None:
