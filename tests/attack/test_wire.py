@@ -5,6 +5,8 @@ with its default worker count."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Iterator
@@ -242,3 +244,30 @@ def test_refusal_throttle_logs_a_burst_per_window_and_says_what_it_left_out() ->
     assert throttle.admit(11.0) == (True, 0)
     assert throttle.admit(12.0) == (False, 0)
     assert throttle.admit(25.0) == (True, 1)
+
+
+@pytest.mark.asyncio
+async def test_bytes_that_are_not_http2_end_that_tls_connection_only(
+    running_ca: RunningCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ssl
+
+    from tests.attack.test_wire_agent import NOT_HTTP2
+
+    host, port = running_ca.address.rsplit(":", 1)
+    context = ssl.create_default_context(cadata=running_ca.root_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with caplog.at_level(logging.INFO):
+        for garbage in NOT_HTTP2:
+            reader, writer = await asyncio.open_connection(
+                host, int(port), ssl=context, server_hostname="localhost"
+            )
+            writer.write(garbage)
+            await writer.drain()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await asyncio.wait_for(reader.read(), 10)  # ended by the CA
+            writer.close()
+    assert all(r.exc_info is None for r in caplog.records), caplog.text
+    await bad_then_good(
+        running_ca.address, running_ca.ca_dir, grpc_frame(b"\xff"), b"", INVALID_ARGUMENT, ""
+    )
