@@ -9,6 +9,7 @@ that namespace (``nsenter --mount``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from meshtrust.ca import CaMetrics, CaServeConfig, prepare_ca
+from meshtrust.ca.assembly import build_authority
+from meshtrust.ca.authority import Credentials
 from meshtrust.ca.ledger import AuditEvent, SqlLedger
 from meshtrust.ca.readiness import (
     LedgerHealth,
@@ -28,9 +32,11 @@ from meshtrust.ca.readiness import (
     decide_readiness,
     probe_ledger,
 )
+from meshtrust.ca.refusals import RefusalThrottle
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
-from meshtrust.clock import FakeClock
+from meshtrust.clock import FakeClock, SystemClock
 from meshtrust.errors import LedgerError
+from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import build_csr, generate_key
 from tests.badcerts import NOW
 from tests.jwt_issuers import WEB
@@ -228,3 +234,29 @@ def test_ready_is_503_while_the_ledger_disk_is_full_and_200_once_it_takes_writes
     assert "not ready until one succeeds" in log and "commits succeed again" in log
     assert "Traceback" not in log
     assert not os.path.ismount(disk) and list(disk.iterdir()) == []  # nothing leaked
+
+
+class _FullDisk:
+    """A ledger whose every commit fails, as on a full disk."""
+
+    async def record(self, rec: object) -> None:
+        raise LedgerError("ledger write failed: database or disk is full")
+
+
+@pytest.mark.asyncio
+async def test_a_full_ledger_fails_every_request_but_logs_a_burst_per_window(
+    ca_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line per request would fill the log's disk too (often the same disk)."""
+    clock = SystemClock()
+    prepared = prepare_ca(CaServeConfig(ca_dir=ca_dir, metrics_listen=None), clock)
+    authority = build_authority(prepared, clock, _FullDisk(), CaMetrics(TextRegistry()))
+    creds = Credentials(bearer_token=_token(ca_dir), peer_cert_der=None)
+    csr = build_csr(generate_key(), WEB)
+    with caplog.at_level(logging.INFO):
+        for _ in range(3 * RefusalThrottle().burst):
+            with pytest.raises(LedgerError):
+                await authority.create_certificate(csr, 0, creds)
+    lines = [r for r in caplog.records if "not issuing" in r.getMessage()]
+    assert 1 <= len(lines) <= 2 * RefusalThrottle().burst  # two windows at most
+    assert all(r.levelno == logging.ERROR for r in lines)
