@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -294,6 +295,8 @@ async def test_workers_that_lose_their_supervisor_answer_unavailable_and_exit(
         await async_until(
             lambda: not any(_alive(pid) for pid in workers), timeout=30, what="workers gone"
         )
+        with pytest.raises(ConnectionRefusedError):  # nobody serves the port any more
+            socket.create_connection(("127.0.0.1", ca.port), timeout=5).close()
         answered = len(codes)
         await async_until(lambda: len(codes) >= answered + 32, timeout=30, what="retries")
         stop.set()
