@@ -50,7 +50,10 @@ def run_cli(
 class CaProcess:
     """``meshtrust ca serve`` in a child process, with its log in a file."""
 
-    def __init__(self, ca_dir: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self, ca_dir: Path, *extra: str, port: int | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
+        """``prefix``: a command that runs the CA (``unshare ... sh -c '...; exec "$@"' sh``)."""
         self.ca_dir = ca_dir
         self.port = port or free_port()
         self.metrics_port = free_port()
@@ -59,6 +62,7 @@ class CaProcess:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 *MESHTRUST,
                 "ca",
                 "serve",

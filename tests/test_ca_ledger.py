@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshtrust.ca import GroupCommitLedger, IssuedRecord, SqlLedger
+from meshtrust.ca.readiness import LedgerHealth, WatchedLedger
 from meshtrust.ca.workers import RemoteLedger
 from meshtrust.errors import LedgerError
 
@@ -119,3 +120,52 @@ def test_the_ledger_and_its_wal_and_shm_are_0600_whatever_the_umask(tmp_path: Pa
     finally:
         os.umask(old)
     assert modes == {"ledger.db": 0o600, "ledger.db-wal": 0o600, "ledger.db-shm": 0o600}
+
+
+@pytest.mark.asyncio
+async def test_records_fail_at_once_once_the_supervisor_is_gone() -> None:
+    """A worker that lost its supervisor answers UNAVAILABLE (a LedgerError) at once: it
+    neither writes to the closed socket (RuntimeError, which answered UNKNOWN) nor waits
+    for an acknowledgement that cannot come."""
+    ours, supervisor = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=ours)
+    ledger = RemoteLedger(writer)
+    waiting = asyncio.create_task(ledger.record(record("05")))
+    await asyncio.sleep(0)  # the record is sent and waits for its acknowledgement
+    supervisor.close()
+    ledger.fail_all("the CA supervisor is gone")
+    with pytest.raises(LedgerError, match="supervisor is gone"):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(LedgerError, match="supervisor is gone"):
+        await asyncio.wait_for(ledger.record(record("05")), 5)
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_record_on_a_closed_link_fails_instead_of_waiting() -> None:
+    ours, supervisor = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=ours)
+    ledger = RemoteLedger(writer)
+    writer.close()
+    supervisor.close()
+    with pytest.raises(LedgerError, match="closed"):
+        await asyncio.wait_for(ledger.record(record("05")), 5)
+
+
+@pytest.mark.asyncio
+async def test_a_watched_ledger_reports_each_commit_to_its_health(tmp_path: Path) -> None:
+    """Where readiness learns of a full disk: the awaited commit (see ca.readiness)."""
+    broken = BrokenLedger(f"sqlite:///{tmp_path / 'broken.db'}")
+    good = SqlLedger(f"sqlite:///{tmp_path / 'good.db'}")
+    health = LedgerHealth()
+    failing, working = (WatchedLedger(GroupCommitLedger(s), health) for s in (broken, good))
+    try:
+        with pytest.raises(LedgerError):
+            await failing.record(record("01"))
+        assert health.failure == "disk full"
+        await working.record_many([record("02")])
+        assert health.failure is None
+    finally:
+        for ledger, sql in ((failing, broken), (working, good)):
+            await ledger.aclose()
+            sql.close()

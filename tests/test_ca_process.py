@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -227,3 +229,91 @@ def test_default_worker_count_is_one_per_cpu_capped(ca_dir: Path) -> None:
     finally:
         ledger.close()
     assert f"workers={expected}" in start.detail
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's zombie is PID 1's to reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.asyncio
+async def test_workers_that_lose_their_supervisor_answer_unavailable_and_exit(
+    ca_dir: Path,
+) -> None:
+    """kill -9 of the supervisor mid-burst: every answer is a certificate (recorded) or
+    UNAVAILABLE -- never UNKNOWN -- and no orphaned worker keeps serving the port."""
+    ca = CaProcess(ca_dir, "--workers", "2")
+    try:
+        ca.wait_ready()
+        workers = _children(ca.proc.pid)
+        assert len(workers) == 2
+        token, csr = _token(ca_dir), build_csr(generate_key(), WEB)
+        root = (ca_dir / "root-cert.pem").read_bytes()
+        received: set[str] = set()
+        codes: list[grpc.StatusCode] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            async with grpc.aio.secure_channel(ca.address, creds) as channel:
+                stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+                while not stop.is_set():
+                    try:
+                        resp = await stub.CreateCertificate(
+                            ca_pb2.IstioCertificateRequest(csr=csr),
+                            metadata=[("authorization", f"Bearer {token}")],
+                            timeout=10,
+                        )
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code())
+                        continue
+                    codes.append(grpc.StatusCode.OK)
+                    leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+                    received.add(format_serial(leaf.serial_number))
+
+        # One channel per client: each is its own connection, spread over both workers.
+        clients = [asyncio.create_task(client()) for _ in range(32)]
+        await async_until(lambda: len(received) >= 200, timeout=60, what="a burst under way")
+        ca.signal(signal.SIGKILL)  # the supervisor only: its workers are left to themselves
+        await async_until(
+            lambda: not any(_alive(pid) for pid in workers), timeout=30, what="workers gone"
+        )
+        with pytest.raises(ConnectionRefusedError):  # nobody serves the port any more
+            socket.create_connection(("127.0.0.1", ca.port), timeout=5).close()
+        answered = len(codes)
+        await async_until(lambda: len(codes) >= answered + 32, timeout=30, what="retries")
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+    finally:
+        ca.stop()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    log = ca.log()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, (
+        {c for c in codes if c != grpc.StatusCode.OK},
+        log[-3000:],
+    )
+    assert "Traceback" not in log
+    ledger = SqlLedger(default_ledger_url(ca_dir))
+    try:
+        assert received <= ledger.serials()
+    finally:
+        ledger.close()

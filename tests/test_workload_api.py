@@ -8,7 +8,6 @@ conditions with a deadline, never bare sleeps.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import queue
 import socket
@@ -582,35 +581,3 @@ def test_leaf_fixture_is_a_valid_svid(ca: CaFixture) -> None:
     svid = spiffe.X509Svid.parse_raw(secret.chain_der(), secret.key_der())
     assert str(svid.spiffe_id) == str(WEB)
     assert svid.leaf == secret.leaf
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("body", "reason"),
-    [
-        (b"\x00\x00\x00\x00\x05\xff", "truncated gRPC message"),
-        (b"\x01\x00\x00\x00\x00", "compressed messages are not accepted"),
-        (b"\x00\x00\x00\x00\x02\xff\xff", "Wire format was corrupt"),
-    ],
-    ids=["truncated", "compressed", "corrupt"],
-)
-async def test_malformed_request_is_invalid_argument_without_a_traceback(
-    server: WorkloadApiServer,
-    socket_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    body: bytes,
-    reason: str,
-) -> None:
-    from tests.rawgrpc import raw_call as raw_h2_call
-
-    with caplog.at_level(logging.DEBUG):
-        reply = await raw_h2_call(
-            f"unix:{socket_path}",
-            None,
-            body,
-            path="/SpiffeWorkloadAPI/FetchX509SVID",
-            headers=((b"workload.spiffe.io", b"true"),),
-        )
-    assert reply.status == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert reply.message == f"malformed FetchX509SVID request: {reason}"
-    assert all(r.exc_info is None for r in caplog.records)

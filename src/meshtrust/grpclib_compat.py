@@ -12,7 +12,9 @@ internals; ``tests/test_grpclib_compat.py`` fails when an upgrade moves any of t
 * a request body that does not decode: grpclib lets the codec's ``DecodeError`` through and
   says a truncated frame with an ``AssertionError``, a compressed one with
   ``NotImplementedError`` (all answered ``UNKNOWN "Internal Server Error"`` with a traceback
-  in the log); :func:`recv_request` turns each into :class:`MalformedRequest`;
+  in the log); :func:`recv_request` turns each into :class:`MalformedRequest` (the handler
+  answers INVALID_ARGUMENT), a compressed one into :class:`UnsupportedCompression`
+  (UNIMPLEMENTED);
 * fewer, larger writes: grpclib writes each HTTP/2 step (headers, data, trailers, window
   updates) to the transport at once, which over TLS is one record and one ``send`` each --
   three or four per response. :class:`TrackingServer` hands grpclib a transport that joins
@@ -32,13 +34,16 @@ from collections.abc import Collection, Iterable
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
+from grpclib import GRPCError, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.server import Server, Stream
 
 __all__ = [
     "CoalescingTransport",
+    "COMPRESSION_UNSUPPORTED",
     "MalformedRequest",
     "TrackingServer",
+    "UnsupportedCompression",
     "abort",
     "goaway_and_close",
     "peer_cert_der",
@@ -57,10 +62,27 @@ class MalformedRequest(Exception):
         self.reason = reason
 
 
+class UnsupportedCompression(GRPCError):
+    """A request message with the compressed flag: we accept none (grpclib implements no
+    compression), and the gRPC spec's answer to a compression the server does not support
+    is UNIMPLEMENTED. A :class:`GRPCError`, so a handler that does not catch it still
+    answers with that status."""
+
+    def __init__(self) -> None:
+        super().__init__(Status.UNIMPLEMENTED, COMPRESSION_UNSUPPORTED)
+
+
+COMPRESSION_UNSUPPORTED = (
+    "compressed gRPC messages are not supported; send them uncompressed "
+    "(grpc-accept-encoding: identity)"
+)
+
+
 async def recv_request(stream: Stream[_Req, Any]) -> _Req | None:
     """``stream.recv_message()``, raising :class:`MalformedRequest` for a body that is not
     a well-formed message (corrupt protobuf, invalid UTF-8 in a string, nesting past the
-    decoder's depth, a truncated or compressed gRPC frame)."""
+    decoder's depth, a truncated gRPC frame) and :class:`UnsupportedCompression` for a
+    compressed one."""
     try:
         return await stream.recv_message()
     except DecodeError as exc:
@@ -71,7 +93,7 @@ async def recv_request(stream: Stream[_Req, Any]) -> _Req | None:
     except AssertionError:  # grpclib.stream.recv_message: "Received less data than expected"
         raise MalformedRequest("truncated gRPC message") from None
     except NotImplementedError:  # grpclib.stream.recv_message: a compressed message
-        raise MalformedRequest("compressed messages are not accepted") from None
+        raise UnsupportedCompression() from None
 
 
 class TrackingServer(Server):

@@ -39,9 +39,10 @@ class StatusHttpServer:
         host: str,
         port: int,
         registry: MetricsRegistry,
-        ready: Callable[[], bool],
+        ready: Callable[[], bool | tuple[bool, str]],
         status: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
+        """``ready`` answers readiness: a bool, or (ready, why not) to say why in the 503."""
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -49,9 +50,11 @@ class StatusHttpServer:
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype, code = outer.registry.exposition(), CONTENT_TYPE, 200
                 elif self.path.split("?")[0] in ("/ready", "/healthz/ready"):
-                    ok = outer.ready()
-                    body = b"ready\n" if ok else b"not ready\n"
-                    ctype, code = "text/plain", 200 if ok else 503
+                    answer = outer.ready()
+                    ok, reason = answer if isinstance(answer, tuple) else (answer, "")
+                    text = "ready" if ok else f"not ready: {reason}" if reason else "not ready"
+                    body = f"{text}\n".encode()
+                    ctype, code = "text/plain; charset=utf-8", 200 if ok else 503
                 elif self.path.split("?")[0] == "/debug/status" and outer.status is not None:
                     body = json.dumps(outer.status(), indent=2, default=str).encode()
                     ctype, code = "application/json", 200

@@ -70,6 +70,7 @@ from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.grpc_server import GrpcMethod, UnixGrpcServer
 from meshtrust.agent.uds import PrivateSocket
+from meshtrust.grpclib_compat import MalformedRequest, UnsupportedCompression, recv_request
 
 __all__ = [
     "DEFAULT_SECRET",
@@ -565,7 +566,7 @@ class SdsServer:
 
         async def read() -> None:
             try:
-                async for request in stream:
+                while (request := await recv_request(stream)) is not None:
                     emit(state.on_request(SdsRequest.from_proto(request), self.cache.current))
             finally:
                 queue.put_nowait(_END)
@@ -589,6 +590,7 @@ class SdsServer:
                 # A task that failed (rather than reaching the end of the stream) says why.
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.warning("SDS: %s ended: %r", peer, task.exception())
+                    _refuse_bad_request(task.exception())
         finally:
             for task in tasks:
                 task.cancel()
@@ -596,6 +598,15 @@ class SdsServer:
             self._queues.discard(queue)
             self._streams_active -= 1
             self._changed()
+
+
+def _refuse_bad_request(exc: BaseException | None) -> None:
+    """A request that did not decode ends the stream with a status saying so, not OK:
+    INVALID_ARGUMENT, or UNIMPLEMENTED for a compressed one (see grpclib_compat)."""
+    if isinstance(exc, UnsupportedCompression):
+        raise exc
+    if isinstance(exc, MalformedRequest):
+        raise GRPCError(Status.INVALID_ARGUMENT, f"malformed StreamSecrets request: {exc.reason}")
 
 
 def _refuse(method: str) -> GrpcMethod:

@@ -33,7 +33,13 @@ from meshtrust.ca.authn import (
     trusted_issuer_from_jwks,
 )
 from meshtrust.ca.authority import CaPolicy, CertificateAuthority
-from meshtrust.ca.cadir import CaMaterial, ensure_token_signing_key, load_ca_dir, token_issuer_for
+from meshtrust.ca.cadir import (
+    CaMaterial,
+    ensure_token_signing_key,
+    load_ca_dir,
+    load_token_signing_key,
+    token_issuer_for,
+)
 from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.ledger import (
     AuditEvent,
@@ -44,6 +50,7 @@ from meshtrust.ca.ledger import (
     display_url,
 )
 from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
+from meshtrust.ca.readiness import LedgerHealth, Readiness, WatchedLedger
 from meshtrust.ca.server import CaGrpcService, serve_grpc, server_ssl_context
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
@@ -109,11 +116,15 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
             "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
         )
     issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
-    try:
-        own = ensure_token_signing_key(config.ca_dir)
-    except CADirectoryError as exc:  # e.g. a read-only secret mount: run without it
-        log.warning("%s: the CA's own token issuer is off", exc)
-    else:
+    # A token key that is there but unusable stops start-up (it names the file); only one
+    # that cannot be *made* (a read-only secret mount) leaves the CA's own issuer off.
+    own = load_token_signing_key(config.ca_dir)
+    if own is None:
+        try:
+            own = ensure_token_signing_key(config.ca_dir)
+        except CADirectoryError as exc:
+            log.warning("%s: the CA's own token issuer is off", exc)
+    if own is not None:
         issuers.append(
             trusted_issuer_from_jwks(
                 token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
@@ -178,9 +189,10 @@ class Books:
     """What the process that owns them keeps: the ledger and the metrics registry."""
 
     sql: SqlLedger
-    ledger: GroupCommitLedger
+    ledger: WatchedLedger  # group commit, reporting every outcome to ``health``
     registry: TextRegistry
     metrics: CaMetrics
+    health: LedgerHealth
 
     def started(self, prepared: PreparedCa, clock: Clock, workers: int) -> None:
         """Audit and log the start of the CA."""
@@ -213,16 +225,24 @@ def open_books(prepared: PreparedCa) -> Books:
         min(r.not_valid_after_utc for r in m.roots),
         min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
     )
-    return Books(sql, GroupCommitLedger(sql), metrics_registry, metrics)
+    health = LedgerHealth()
+    ledger = WatchedLedger(GroupCommitLedger(sql), health)
+    return Books(sql, ledger, metrics_registry, metrics, health)
 
 
 def start_status(
-    config: CaServeConfig, registry: TextRegistry, ready: Callable[[], bool]
+    config: CaServeConfig, registry: TextRegistry, ready: Callable[[], Readiness]
 ) -> StatusHttpServer | None:
+    """``/metrics`` and ``/ready`` (503 with the reason when ``ready()`` says not ready)."""
     if not config.metrics_listen:
         return None
     host, port = parse_host_port(config.metrics_listen, what="--metrics-listen")
-    status = StatusHttpServer(host, port, registry, ready)
+
+    def answer() -> tuple[bool, str]:
+        readiness = ready()
+        return readiness.ready, readiness.reason
+
+    status = StatusHttpServer(host, port, registry, answer)
     status.start()
     return status
 

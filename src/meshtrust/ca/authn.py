@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshtrust.ca.cadir import TokenSigningKey
 from meshtrust.errors import (
@@ -39,9 +40,12 @@ __all__ = [
     "Caller",
     "ClientCertAuthenticator",
     "JwtAuthenticator",
+    "MAX_NUMERIC_DATE",
     "TrustedIssuer",
+    "check_time_claims",
     "load_jwks_file",
     "mint_token",
+    "numeric_date",
 ]
 
 #: Asymmetric algorithms only: ``none`` and HMAC (which would let anyone holding the public
@@ -87,9 +91,34 @@ def trusted_issuer_from_jwks(issuer: str, data: object, *, source: str) -> Trust
     except jwt.PyJWTError as exc:
         raise ConfigError(f"{source}: JWKS has no usable key ({exc})") from exc
     for key in jwks.keys:
-        if key.key_type == "oct":
-            raise ConfigError(f"{source}: symmetric (oct) keys are not accepted")
+        problem = weak_key_problem(key)
+        if problem is not None:
+            raise ConfigError(f"{source}: key {key.key_id or '(no kid)'!r}: {problem}")
     return TrustedIssuer(issuer=issuer, jwks=jwks)
+
+
+MIN_RSA_BITS = 2048
+#: The curves of ES256 and ES384, the EC algorithms we accept (:data:`ALLOWED_ALGORITHMS`).
+ACCEPTED_CURVES = ("secp256r1", "secp384r1")
+
+
+def weak_key_problem(key: jwt.PyJWK) -> str | None:
+    """Why a token issuer's key may not be trusted, or None: symmetric keys (anyone holding
+    them forges tokens), RSA below :data:`MIN_RSA_BITS` (512-bit RSA is factored in hours),
+    EC on a curve other than P-256/P-384, and any other key type (no accepted algorithm
+    could use it)."""
+    public = key.key
+    if key.key_type == "oct":
+        return "symmetric (oct) keys are not accepted"
+    if isinstance(public, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if public.key_size < MIN_RSA_BITS:
+            return f"RSA key of {public.key_size} bits; at least {MIN_RSA_BITS} are required"
+        return None
+    if isinstance(public, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if public.curve.name not in ACCEPTED_CURVES:
+            return f"EC curve {public.curve.name} is not accepted (P-256 and P-384 are)"
+        return None
+    return f"{key.key_type} keys are not accepted (RSA of {MIN_RSA_BITS}+ bits, EC P-256/P-384)"
 
 
 def mint_token(
@@ -119,6 +148,47 @@ def mint_token(
     return jwt.encode(
         claims, signing_key.key, algorithm="ES256", headers={"kid": signing_key.kid, "typ": "JWT"}
     )
+
+
+#: The last NumericDate a time claim may hold: the start of 9999-12-31 UTC. A datetime ends
+#: with year 9999, and the cache adds the leeway to an expiry, so a day's margin stays.
+MAX_NUMERIC_DATE = 253402214400
+
+
+def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """The claim ``name`` as a NumericDate (RFC 7519: seconds since the epoch), or None when
+    absent. Raises :class:`AuthenticationError` for anything else a JSON payload can hold
+    there: a bool (``true`` is an int to Python), a string, NaN or an infinity (Python's JSON
+    reads ``NaN``/``Infinity``), a negative number, or one past :data:`MAX_NUMERIC_DATE`
+    (a huge ``exp`` would otherwise end in ``ValueError: year 10000 is out of range``)."""
+    value = claims.get(name)
+    if value is None and name not in claims:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_NUMERIC_DATE  # False for NaN too
+    ):
+        raise AuthenticationError(f"token {name!r} claim is not a valid NumericDate")
+    return float(value)
+
+
+def check_time_claims(claims: Mapping[str, Any], now: dt.datetime) -> dt.datetime:
+    """When the token's validity ends, checking ``exp``, ``nbf`` and ``iat`` against ``now``
+    with :data:`LEEWAY`. ``exp`` is required; each present time claim must be a valid
+    NumericDate (:func:`numeric_date`); ``iat`` is checked for its form only (Kubernetes and
+    we both set ``nbf`` for "not before"). Raises :class:`AuthenticationError` saying why."""
+    exp = numeric_date(claims, "exp")
+    nbf = numeric_date(claims, "nbf")
+    numeric_date(claims, "iat")
+    if exp is None:
+        raise AuthenticationError("token lacks the 'exp' claim")
+    ts, leeway = now.timestamp(), LEEWAY.total_seconds()
+    if ts > exp + leeway:
+        raise AuthenticationError("token has expired")
+    if nbf is not None and ts + leeway < nbf:
+        raise AuthenticationError("token is not valid yet (nbf in the future)")
+    return dt.datetime.fromtimestamp(exp, dt.UTC)
 
 
 class JwtAuthenticator:
@@ -209,15 +279,7 @@ class JwtAuthenticator:
         return self._caller_from_claims(claims, now)
 
     def _caller_from_claims(self, claims: Mapping[str, Any], now: dt.datetime) -> Caller:
-        ts = now.timestamp()
-        leeway = LEEWAY.total_seconds()
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 < exp < 2**40:
-            raise AuthenticationError("token lacks a valid numeric 'exp' claim")
-        if ts > exp + leeway:
-            raise AuthenticationError("token has expired")
-        if isinstance(nbf, int | float) and not ts + leeway >= nbf:  # NaN nbf: refused
-            raise AuthenticationError("token is not valid yet (nbf in the future)")
+        expires = check_time_claims(claims, now)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.startswith(_SA_PREFIX):
             raise AuthenticationError(
@@ -242,7 +304,7 @@ class JwtAuthenticator:
             identity=identity,
             authenticator="jwt",
             subject=sub,
-            expires=dt.datetime.fromtimestamp(exp, dt.UTC),
+            expires=expires,
         )
 
 

@@ -136,6 +136,7 @@ class CertificateAuthority:
         self._certauth = cert_authenticator
         # Refusals are logged through a throttle: a flood of bad requests cannot fill the log.
         self.refusals = RefusalLog(log, clock)
+        self._ledger_errors = RefusalLog(log, clock)
         self._issuer = LeafIssuer(material.signer)
         # The tail of every response: intermediates one per element, the root bundle last.
         self._chain_tail: list[str] = [
@@ -223,7 +224,7 @@ class CertificateAuthority:
             await self._ledger.record(record)
         except LedgerError as exc:
             self._metrics.observe(CaEvent.LEDGER_ERROR)
-            log.error("not issuing %s: ledger write failed: %s", identity, exc)
+            self._ledger_errors.error("not issuing %s: %s", identity, exc)
             raise
         self._metrics.observe(CaEvent.ISSUED)
         log.info(

@@ -51,10 +51,18 @@ class RefusalLog:
         self._throttle = throttle or RefusalThrottle()
 
     def warning(self, message: str, *args: object) -> None:
+        self._emit(logging.WARNING, message, args)
+
+    def error(self, message: str, *args: object) -> None:
+        """The same throttle for errors that come once per request (a full ledger disk
+        fails every request: one line each would fill the log disk too)."""
+        self._emit(logging.ERROR, message, args)
+
+    def _emit(self, level: int, message: str, args: tuple[object, ...]) -> None:
         admit, suppressed = self._throttle.admit(self._clock.monotonic())
         if not admit:
             return
         if suppressed:
             window = self._throttle.window
-            message += f" ({suppressed} more refusals in the last {window:g}s were not logged)"
-        self._log.warning(message, *args)
+            message += f" ({suppressed} more like it in the last {window:g}s were not logged)"
+        self._log.log(level, message, *args)

@@ -21,6 +21,7 @@ from meshtrust.ca.assembly import (
 )
 from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.ledger import SqlLedger
+from meshtrust.ca.readiness import decide_readiness, probe_ledger
 from meshtrust.ca.server import CaGrpcService, bind_listener
 from meshtrust.ca.workers import run_supervisor
 from meshtrust.clock import Clock, SystemClock
@@ -39,7 +40,14 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     authority = build_authority(prepared, clock, ledger, metrics)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
-    status = start_status(config, registry, lambda: service.accepting)
+    status = start_status(
+        config,
+        registry,
+        lambda: decide_readiness(
+            stopping=not service.accepting, ledger_failure=books.health.failure
+        ),
+    )
+    probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -49,6 +57,7 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
             service, sock, prepared.ssl_context(), stop, config.drain_grace.total_seconds()
         )
     finally:
+        probe.cancel()
         await ledger.aclose()
         sql.close()
         if status is not None:

@@ -34,6 +34,7 @@ from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.grpclib_compat import (
     MalformedRequest,
     TrackingServer,
+    UnsupportedCompression,
     abort,
     peer_cert_der,
     recv_request,
@@ -137,6 +138,11 @@ class CaGrpcService(ca_grpc.IstioCertificateServiceBase):
                 Status.INVALID_ARGUMENT,
                 f"the request is not a valid IstioCertificateRequest: {exc.reason}",
             ) from None
+        except UnsupportedCompression:
+            self._authority.refusals.warning(
+                "refused a compressed request from %s (UNIMPLEMENTED)", _peer_name(stream)
+            )
+            raise
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "empty request")
         if not self.accepting:

@@ -17,7 +17,9 @@ Theory of operation (the pre-fork model of gunicorn/nginx):
   are served by the supervisor from the one registry.
 * SIGTERM/SIGINT to the supervisor: it tells every worker to drain and stop, waits, flushes
   the ledger, exits. A worker that sees its socketpair close (supervisor gone, even by
-  SIGKILL) stops at once: without the ledger it must not issue anything.
+  SIGKILL) answers what is in flight and what still arrives UNAVAILABLE, and exits within
+  a fraction of a second: without the ledger it must not issue anything, and an orphan
+  must not keep the port.
 * A worker that dies unexpectedly stops the whole CA with a non-zero exit, so the service
   manager (systemd, Kubernetes) restarts it whole; forking again from a threaded supervisor
   would be unsafe.
@@ -46,14 +48,18 @@ from meshtrust.ca.assembly import (
 )
 from meshtrust.ca.ledger import IssuedRecord
 from meshtrust.ca.metrics import CaEvent
+from meshtrust.ca.readiness import Readiness, decide_readiness, probe_ledger
 from meshtrust.ca.server import CaGrpcService
 from meshtrust.clock import Clock
 from meshtrust.errors import LedgerError
 
-__all__ = ["run_supervisor"]
+__all__ = ["SUPERVISOR_GONE_GRACE", "RemoteLedger", "RemoteMetrics", "run_supervisor"]
 
 log = logging.getLogger("meshtrust.ca")
 _HEADER = struct.Struct("!I")
+#: How long a worker that lost its supervisor gives its in-flight requests to be answered
+#: UNAVAILABLE before it exits (they fail at once; this is for their last writes).
+SUPERVISOR_GONE_GRACE = 0.2
 _RECORD_FIELDS = IssuedRecord.__slots__
 
 
@@ -82,8 +88,16 @@ class RemoteLedger:
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._outbox_ids: list[int] = []
         self._outbox: list[tuple[object, ...]] = []
+        self._gone: str | None = None  # why records can no longer be committed
 
     async def record(self, rec: IssuedRecord) -> None:
+        """Return once the supervisor committed ``rec``; raises :class:`LedgerError` when it
+        refused, or is gone (then at once: the answer is UNAVAILABLE, never a write to a
+        closed socket, which raised RuntimeError in the handler and answered UNKNOWN)."""
+        if self._gone is not None:
+            raise LedgerError(self._gone)
+        if self._writer.is_closing():
+            raise LedgerError("the connection to the CA supervisor is closed")
         self._next += 1
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -108,6 +122,8 @@ class RemoteLedger:
                 fut.set_result(None) if error is None else fut.set_exception(LedgerError(error))
 
     def fail_all(self, reason: str) -> None:
+        """Fail every record waiting for an acknowledgement, and every later one."""
+        self._gone = reason
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(LedgerError(reason))
@@ -130,7 +146,7 @@ class RemoteMetrics:
         self._counts[event.value] = self._counts.get(event.value, 0) + 1
 
     def flush(self) -> None:
-        if self._counts:
+        if self._counts and not self._writer.is_closing():
             counts, self._counts = self._counts, {}
             _send(self._writer, ("evs", counts))
 
@@ -166,9 +182,15 @@ async def _worker_main(
                     ledger.resolve(msg[1], msg[2])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        # No ledger, no certificates: requests waiting for their record and any that come
+        # now are answered UNAVAILABLE (another replica may serve them), then we exit,
+        # without waiting for a drain: nothing here can succeed any more.
         ledger.fail_all("the CA supervisor is gone")
-        log.error("worker %d: supervisor gone; stopping", index)
-        os._exit(3)  # no ledger, no certificates: stop at once
+        service.accepting = False
+        log.error("worker %d: supervisor gone; answering UNAVAILABLE and exiting", index)
+        await service.drain(SUPERVISOR_GONE_GRACE)
+        await asyncio.sleep(SUPERVISOR_GONE_GRACE)  # let the handlers' trailers go out
+        os._exit(3)
 
     acks = asyncio.create_task(read_acks())
     flusher = asyncio.create_task(metrics.run())
@@ -229,12 +251,15 @@ async def _supervise(
     stopping = asyncio.Event()
     failed = False
 
-    def ready() -> bool:
-        return not stopping.is_set() and all(
-            c.connected and not c.exited.is_set() for c in children
+    def ready() -> Readiness:
+        return decide_readiness(
+            stopping=stopping.is_set(),
+            workers_down=sum(not c.connected or c.exited.is_set() for c in children),
+            ledger_failure=books.health.failure,
         )
 
     status = start_status(config, registry, ready)
+    probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -305,6 +330,7 @@ async def _supervise(
                 log.error("worker %d did not stop in %.0fs; killing it", c.index, grace)
                 os.kill(c.pid, signal.SIGKILL)
         await asyncio.gather(*tasks, return_exceptions=True)
+    probe.cancel()
     await ledger.aclose()
     sql.close()
     if status is not None:
