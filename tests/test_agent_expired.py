@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import queue
 import shutil
 import tempfile
@@ -248,6 +249,31 @@ async def test_workload_api_refuses_an_expired_svid_with_the_reason_then_serves_
         assert format_serial(svid.leaf.serial_number) == fresh.serial_hex
     finally:
         stream.cancel()
+
+
+@pytest.mark.asyncio
+async def test_x509_source_started_while_expired_retries_until_the_fresh_svid(
+    running: Running, client: spiffe.WorkloadApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = running
+    caplog.set_level(logging.INFO, logger="meshtrust.agent")
+    first = await _expire(r)
+
+    def refusals() -> int:
+        return sum("FetchX509SVID refused (UNAVAILABLE)" in m for m in caplog.messages)
+
+    # py-spiffe retries UNAVAILABLE (it gives up only on CANCELLED and INVALID_ARGUMENT).
+    starting = asyncio.create_task(
+        asyncio.to_thread(spiffe.X509Source, workload_api_client=client, timeout_in_seconds=30)
+    )
+    await async_until(lambda: refusals() >= 2, what="py-spiffe retried after UNAVAILABLE")
+    assert not starting.done()  # no expired SVID to start with
+    fresh = await _recover(r, first)
+    source = await starting
+    try:
+        assert _serial_of_context(source.get_x509_context()) == fresh.serial_hex
+    finally:
+        await asyncio.to_thread(source.close)
 
 
 @pytest.mark.asyncio
