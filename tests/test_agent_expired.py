@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import queue
+import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -47,6 +48,8 @@ TD = TrustDomain("example.org")
 WEB = SpiffeId.for_workload(TD, "default", "web")
 TTL = dt.timedelta(hours=1)
 TIMEOUT = 10.0
+#: Past the longest retry delay: 60 s + 10 % jitter.
+BACKOFF_CAP = 67.0
 CA_DOWN = "CA at 127.0.0.1:15012 unavailable (UNAVAILABLE): connection refused"
 
 
@@ -126,7 +129,7 @@ async def running(short_dir: Path) -> AsyncIterator[Running]:
     )
     clock = FakeClock(T0)
     source = SwitchableCa(FakeClockCa(clock, ca, WEB))
-    agent = build_agent(config, clock=clock, source=source)
+    agent = build_agent(config, clock=clock, source=source, rng=random.Random(9))
     await agent.start()
     try:
         yield Running(agent, clock, source, short_dir)
@@ -178,9 +181,15 @@ def _file_serial(out: Path) -> str:
     return format_serial(leaf.serial_number)
 
 
+async def _first(r: Running) -> WorkloadSecret:
+    """The agent's first certificate (the CA is up at start)."""
+    async with asyncio.timeout(TIMEOUT):
+        return await r.agent.cache.wait_newer(0)
+
+
 async def _expire(r: Running) -> WorkloadSecret:
     """Get the first certificate, switch the CA off, and let the certificate expire."""
-    first = await r.agent.cache.wait_newer(0)
+    first = await _first(r)
     await async_until(lambda: (r.out / "cert-chain.pem").exists())
     r.ca.down = True
     await r.clock.wait_for_sleepers(1)
@@ -194,8 +203,9 @@ async def _expire(r: Running) -> WorkloadSecret:
 async def _recover(r: Running, first: WorkloadSecret) -> WorkloadSecret:
     """Switch the CA on; the next retry gets a fresh certificate."""
     r.ca.down = False
-    await r.clock.advance(61)  # past the longest back-off
-    fresh = await r.agent.cache.wait_newer(first.generation)
+    await r.clock.advance(BACKOFF_CAP)
+    async with asyncio.timeout(TIMEOUT):
+        fresh = await r.agent.cache.wait_newer(first.generation)
     assert not fresh.expired(r.clock.now())
     return fresh
 
@@ -226,7 +236,7 @@ async def test_workload_api_refuses_an_expired_svid_with_the_reason_then_serves_
     r = running
     stream = ContextStream(client)
     try:
-        first = await r.agent.cache.wait_newer(0)
+        first = await _first(r)
         assert _serial_of_context(await stream.next_update()) == first.serial_hex
         await _expire(r)
         # A new fetch gets UNAVAILABLE with who, when and why -- not the expired SVID.
@@ -281,7 +291,7 @@ async def test_sds_new_subscription_waits_for_a_fresh_certificate_and_rootca_is_
     running: Running, envoys: list[FakeEnvoy]
 ) -> None:
     r = running
-    first = await r.agent.cache.wait_newer(0)
+    first = await _first(r)
     holder = FakeEnvoy(r.dir / "sds.sock")  # an Envoy that got `default` while it was valid
     envoys.append(holder)
     await holder.send("default")
@@ -308,7 +318,7 @@ async def test_files_are_kept_and_marked_expired_until_a_fresh_certificate(
     running: Running,
 ) -> None:
     r = running
-    first = await r.agent.cache.wait_newer(0)
+    first = await _first(r)
     await async_until(lambda: (r.out / "cert-chain.pem").exists())
     assert not (r.out / "EXPIRED").exists()
     held_generation = (r.out / "..data").resolve()
@@ -333,7 +343,7 @@ async def test_files_are_kept_and_marked_expired_until_a_fresh_certificate(
 @pytest.mark.asyncio
 async def test_readiness_metrics_and_status_say_expired_then_recover(running: Running) -> None:
     r = running
-    await r.agent.cache.wait_newer(0)
+    await _first(r)
     await async_until(lambda: r.ready_status() == 200)
     assert 'meshtrust_agent_cert_expired{resource_name="default"} 0' in r.metrics()
     first = await _expire(r)
