@@ -17,9 +17,10 @@ import random
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from meshtrust.agent.cache import SecretCache
+from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.files import CertificateFiles
+from meshtrust.agent.handout import HandoutGate, Refusal
 from meshtrust.agent.issuance import CertificateSource, TokenFile
 from meshtrust.agent.metrics import AgentMetrics
 from meshtrust.agent.rotation import SlotState
@@ -94,6 +95,8 @@ class Agent:
             key_type=config.key_type,
             rng=rng,
         )
+        #: What may be handed out (no expired certificate), at the agent's clock.
+        self.gate = HandoutGate(clock, lambda: self.rotator.last_error)
         self.sidecar = sidecar
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -132,12 +135,16 @@ class Agent:
             "last_error": self.rotator.last_error,
         }
         if secret is not None:
+            decision = self.gate(secret)
             out.update(
                 serial=secret.serial_hex,
                 not_before=secret.leaf.not_valid_before_utc.isoformat(),
                 not_after=secret.not_after.isoformat(),
                 expires_in_seconds=(secret.not_after - now).total_seconds(),
+                expired=isinstance(decision, Refusal),
             )
+            if isinstance(decision, Refusal):
+                out["expired_reason"] = decision.message
         if self.rotator.deadline is not None:
             out["next_rotation"] = self.rotator.deadline.isoformat()
             out["next_rotation_in_seconds"] = (self.rotator.deadline - now).total_seconds()
@@ -169,9 +176,11 @@ class Agent:
                 )
                 await self._status.start()
             if cfg.sds_socket is not None:
-                self._servers.append(SdsServer(self.cache, cfg.sds_socket))
+                self._servers.append(SdsServer(self.cache, cfg.sds_socket, clock=self.clock))
             if cfg.workload_socket is not None:
-                self._servers.append(WorkloadApiServer(self.cache, cfg.workload_socket))
+                self._servers.append(
+                    WorkloadApiServer(self.cache, cfg.workload_socket, gate=self.gate)
+                )
             for server in self._servers:
                 await server.start()
             if cfg.output_dir is not None:
@@ -220,6 +229,7 @@ class Agent:
             self._note_cas_without_key_usage(secret.chain[1:], "issuing CA")
 
     async def _write_files(self, files: CertificateFiles) -> None:
+        """Write every new generation; mark it ``EXPIRED`` if it expires before the next."""
         generation = 0
         while True:
             secret = await self.cache.wait_newer(generation)
@@ -228,6 +238,36 @@ class Agent:
                 await asyncio.to_thread(files.write, secret)
             except OSError as exc:  # a full disk must not stop SDS or the Workload API
                 log.error("cannot write certificate files to %s: %s", files.directory, exc)
+                continue
+            if not await self._expires_before_newer(secret):
+                continue
+            refusal = self.gate(secret)
+            if not isinstance(refusal, Refusal):
+                continue
+            try:
+                await asyncio.to_thread(files.mark_expired, refusal.marker_text().encode())
+            except OSError as exc:
+                log.error("cannot mark %s EXPIRED: %s", files.directory, exc)
+            else:
+                log.warning("marked %s/EXPIRED: %s", files.directory, refusal.message)
+
+    async def _expires_before_newer(self, secret: WorkloadSecret) -> bool:
+        """Wait until ``secret`` expires (True) or the cache has a newer one (False)."""
+        newer = asyncio.ensure_future(self.cache.wait_newer(secret.generation))
+        sleep: asyncio.Future[None] | None = None
+        try:
+            while not secret.expired(self.clock.now()):
+                left = (secret.not_after - self.clock.now()).total_seconds()
+                sleep = asyncio.ensure_future(self.clock.sleep(left))
+                await asyncio.wait((newer, sleep), return_when=asyncio.FIRST_COMPLETED)
+                sleep.cancel()
+                if newer.done():
+                    return False
+            return not newer.done()
+        finally:
+            newer.cancel()
+            if sleep is not None:
+                sleep.cancel()
 
     async def stop(self) -> None:
         """Stop rotating, close the sockets (removing them) and the status port."""

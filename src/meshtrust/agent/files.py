@@ -7,6 +7,14 @@ three visible names are symlinks through ``..data``, so every open sees a comple
 of one generation; a reader that needs a matching *pair* resolves ``..data`` once and reads
 both files from there. The previous generation is kept until the next swap, so a reader
 that resolved it just before a swap still finds its files.
+
+Expiry is marked, not hidden: when the certificate expires before a fresh one comes,
+:meth:`CertificateFiles.mark_expired` writes an ``EXPIRED`` file (what expired, when, and
+why no fresh certificate came) into the current generation, atomically (temporary name,
+rename), and links it as ``EXPIRED`` beside the three names. The certificate files stay:
+an app that holds them keeps working as well as an expired certificate lets it, and
+nothing vanishes under a reload. The next fresh generation has no marker; once ``..data``
+points at it the link dangles (so ``test -e EXPIRED`` is false at once) and is removed.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ __all__ = ["CertificateFiles"]
 
 NAMES = ("cert-chain.pem", "key.pem", "root-cert.pem")
 DATA = "..data"
+#: The marker written into an expired generation (and linked beside NAMES).
+EXPIRED = "EXPIRED"
 
 
 class CertificateFiles:
@@ -71,11 +81,32 @@ class CertificateFiles:
             os.symlink(target, tmp)
             os.replace(tmp, link)
         fsync_directory(d, self._fsync)  # the swap itself is durable
+        (d / EXPIRED).unlink(missing_ok=True)  # dangling now: the new generation is fresh
         # Keep exactly the previous generation; remove older ones.
         for entry in d.iterdir():
             if entry.name.startswith("..gen-") and entry.name not in (gen_dir.name, previous):
                 shutil.rmtree(entry, ignore_errors=True)
         return gen_dir
+
+    def mark_expired(self, text: bytes) -> Path | None:
+        """Write ``text`` as ``EXPIRED`` into the current generation and link it as
+        ``<directory>/EXPIRED``; None when no generation has been written yet."""
+        d = self.directory
+        if not (d / DATA).is_symlink():
+            return None
+        gen_dir = d / os.readlink(d / DATA)
+        tmp = gen_dir / f".{EXPIRED}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        self._write(tmp, text, 0o644)
+        os.replace(tmp, gen_dir / EXPIRED)
+        fsync_directory(gen_dir, self._fsync)
+        if not (d / EXPIRED).is_symlink():
+            tmp_link = d / f".{EXPIRED}.link-{os.getpid()}"
+            tmp_link.unlink(missing_ok=True)
+            os.symlink(f"{DATA}/{EXPIRED}", tmp_link)
+            os.replace(tmp_link, d / EXPIRED)
+            fsync_directory(d, self._fsync)
+        return gen_dir / EXPIRED
 
     def _write(self, path: Path, data: bytes, mode: int) -> None:
         # A fresh file in a fresh directory: O_EXCL, no rename needed (the swap is the rename).

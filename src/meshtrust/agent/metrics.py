@@ -103,6 +103,21 @@ class AgentMetrics:
                     ),
                 )
             )
+            out.append(
+                MetricFamily(
+                    "meshtrust_agent_cert_expired",
+                    "1 while the held workload certificate has expired (it is then handed "
+                    "out to no new client), else 0.",
+                    "gauge",
+                    (
+                        Sample(
+                            "meshtrust_agent_cert_expired",
+                            {"resource_name": "default"},
+                            1.0 if expiry <= 0 else 0.0,
+                        ),
+                    ),
+                )
+            )
         return out
 
 

@@ -11,9 +11,11 @@ Theory of operation. The agent holds one certificate slot::
                                    VALID <--issued-- EXPIRED --+ failed (retry, not ready)
 
 While ROTATING the current certificate keeps being served: it is still valid, and traffic
-must not stop because the CA is briefly away. Once it is EXPIRED the agent still serves it
-(Envoy would otherwise drop every connection at once) but says so loudly: readiness goes
-false, an error is logged once, and the expiry metric turns negative.
+must not stop because the CA is briefly away. Once it is EXPIRED the agent keeps it (what
+Envoy or an open Workload API stream already holds is theirs: nothing is taken back) but
+hands it out to nobody anew (:mod:`meshtrust.agent.handout`), and says so loudly:
+readiness goes false, an error is logged once, the expiry metric turns negative and the
+files are marked ``EXPIRED``.
 
 All functions here are pure: time and randomness come in as arguments.
 """

@@ -30,6 +30,13 @@ Its rules, in the order it applies them to a request:
    (Envoy reconnecting after an agent restart may quote the previous agent's nonce; Istio
    answers those too).
 
+An expired certificate is never handed out anew (:func:`meshtrust.agent.handout.handout`):
+given the time (``now``), a stream leaves ``default`` out of what it "has" while the
+certificate is expired, so a new subscription to ``default`` waits exactly as it waits for
+a first certificate, and gets the fresh one pushed the moment the cache has it. ``ROOTCA``
+is still served. Expiry itself is not an event: what Envoy already holds is Envoy's, and
+nothing is pushed to an open stream when its certificate expires.
+
 When the cache changes, every stream that asked for a name whose content changed gets a
 response (a stream holding only ``ROOTCA`` is not woken by a leaf rotation that kept the
 roots). A response carries every requested resource we have -- with one name per stream, that
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import itertools
 import logging
@@ -69,7 +77,9 @@ from grpclib.server import Stream
 from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.grpc_server import GrpcMethod, UnixGrpcServer
+from meshtrust.agent.handout import Refusal, handout
 from meshtrust.agent.uds import PrivateSocket
+from meshtrust.clock import Clock, SystemClock
 from meshtrust.grpclib_compat import MalformedRequest, UnsupportedCompression, recv_request
 
 __all__ = [
@@ -297,14 +307,23 @@ class SdsStream:
         self._refused_generation: int | None = None
         self._sent_generation = 0
         self._logged_unknown: set[str] = set()
+        self._logged_withheld = ""
 
     @property
     def blocked(self) -> bool:
         """True after a NACK, until a newer secret generation arrives."""
         return self._refused_generation is not None
 
-    def on_request(self, request: SdsRequest, secret: WorkloadSecret | None) -> SdsPush | None:
-        """Take one request from Envoy; return the response to send, if any."""
+    def on_request(
+        self,
+        request: SdsRequest,
+        secret: WorkloadSecret | None,
+        now: dt.datetime | None = None,
+    ) -> SdsPush | None:
+        """Take one request from Envoy; return the response to send, if any.
+
+        With ``now``, an expired certificate is withheld (``default`` waits; see the module
+        docstring); without it, expiry is not checked (the server always passes it)."""
         self.counters.requests += 1
         if request.type_url and request.type_url != SECRET_TYPE_URL:
             self.counters.wrong_type += 1
@@ -350,18 +369,43 @@ class SdsStream:
             self._sent.clear()
         if secret is None or self.blocked:
             return None
-        return self._push(secret, force=True)
+        return self._push(secret, force=True, now=now)
 
-    def on_secret(self, secret: WorkloadSecret) -> SdsPush | None:
-        """The cache has a new secret: return a response if it changes what Envoy asked for."""
+    def on_secret(self, secret: WorkloadSecret, now: dt.datetime | None = None) -> SdsPush | None:
+        """The cache has a new secret: return a response if it changes what Envoy asked for
+        (``now`` as for :meth:`on_request`)."""
         if self._refused_generation is not None:
             if secret.generation <= self._refused_generation:
                 return None
             self._refused_generation = None
-        return self._push(secret, force=False)
+        return self._push(secret, force=False, now=now)
 
-    def _push(self, secret: WorkloadSecret, *, force: bool) -> SdsPush | None:
-        wanted = [n for n in self.names if n in KNOWN_SECRETS]
+    def _withheld(self, name: str, secret: WorkloadSecret, now: dt.datetime | None) -> bool:
+        """Whether ``name`` must not be handed out from ``secret`` at ``now`` (an expired
+        ``default``), logged once per stream and certificate."""
+        if name != DEFAULT_SECRET or now is None:
+            return False
+        decision = handout(secret, now)
+        if not isinstance(decision, Refusal):
+            return False
+        if self._logged_withheld != secret.serial_hex:
+            self._logged_withheld = secret.serial_hex
+            log.info(
+                "SDS: %s asked for %s; not handing out serial %s, expired at %s: waiting for "
+                "a fresh certificate",
+                self._peer,
+                name,
+                secret.serial_hex,
+                f"{secret.not_after:%Y-%m-%d %H:%M:%SZ}",
+            )
+        return True
+
+    def _push(
+        self, secret: WorkloadSecret, *, force: bool, now: dt.datetime | None
+    ) -> SdsPush | None:
+        wanted = [
+            n for n in self.names if n in KNOWN_SECRETS and not self._withheld(n, secret, now)
+        ]
         if not wanted:
             return None
         prints = {n: _fingerprint(n, secret) for n in wanted}
@@ -421,7 +465,8 @@ _REFUSE_AFTER = 1.0
 
 
 class SdsServer:
-    """Serves SDS from ``cache`` on the Unix socket ``socket_path`` (mode 0600).
+    """Serves SDS from ``cache`` on the Unix socket ``socket_path`` (mode 0600); ``clock``
+    says when the certificate has expired (it is then withheld from new subscriptions).
 
     Use ``await start()`` / ``await stop()``, or ``async with``. Raises
     :class:`~meshtrust.errors.ConfigError` when the path is unusable (a non-socket file is in
@@ -429,9 +474,12 @@ class SdsServer:
     :class:`~meshtrust.errors.AddressInUse` when another live server answers on it.
     """
 
-    def __init__(self, cache: SecretCache, socket_path: Path) -> None:
+    def __init__(
+        self, cache: SecretCache, socket_path: Path, *, clock: Clock | None = None
+    ) -> None:
         self.cache = cache
         self.socket_path = Path(socket_path)
+        self._clock = clock or SystemClock()
         self._socket = PrivateSocket(self.socket_path, "SDS socket")
         self.counters = SdsCounters()
         self._server: UnixGrpcServer | None = None
@@ -567,7 +615,11 @@ class SdsServer:
         async def read() -> None:
             try:
                 while (request := await recv_request(stream)) is not None:
-                    emit(state.on_request(SdsRequest.from_proto(request), self.cache.current))
+                    emit(
+                        state.on_request(
+                            SdsRequest.from_proto(request), self.cache.current, self._clock.now()
+                        )
+                    )
             finally:
                 queue.put_nowait(_END)
 
@@ -577,7 +629,7 @@ class SdsServer:
                 while True:
                     secret = await self.cache.wait_newer(seen)
                     seen = secret.generation
-                    emit(state.on_secret(secret))
+                    emit(state.on_secret(secret, self._clock.now()))
             finally:
                 queue.put_nowait(_END)
 

@@ -15,6 +15,14 @@ and a secret that could not make a complete response is skipped: py-spiffe close
 worse than a late one. ``FetchX509Bundles`` only sends when the trusted roots change (a leaf
 rotation does not change them).
 
+An expired certificate is never handed out anew (:mod:`meshtrust.agent.handout` decides):
+a ``FetchX509SVID`` call that would start with an expired SVID ends at once with UNAVAILABLE
+and the refusal's message (which identity, expired when, the CA's last error) -- a status
+py-spiffe and go-spiffe retry, so an ``X509Source`` gets the fresh SVID once the CA is back.
+A stream that already holds an SVID keeps it: nothing is sent, and nothing ends, when it
+expires; the next fresh one is pushed as a rotation. Bundles are not the workload's
+certificate: ``FetchX509Bundles`` keeps serving them while any root is valid.
+
 :meth:`WorkloadApiServer.stop` first ends every open stream with UNAVAILABLE ("shutting
 down"): a status py-spiffe and go-spiffe retry, unlike CANCELLED or INVALID_ARGUMENT after
 which py-spiffe gives up. Then it stops the gRPC server and removes the socket.
@@ -53,6 +61,7 @@ from grpclib.server import Stream
 from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.grpc_server import UnixGrpcServer
+from meshtrust.agent.handout import HandoutGate, Refusal
 from meshtrust.agent.uds import PrivateSocket
 from meshtrust.grpclib_compat import MalformedRequest, recv_request
 
@@ -178,11 +187,16 @@ def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
 class WorkloadApiServer:
     """The SPIFFE Workload API (``SpiffeWorkloadAPI``) over ``unix:<socket_path>``.
 
-    Serves X.509-SVIDs and bundles from ``cache``; the JWT methods answer UNIMPLEMENTED.
+    Serves X.509-SVIDs and bundles from ``cache``, as far as ``gate`` allows (by default
+    :class:`HandoutGate` on the system clock: no expired SVID); the JWT methods answer
+    UNIMPLEMENTED.
     """
 
-    def __init__(self, cache: SecretCache, socket_path: Path) -> None:
+    def __init__(
+        self, cache: SecretCache, socket_path: Path, *, gate: HandoutGate | None = None
+    ) -> None:
         self._cache = cache
+        self._gate = gate or HandoutGate()
         self._socket_path = Path(socket_path)
         self._server: UnixGrpcServer | None = None
         self._socket = PrivateSocket(self._socket_path, "Workload API socket")
@@ -280,9 +294,14 @@ class WorkloadApiServer:
         self._open_streams += 1
         try:
             generation = 0
+            sent_any = False
             while True:
                 secret = await self._next_secret(generation)
                 generation = secret.generation
+                decision = self._gate(secret)
+                if isinstance(decision, Refusal):
+                    _refuse_or_skip(decision, sent_any, "FetchX509SVID", generation)
+                    continue
                 response = x509_svid_response(secret)
                 if response is None:
                     log.error(
@@ -297,6 +316,7 @@ class WorkloadApiServer:
                     generation,
                 )
                 await stream.send_message(response)
+                sent_any = True
         finally:
             self._open_streams -= 1
             log.debug("Workload API FetchX509SVID stream closed")
@@ -312,6 +332,10 @@ class WorkloadApiServer:
             while True:
                 secret = await self._next_secret(generation)
                 generation = secret.generation
+                decision = self._gate.bundle(secret)
+                if isinstance(decision, Refusal):
+                    _refuse_or_skip(decision, sent is not None, "FetchX509Bundles", generation)
+                    continue
                 response = x509_bundles_response(secret)
                 if response is None or secret.roots_der() == sent:
                     continue  # no roots, or the same roots as last time: nothing to tell
@@ -333,6 +357,17 @@ class WorkloadApiServer:
     async def _validate_jwt_svid(self, stream: Stream[Any, Any]) -> None:
         await self._admit(stream, "ValidateJWTSVID")
         raise GRPCError(Status.UNIMPLEMENTED, JWT_UNSUPPORTED)
+
+
+def _refuse_or_skip(refusal: Refusal, sent_any: bool, method: str, generation: int) -> None:
+    """A stream that has sent nothing yet ends with UNAVAILABLE and the refusal's message;
+    one that has keeps what it holds and skips this generation."""
+    if not sent_any:
+        log.info("Workload API %s refused (UNAVAILABLE): %s", method, refusal.message)
+        raise GRPCError(Status.UNAVAILABLE, refusal.message)
+    log.warning(
+        "Workload API %s: not sending generation %d: %s", method, generation, refusal.message
+    )
 
 
 def _peer(stream: Stream[Any, Any]) -> str:
