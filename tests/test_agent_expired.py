@@ -6,6 +6,7 @@ everything recovers when the CA comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -203,9 +204,16 @@ async def _expire(r: Running) -> WorkloadSecret:
 async def _recover(r: Running, first: WorkloadSecret) -> WorkloadSecret:
     """Switch the CA on; the next retry gets a fresh certificate."""
     r.ca.down = False
-    await r.clock.advance(BACKOFF_CAP)
+    # One advance past the longest backoff is enough only if the rotator was asleep when it
+    # happened; when a retry was in flight, its next sleep starts after the advance. So keep
+    # moving the clock on until the retry lands (each step is past any backoff).
     async with asyncio.timeout(TIMEOUT):
-        fresh = await r.agent.cache.wait_newer(first.generation)
+        while True:
+            await r.clock.advance(BACKOFF_CAP)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    fresh = await r.agent.cache.wait_newer(first.generation)
+                    break
     assert not fresh.expired(r.clock.now())
     return fresh
 

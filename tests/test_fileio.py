@@ -159,7 +159,7 @@ def test_lds_file_write_is_durable(tmp_path: Path) -> None:
     ((ino, state),) = log.directories()
     assert ino == path.parent.stat().st_ino
     assert isinstance(state, bytes) and json.loads(state)["version_info"] == "7"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it names the RBAC principals
 
 
 def test_certificate_files_fsync_the_data_swap(tmp_path: Path) -> None:
