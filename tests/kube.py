@@ -237,6 +237,15 @@ class KubeApiServer:
         token: str = answer["status"]["token"]
         return token
 
+    def review(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """The ``status`` of a TokenReview of ``token``, asked as the admin."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": audiences}}  # fmt: skip
+        status: dict[str, Any] = self.create("/apis/authentication.k8s.io/v1/tokenreviews", body)[
+            "status"
+        ]
+        return status
+
 
 def _wait_http(
     url: str,

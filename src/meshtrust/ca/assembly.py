@@ -15,7 +15,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 try:
@@ -32,9 +32,10 @@ from meshtrust.ca.authn import (
     load_jwks_file,
     trusted_issuer_from_jwks,
 )
-from meshtrust.ca.authority import CaPolicy, CertificateAuthority
+from meshtrust.ca.authority import CaPolicy, CertificateAuthority, RemoteTokenAuthenticator
 from meshtrust.ca.cadir import CaMaterial, ensure_token_signing_key, load_ca_dir, token_issuer_for
 from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.kube_authn import kube_authenticators
 from meshtrust.ca.ledger import (
     AuditEvent,
     GroupCommitLedger,
@@ -90,6 +91,7 @@ class PreparedCa:
     ledger_url: str
     serving_chain: list[x509.Certificate]
     serving_key: PrivateKey
+    remote: list[RemoteTokenAuthenticator] = field(default_factory=list)  # Kubernetes
 
     def ssl_context(self) -> ssl.SSLContext:
         return server_ssl_context(
@@ -125,6 +127,9 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
         names.append(host)
     serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
+    remote: list[RemoteTokenAuthenticator] = [
+        *kube_authenticators(config.kube_tokenreview, config.kube_jwks, td, config.audience, clock)
+    ]
     return PreparedCa(
         config=config,
         material=material,
@@ -133,6 +138,7 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
         ledger_url=config.ledger or default_ledger_url(config.ca_dir),
         serving_chain=[serving, *material.intermediates],
         serving_key=serving_key,
+        remote=remote,
     )
 
 
@@ -152,6 +158,7 @@ def build_authority(
         cert_authenticator=ClientCertAuthenticator(
             TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
         ),
+        remote_authenticators=prepared.remote,
     )
 
 

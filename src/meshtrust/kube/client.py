@@ -66,7 +66,8 @@ class KubeClient:
         """
         headers = {
             "Authorization": f"Bearer {self.config.read_token()}",
-            "Accept": "application/json",
+            # The JWKS is served only as application/jwk-set+json (HTTP 406 otherwise).
+            "Accept": "application/json, application/jwk-set+json",
             "User-Agent": "meshtrust",
         }
         data = None
