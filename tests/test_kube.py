@@ -160,3 +160,34 @@ def test_a_real_ca_issues_exactly_the_token_identity_and_refuses_bad_tokens(
         assert shop.admin_token not in ca.log()
     finally:
         ca.stop()
+
+
+def test_the_ca_answers_unavailable_while_the_api_server_is_unreachable(
+    shop: KubeApiServer, ca_dir: Path
+) -> None:
+    kubeconfig = ca_dir.parent / "gone.kubeconfig"
+    kubeconfig.write_text(
+        shop.kubeconfig.read_text().replace(f"127.0.0.1:{shop.port}", f"127.0.0.1:{free_port()}")
+    )
+    ca = CaProcess(ca_dir, "--kube-tokenreview", str(kubeconfig))
+    try:
+        ca.wait_ready()
+        code, details, _ = _create_certificate(ca, shop.token_for("shop", "web", ["istio-ca"]))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "TokenReview" in details or "cannot reach the API server" in details
+        assert shop.admin_token not in details and shop.admin_token not in ca.log()
+    finally:
+        ca.stop()
+
+
+def test_a_ca_that_cannot_fetch_the_cluster_jwks_stops_at_start_saying_why(
+    shop: KubeApiServer, ca_dir: Path
+) -> None:
+    kubeconfig = ca_dir.parent / "gone.kubeconfig"
+    kubeconfig.write_text(
+        shop.kubeconfig.read_text().replace(f"127.0.0.1:{shop.port}", f"127.0.0.1:{free_port()}")
+    )
+    ca = CaProcess(ca_dir, "--kube-jwks", str(kubeconfig))
+    assert ca.wait() != 0
+    assert "openid-configuration: cannot reach the API server" in ca.log()
+    assert "Traceback" not in ca.log()
