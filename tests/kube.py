@@ -43,11 +43,19 @@ from cryptography.x509.oid import NameOID
 
 from tests.processes import free_port
 
-__all__ = ["KUBE_VERSION", "KubeApiServer", "kube_apiserver", "kube_apiserver_binary"]
+__all__ = [
+    "KUBE_VERSION",
+    "KubeApiServer",
+    "KubeError",
+    "kube_apiserver",
+    "kube_apiserver_binary",
+    "kubectl_binary",
+    "make_tls_pair",
+    "pem_bytes",
+]
 
 KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.34.4")
 REPO = Path(__file__).resolve().parent.parent
-SA_ISSUER_PATH = ""  # the issuer is the API server's own URL (see kube_apiserver)
 
 
 def _cache() -> Path:
@@ -92,7 +100,7 @@ def etcd_binary() -> Path:
     return Path(found)
 
 
-def _pem(obj: Any) -> bytes:
+def pem_bytes(obj: Any) -> bytes:
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM)
     return bytes(
@@ -310,12 +318,12 @@ def kube_apiserver() -> Iterator[KubeApiServer]:
                    root / "etcd.log", 30)  # fmt: skip
 
         ca, key, leaf = make_tls_pair(["localhost", "kubernetes.default.svc"], ["127.0.0.1"])
-        (root / "ca.crt").write_bytes(_pem(ca))
-        (root / "apiserver.crt").write_bytes(_pem(leaf))
-        (root / "apiserver.key").write_bytes(_pem(key))
+        (root / "ca.crt").write_bytes(pem_bytes(ca))
+        (root / "apiserver.crt").write_bytes(pem_bytes(leaf))
+        (root / "apiserver.key").write_bytes(pem_bytes(key))
         (root / "apiserver.key").chmod(0o600)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        (root / "sa.key").write_bytes(_pem(sa_key))
+        (root / "sa.key").write_bytes(pem_bytes(sa_key))
         (root / "sa.key").chmod(0o600)
         (root / "sa.pub").write_bytes(
             sa_key.public_key().public_bytes(
@@ -349,7 +357,7 @@ def kube_apiserver() -> Iterator[KubeApiServer]:
              "--v=1"],
             stdout=api_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        ctx = ssl.create_default_context(cadata=_pem(ca).decode())
+        ctx = ssl.create_default_context(cadata=pem_bytes(ca).decode())
         _wait_http(f"{issuer}/readyz", ctx, admin_token, api, root / "apiserver.log", 120)
         kubeconfig = root / "kubeconfig"
         kubeconfig.write_text(
@@ -360,7 +368,7 @@ def kube_apiserver() -> Iterator[KubeApiServer]:
                     "current-context": "test",
                     "clusters": [{"name": "test", "cluster": {
                         "server": issuer,
-                        "certificate-authority-data": base64.b64encode(_pem(ca)).decode(),
+                        "certificate-authority-data": base64.b64encode(pem_bytes(ca)).decode(),
                     }}],
                     "users": [{"name": "admin", "user": {"token": admin_token}}],
                     "contexts": [{"name": "test",
@@ -371,7 +379,7 @@ def kube_apiserver() -> Iterator[KubeApiServer]:
         )  # fmt: skip
         kubeconfig.chmod(0o600)
         server = KubeApiServer(
-            port=api_port, root=root, ca_pem=_pem(ca).decode(), admin_token=admin_token,
+            port=api_port, root=root, ca_pem=pem_bytes(ca).decode(), admin_token=admin_token,
             kubeconfig=kubeconfig, sa_issuer=issuer,
         )  # fmt: skip
         server.ensure_namespace("default")

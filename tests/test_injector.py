@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import http.client
 import json
+import socket
+import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,8 +23,9 @@ from meshtrust.injector import (
     inject,
     review_response,
 )
-from meshtrust.injector.server import NamespaceLabelCache
-from meshtrust.kube import KubeUnavailable as KubeFault
+from meshtrust.injector.server import InjectorServer, NamespaceLabelCache
+from meshtrust.kube import KubeUnavailable
+from tests.kube import make_tls_pair, pem_bytes
 
 SETTINGS = InjectorSettings(image="example.org/meshtrust:1", ca_address="ca.mt.svc:15012")
 
@@ -196,7 +201,7 @@ def test_other_kinds_and_operations_pass_untouched() -> None:
 
 def test_namespace_labels_unavailable_refuses_so_the_pod_is_retried() -> None:
     def down(namespace: str) -> dict[str, str]:
-        raise KubeFault("GET /api/v1/namespaces/shop: cannot reach the API server")
+        raise KubeUnavailable("GET /api/v1/namespaces/shop: cannot reach the API server")
 
     answer = review_response(review(pod(labels=ON)), down, SETTINGS)["response"]
     assert answer["allowed"] is False and answer["status"]["code"] == 500
@@ -216,3 +221,40 @@ def test_namespace_labels_are_cached_briefly() -> None:
     now[0] = 5.0
     labels("shop")
     assert calls == ["shop", "shop"]
+
+
+@pytest.fixture
+def served(tmp_path: Any) -> Iterator[tuple[InjectorServer, ssl.SSLContext]]:
+    ca, key, leaf = make_tls_pair(["localhost"], ["127.0.0.1"])
+    (tmp_path / "c.pem").write_bytes(pem_bytes(leaf))
+    (tmp_path / "k.pem").write_bytes(pem_bytes(key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server = InjectorServer("127.0.0.1", 0, ctx, lambda ns: ENABLED, SETTINGS)
+    server.start()
+    try:
+        yield server, ssl.create_default_context(cadata=pem_bytes(ca).decode())
+    finally:
+        server.stop()
+
+
+def _post(port: int, ctx: ssl.SSLContext, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", "/inject", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_the_https_server_answers_reviews_even_with_a_stalled_client_connected(
+    served: tuple[InjectorServer, ssl.SSLContext],
+) -> None:
+    server, ctx = served
+    with socket.create_connection(("127.0.0.1", server.port)):  # connects, never says hello
+        status, body = _post(server.port, ctx, review(pod()))
+    assert status == 200
+    assert json.loads(body)["response"]["patchType"] == "JSONPatch"
+    status, body = _post(server.port, ctx, b"{not json")
+    assert (status, body) == (400, b"the request body is not JSON\n")

@@ -23,7 +23,7 @@ from meshtrust.kube import (
     in_cluster_config,
     load_kubeconfig,
 )
-from tests.kube import _pem, make_tls_pair
+from tests.kube import make_tls_pair, pem_bytes
 from tests.processes import free_port
 
 SECRET = "s3cr3t-token-value"
@@ -111,8 +111,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def https_server(tmp_path: Path) -> Iterator[tuple[KubeConfig, type[_Handler]]]:
     ca, key, leaf = make_tls_pair(["localhost"], ["127.0.0.1"])
-    (tmp_path / "c.pem").write_bytes(_pem(leaf))
-    (tmp_path / "k.pem").write_bytes(_pem(key))
+    (tmp_path / "c.pem").write_bytes(pem_bytes(leaf))
+    (tmp_path / "k.pem").write_bytes(pem_bytes(key))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -121,7 +121,7 @@ def https_server(tmp_path: Path) -> Iterator[tuple[KubeConfig, type[_Handler]]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     (tmp_path / "token").write_text(SECRET)
-    cfg = KubeConfig("127.0.0.1", server.server_address[1], _pem(ca).decode(),
+    cfg = KubeConfig("127.0.0.1", server.server_address[1], pem_bytes(ca).decode(),
                      token_file=tmp_path / "token")  # fmt: skip
     try:
         yield cfg, _Handler
@@ -172,7 +172,7 @@ def test_unreachable_and_untrusted_servers_are_unavailable(
     with pytest.raises(KubeUnavailable, match="cannot reach the API server"):
         KubeClient(closed).request("GET", "/x")
     other_ca, _, _ = make_tls_pair(["localhost"], ["127.0.0.1"])
-    wrong = KubeConfig("127.0.0.1", cfg.port, _pem(other_ca).decode(), token="t")
+    wrong = KubeConfig("127.0.0.1", cfg.port, pem_bytes(other_ca).decode(), token="t")
     with pytest.raises(KubeUnavailable, match="does not verify against the cluster CA"):
         KubeClient(wrong).request("GET", "/x")
     with pytest.raises(ConfigError, match="not a usable PEM"):

@@ -25,6 +25,36 @@ __all__ = ["InjectorServer", "NamespaceLabelCache"]
 log = logging.getLogger("meshtrust.injector")
 MAX_REVIEW_BYTES = 8 * 1024 * 1024
 LABELS_TTL = 5.0
+#: Per connection, for the TLS handshake and each read: a client that connects and stalls
+#: holds one thread this long, never the accept loop.
+CONNECTION_TIMEOUT = 10.0
+
+
+class _TlsPerThreadServer(http.server.ThreadingHTTPServer):
+    """Accepts plain TCP and does the TLS handshake on the connection's own thread.
+
+    Wrapping the listening socket would run every handshake inside ``accept()`` on the one
+    serving thread, where a client that connects and sends nothing stops the webhook.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler],
+                 ssl_context: ssl.SSLContext) -> None:  # fmt: skip
+        super().__init__(address, handler)
+        self.ssl_context = ssl_context
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(CONNECTION_TIMEOUT)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
 
 
 class NamespaceLabelCache:
@@ -112,12 +142,12 @@ class InjectorServer:
                 outer.log_answer(answer)
                 self._send(200, json.dumps(answer).encode())
 
+            timeout = CONNECTION_TIMEOUT
+
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("%s " + format, self.address_string(), *args)
 
-        self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
+        self._httpd = _TlsPerThreadServer((host, port), Handler, ssl_context)
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
