@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ from cryptography import x509
 from meshtrust.ca.kube_authn import TOKENREVIEW_CACHE_TTL, TokenReviewAuthenticator
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.errors import AuthenticationError
+from meshtrust.injector import InjectorSettings, inject
 from meshtrust.kube import KubeApiError, KubeClient, KubeConfig, KubeUnavailable, load_kubeconfig
 from meshtrust.pki import build_csr, generate_key
 from meshtrust.spiffe import SpiffeId
 from tests.conftest import TD
 from tests.kube import KubeApiServer, kube_apiserver
-from tests.processes import CaProcess, free_port
+from tests.processes import MESHTRUST, CaProcess, free_port
 from tests.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube]
@@ -191,3 +193,49 @@ def test_a_ca_that_cannot_fetch_the_cluster_jwks_stops_at_start_saying_why(
     assert ca.wait() != 0
     assert "openid-configuration: cannot reach the API server" in ca.log()
     assert "Traceback" not in ca.log()
+
+
+def test_the_injected_agent_config_gets_a_certificate_with_a_projected_style_token(
+    shop: KubeApiServer, ca_dir: Path, tmp_path: Path
+) -> None:
+    """The agent settings the injector writes into a pod, run by the real agent (paths moved
+    under tmp_path), with a TokenRequest token where the kubelet would project it."""
+    settings = InjectorSettings(image="x", ca_address="placeholder:15012")
+    pod = _pod("agent-test")
+    patch, _ = inject(pod, "shop", settings)
+    agent_yaml = next(op["value"] for op in patch if op["path"] == "/metadata/annotations")[
+        "meshtrust.io/agent-config"
+    ]
+    ca = CaProcess(ca_dir, "--kube-tokenreview", str(shop.kubeconfig))
+    status_port = free_port()
+    for old, new in (("/var/run/secrets", str(tmp_path / "secrets")),
+                     ("placeholder:15012", ca.address),
+                     ("0.0.0.0:15021", f"127.0.0.1:{status_port}")):  # fmt: skip
+        agent_yaml = agent_yaml.replace(old, new)
+    (tmp_path / "agent.yaml").write_text(agent_yaml)
+    tokens = tmp_path / "secrets" / "tokens"
+    tokens.mkdir(parents=True)
+    (tokens / "istio-token").write_text(shop.token_for("shop", "web", ["istio-ca"]))
+    root_dir = tmp_path / "secrets" / "meshtrust" / "ca"
+    root_dir.mkdir(parents=True)
+    (root_dir / "root-cert.pem").write_bytes((ca_dir / "root-cert.pem").read_bytes())
+    (tmp_path / "secrets" / "workload-spiffe-uds").mkdir()
+    certs = tmp_path / "secrets" / "meshtrust" / "certs"
+    log = (tmp_path / "agent.log").open("w")
+    agent = subprocess.Popen([*MESHTRUST, "agent", "--config", str(tmp_path / "agent.yaml")],
+                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        ca.wait_ready()
+        until(lambda: (certs / "cert-chain.pem").exists() or agent.poll() is not None,
+              timeout=60, what="the agent writes its certificate")  # fmt: skip
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+        leaf = x509.load_pem_x509_certificates((certs / "cert-chain.pem").read_bytes())[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        assert uris == ["spiffe://example.org/ns/shop/sa/web"]
+        assert "via kube-tokenreview" in ca.log()
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        log.close()
+        ca.stop()

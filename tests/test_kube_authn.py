@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -14,16 +15,20 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from meshtrust.ca import init_ca_dir
+from meshtrust.ca.config import load_config_file
 from meshtrust.ca.kube_authn import (
     TOKENREVIEW_CACHE_TTL,
     ClusterJwksAuthenticator,
     TokenReviewAuthenticator,
     caller_from_review,
 )
-from meshtrust.clock import FakeClock
-from meshtrust.errors import AuthenticationError
+from meshtrust.clock import FakeClock, SystemClock
+from meshtrust.errors import AuthenticationError, ConfigError
 from meshtrust.kube import KubeUnavailable
+from meshtrust.pki import KeyType
 from meshtrust.spiffe import TrustDomain
+from tests.processes import run_cli
 
 TD = TrustDomain.parse("cluster.local")
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -146,3 +151,24 @@ async def test_cluster_jwks_is_refreshed_on_schedule_and_the_last_good_set_kept(
     await auth.authenticate(_sa_token(k2, "b"), NOW)
     with pytest.raises(AuthenticationError, match="signature|no key"):
         await auth.authenticate(_sa_token(k1, "b"), NOW)
+
+
+def test_ca_settings_file_takes_the_kubernetes_sources(tmp_path: Path) -> None:
+    (tmp_path / "ca.yaml").write_text("kube-tokenreview: in-cluster\nkube-jwks: kube/config\n")
+    settings = load_config_file(tmp_path / "ca.yaml")
+    assert settings == {"kube_tokenreview": "in-cluster",
+                        "kube_jwks": str(tmp_path / "kube" / "config")}  # fmt: skip
+    (tmp_path / "ca.yaml").write_text("workers: 1\nkube-jwks: 5\n")
+    with pytest.raises(ConfigError, match=r"ca.yaml:2: kube-jwks: expected a string"):
+        load_config_file(tmp_path / "ca.yaml")
+
+
+def test_ca_serve_with_a_broken_kubeconfig_stops_with_one_line(tmp_path: Path) -> None:
+    init_ca_dir(tmp_path / "ca", TD, SystemClock().now(), KeyType.EC_P256)
+    (tmp_path / "kubeconfig").write_text("apiVersion: v1\nclusters: []\ncurrent-context: x\n")
+    kubeconfig = str(tmp_path / "kubeconfig")
+    done = run_cli("ca", "serve", "--ca-dir", str(tmp_path / "ca"), "--listen", "127.0.0.1:0",
+                   "--metrics-listen", "off", "--kube-tokenreview", kubeconfig)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("contexts: expected a list of contexts"), done.stderr
+    assert "Traceback" not in done.stderr
