@@ -32,10 +32,10 @@ from meshtrust.ca.authn import (
     load_jwks_file,
     trusted_issuer_from_jwks,
 )
-from meshtrust.ca.authority import CaPolicy, CertificateAuthority, RemoteTokenAuthenticator
+from meshtrust.ca.authority import CaPolicy, CertificateAuthority
 from meshtrust.ca.cadir import CaMaterial, ensure_token_signing_key, load_ca_dir, token_issuer_for
 from meshtrust.ca.config import CaServeConfig
-from meshtrust.ca.kube_authn import kube_authenticators
+from meshtrust.ca.kube_authn import KubeAuthenticator, kube_authenticators
 from meshtrust.ca.ledger import (
     AuditEvent,
     GroupCommitLedger,
@@ -91,7 +91,7 @@ class PreparedCa:
     ledger_url: str
     serving_chain: list[x509.Certificate]
     serving_key: PrivateKey
-    remote: list[RemoteTokenAuthenticator] = field(default_factory=list)  # Kubernetes
+    remote: list[KubeAuthenticator] = field(default_factory=list)  # Kubernetes
 
     def ssl_context(self) -> ssl.SSLContext:
         return server_ssl_context(
@@ -127,9 +127,9 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
         names.append(host)
     serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
-    remote: list[RemoteTokenAuthenticator] = [
-        *kube_authenticators(config.kube_tokenreview, config.kube_jwks, td, config.audience, clock)
-    ]
+    remote = kube_authenticators(
+        config.kube_tokenreview, config.kube_jwks, td, config.audience, clock
+    )
     return PreparedCa(
         config=config,
         material=material,

@@ -46,6 +46,7 @@ from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
     "JWKS_REFRESH",
+    "KubeAuthenticator",
     "TOKENREVIEW_CACHE_TTL",
     "ClusterJwksAuthenticator",
     "KubeRequester",
@@ -256,18 +257,21 @@ class ClusterJwksAuthenticator:
         return self._jwt.authenticate(token, now)
 
 
+KubeAuthenticator = TokenReviewAuthenticator | ClusterJwksAuthenticator
+
+
 def kube_authenticators(
     tokenreview: str | None,
     jwks: str | None,
     trust_domain: TrustDomain,
     audience: str,
     clock: Clock,
-) -> list[TokenReviewAuthenticator | ClusterJwksAuthenticator]:
+) -> list[KubeAuthenticator]:
     """The authenticators ``ca serve --kube-tokenreview/--kube-jwks`` ask for (each source
     ``"in-cluster"`` or a kubeconfig path). The JWKS is fetched once here, so a CA that cannot
     reach its cluster fails at start with the reason. Raises :class:`ConfigError`,
     :class:`KubeUnavailable` or :class:`KubeApiError`."""
-    out: list[TokenReviewAuthenticator | ClusterJwksAuthenticator] = []
+    out: list[KubeAuthenticator] = []
     if tokenreview is not None:
         client = KubeClient(load_kube_source(tokenreview, os.environ))
         out.append(TokenReviewAuthenticator(trust_domain, client, audience))
