@@ -15,7 +15,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 try:
@@ -41,6 +41,7 @@ from meshtrust.ca.cadir import (
     token_issuer_for,
 )
 from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.kube_authn import KubeAuthenticator, kube_authenticators
 from meshtrust.ca.ledger import (
     AuditEvent,
     GroupCommitLedger,
@@ -97,6 +98,7 @@ class PreparedCa:
     ledger_url: str
     serving_chain: list[x509.Certificate]
     serving_key: PrivateKey
+    remote: list[KubeAuthenticator] = field(default_factory=list)  # Kubernetes
 
     def ssl_context(self) -> ssl.SSLContext:
         return server_ssl_context(
@@ -136,6 +138,9 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
         names.append(host)
     serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
+    remote = kube_authenticators(
+        config.kube_tokenreview, config.kube_jwks, td, config.audience, clock
+    )
     return PreparedCa(
         config=config,
         material=material,
@@ -144,6 +149,7 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
         ledger_url=config.ledger or default_ledger_url(config.ca_dir),
         serving_chain=[serving, *material.intermediates],
         serving_key=serving_key,
+        remote=remote,
     )
 
 
@@ -163,6 +169,7 @@ def build_authority(
         cert_authenticator=ClientCertAuthenticator(
             TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
         ),
+        remote_authenticators=prepared.remote,
     )
 
 

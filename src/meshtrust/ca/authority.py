@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 
@@ -38,6 +40,7 @@ __all__ = [
     "CertificateAuthority",
     "Credentials",
     "InvalidTTL",
+    "RemoteTokenAuthenticator",
     "check_ttl",
     "decide_identity",
 ]
@@ -62,6 +65,12 @@ class Credentials:
 
     bearer_token: str | None
     peer_cert_der: bytes | None
+
+
+class RemoteTokenAuthenticator(Protocol):
+    """A bearer-token authenticator that may ask someone (the Kubernetes API server)."""
+
+    async def authenticate(self, token: str, now: dt.datetime) -> Caller: ...
 
 
 def check_ttl(validity_seconds: int, policy: CaPolicy) -> dt.timedelta:
@@ -126,6 +135,7 @@ class CertificateAuthority:
         metrics: CaMetricsSink,
         jwt_authenticator: JwtAuthenticator | None,
         cert_authenticator: ClientCertAuthenticator | None,
+        remote_authenticators: Sequence[RemoteTokenAuthenticator] = (),
     ) -> None:
         self.material = material
         self.policy = policy
@@ -134,6 +144,7 @@ class CertificateAuthority:
         self._metrics = metrics
         self._jwt = jwt_authenticator
         self._certauth = cert_authenticator
+        self._remote = tuple(remote_authenticators)
         # Refusals are logged through a throttle: a flood of bad requests cannot fill the log.
         self.refusals = RefusalLog(log, clock)
         self._ledger_errors = RefusalLog(log, clock)
@@ -165,6 +176,22 @@ class CertificateAuthority:
             reasons.append("no bearer token and no client certificate")
         raise AuthenticationError("; ".join(reasons))
 
+    async def _authenticate(self, creds: Credentials) -> Caller:
+        """:meth:`authenticate`, then each remote authenticator (TokenReview, cluster JWKS)
+        for a bearer token the local ones refused."""
+        try:
+            return self.authenticate(creds)
+        except AuthenticationError as exc:
+            if creds.bearer_token is None or not self._remote:
+                raise
+            reasons = [str(exc)]
+        for remote in self._remote:
+            try:
+                return await remote.authenticate(creds.bearer_token, self._clock.now())
+            except AuthenticationError as exc:
+                reasons.append(str(exc))
+        raise AuthenticationError("; ".join(reasons))
+
     async def create_certificate(
         self, csr_pem: str, validity_seconds: int, creds: Credentials
     ) -> list[str]:
@@ -175,7 +202,7 @@ class CertificateAuthority:
         """
         self._metrics.observe(CaEvent.CSR)
         try:
-            caller = self.authenticate(creds)
+            caller = await self._authenticate(creds)
         except AuthenticationError as exc:
             self._metrics.observe(CaEvent.AUTHN_FAILURE)
             self.refusals.warning("refused: unauthenticated: %s", exc)

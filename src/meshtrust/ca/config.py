@@ -44,6 +44,9 @@ class CaServeConfig:
     # One per CPU (capped: beyond 8 the shared ledger, not the CPUs, is the limit).
     workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     drain_grace: dt.timedelta = dt.timedelta(seconds=10)
+    # Kubernetes (ca/kube_authn.py): "in-cluster" or a kubeconfig path; None: off.
+    kube_tokenreview: str | None = None
+    kube_jwks: str | None = None
 
     def __post_init__(self) -> None:
         parse_host_port(self.listen, what="listen")
@@ -85,6 +88,11 @@ def parse_issuer_flag(text: str, *, where: str = "--jwt-issuer") -> tuple[str, P
     return issuer, Path(path)
 
 
+def _kube_source(value: object, field: str, base: Path) -> str:
+    text = check_string(value, field)
+    return text if text == "in-cluster" else str(check_path(text, field, base))
+
+
 _KEYS: dict[str, tuple[str, Converter]] = {
     "ca-dir": ("ca_dir", as_path),
     "listen": ("listen", as_address),
@@ -98,6 +106,8 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "trust-domain": ("trust_domain", as_trust_domain),
     "workers": ("workers", as_int),
     "drain-grace": ("drain_grace", as_duration),
+    "kube-tokenreview": ("kube_tokenreview", _kube_source),
+    "kube-jwks": ("kube_jwks", _kube_source),
 }
 
 

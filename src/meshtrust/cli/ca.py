@@ -118,6 +118,16 @@ def init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None
     type=int,
     help="Worker processes sharing the port.  [default: one per CPU, at most 8]",
 )
+@click.option(
+    "--kube-tokenreview",
+    metavar="in-cluster|KUBECONFIG",
+    help="Also accept tokens the Kubernetes API server vouches for (TokenReview).",
+)
+@click.option(
+    "--kube-jwks",
+    metavar="in-cluster|KUBECONFIG",
+    help="Also trust the cluster's token issuer, its JWKS from OIDC discovery.",
+)
 def serve(config_file: Path | None, **flags: Any) -> None:
     """Run the CA: Istio's IstioCertificateService/CreateCertificate on gRPC over TLS.
 

@@ -95,6 +95,7 @@ _COMMANDS = {
     "proxy-config": "meshtrust.cli.tools:proxy_config",
     "check": "meshtrust.cli.tools:check",
     "certs": "meshtrust.cli.tools:certs",
+    "injector": "meshtrust.cli.injector:injector",
 }
 
 
