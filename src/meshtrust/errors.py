@@ -20,7 +20,8 @@ which is what decides the gRPC status code and what the user should do next::
         ├── CADirectoryError         a CA directory that is missing, incomplete or inconsistent
         ├── LedgerError              the ledger could not durably record something
         ├── AddressInUse             a listen address is taken by someone else
-        └── EnvoyFailed              the Envoy sidecar would not start or died
+        ├── EnvoyFailed              the Envoy sidecar would not start or died
+        └── UnsafeDirectory          a directory others can write to (meshtrust.fileio)
 
 Messages are written for a person and never contain a token, a key or other secret.
 """

@@ -158,9 +158,8 @@ def test_up_under_any_umask_against_another_user(
 
         for side in ("", "-wal", "-shm"):
             assert Path(f"{ledger}{side}").exists(), side
-        # What is inside each Envoy's directory (its config, log, admin address and LDS
-        # file) is written by envoy/ (its own point of issue #9); the directory is 0700.
-        assert mode_problems(work, exempt=("envoy",)) == []
+        # Each Envoy's directory (config, log, pidfile, LDS file, admin socket) included.
+        assert mode_problems(work) == []
         assert mode_problems(home) == []
     finally:
         meshtrust("down", str(mesh_file), home=home)

@@ -218,6 +218,9 @@ class EnvoyProcess:
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent(),  # see the module docstring
+                # What Envoy creates itself (the admin address file, any access log) is
+                # private whatever the agent's umask.
+                umask=0o077,
             )
         except FileNotFoundError as exc:
             raise envoy_missing(f"{binary} cannot be run ({exc.strerror})") from exc
