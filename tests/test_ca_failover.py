@@ -8,7 +8,7 @@ import contextlib
 import datetime as dt
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from meshtrust.ca import (
     CaServeConfig,
     GroupCommitLedger,
     SqlLedger,
+    init_ca_dir,
     load_token_signing_key,
     mint_token,
     prepare_ca,
@@ -43,8 +44,8 @@ from meshtrust.errors import (
     PermissionDenied,
 )
 from meshtrust.metrics_text import TextRegistry
-from meshtrust.pki import build_csr, generate_key
-from meshtrust.spiffe import SpiffeId
+from meshtrust.pki import KeyType, build_csr, generate_key
+from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests.conftest import TD
 from tests.processes import free_port
 from tests.waiting import async_until
@@ -475,3 +476,33 @@ def test_config_file_errors_name_file_line_and_entry(tmp_path: Path, yaml: str, 
     path.write_text(yaml)
     with pytest.raises(ConfigError, match=where):
         load_agent_settings(path)
+
+
+@contextlib.contextmanager
+def _black_hole() -> Iterator[str]:
+    """A port that accepts connections (the kernel's backlog) and never says a word."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.asyncio
+async def test_a_replica_that_never_answers_fails_over_after_the_timeout(ca_dir: Path) -> None:
+    with _black_hole() as silent:
+        async with replica(ca_dir) as live:
+            client = CaClient([silent, live.address], _root(ca_dir), timeout=0.5)
+            await _sign(client, ca_dir)
+            assert (live.csrs(), client.failovers) == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_replica_of_another_mesh_is_skipped_before_the_token_is_sent(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-ca"
+    init_ca_dir(other, TrustDomain.parse("other.org"), SystemClock().now(), KeyType.EC_P256)
+    async with replica(other) as stranger, replica(ca_dir) as live:
+        client = CaClient([stranger.address, live.address], _root(ca_dir))
+        await _sign(client, ca_dir)
+        assert (stranger.csrs(), live.csrs(), client.failovers) == (0, 1, 1)
