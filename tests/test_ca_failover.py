@@ -47,7 +47,7 @@ from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import KeyType, build_csr, generate_key
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests.conftest import TD
-from tests.processes import free_port
+from tests.processes import free_port, run_cli
 from tests.waiting import async_until
 
 WEB = SpiffeId.for_workload(TD, "default", "web")
@@ -506,3 +506,14 @@ async def test_a_replica_of_another_mesh_is_skipped_before_the_token_is_sent(
         client = CaClient([stranger.address, live.address], _root(ca_dir))
         await _sign(client, ca_dir)
         assert (stranger.csrs(), live.csrs(), client.failovers) == (0, 1, 1)
+
+
+def test_agent_cli_checks_every_repeated_ca_address(tmp_path: Path) -> None:
+    got = run_cli(
+        "agent",
+        *("--ca-address", "127.0.0.1:15012", "--ca-address", "nowhere"),
+        *("--ca-root", str(tmp_path / "root.pem"), "--output-dir", str(tmp_path / "out")),
+    )
+    assert got.returncode == 2
+    assert "ca-address[1]: 'nowhere' is not HOST:PORT" in got.stderr
+    assert "Traceback" not in got.stderr
