@@ -394,6 +394,9 @@ async def test_a_name_that_does_not_resolve_fails_over_to_the_next_address(
         )
         await _sign(client, ca_dir)
         assert live.csrs() == 1
+    empty = CaClient(f"{NAME}:15012", _root(ca_dir), resolver=FakeDns({NAME: []}))
+    with pytest.raises(CAUnavailable, match=f"cannot resolve {NAME}: {NAME} has no address"):
+        await _sign(empty, ca_dir)
 
 
 @pytest.mark.asyncio

@@ -133,6 +133,7 @@ class CaClient:
                 chain = await self._sign_at(endpoint, context, request, metadata)
             except _TryFailed as failed:
                 if not self._policy.fails_over(failed.kind):
+                    self._sticky = endpoint  # it answered: it is up, if not on our side
                     raise failed.error from None
                 failures.append(failed.error)
                 if i + 1 < len(tries):
@@ -159,6 +160,8 @@ class CaClient:
                 continue
             try:
                 ips = await self._resolver(host, port)
+                if not ips:
+                    raise OSError(f"{host} has no address")
             except OSError as exc:
                 detail = f"cannot resolve {host}: {_describe(exc)}"
                 failures.append(CAUnavailable(f"CA at {address} unavailable: {detail}"))
