@@ -201,7 +201,7 @@ class Agent:
                 raise
             self._tasks.append(asyncio.create_task(self.sidecar.run()))
         self.started = True
-        log.info("agent for %s started (CA %s)", self.identity, cfg.ca_address)
+        log.info("agent for %s started (CA %s)", self.identity, ", ".join(cfg.ca_addresses))
 
     def _note_cas_without_key_usage(self, certs: Iterable[x509.Certificate], role: str) -> None:
         """Warn once per CA certificate without KeyUsage (``openssl req -x509`` makes them).

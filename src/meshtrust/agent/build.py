@@ -27,7 +27,8 @@ from cryptography import x509
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.config import AgentConfig, resolve_identity
 from meshtrust.agent.issuance import CertificateSource, TokenFile
-from meshtrust.caapi import CaClient
+from meshtrust.agent.metrics import CaFailoverMetrics
+from meshtrust.caapi import CaClient, Resolver, system_resolver
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId
 from meshtrust.pki import TrustBundle, load_certs_pem
@@ -149,9 +150,11 @@ def build_agent(
     source: CertificateSource | None = None,
     launcher: EnvoyLauncher | None = None,
     rng: random.Random | None = None,
+    resolver: Resolver = system_resolver,
 ) -> Agent:
     """Read what ``config`` names and build the :class:`Agent`, with the real collaborators
-    unless given (a test or benchmark passes a fake clock, CA or Envoy launcher).
+    unless given (a test or benchmark passes a fake clock, CA, Envoy launcher or the
+    resolver of the CA's names).
 
     Raises :class:`ConfigError` (unreadable or bad roots/token/sidecar file, identity
     mismatch) or :class:`PolicyError` (a bad policy), before anything starts.
@@ -160,11 +163,18 @@ def build_agent(
     root_pem, roots = _read_roots(config.ca_root)
     token = TokenFile(config.token_file)
     identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
-    source = source or CaClient(config.ca_address, root_pem, server_name=config.ca_server_name)
+    if source is None:
+        source = CaClient(
+            config.ca_addresses,
+            root_pem,
+            server_name=config.ca_server_name,
+            root_source=str(config.ca_root),
+            resolver=resolver,
+        )
     sidecar = None
     if config.sidecar is not None:
         sidecar = build_sidecar(config, identity, clock, launcher)
-    return Agent(
+    agent = Agent(
         config,
         identity=identity,
         anchors=TrustBundle(identity.trust_domain, tuple(roots)),
@@ -174,3 +184,7 @@ def build_agent(
         sidecar=sidecar,
         rng=rng,
     )
+    if isinstance(source, CaClient):
+        client = source
+        agent.registry.register(CaFailoverMetrics(lambda: client.failovers))
+    return agent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from meshtrust.config import (
     as_path,
     as_str,
     as_trust_domain,
+    check_host_port,
     load_settings,
     parse_host_port,
 )
@@ -30,7 +32,9 @@ __all__ = ["AgentConfig", "identity_from_token", "load_agent_settings", "resolve
 @dataclass(frozen=True)
 class AgentConfig:
     ca_root: Path
-    ca_address: str = "127.0.0.1:15012"
+    # One address, or several (``--ca-address`` repeated): the CA replicas the agent fails
+    # over between (meshtrust.caapi.failover). A name may stand for several addresses.
+    ca_address: str | Sequence[str] = "127.0.0.1:15012"
     ca_server_name: str | None = None
     token_file: Path | None = None
     trust_domain: TrustDomain | None = None
@@ -51,8 +55,21 @@ class AgentConfig:
     root_namespace: str = "istio-system"
     envoy_workdir: Path | None = None
 
+    @property
+    def ca_addresses(self) -> tuple[str, ...]:
+        """Every CA address, in the order given."""
+        if isinstance(self.ca_address, str):
+            return (self.ca_address,)
+        return tuple(self.ca_address)
+
     def __post_init__(self) -> None:
-        parse_host_port(self.ca_address, what="ca-address")
+        if not isinstance(self.ca_address, str):  # a list from a caller: keep it immutable
+            object.__setattr__(self, "ca_address", tuple(self.ca_address))
+        if not self.ca_addresses:
+            raise ConfigError("at least one CA address is needed", field="ca-address")
+        for i, address in enumerate(self.ca_addresses):
+            field = "ca-address" if isinstance(self.ca_address, str) else f"ca-address[{i}]"
+            parse_host_port(address, what=field, zero=False)
         if self.status_listen is not None:
             parse_host_port(self.status_listen, what="status-listen")
         if self.cert_ttl < dt.timedelta(seconds=1):
@@ -79,6 +96,17 @@ def _key_type(value: object, field: str, base: Path) -> KeyType:
         raise ConfigError(exc.problem, field=field) from exc
 
 
+def _addresses(value: object, field: str, base: Path) -> str | tuple[str, ...]:
+    """``ca-address: HOST:PORT`` or a list of them (the replicas to fail over between)."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError("expected at least one HOST:PORT", field=field)
+        return tuple(
+            check_host_port(item, f"{field}[{i}]", zero=False) for i, item in enumerate(value)
+        )
+    return check_host_port(value, field, zero=False)
+
+
 def _paths(value: object, field: str, base: Path) -> tuple[Path, ...]:
     if isinstance(value, list):
         return tuple(as_path(item, f"{field}[{i}]", base) for i, item in enumerate(value))
@@ -86,7 +114,7 @@ def _paths(value: object, field: str, base: Path) -> tuple[Path, ...]:
 
 
 _KEYS: dict[str, tuple[str, Converter]] = {
-    "ca-address": ("ca_address", as_address),
+    "ca-address": ("ca_address", _addresses),
     "ca-root": ("ca_root", as_path),
     "ca-server-name": ("ca_server_name", as_str),
     "token-file": ("token_file", as_path),

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from meshtrust.metrics_text import MetricFamily, Sample
 
-__all__ = ["AgentMetrics"]
+__all__ = ["AgentMetrics", "CaFailoverMetrics"]
 
 
 class _Registry(Protocol):
@@ -119,6 +119,21 @@ class AgentMetrics:
                 )
             )
         return out
+
+
+class CaFailoverMetrics:
+    """``meshtrust_agent_ca_failovers_total``: how often the CA client moved on to another
+    CA endpoint because one was unavailable (:mod:`meshtrust.caapi.failover`). Failovers are
+    not failed renewals: a renewal fails only when no endpoint answered."""
+
+    def __init__(self, failovers: Callable[[], int]) -> None:
+        self._failovers = failovers
+
+    def families(self) -> list[MetricFamily]:
+        name = "meshtrust_agent_ca_failovers"
+        doc = "Moves to another CA endpoint after one was unavailable."
+        value = float(self._failovers())
+        return [MetricFamily(name, doc, "counter", (Sample(f"{name}_total", {}, value),))]
 
 
 def _single(name: str, doc: str, labels: dict[str, str], value: float) -> MetricFamily:

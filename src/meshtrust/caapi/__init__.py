@@ -6,7 +6,19 @@ The agent and ``meshtrust cert request`` use :class:`CaClient`; the CA server
 :func:`status_name_for`. Nothing here imports the CA itself.
 """
 
-from meshtrust.caapi.client import CaClient, client_ssl_context
+from meshtrust.caapi.client import CaClient, Resolver, client_ssl_context, system_resolver
+from meshtrust.caapi.failover import FAILS_OVER, Endpoint, FailoverPolicy, FailureKind
 from meshtrust.caapi.statuses import error_for_status, status_name_for
 
-__all__ = ["CaClient", "client_ssl_context", "error_for_status", "status_name_for"]
+__all__ = [
+    "FAILS_OVER",
+    "CaClient",
+    "Endpoint",
+    "FailoverPolicy",
+    "FailureKind",
+    "Resolver",
+    "client_ssl_context",
+    "error_for_status",
+    "status_name_for",
+    "system_resolver",
+]

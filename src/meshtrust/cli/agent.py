@@ -24,7 +24,13 @@ __all__ = ["agent"]
     type=click.Path(path_type=Path, dir_okay=False),
     help="YAML file with any of the settings below (flags override it).",
 )
-@click.option("--ca-address", help="The CA's gRPC address.  [default: 127.0.0.1:15012]")
+@click.option(
+    "--ca-address",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="The CA's gRPC address. Repeatable: the agent fails over between CA replicas "
+    "(and between the addresses of a name).  [default: 127.0.0.1:15012]",
+)
 @click.option(
     "--ca-root",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -122,6 +128,8 @@ def agent(config_file: Path | None, **flags: Any) -> None:
             continue
         if key == "policy":
             key = "policy_files"
+        elif key == "ca_address" and len(value) == 1:
+            value = value[0]  # one address, as a config file or mesh plan writes it
         if key == "trust_domain":
             value = as_trust_domain(value, "--trust-domain", Path())
         elif key == "key_type":
