@@ -11,7 +11,6 @@ import click
 
 from meshtrust.cli.options import DURATION
 from meshtrust.config import as_trust_domain
-from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType
 
 __all__ = ["agent"]
@@ -101,6 +100,12 @@ __all__ = ["agent"]
     type=click.Path(path_type=Path, file_okay=False),
     help="Where the sidecar's generated Envoy files and log go.  [default: beside the SDS socket]",
 )
+@click.option(
+    "--join",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Join file (`meshtrust join create`): trust bundle, CA address and the token for "
+    "the first certificate, in place of --ca-root/--token-file.",
+)
 def agent(config_file: Path | None, **flags: Any) -> None:
     """Keep a workload's key and certificate fresh (the istio-agent role).
 
@@ -129,8 +134,6 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         settings[key] = value
     if str(settings.get("status_listen", "")).lower() == "off":
         settings["status_listen"] = None
-    if "ca_root" not in settings:
-        raise ConfigError("--ca-root is required (the CA's root-cert.pem)")
     config = AgentConfig(**settings)
 
     async def main() -> None:
