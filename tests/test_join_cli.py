@@ -78,3 +78,12 @@ def test_join_commands_have_help(command: list[str]) -> None:
 
 def test_agent_help_mentions_join() -> None:
     assert "--join" in CliRunner().invoke(cli, ["agent", "--help"]).output
+
+
+def test_agent_join_refuses_a_second_ca_address(ca_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "h2.join"
+    assert create(ca_dir, out)[0] == 0
+    args = ["agent", "--join", str(out), "--ca-address", "127.0.0.1:1", "--output-dir", "x"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "drop --ca-address" in result.output

@@ -11,6 +11,7 @@ import click
 
 from meshtrust.cli.options import DURATION
 from meshtrust.config import as_trust_domain
+from meshtrust.errors import ConfigError
 from meshtrust.pki import KeyType
 
 __all__ = ["agent"]
@@ -132,6 +133,8 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         elif key == "key_type":
             value = KeyType(value)
         settings[key] = value
+    if "join" in settings and "ca_address" in settings:
+        raise ConfigError("--join gives the CA's address; drop --ca-address")
     if str(settings.get("status_listen", "")).lower() == "off":
         settings["status_listen"] = None
     config = AgentConfig(**settings)
