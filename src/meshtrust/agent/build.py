@@ -103,6 +103,26 @@ def _first_token(config: AgentConfig, token: TokenFile) -> str | None:
         return None
 
 
+def _from_join_file(
+    config: AgentConfig, path: Path, clock: Clock
+) -> tuple[bytes, list[x509.Certificate], TokenFile, SpiffeId, tuple[str, ...]]:
+    """Roots, token, identity and CA addresses from a join file (``--join``)."""
+    from meshtrust.agent.join import JoinToken, check_join_not_expired, join_identity
+    from meshtrust.joinfile import load_join_file
+
+    joined = load_join_file(path)
+    check_join_not_expired(joined, path, clock.now())
+    roots = load_certs_pem(joined.bundle_pem, source=f"{path}: trustBundle")
+    # Every address: the client fails over between them (meshtrust.caapi.failover).
+    return (
+        joined.bundle_pem,
+        roots,
+        JoinToken(joined),
+        join_identity(config, joined),
+        tuple(joined.ca_addresses),
+    )
+
+
 def build_sidecar(
     config: AgentConfig,
     identity: SpiffeId,
@@ -160,15 +180,22 @@ def build_agent(
     mismatch) or :class:`PolicyError` (a bad policy), before anything starts.
     """
     clock = clock or SystemClock()
-    root_pem, roots = _read_roots(config.ca_root)
-    token = TokenFile(config.token_file)
-    identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
+    ca_addresses: tuple[str, ...]
+    if config.join is not None:
+        root_pem, roots, token, identity, ca_addresses = _from_join_file(config, config.join, clock)
+        root_source = f"{config.join}: trustBundle"
+    else:
+        assert config.ca_root is not None  # AgentConfig checks
+        root_pem, roots = _read_roots(config.ca_root)
+        token = TokenFile(config.token_file)
+        identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
+        ca_addresses, root_source = config.ca_addresses, str(config.ca_root)
     if source is None:
         source = CaClient(
-            config.ca_addresses,
+            ca_addresses,
             root_pem,
             server_name=config.ca_server_name,
-            root_source=str(config.ca_root),
+            root_source=root_source,
             resolver=resolver,
         )
     sidecar = None

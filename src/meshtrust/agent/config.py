@@ -31,7 +31,7 @@ __all__ = ["AgentConfig", "identity_from_token", "load_agent_settings", "resolve
 
 @dataclass(frozen=True)
 class AgentConfig:
-    ca_root: Path
+    ca_root: Path | None = None  # required unless join gives the trust bundle
     # One address, or several (``--ca-address`` repeated): the CA replicas the agent fails
     # over between (meshtrust.caapi.failover). A name may stand for several addresses.
     ca_address: str | Sequence[str] = "127.0.0.1:15012"
@@ -54,6 +54,8 @@ class AgentConfig:
     policy_files: tuple[Path, ...] = ()
     root_namespace: str = "istio-system"
     envoy_workdir: Path | None = None
+    # A join file (meshtrust join create): trust bundle, CA address and first token.
+    join: Path | None = None
 
     @property
     def ca_addresses(self) -> tuple[str, ...]:
@@ -63,6 +65,12 @@ class AgentConfig:
         return tuple(self.ca_address)
 
     def __post_init__(self) -> None:
+        if self.join is None and self.ca_root is None:
+            raise ConfigError("--ca-root is required (the CA's root-cert.pem), or --join FILE")
+        if self.join is not None and (self.ca_root is not None or self.token_file is not None):
+            raise ConfigError(
+                "--join gives the trust bundle and the first token; drop --ca-root/--token-file"
+            )
         if not isinstance(self.ca_address, str):  # a list from a caller: keep it immutable
             object.__setattr__(self, "ca_address", tuple(self.ca_address))
         if not self.ca_addresses:
@@ -133,6 +141,7 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "policy": ("policy_files", _paths),
     "root-namespace": ("root_namespace", as_str),
     "envoy-workdir": ("envoy_workdir", as_path),
+    "join": ("join", as_path),
 }
 
 
