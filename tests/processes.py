@@ -51,9 +51,15 @@ class CaProcess:
     """``meshtrust ca serve`` in a child process, with its log in a file."""
 
     def __init__(
-        self, ca_dir: Path, *extra: str, port: int | None = None, prefix: tuple[str, ...] = ()
+        self,
+        ca_dir: Path,
+        *extra: str,
+        port: int | None = None,
+        prefix: tuple[str, ...] = (),
+        options: tuple[str, ...] = (),
     ) -> None:
-        """``prefix``: a command that runs the CA (``unshare ... sh -c '...; exec "$@"' sh``)."""
+        """``prefix``: a command that runs the CA (``unshare ... sh -c '...; exec "$@"' sh``);
+        ``options``: meshtrust's own, before ``ca`` (``--log-level debug``)."""
         self.ca_dir = ca_dir
         self.port = port or free_port()
         self.metrics_port = free_port()
@@ -64,6 +70,7 @@ class CaProcess:
             [
                 *prefix,
                 *MESHTRUST,
+                *options,
                 "ca",
                 "serve",
                 "--ca-dir",

@@ -75,11 +75,17 @@ def cli(log_level: str) -> None:
       meshtrust ca serve --ca-dir ./ca
       meshtrust token create --ca-dir ./ca --namespace default --service-account web
     """
+    level = getattr(logging, log_level.upper())
     logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The HTTP/2 libraries log what they parse at DEBUG: hpack every header it decodes,
+    # bearer tokens included. Secrets never reach a log, so they stay at INFO or above
+    # whatever --log-level says (forked CA workers inherit this).
+    for library in ("hpack", "h2"):
+        logging.getLogger(library).setLevel(max(level, logging.INFO))
 
 
 # Subcommands load on first use: `meshtrust agent` must not import the CA's server, rich's
