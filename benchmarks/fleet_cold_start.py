@@ -312,7 +312,10 @@ def fleet_processes(
 def _expect(conn: mpc.Connection, kind: str, timeout: float) -> object:
     if not conn.poll(timeout):
         raise RuntimeError(f"a fleet process sent no {kind!r} within {timeout:.0f} s")
-    got, payload = conn.recv()
+    try:
+        got, payload = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"a fleet process died before sending {kind!r}") from None
     if got == "result" and kind != "result":  # it failed early: say why
         raise RuntimeError(str(payload.get("fatal") if isinstance(payload, dict) else payload))
     if got != kind:
@@ -599,14 +602,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Quick look: --workloads 2000 --runs 1."
         ),
     )
-    p.add_argument("--workloads", type=int, default=10_000, help="workloads in the fleet")
-    p.add_argument("--runs", type=int, default=3, help="cold starts per setting; median shown")
-    p.add_argument("--replicas", type=int, default=3, help="CA replicas in the last settings")
+    p.add_argument("--workloads", type=int, default=10_000, help="workloads in the fleet [10000]")
+    p.add_argument(
+        "--runs", type=int, default=3, help="cold starts per setting; the median is shown [3]"
+    )
+    p.add_argument(
+        "--replicas", type=int, default=3, help="CA replicas in the last two settings [3]"
+    )
     p.add_argument("--fleet-procs", type=int, default=4, help="processes simulating the fleet [4]")
     p.add_argument(
-        "--channels", type=int, default=16, help="gRPC connections per fleet process and replica"
+        "--channels",
+        type=int,
+        default=16,
+        help="gRPC connections per fleet process and replica [16]",
     )
-    p.add_argument("--keep", action="store_true", help="keep the temp directory (CA logs)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temp directory (the CA replicas' logs)"
+    )
     args = p.parse_args(argv)
     if min(args.workloads, args.runs, args.fleet_procs, args.channels) < 1 or args.replicas < 2:
         p.error("--workloads, --runs, --fleet-procs, --channels must be >= 1, --replicas >= 2")
