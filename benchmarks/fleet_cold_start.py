@@ -30,7 +30,9 @@ was handed out twice. Ledger rows nobody received are counted too (with a replic
 a certificate may be committed while its answer is lost; the workload retried elsewhere).
 CPU is accounted from /proc over the run: the CA processes (supervisors and workers), the
 PostgreSQL server (postmaster and backends), the fleet processes, and "other" (the kernel's
-loopback TCP and whatever else runs on the machine). On a 2-core machine the fleet shares the
+loopback TCP and whatever else runs on the machine); the second before each run, with none
+of the benchmark's processes running, says how busy the machine was without it. On a 2-core
+machine the fleet shares the
 cores with the CA, so its CPU is part of the picture. The goal (issue 11) is 0 errors and
 at most 10 s until all hold a certificate; the summary says PASS or MISS per setting.
 
@@ -138,6 +140,7 @@ class ColdStart:
     unreceived_rows: int  # in the ledger, received by nobody
     killed_at_s: float | None  # when a replica was SIGKILLed
     cpu: Cpu
+    busy_before: float = 0.0  # cores busy in the second before the run, none of them ours
 
     @property
     def clean(self) -> bool:
@@ -271,6 +274,13 @@ def ca_cpu_seconds(server: bench.ServerProcess) -> float:
     """CPU seconds of one CA replica: its supervisor and its live workers."""
     own, workers = bench.tree_cpu_seconds(server.proc.pid)
     return own + sum(workers.values())
+
+
+def machine_busy_over(seconds: float) -> float:
+    """Average cores busy over the next ``seconds``: how loaded the machine is without us."""
+    busy0 = bench.machine_busy_seconds()
+    time.sleep(seconds)
+    return (bench.machine_busy_seconds() - busy0) / seconds
 
 
 def kill_replica(server: bench.ServerProcess) -> None:
@@ -482,6 +492,7 @@ def run_setting(
     runs = []
     for k in range(args.runs):
         url = fresh_ledger(setting, f"fleet_{index}_{k}", ca_dir, pg)
+        busy_before = machine_busy_over(1.0)
         group = []
         for i in range(setting.replicas):
             server, target = bench.start_meshtrust_server(
@@ -510,6 +521,7 @@ def run_setting(
             for server, _ in group:
                 server.stop()
                 servers.remove(server)
+        r = dataclasses.replace(r, busy_before=busy_before)
         print_run(f"run {k + 1}", r)
         runs.append(r)
     return runs
@@ -538,7 +550,8 @@ def print_run(label: str, r: ColdStart) -> None:
     print(
         f"          ledger {ledger} ({r.unreceived_rows} rows nobody received); cores: "
         f"CA {c.ca:.2f}, PostgreSQL {c.postgres:.2f}, fleet {c.fleet:.2f}, other {c.other:.2f}"
-        f" (kernel, other processes), machine {c.machine:.2f}/{os.cpu_count()}",
+        f" (kernel, other processes), machine {c.machine:.2f}/{os.cpu_count()}; "
+        f"{r.busy_before:.2f} busy just before",
         flush=True,
     )
     for code, n in sorted(r.errors.items(), key=lambda kv: -kv[1]):
@@ -579,7 +592,8 @@ def print_summary(results: Sequence[tuple[Setting, list[ColdStart]]], runs: int)
             f"  {'':<33} cores: CA {median(rs, lambda r: r.cpu.ca):.2f}, PostgreSQL "
             f"{median(rs, lambda r: r.cpu.postgres):.2f}, fleet "
             f"{median(rs, lambda r: r.cpu.fleet):.2f}, "
-            f"other {median(rs, lambda r: r.cpu.other):.2f}"
+            f"other {median(rs, lambda r: r.cpu.other):.2f}; "
+            f"{median(rs, lambda r: r.busy_before):.2f} busy before the runs (none of it ours)"
         )
     print(
         f"  goal: every workload holds a certificate within {TARGET_SECONDS:.0f} s, 0 errors, "
