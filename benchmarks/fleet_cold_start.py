@@ -24,17 +24,20 @@ workload gets no certificate. Settings measured in one run:
    fleet holds certificates.
 
 For each: the time until every workload holds a certificate (median of ``--runs``), p50/p99
-of the per-workload time to certificate (from the common start), errors by code, retries,
-and the ledger check: every certificate a workload received is in the ledger, and no serial
-was handed out twice. Ledger rows nobody received are counted too (with a replica killed,
-a certificate may be committed while its answer is lost; the workload retried elsewhere).
+of the per-workload time to certificate (from the common start), errors by code, retries
+(with the reasons the CA or gRPC gave), and the ledger check: every certificate a workload
+received is in the ledger, and no serial was handed out twice (the serial is the ledger's
+primary key, so no row is there twice). Ledger rows nobody received are counted too (with a
+replica killed, a certificate may be committed while its answer is lost; the workload
+retried elsewhere).
+
 CPU is accounted from /proc over the run: the CA processes (supervisors and workers), the
 PostgreSQL server (postmaster and backends), the fleet processes, and "other" (the kernel's
 loopback TCP and whatever else runs on the machine); the second before each run, with none
 of the benchmark's processes running, says how busy the machine was without it. On a 2-core
-machine the fleet shares the
-cores with the CA, so its CPU is part of the picture. The goal (issue 11) is 0 errors and
-at most 10 s until all hold a certificate; the summary says PASS or MISS per setting.
+machine the fleet shares the cores with the CA, so its CPU is part of the picture. The goal
+(issue 11) is 0 errors and at most 10 s until all hold a certificate; the summary says PASS
+or MISS per setting.
 
 Run: ``.venv/bin/python benchmarks/fleet_cold_start.py`` (``--workloads 2000 --runs 1`` for
 a quick look)
@@ -105,6 +108,7 @@ class FleetResult:
     serials: list[str] = field(default_factory=list)  # of every certificate received
     errors: dict[str, int] = field(default_factory=dict)  # by status code
     retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)  # the status details
     cpu_s: float = 0.0  # this process's CPU from the start until its last workload was done
     fatal: str | None = None
 
@@ -135,6 +139,7 @@ class ColdStart:
     p99_s: float
     errors: dict[str, int]
     retries: int
+    retry_reasons: dict[str, int]
     ledger_missing: int  # received but not in the ledger
     duplicates: int  # serials received more than once
     unreceived_rows: int  # in the ledger, received by nobody
@@ -221,6 +226,8 @@ async def _fleet(spec: FleetSpec, conn: mpc.Connection, holding: Synchronized[in
                     result.errors[name] = result.errors.get(name, 0) + 1
                     return
                 result.retries += 1
+                reason = (exc.details() or "")[:70]
+                result.retry_reasons[reason] = result.retry_reasons.get(reason, 0) + 1
                 await asyncio.sleep(retry_delay(attempt, rng.uniform(-1.0, 1.0)))
                 attempt += 1
                 continue
@@ -426,9 +433,12 @@ def judge(
     times = sorted(t for r in results for t in r.times_s)
     received = [s for r in results for s in r.serials]
     errors: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for r in results:
         for code, count in r.errors.items():
             errors[code] = errors.get(code, 0) + count
+        for reason, count in r.retry_reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
     return ColdStart(
         workloads=workloads,
         holding=len(times),
@@ -437,6 +447,7 @@ def judge(
         p99_s=bench.percentile(times, 99),
         errors=errors,
         retries=sum(r.retries for r in results),
+        retry_reasons=reasons,
         ledger_missing=len(set(received) - in_ledger),
         duplicates=len(received) - len(set(received)),
         unreceived_rows=len(in_ledger - set(received)),
@@ -555,7 +566,9 @@ def print_run(label: str, r: ColdStart) -> None:
         flush=True,
     )
     for code, n in sorted(r.errors.items(), key=lambda kv: -kv[1]):
-        print(f"          {n} x {code}")
+        print(f"          error: {n} x {code}")
+    for reason, n in sorted(r.retry_reasons.items(), key=lambda kv: -kv[1])[:3]:
+        print(f"          retried: {n} x UNAVAILABLE: {reason}")
 
 
 def median(runs: Sequence[ColdStart], key: Callable[[ColdStart], float]) -> float:
