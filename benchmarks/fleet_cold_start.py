@@ -340,6 +340,34 @@ def _expect(conn: mpc.Connection, kind: str, timeout: float) -> object:
     return payload
 
 
+def watch_fleet(
+    conns: Sequence[mpc.Connection],
+    holding: Synchronized[int],
+    start: float,
+    kill_at: int | None,
+    victim: bench.ServerProcess,
+) -> tuple[float | None, float | None]:
+    """Wait until every fleet process says it is done; SIGKILL ``victim`` once ``holding``
+    reaches ``kill_at``. Returns when that was (seconds from ``start``) and the victim's CPU
+    seconds just before (None, None: no kill)."""
+    killed_at: float | None = None
+    victim_cpu: float | None = None
+    pending = set(conns)
+    deadline = time.monotonic() + FLEET_TIMEOUT + REQUEST_TIMEOUT + 30
+    while pending:
+        if kill_at is not None and killed_at is None and holding.value >= kill_at:
+            victim_cpu = ca_cpu_seconds(victim)
+            kill_replica(victim)
+            killed_at = time.time() - start
+        for ready in mpc.wait(list(pending), timeout=0.002):
+            assert isinstance(ready, mpc.Connection)
+            _expect(ready, "done", 0)
+            pending.discard(ready)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the fleet did not finish (a fleet process hung?)")
+    return killed_at, victim_cpu
+
+
 def cold_start(
     servers: Sequence[bench.ServerProcess],
     targets: Sequence[str],
@@ -376,23 +404,13 @@ def cold_start(
         ca0 = [ca_cpu_seconds(s) for s in servers]
         pg0 = postgres_cpu_seconds(pg) if pg is not None else 0.0
         busy0 = bench.machine_busy_seconds()
-        ca_final: dict[int, float] = {}  # a killed replica's CPU, taken just before the kill
-        killed_at: float | None = None
-        pending = {conn for _, conn in procs}
-        deadline = time.monotonic() + FLEET_TIMEOUT + REQUEST_TIMEOUT + 30
-        while pending:
-            if kill_at_half and killed_at is None and holding.value >= n // 2:
-                ca_final[0] = ca_cpu_seconds(servers[0])
-                kill_replica(servers[0])
-                killed_at = time.time() - start
-            for ready in mpc.wait(list(pending), timeout=0.002):
-                assert isinstance(ready, mpc.Connection)
-                _expect(ready, "done", 0)
-                pending.discard(ready)
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fleet did not finish (a fleet process hung?)")
+        conns = [conn for _, conn in procs]
+        kill_at = n // 2 if kill_at_half else None
+        killed_at, victim_cpu = watch_fleet(conns, holding, start, kill_at, servers[0])
         elapsed = time.time() - start
-        ca1 = [ca_final.get(i, ca_cpu_seconds(s)) for i, s in enumerate(servers)]
+        ca1 = [ca_cpu_seconds(s) for s in servers]
+        if victim_cpu is not None:
+            ca1[0] = victim_cpu
         pg1 = postgres_cpu_seconds(pg) if pg is not None else 0.0
         busy1 = bench.machine_busy_seconds()
         results = []
