@@ -53,6 +53,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -160,6 +161,11 @@ class ColdStart:
 # --------------------------------------------------------------------------- the fleet
 
 
+def retry_reason(details: str) -> str:
+    """A retry's status details without the replica's address, so that reasons add up."""
+    return re.sub(r"ipv4:127\.0\.0\.1:\d+: ?", "", details)[:110]
+
+
 def retry_delay(attempt: int, rand: float) -> float:
     """Backoff before retry ``attempt`` (0 first) on another replica: 50 ms doubling up to
     1 s, spread by ±50 % (``rand`` in [-1, 1]) so a crowd that lost a replica together does
@@ -226,7 +232,7 @@ async def _fleet(spec: FleetSpec, conn: mpc.Connection, holding: Synchronized[in
                     result.errors[name] = result.errors.get(name, 0) + 1
                     return
                 result.retries += 1
-                reason = (exc.details() or "")[:70]
+                reason = retry_reason(exc.details() or "")
                 result.retry_reasons[reason] = result.retry_reasons.get(reason, 0) + 1
                 await asyncio.sleep(retry_delay(attempt, rng.uniform(-1.0, 1.0)))
                 attempt += 1
