@@ -200,8 +200,17 @@ def meshtrust_command() -> list[str]:
     return [sys.executable, "-c", "from meshtrust.cli import main; main()"]
 
 
-def make_workloads(ca_dir: Path, key_type: str, count: int) -> tuple[Workload, ...]:
-    """``count`` identities ``spiffe://TD/ns/bench/sa/bench-NN``, each a token and a CSR."""
+def make_workloads(
+    ca_dir: Path,
+    key_type: str,
+    count: int,
+    *,
+    namespace: str = NAMESPACE,
+    sa_format: str = "bench-{:02d}",
+    first: int = 0,
+) -> tuple[Workload, ...]:
+    """``count`` identities ``spiffe://TD/ns/bench/sa/bench-NN``, each a token and a CSR
+    (``namespace``, ``sa_format`` and ``first``: other names, numbered from ``first``)."""
     from meshtrust.ca import load_token_signing_key, mint_token, token_issuer_for
     from meshtrust.pki import KeyType, build_csr, generate_key
     from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -212,13 +221,13 @@ def make_workloads(ca_dir: Path, key_type: str, count: int) -> tuple[Workload, .
         raise SystemExit(f"{ca_dir} has no token-key.pem")
     now = dt.datetime.now(dt.UTC)
     out = []
-    for i in range(count):
-        sa = f"bench-{i:02d}"
+    for i in range(first, first + count):
+        sa = sa_format.format(i)
         token = mint_token(
-            signing_key, token_issuer_for(td), NAMESPACE, sa, now, dt.timedelta(hours=2)
+            signing_key, token_issuer_for(td), namespace, sa, now, dt.timedelta(hours=2)
         )
         key = generate_key(KeyType.parse(key_type))
-        out.append(Workload(token, build_csr(key, SpiffeId.for_workload(td, NAMESPACE, sa))))
+        out.append(Workload(token, build_csr(key, SpiffeId.for_workload(td, namespace, sa))))
     return tuple(out)
 
 
