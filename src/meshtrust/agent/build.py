@@ -26,6 +26,7 @@ from cryptography import x509
 
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.config import AgentConfig, resolve_identity
+from meshtrust.agent.crl import GrpcCrlSource
 from meshtrust.agent.issuance import CertificateSource, TokenFile
 from meshtrust.caapi import CaClient
 from meshtrust.clock import Clock, SystemClock
@@ -161,11 +162,13 @@ def build_agent(
     token = TokenFile(config.token_file)
     identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
     source = source or CaClient(config.ca_address, root_pem, server_name=config.ca_server_name)
+    crl = GrpcCrlSource(config.ca_address, root_pem, server_name=config.ca_server_name)
     sidecar = None
     if config.sidecar is not None:
         sidecar = build_sidecar(config, identity, clock, launcher)
     return Agent(
         config,
+        crl_source=crl if isinstance(source, CaClient) else None,  # not for a test's fake CA
         identity=identity,
         anchors=TrustBundle(identity.trust_domain, tuple(roots)),
         source=source,

@@ -157,7 +157,8 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
     """The ``X509SVIDResponse`` for ``secret``, or None when it cannot make a complete one.
 
     The SVID is the DER leaf and intermediates concatenated, its key PKCS#8 DER, its bundle
-    the DER roots concatenated; no federated bundles, no CRLs.
+    the DER roots concatenated; ``crl`` the CA's CRL (DER) when the agent holds one; no
+    federated bundles.
     """
     if not secret.chain or not secret.roots:
         return None
@@ -167,7 +168,8 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
         x509_svid_key=secret.key_der(),
         bundle=secret.roots_der(),
     )
-    return _PROTO.X509SVIDResponse(svids=[svid])
+    crl = secret.crl_der()
+    return _PROTO.X509SVIDResponse(svids=[svid], crl=[crl] if crl is not None else [])
 
 
 def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
