@@ -173,14 +173,19 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
 
 
 def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
-    """The ``X509BundlesResponse`` for ``secret``'s trust domain, or None without roots.
+    """The ``X509BundlesResponse`` for ``secret``'s trust domain (and the CA's CRL, when
+    held), or None without roots.
 
     Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://example.org``) as the
     standard says and SPIRE does; py-spiffe and go-spiffe accept that and the bare name.
     """
     if not secret.roots:
         return None
-    return _PROTO.X509BundlesResponse(bundles={secret.trust_domain.id_string(): secret.roots_der()})
+    crl = secret.crl_der()
+    return _PROTO.X509BundlesResponse(
+        bundles={secret.trust_domain.id_string(): secret.roots_der()},
+        crl=[crl] if crl is not None else [],
+    )
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -330,7 +335,7 @@ class WorkloadApiServer:
         self._open_streams += 1
         try:
             generation = 0
-            sent: bytes | None = None
+            sent: tuple[bytes, bytes | None] | None = None  # the roots and the CRL sent
             while True:
                 secret = await self._next_secret(generation)
                 generation = secret.generation
@@ -339,9 +344,9 @@ class WorkloadApiServer:
                     _refuse_or_skip(decision, sent is not None, "FetchX509Bundles", generation)
                     continue
                 response = x509_bundles_response(secret)
-                if response is None or secret.roots_der() == sent:
-                    continue  # no roots, or the same roots as last time: nothing to tell
-                sent = secret.roots_der()
+                if response is None or (secret.roots_der(), secret.crl_der()) == sent:
+                    continue  # no roots, or the same roots and CRL as last time
+                sent = (secret.roots_der(), secret.crl_der())
                 log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
                 await stream.send_message(response)
         finally:
