@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives import serialization
 
 from meshtrust.agent import AgentConfig
 from meshtrust.agent.agent import Agent
-from meshtrust.agent.crl import verify_crl
+from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.crl import CrlFollower, verify_crl
 from meshtrust.agent.issuance import TokenFile
 from meshtrust.agent.sds import secret_resource
 from meshtrust.agent.workload_api import x509_svid_response
-from meshtrust.ca.crl import build_crl
+from meshtrust.ca.crl import CRL_VALIDITY, build_crl
 from meshtrust.ca.revocation import Revocation, RevocationState
 from meshtrust.clock import FakeClock
 from meshtrust.errors import InvalidCertificate, SvidVerificationError
@@ -174,3 +175,28 @@ async def test_the_crl_reaches_every_output_and_our_own_serial_renews_at_once(
         assert renewed.not_after > clock.now()
     finally:
         await agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_crl_past_next_update_is_kept_and_alerted_once(ca: CaFixture) -> None:
+    clock = FakeClock(T0)
+    cache = SecretCache()
+    leaf = badcerts.svid_leaf(ca.signer, WEB, now=T0)
+    await cache.publish(WorkloadSecret(WEB, leaf.key, tuple(leaf.chain), (ca.root,), T0))
+    renewals: list[int] = []
+    follower = CrlFollower(
+        QueueCrlSource(), cache, TrustBundle(TD, (ca.root,)), clock, lambda: renewals.append(1)
+    )
+    assert await follower.offer(crl_der(ca, 1))
+    task = asyncio.create_task(follower.watch_staleness())
+    try:
+        await clock.wait_for_sleepers(1)
+        assert not follower.stale(clock.now())
+        await clock.advance(CRL_VALIDITY.total_seconds() + 120)
+        await async_until(lambda: follower.stale_alerts == 1, what="stale CRL alerted")
+        assert follower.stale(clock.now()) and cache.crl is not None  # kept
+        await clock.advance(3600)
+        assert follower.stale_alerts == 1  # once per CRL
+        assert renewals == []
+    finally:
+        task.cancel()

@@ -213,6 +213,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.rotator.run()))
         if self.crl is not None:
             self._tasks.append(asyncio.create_task(self.crl.run()))
+            self._tasks.append(asyncio.create_task(self.crl.watch_staleness()))
         if self.sidecar is not None:
             try:
                 await self.sidecar.start()

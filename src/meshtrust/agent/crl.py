@@ -152,7 +152,31 @@ class CrlFollower:
         self._rng = rng or random.Random()
         self.accepted = 0
         self.refused = 0
+        self.stale_alerts = 0
         self.last_error: str | None = None
+
+    async def watch_staleness(self) -> None:
+        """Forever: at the held CRL's ``nextUpdate``, if no newer one came, log an error (once
+        per CRL). The CRL is kept and rotation goes on (istio#61075: a bad CRL must not stop
+        rotation); :meth:`stale` reports it in the status."""
+        warned: int | None = None
+        while True:
+            crl = self._cache.crl
+            if crl is None or crl.next_update_utc is None or crl_number(crl) == warned:
+                await self._clock.sleep(60)
+                continue
+            left = (crl.next_update_utc - self._clock.now()).total_seconds()
+            if left > 0:
+                await self._clock.sleep(min(left, 60))
+                continue
+            warned = crl_number(crl)
+            self.stale_alerts += 1
+            log.error(
+                "CRL %x from the CA went stale at %s (no newer one received: %s); still using it",
+                warned,
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M:%SZ}",
+                self.last_error or "the CA sent none",
+            )
 
     def stale(self, now: dt.datetime) -> bool:
         crl = self._cache.crl
