@@ -26,7 +26,7 @@ from cryptography import x509
 from meshtrust.ca import load_token_signing_key, mint_token
 from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.ca.ledger import IssuedRecord, SqlLedger
-from meshtrust.ca.schema import SCHEMA_VERSION
+from meshtrust.ca.schema import MIGRATIONS, SCHEMA_VERSION
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.clock import SystemClock
 from meshtrust.errors import LedgerError
@@ -40,6 +40,7 @@ from tests.waiting import async_until
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 T = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+ALL_MIGRATIONS = [(m.version, m.description) for m in MIGRATIONS]
 WEB = SpiffeId.for_workload(TD, "default", "web")
 
 
@@ -135,7 +136,7 @@ def test_replicas_opening_a_fresh_postgresql_ledger_at_the_same_moment_all_come_
     # Before the advisory lock, CREATE TABLE raced: IntegrityError on pg_type_typname_nsp_index.
     results = _open_all_at_once(pg_url, 6)
     assert [(r.returncode, r.stdout) for r in results] == [(0, "")] * 6
-    assert _schema_rows(pg_url) == [(1, "certificates and audit")]
+    assert _schema_rows(pg_url) == ALL_MIGRATIONS
 
 
 def test_processes_opening_a_fresh_sqlite_ledger_at_the_same_moment_all_come_up(
@@ -144,7 +145,7 @@ def test_processes_opening_a_fresh_sqlite_ledger_at_the_same_moment_all_come_up(
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     results = _open_all_at_once(url, 4)
     assert [(r.returncode, r.stdout) for r in results] == [(0, "")] * 4
-    assert _schema_rows(url) == [(1, "certificates and audit")]
+    assert _schema_rows(url) == ALL_MIGRATIONS
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
@@ -168,7 +169,7 @@ def test_a_ledger_newer_than_this_meshtrust_is_refused_and_left_alone(
     message = str(info.value)
     assert f"has schema version {SCHEMA_VERSION + 1}, newer than this meshtrust knows" in message
     assert f"(up to {SCHEMA_VERSION})" in message
-    assert [v for v, _ in _schema_rows(url)] == [1, SCHEMA_VERSION + 1]
+    assert [v for v, _ in _schema_rows(url)] == [*range(1, SCHEMA_VERSION + 2)]
 
 
 def test_ca_serve_refuses_a_newer_ledger_with_a_message_not_a_traceback(
@@ -223,7 +224,7 @@ def test_a_ledger_from_before_versioning_is_adopted_with_its_records(tmp_path: P
         ]
     finally:
         ledger.close()
-    assert _schema_rows(f"sqlite:///{path}") == [(1, "certificates and audit")]
+    assert _schema_rows(f"sqlite:///{path}") == ALL_MIGRATIONS
 
 
 def test_three_ca_replicas_started_together_on_a_fresh_postgresql_ledger_all_serve(

@@ -20,6 +20,8 @@ COMMANDS = [
     ["ca", "serve"],
     ["ca", "certs"],
     ["ca", "certs", "list"],
+    ["ca", "revoke"],
+    ["ca", "unblock"],
     ["token"],
     ["token", "create"],
     ["cert"],

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.config import AgentConfig
+from meshtrust.agent.crl import CrlFollower, CrlSource, crl_number
 from meshtrust.agent.files import CertificateFiles
 from meshtrust.agent.handout import HandoutGate, Refusal
 from meshtrust.agent.issuance import CertificateSource, TokenFile
@@ -69,6 +70,7 @@ class Agent:
         clock: Clock,
         sidecar: EnvoySidecar | None = None,
         rng: random.Random | None = None,
+        crl_source: CrlSource | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -94,6 +96,12 @@ class Agent:
             ),
             key_type=config.key_type,
             rng=rng,
+        )
+        #: The CA's CRL, followed when there is a source (the real CA's stream).
+        self.crl = (
+            CrlFollower(crl_source, self.cache, anchors, clock, self.rotator.renew_now, rng)
+            if crl_source is not None
+            else None
         )
         #: What may be handed out (no expired certificate), at the agent's clock.
         self.gate = HandoutGate(clock, lambda: self.rotator.last_error)
@@ -145,6 +153,16 @@ class Agent:
             )
             if isinstance(decision, Refusal):
                 out["expired_reason"] = decision.message
+        crl = self.cache.crl
+        if crl is not None and self.crl is not None:
+            out["crl"] = {
+                "number": format(crl_number(crl), "x"),
+                "revoked": len(crl),
+                "next_update": crl.next_update_utc.isoformat() if crl.next_update_utc else None,
+                "stale": self.crl.stale(now),
+                "refused": self.crl.refused,
+                "own_certificate_revoked": secret is not None and secret.revoked,
+            }
         if self.rotator.deadline is not None:
             out["next_rotation"] = self.rotator.deadline.isoformat()
             out["next_rotation_in_seconds"] = (self.rotator.deadline - now).total_seconds()
@@ -195,6 +213,9 @@ class Agent:
         )
         self._tasks.append(asyncio.create_task(self._note_issuing_cas()))
         self._tasks.append(asyncio.create_task(self.rotator.run()))
+        if self.crl is not None:
+            self._tasks.append(asyncio.create_task(self.crl.run()))
+            self._tasks.append(asyncio.create_task(self.crl.watch_staleness()))
         if self.sidecar is not None:
             try:
                 await self.sidecar.start()

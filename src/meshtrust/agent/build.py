@@ -26,6 +26,7 @@ from cryptography import x509
 
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.config import AgentConfig, resolve_identity
+from meshtrust.agent.crl import GrpcCrlSource
 from meshtrust.agent.issuance import CertificateSource, TokenFile
 from meshtrust.agent.metrics import CaFailoverMetrics
 from meshtrust.caapi import CaClient, Resolver, system_resolver
@@ -198,11 +199,13 @@ def build_agent(
             root_source=root_source,
             resolver=resolver,
         )
+    crl = GrpcCrlSource(ca_addresses, root_pem, server_name=config.ca_server_name)
     sidecar = None
     if config.sidecar is not None:
         sidecar = build_sidecar(config, identity, clock, launcher)
     agent = Agent(
         config,
+        crl_source=crl if isinstance(source, CaClient) else None,  # not for a test's fake CA
         identity=identity,
         anchors=TrustBundle(identity.trust_domain, tuple(roots)),
         source=source,

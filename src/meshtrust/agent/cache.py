@@ -4,6 +4,11 @@ serves from.
 A :class:`WorkloadSecret` is immutable; the cache swaps whole secrets and bumps a generation
 number, so a reader always sees a key with its own certificate. Servers wait for the next
 generation with :meth:`SecretCache.wait_newer` instead of polling.
+
+The CA's CRL travels with the secret: the cache holds the last verified one
+(:meth:`SecretCache.publish_crl`, from :mod:`meshtrust.agent.crl`) and stamps it on every
+secret it publishes, so a new CRL is a new generation that SDS (``ROOTCA``), the Workload API
+and the files pick up like a rotation, and a rotation never drops the CRL.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class WorkloadSecret:
     roots: tuple[x509.Certificate, ...]
     received_at: dt.datetime
     generation: int = 0
+    crl: x509.CertificateRevocationList | None = None  # the CA's, verified
     _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -52,6 +58,22 @@ class WorkloadSecret:
 
     def expired(self, now: dt.datetime) -> bool:
         return now >= self.not_after
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the CRL this secret carries lists its own leaf."""
+        return (
+            self.crl is not None
+            and self.crl.get_revoked_certificate_by_serial_number(self.leaf.serial_number)
+            is not None
+        )
+
+    # The CRL is not cached in ``_pem``: a secret re-stamped with a new CRL shares that dict.
+    def crl_pem(self) -> bytes | None:
+        return None if self.crl is None else self.crl.public_bytes(serialization.Encoding.PEM)
+
+    def crl_der(self) -> bytes | None:
+        return None if self.crl is None else self.crl.public_bytes(serialization.Encoding.DER)
 
     # PEM/DER renderings, computed once per secret.
     def chain_pem(self) -> bytes:
@@ -106,6 +128,7 @@ class SecretCache:
 
     def __init__(self) -> None:
         self._secret: WorkloadSecret | None = None
+        self._crl: x509.CertificateRevocationList | None = None
         self._generation = 0
         self._changed = asyncio.Condition()
 
@@ -117,11 +140,28 @@ class SecretCache:
     def generation(self) -> int:
         return self._generation
 
+    @property
+    def crl(self) -> x509.CertificateRevocationList | None:
+        return self._crl
+
+    async def publish_crl(self, crl: x509.CertificateRevocationList) -> WorkloadSecret | None:
+        """Hold ``crl`` (verified by the caller) and, when there is a secret, republish it
+        carrying the CRL as a new generation; returns that secret."""
+        async with self._changed:
+            self._crl = crl
+            if self._secret is None:
+                return None
+            self._generation += 1
+            self._secret = dataclasses.replace(self._secret, generation=self._generation, crl=crl)
+            self._changed.notify_all()
+            return self._secret
+
     async def publish(self, secret: WorkloadSecret) -> WorkloadSecret:
-        """Make ``secret`` current (stamped with the next generation) and wake every waiter."""
+        """Make ``secret`` current (stamped with the next generation and the CRL held) and
+        wake every waiter."""
         async with self._changed:
             self._generation += 1
-            stamped = dataclasses.replace(secret, generation=self._generation)
+            stamped = dataclasses.replace(secret, generation=self._generation, crl=self._crl)
             self._secret = stamped
             self._changed.notify_all()
         return stamped

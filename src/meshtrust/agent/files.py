@@ -1,9 +1,10 @@
 """Certificate files for everything that is not Envoy or a SPIFFE client (nginx, gRPC apps).
 
-``cert-chain.pem``, ``key.pem`` (0600) and ``root-cert.pem`` are replaced atomically on every
+``cert-chain.pem``, ``key.pem`` (0600), ``root-cert.pem`` and ``crl.pem`` (the CA's CRL, empty
+until the first arrives; a new CRL is a new generation) are replaced atomically on every
 rotation, the way kubelet updates a Secret volume: each generation is written in full into
 a fresh hidden directory, then one ``rename()`` swaps the ``..data`` symlink to it. The
-three visible names are symlinks through ``..data``, so every open sees a complete file
+visible names are symlinks through ``..data``, so every open sees a complete file
 of one generation; a reader that needs a matching *pair* resolves ``..data`` once and reads
 both files from there. The previous generation is kept until the next swap, so a reader
 that resolved it just before a swap still finds its files.
@@ -29,7 +30,7 @@ from meshtrust.fileio import Fsync, ensure_private_dir, fsync_directory
 
 __all__ = ["CertificateFiles"]
 
-NAMES = ("cert-chain.pem", "key.pem", "root-cert.pem")
+NAMES = ("cert-chain.pem", "key.pem", "root-cert.pem", "crl.pem")
 DATA = "..data"
 #: The marker written into an expired generation (and linked beside NAMES).
 EXPIRED = "EXPIRED"
@@ -64,6 +65,8 @@ class CertificateFiles:
         self._write(gen_dir / "cert-chain.pem", secret.chain_pem(), 0o644)
         self._write(gen_dir / "key.pem", secret.key_pem(), 0o600)
         self._write(gen_dir / "root-cert.pem", secret.roots_pem(), 0o644)
+        # An empty crl.pem until the first CRL arrives: the link is always there to read.
+        self._write(gen_dir / "crl.pem", secret.crl_pem() or b"", 0o644)
         fsync_directory(gen_dir, self._fsync)
 
         previous = os.readlink(d / DATA) if (d / DATA).is_symlink() else None

@@ -9,6 +9,7 @@ the loop (SPIRE: "rotate() errors are logged ... and shouldn't cause the run tas
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import random
@@ -78,6 +79,35 @@ class Rotator:
         self.deadline: dt.datetime | None = None
         self.last_error: str | None = None
         self._expired_reported = False
+        self._renew_requested = False
+        self._sleeping_in: asyncio.Task[None] | None = None  # the run task, while it sleeps
+
+    def renew_now(self) -> None:
+        """Rotate at once instead of at the deadline (the certificate was revoked)."""
+        self._renew_requested = True
+        if self._sleeping_in is not None:
+            self._sleeping_in.cancel("renew now")
+
+    async def _sleep_until_deadline(self, seconds: float) -> None:
+        """Sleep like the clock does (no extra task: the fake clock's tests count sleepers
+        and steps), but let :meth:`renew_now` cut it short by cancelling this task."""
+        if self._renew_requested:
+            self._renew_requested = False
+            self.deadline = self._clock.now()
+            return
+        task = asyncio.current_task()
+        self._sleeping_in = task
+        try:
+            await self._clock.sleep(seconds)
+        except asyncio.CancelledError:
+            assert task is not None
+            # Ours only if nobody else (stop()) cancelled too: then uncancel() leaves 0.
+            if not self._renew_requested or task.uncancel() > 0:
+                raise
+            self._renew_requested = False
+            self.deadline = self._clock.now()
+        finally:
+            self._sleeping_in = None
 
     def _move(self, event: SlotEvent) -> None:
         new = next_state(self.state, event)
@@ -98,7 +128,7 @@ class Rotator:
             if self.state == SlotState.VALID:
                 assert self.deadline is not None
                 if now < self.deadline:
-                    await self._clock.sleep((self.deadline - now).total_seconds())
+                    await self._sleep_until_deadline((self.deadline - now).total_seconds())
                     continue
                 self._move(SlotEvent.DEADLINE)
             try:
@@ -175,7 +205,8 @@ class Rotator:
         token = self._token_or_none(current)
         now = self._clock.now()
         client_cert = None
-        if current is not None and not current.expired(now):
+        # A revoked certificate authenticates nothing: the token must (the CA says why).
+        if current is not None and not current.expired(now) and not current.revoked:
             client_cert = (current.chain_pem(), current.key_pem())
         started = self._clock.monotonic()
         try:

@@ -183,12 +183,17 @@ def secret_resource(name: str, secret: WorkloadSecret) -> Any:
             ),
         )
     if name == ROOT_SECRET:
-        return _PROTO.Secret(
-            name=name,
-            validation_context=_PROTO.CertificateValidationContext(
-                trusted_ca=_PROTO.DataSource(inline_bytes=secret.roots_pem()),
-            ),
+        context = _PROTO.CertificateValidationContext(
+            trusted_ca=_PROTO.DataSource(inline_bytes=secret.roots_pem()),
         )
+        crl = secret.crl_pem()
+        if crl is not None:
+            # The CRL is the issuing CA's, for leaves: only the leaf is checked against it.
+            # Otherwise Envoy wants a CRL for every CA in the chain, the root included, which
+            # a plugged-in CA (no root key) cannot sign; CAs are revoked by rotating them.
+            context.crl.inline_bytes = crl
+            context.only_verify_leaf_cert_crl = True
+        return _PROTO.Secret(name=name, validation_context=context)
     raise ValueError(f"no secret named {name!r}; only {DEFAULT_SECRET!r} and {ROOT_SECRET!r}")
 
 
@@ -201,6 +206,8 @@ def _fingerprint(name: str, secret: WorkloadSecret) -> bytes:
         digest.update(secret.key_pem())
     else:
         digest.update(secret.roots_pem())
+        digest.update(b"\0")
+        digest.update(secret.crl_der() or b"")
     return digest.digest()
 
 

@@ -157,7 +157,8 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
     """The ``X509SVIDResponse`` for ``secret``, or None when it cannot make a complete one.
 
     The SVID is the DER leaf and intermediates concatenated, its key PKCS#8 DER, its bundle
-    the DER roots concatenated; no federated bundles, no CRLs.
+    the DER roots concatenated; ``crl`` the CA's CRL (DER) when the agent holds one; no
+    federated bundles.
     """
     if not secret.chain or not secret.roots:
         return None
@@ -167,18 +168,24 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
         x509_svid_key=secret.key_der(),
         bundle=secret.roots_der(),
     )
-    return _PROTO.X509SVIDResponse(svids=[svid])
+    crl = secret.crl_der()
+    return _PROTO.X509SVIDResponse(svids=[svid], crl=[crl] if crl is not None else [])
 
 
 def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
-    """The ``X509BundlesResponse`` for ``secret``'s trust domain, or None without roots.
+    """The ``X509BundlesResponse`` for ``secret``'s trust domain (and the CA's CRL, when
+    held), or None without roots.
 
     Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://example.org``) as the
     standard says and SPIRE does; py-spiffe and go-spiffe accept that and the bare name.
     """
     if not secret.roots:
         return None
-    return _PROTO.X509BundlesResponse(bundles={secret.trust_domain.id_string(): secret.roots_der()})
+    crl = secret.crl_der()
+    return _PROTO.X509BundlesResponse(
+        bundles={secret.trust_domain.id_string(): secret.roots_der()},
+        crl=[crl] if crl is not None else [],
+    )
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -328,7 +335,7 @@ class WorkloadApiServer:
         self._open_streams += 1
         try:
             generation = 0
-            sent: bytes | None = None
+            sent: tuple[bytes, bytes | None] | None = None  # the roots and the CRL sent
             while True:
                 secret = await self._next_secret(generation)
                 generation = secret.generation
@@ -337,9 +344,9 @@ class WorkloadApiServer:
                     _refuse_or_skip(decision, sent is not None, "FetchX509Bundles", generation)
                     continue
                 response = x509_bundles_response(secret)
-                if response is None or secret.roots_der() == sent:
-                    continue  # no roots, or the same roots as last time: nothing to tell
-                sent = secret.roots_der()
+                if response is None or (secret.roots_der(), secret.crl_der()) == sent:
+                    continue  # no roots, or the same roots and CRL as last time
+                sent = (secret.roots_der(), secret.crl_der())
                 log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
                 await stream.send_message(response)
         finally:

@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from meshtrust.ca.cadir import (
     token_issuer_for,
 )
 from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.crl import CrlPublisher, CrlService
 from meshtrust.ca.join import JoinAuthenticator
 from meshtrust.ca.kube_authn import KubeAuthenticator, kube_authenticators
 from meshtrust.ca.ledger import (
@@ -53,7 +54,8 @@ from meshtrust.ca.ledger import (
 )
 from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
 from meshtrust.ca.readiness import LedgerHealth, Readiness, WatchedLedger
-from meshtrust.ca.server import CaGrpcService, serve_grpc, server_ssl_context
+from meshtrust.ca.revocation import POLL_INTERVAL, RevocationSource, RevocationWatch
+from meshtrust.ca.server import CaGrpcService, GrpcServer, serve_grpc, server_ssl_context
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CADirectoryError, ConfigError
@@ -66,11 +68,13 @@ __all__ = [
     "SERVING_CERT_TTL",
     "Books",
     "PreparedCa",
+    "Revocations",
     "build_authority",
     "open_books",
     "prepare_ca",
     "run_loop",
     "serve_until_stopped",
+    "start_revocations",
     "start_status",
 ]
 
@@ -156,10 +160,51 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     )
 
 
+@dataclass
+class Revocations:
+    """One CA process's view of revocations and its CRL (:mod:`meshtrust.ca.revocation`,
+    :mod:`meshtrust.ca.crl`): polled from the ledger, served on the CA port."""
+
+    watch: RevocationWatch
+    publisher: CrlPublisher
+    service: CrlService
+    tasks: list[asyncio.Task[None]]
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def start_revocations(
+    prepared: PreparedCa,
+    source: RevocationSource,
+    clock: Clock,
+    interval: float = POLL_INTERVAL,
+) -> Revocations:
+    """Read the revocations now (so the first request is judged by them) and keep following
+    the ledger; sign the first CRL. Raises :class:`LedgerError` when the ledger is unreadable."""
+    watch = RevocationWatch(source, clock, interval)
+    watch.load()
+    publisher = CrlPublisher(prepared.material.signer, watch, clock)
+    tasks = [asyncio.create_task(watch.run()), asyncio.create_task(publisher.run())]
+    return Revocations(watch, publisher, CrlService(publisher), tasks)
+
+
 def build_authority(
-    prepared: PreparedCa, clock: Clock, ledger: LedgerWriter, metrics: CaMetricsSink
+    prepared: PreparedCa,
+    clock: Clock,
+    ledger: LedgerWriter,
+    metrics: CaMetricsSink,
+    revocations: RevocationWatch | None = None,
 ) -> CertificateAuthority:
     material = prepared.material
+
+    def revoked_at(serial: str) -> dt.datetime | None:
+        assert revocations is not None
+        found = revocations.state.revocation(serial)
+        return found.revoked_at if found is not None else None
+
     return CertificateAuthority(
         material=material,
         policy=prepared.policy,
@@ -170,7 +215,9 @@ def build_authority(
             prepared.policy.trust_domain, prepared.issuers, prepared.config.audience
         ),
         cert_authenticator=ClientCertAuthenticator(
-            TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
+            TrustBundle(prepared.policy.trust_domain, material.roots),
+            material.intermediates,
+            revoked_at if revocations is not None else None,
         ),
         remote_authenticators=prepared.remote,
         join_authenticator=(
@@ -178,6 +225,7 @@ def build_authority(
             if prepared.own_issuer is not None
             else None
         ),
+        revocations=revocations,
     )
 
 
@@ -187,9 +235,15 @@ async def serve_until_stopped(
     ssl_ctx: ssl.SSLContext,
     stop: asyncio.Event,
     drain_grace: float,
+    also: Sequence[object] = (),
 ) -> None:
-    """Serve on ``sock`` until ``stop`` is set, then drain in-flight requests and close."""
-    server = await serve_grpc(service, sock, ssl_ctx)
+    """Serve on ``sock`` until ``stop`` is set, then drain in-flight requests and close.
+    ``also``: more grpclib services on the port (the CRL's)."""
+    if also:
+        server = GrpcServer([service, *also])
+        await server.start(sock=sock, ssl=ssl_ctx)
+    else:
+        server = await serve_grpc(service, sock, ssl_ctx)
     await stop.wait()
     drained = await service.drain(drain_grace)
     if not drained:

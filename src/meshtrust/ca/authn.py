@@ -16,7 +16,7 @@ import hashlib
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,12 +312,20 @@ class ClientCertAuthenticator:
     """Accepts a still-valid SVID of this trust domain, issued under the CA's roots.
 
     The TLS layer already checked the chain; we check it again with the SVID rules, since the
-    TLS layer knows nothing of SPIFFE IDs.
+    TLS layer knows nothing of SPIFFE IDs. ``revoked_at`` (serial -> when it was revoked, or
+    None) refuses a revoked certificate (:mod:`meshtrust.ca.revocation`): its holder must
+    come back with a token.
     """
 
-    def __init__(self, bundle: TrustBundle, intermediates: Sequence[x509.Certificate]) -> None:
+    def __init__(
+        self,
+        bundle: TrustBundle,
+        intermediates: Sequence[x509.Certificate],
+        revoked_at: Callable[[str], dt.datetime | None] | None = None,
+    ) -> None:
         self._bundle = bundle
         self._intermediates = list(intermediates)
+        self._revoked_at = revoked_at
 
     def authenticate(self, leaf_der: bytes, now: dt.datetime) -> Caller:
         try:
@@ -327,9 +335,15 @@ class ClientCertAuthenticator:
             raise AuthenticationError("client certificate cannot be parsed") from None
         except SvidVerificationError as exc:
             raise AuthenticationError(f"client certificate is not a valid SVID: {exc}") from None
+        serial = format_serial(leaf.serial_number)
+        revoked = self._revoked_at(serial) if self._revoked_at is not None else None
+        if revoked is not None:
+            raise AuthenticationError(
+                f"certificate {serial} was revoked at {revoked:%Y-%m-%d %H:%M:%SZ}"
+            )
         return Caller(
             identity=verified.spiffe_id,
             authenticator="client-cert",
-            subject=f"serial {format_serial(leaf.serial_number)}",
+            subject=f"serial {serial}",
             expires=leaf.not_valid_after_utc,
         )

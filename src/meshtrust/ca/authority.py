@@ -22,6 +22,7 @@ from meshtrust.ca.join import JoinAuthenticator, JoinGrant, is_join_token
 from meshtrust.ca.ledger import IssuedRecord, LedgerWriter
 from meshtrust.ca.metrics import CaEvent, CaMetricsSink
 from meshtrust.ca.refusals import RefusalLog
+from meshtrust.ca.revocation import RevocationState
 from meshtrust.clock import Clock
 from meshtrust.durations import format_duration
 from meshtrust.errors import (
@@ -42,6 +43,7 @@ __all__ = [
     "Credentials",
     "InvalidTTL",
     "RemoteTokenAuthenticator",
+    "RevocationView",
     "check_ttl",
     "decide_identity",
 ]
@@ -66,6 +68,13 @@ class Credentials:
 
     bearer_token: str | None
     peer_cert_der: bytes | None
+
+
+class RevocationView(Protocol):
+    """What the authority reads of revocations (a :class:`RevocationWatch`)."""
+
+    @property
+    def state(self) -> RevocationState: ...
 
 
 class RemoteTokenAuthenticator(Protocol):
@@ -138,6 +147,7 @@ class CertificateAuthority:
         cert_authenticator: ClientCertAuthenticator | None,
         remote_authenticators: Sequence[RemoteTokenAuthenticator] = (),
         join_authenticator: JoinAuthenticator | None = None,
+        revocations: RevocationView | None = None,
     ) -> None:
         self.material = material
         self.policy = policy
@@ -148,6 +158,7 @@ class CertificateAuthority:
         self._certauth = cert_authenticator
         self._remote = tuple(remote_authenticators)
         self._join = join_authenticator
+        self._revocations = revocations
         # Refusals are logged through a throttle: a flood of bad requests cannot fill the log.
         self.refusals = RefusalLog(log, clock)
         self._ledger_errors = RefusalLog(log, clock)
@@ -254,6 +265,7 @@ class CertificateAuthority:
             self.refusals.warning("refused %s: bad CSR: %s", caller.identity, exc)
             raise
 
+        self._refuse_blocked(identity, caller)
         now = self._clock.now()
         leaf = self._issuer.issue(csr.public_key, identity, now, ttl)
         leaf_pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
@@ -286,3 +298,18 @@ class CertificateAuthority:
             format_duration(ttl),
         )
         return [leaf_pem, *self._chain_tail]
+
+    def _refuse_blocked(self, identity: SpiffeId, caller: Caller) -> None:
+        """Raise :class:`PermissionDenied` (counted, logged) when ``identity`` is blocked."""
+        block = self._revocations.state.block(identity) if self._revocations else None
+        if block is None:
+            return
+        self._metrics.observe(CaEvent.BLOCKED)
+        self.refusals.warning(
+            "refused %s (%s %s): identity blocked", identity, caller.authenticator, caller.subject
+        )
+        raise PermissionDenied(
+            f"issuance for {identity} is blocked since {block.blocked_at:%Y-%m-%d %H:%M:%SZ}"
+            f" by {block.actor}{': ' + block.why if block.why else ''}; "
+            f"`meshtrust ca unblock --spiffe-id {identity}` lifts it"
+        )

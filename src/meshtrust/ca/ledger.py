@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from cryptography import x509
+from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 
-from meshtrust.ca.schema import audit, certificates, migrate
+from meshtrust.ca.revocation import Block, Revocation, RevocationState
+from meshtrust.ca.schema import audit, blocks, certificates, migrate, revocations
 from meshtrust.clock import Clock, SystemClock
-from meshtrust.errors import LedgerError
+from meshtrust.errors import InvalidInput, LedgerError
 from meshtrust.fileio import create_private_file
 
 __all__ = [
@@ -165,20 +168,202 @@ class SqlLedger:
                 rows = conn.execute(q).mappings().all()
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger read failed: {exc.__class__.__name__}") from exc
-        return [
-            IssuedRecord(
-                serial=r["serial"],
-                spiffe_id=r["spiffe_id"],
-                not_before=_utc(r["not_before"]),
-                not_after=_utc(r["not_after"]),
-                key_type=r["key_type"],
-                requester=r["requester"],
-                authenticator=r["authenticator"],
-                issued_at=_utc(r["issued_at"]),
-                cert_pem=r["cert_pem"],
+        return [_record(r) for r in rows]
+
+    def certificate(self, serial: str) -> IssuedRecord | None:
+        """The certificate with ``serial`` (the ledger's hex form), or None."""
+        try:
+            with self._engine.connect() as conn:
+                row = (
+                    conn.execute(sa.select(certificates).where(certificates.c.serial == serial))
+                    .mappings()
+                    .first()
+                )
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger read failed: {exc.__class__.__name__}") from exc
+        return None if row is None else _record(row)
+
+    # Revocations and blocks (:mod:`meshtrust.ca.revocation`). Each change is one transaction
+    # holding its audit line and its rows: recorded before any replica can act on it.
+
+    def revoke_serial(
+        self, serial: str, reason: x509.ReasonFlags, actor: str, why: str, now: dt.datetime
+    ) -> Revocation:
+        """Revoke the certificate ``serial``. Raises :class:`InvalidInput` when the ledger
+        has no such certificate or it is revoked already (nothing is written then)."""
+        with self._writing() as conn:
+            cert = conn.execute(
+                sa.select(certificates.c.spiffe_id).where(certificates.c.serial == serial)
+            ).first()
+            if cert is None:
+                raise InvalidInput(
+                    f"no certificate with serial {serial} in the ledger "
+                    "(see `meshtrust ca certs list`)"
+                )
+            _refuse_revoked_again(conn, serial)
+            revocation = Revocation(serial, cert[0], reason, now, actor, why)
+            conn.execute(revocations.insert(), [_revocation_row(revocation)])
+            _audit(
+                conn,
+                now,
+                actor,
+                "revoke",
+                f"serial={serial} spiffe_id={cert[0]} reason={reason.value} why={why!r}",
+            )
+        return revocation
+
+    def revoke_identity(
+        self, spiffe_id: str, reason: x509.ReasonFlags, actor: str, why: str, now: dt.datetime
+    ) -> tuple[Block, list[Revocation]]:
+        """Block issuance for ``spiffe_id`` and revoke its unexpired certificates not yet
+        revoked. Raises :class:`InvalidInput` when it is blocked already."""
+        with self._writing() as conn:
+            active = _active_block(conn, spiffe_id)
+            if active is not None:
+                since = f"{_utc(active['blocked_at']):%Y-%m-%d %H:%M:%SZ}"
+                raise InvalidInput(
+                    f"{spiffe_id} is blocked already (since {since} by {active['actor']}); "
+                    "`meshtrust ca unblock` lifts it"
+                )
+            block = Block(spiffe_id, now, actor, why)
+            conn.execute(
+                blocks.insert(),
+                [{"spiffe_id": spiffe_id, "actor": actor, "why": why, "blocked_at": now}],
+            )
+            already = sa.select(revocations.c.serial)
+            serials = conn.execute(
+                sa.select(certificates.c.serial).where(
+                    certificates.c.spiffe_id == spiffe_id,
+                    certificates.c.not_after > now,
+                    certificates.c.serial.not_in(already),
+                )
+            ).scalars()
+            revoked = [Revocation(s, spiffe_id, reason, now, actor, why) for s in serials]
+            if revoked:
+                conn.execute(revocations.insert(), [_revocation_row(r) for r in revoked])
+            _audit(
+                conn,
+                now,
+                actor,
+                "block",
+                f"spiffe_id={spiffe_id} revoked={len(revoked)} reason={reason.value} why={why!r}",
+            )
+        return block, revoked
+
+    def unblock(self, spiffe_id: str, actor: str, why: str, now: dt.datetime) -> Block:
+        """Lift the block on ``spiffe_id`` (its revoked certificates stay revoked). Raises
+        :class:`InvalidInput` when it is not blocked."""
+        with self._writing() as conn:
+            active = _active_block(conn, spiffe_id)
+            if active is None:
+                raise InvalidInput(f"{spiffe_id} is not blocked")
+            conn.execute(
+                blocks.update()
+                .where(blocks.c.id == active["id"])
+                .values(lifted_at=now, lifted_by=actor)
+            )
+            _audit(conn, now, actor, "unblock", f"spiffe_id={spiffe_id} why={why!r}")
+        return Block(spiffe_id, _utc(active["blocked_at"]), active["actor"], active["why"])
+
+    def revocation_revision(self) -> int:
+        """A number that grows with every revocation, block and unblock."""
+        q = sa.select(
+            sa.select(sa.func.count()).select_from(revocations).scalar_subquery()
+            + sa.select(sa.func.count()).select_from(blocks).scalar_subquery()
+            + sa.select(sa.func.count())
+            .select_from(blocks)
+            .where(blocks.c.lifted_at.is_not(None))
+            .scalar_subquery()
+        )
+        try:
+            with self._engine.connect() as conn:
+                return int(conn.execute(q).scalar() or 0)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger read failed: {exc.__class__.__name__}") from exc
+
+    def revocation_state(self, now: dt.datetime) -> RevocationState:
+        """Revocations of unexpired certificates and the active blocks, at one revision
+        (read in one transaction). Certificates of a blocked identity issued after its block
+        count as revoked (see :mod:`meshtrust.ca.revocation`)."""
+        try:
+            with self._engine.begin() as conn:
+                return self._read_state(conn, now)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger read failed: {exc.__class__.__name__}") from exc
+
+    def _read_state(self, conn: sa.Connection, now: dt.datetime) -> RevocationState:
+        revision = conn.execute(sa.select(sa.func.count()).select_from(revocations)).scalar_one()
+        block_rows = conn.execute(sa.select(blocks)).mappings().all()
+        revision += len(block_rows) + sum(r["lifted_at"] is not None for r in block_rows)
+        blocked = {
+            r["spiffe_id"]: Block(r["spiffe_id"], _utc(r["blocked_at"]), r["actor"], r["why"])
+            for r in block_rows
+            if r["lifted_at"] is None
+        }
+        rows = conn.execute(
+            sa.select(revocations)
+            .join(certificates, certificates.c.serial == revocations.c.serial)
+            .where(certificates.c.not_after > now)
+        ).mappings()
+        revoked = {
+            r["serial"]: Revocation(
+                r["serial"],
+                r["spiffe_id"],
+                x509.ReasonFlags(r["reason"]),
+                _utc(r["revoked_at"]),
+                r["actor"],
+                r["why"],
             )
             for r in rows
-        ]
+        }
+        for block in blocked.values():
+            late = conn.execute(
+                sa.select(certificates.c.serial, certificates.c.issued_at).where(
+                    certificates.c.spiffe_id == block.spiffe_id,
+                    certificates.c.issued_at >= block.blocked_at,
+                    certificates.c.not_after > now,
+                )
+            )
+            for serial, issued_at in late:
+                revoked.setdefault(
+                    serial,
+                    Revocation(
+                        serial,
+                        block.spiffe_id,
+                        x509.ReasonFlags.privilege_withdrawn,
+                        _utc(issued_at),
+                        block.actor,
+                        "issued after its identity was blocked",
+                    ),
+                )
+        return RevocationState(revision, revoked, blocked)
+
+    def revocations(self) -> dict[str, Revocation]:
+        """Every revocation recorded, by serial (expired certificates' too)."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(sa.select(revocations)).mappings().all()
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger read failed: {exc.__class__.__name__}") from exc
+        return {
+            r["serial"]: Revocation(
+                r["serial"],
+                r["spiffe_id"],
+                x509.ReasonFlags(r["reason"]),
+                _utc(r["revoked_at"]),
+                r["actor"],
+                r["why"],
+            )
+            for r in rows
+        }
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sa.Connection]:
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger write failed: {exc.__class__.__name__}") from exc
 
     def serials(self) -> set[str]:
         with self._engine.connect() as conn:
@@ -191,6 +376,58 @@ class SqlLedger:
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def _record(r: RowMapping) -> IssuedRecord:
+    return IssuedRecord(
+        serial=r["serial"],
+        spiffe_id=r["spiffe_id"],
+        not_before=_utc(r["not_before"]),
+        not_after=_utc(r["not_after"]),
+        key_type=r["key_type"],
+        requester=r["requester"],
+        authenticator=r["authenticator"],
+        issued_at=_utc(r["issued_at"]),
+        cert_pem=r["cert_pem"],
+    )
+
+
+def _revocation_row(r: Revocation) -> dict[str, Any]:
+    return {
+        "serial": r.serial,
+        "spiffe_id": r.spiffe_id,
+        "reason": r.reason.value,
+        "actor": r.actor,
+        "why": r.why,
+        "revoked_at": r.revoked_at,
+    }
+
+
+def _refuse_revoked_again(conn: sa.Connection, serial: str) -> None:
+    row = conn.execute(
+        sa.select(revocations.c.revoked_at, revocations.c.actor).where(
+            revocations.c.serial == serial
+        )
+    ).first()
+    if row is not None:
+        raise InvalidInput(
+            f"certificate {serial} was revoked already at {_utc(row[0]):%Y-%m-%d %H:%M:%SZ} "
+            f"by {row[1]}"
+        )
+
+
+def _active_block(conn: sa.Connection, spiffe_id: str) -> RowMapping | None:
+    return (
+        conn.execute(
+            sa.select(blocks).where(blocks.c.spiffe_id == spiffe_id, blocks.c.lifted_at.is_(None))
+        )
+        .mappings()
+        .first()
+    )
+
+
+def _audit(conn: sa.Connection, now: dt.datetime, actor: str, action: str, detail: str) -> None:
+    conn.execute(audit.insert(), [{"at": now, "actor": actor, "action": action, "detail": detail}])
 
 
 def _private_sqlite_files(database: str | None) -> None:

@@ -30,6 +30,7 @@ class CaEvent(enum.StrEnum):
     INVALID_TTL = "invalid_ttl"
     PERMISSION_DENIED = "permission_denied"
     LEDGER_ERROR = "ledger_error"
+    BLOCKED = "blocked"  # the identity is blocked (``meshtrust ca revoke --spiffe-id``)
 
 
 class CaMetricsSink(Protocol):
@@ -53,7 +54,9 @@ _COUNTERS: dict[str, tuple[str, frozenset[CaEvent]]] = {
     ),
     "citadel_server_csr_sign_err_count": (
         "Requests refused or failed at signing: bad TTL, identity mismatch, ledger failure.",
-        frozenset({CaEvent.INVALID_TTL, CaEvent.PERMISSION_DENIED, CaEvent.LEDGER_ERROR}),
+        frozenset(
+            {CaEvent.INVALID_TTL, CaEvent.PERMISSION_DENIED, CaEvent.LEDGER_ERROR, CaEvent.BLOCKED}
+        ),
     ),
     "citadel_server_id_mismatch_count": (
         "CSRs asking for an identity other than the authenticated caller's.",

@@ -17,6 +17,7 @@ from meshtrust.ca.assembly import (
     prepare_ca,
     run_loop,
     serve_until_stopped,
+    start_revocations,
     start_status,
 )
 from meshtrust.ca.config import CaServeConfig
@@ -37,7 +38,8 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     config = prepared.config
     books = open_books(prepared)
     sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
-    authority = build_authority(prepared, clock, ledger, metrics)
+    revocations = start_revocations(prepared, sql, clock)
+    authority = build_authority(prepared, clock, ledger, metrics, revocations.watch)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
     status = start_status(
@@ -54,10 +56,16 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     books.started(prepared, clock, workers=1)
     try:
         await serve_until_stopped(
-            service, sock, prepared.ssl_context(), stop, config.drain_grace.total_seconds()
+            service,
+            sock,
+            prepared.ssl_context(),
+            stop,
+            config.drain_grace.total_seconds(),
+            also=(revocations.service,),
         )
     finally:
         probe.cancel()
+        await revocations.aclose()
         await ledger.aclose()
         sql.close()
         if status is not None:

@@ -40,8 +40,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "Migration",
     "audit",
+    "blocks",
     "certificates",
     "migrate",
+    "revocations",
     "schema_version",
 ]
 
@@ -71,6 +73,33 @@ audit = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
 )
 
+#: One row per revoked certificate (migration 2). Written before the revocation takes effect:
+#: every CA replica reads this table (:mod:`meshtrust.ca.revocation`) to refuse renewals and
+#: build its CRL.
+revocations = sa.Table(
+    "revocations",
+    metadata,
+    sa.Column("serial", sa.String(40), primary_key=True),  # lower-case hex, as certificates
+    sa.Column("spiffe_id", sa.String(2048), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),  # RFC 5280 CRLReason name
+    sa.Column("actor", sa.String(512), nullable=False),
+    sa.Column("why", sa.Text, nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+#: Identities whose issuance is blocked (migration 2); ``lifted_at`` set by ``ca unblock``.
+blocks = sa.Table(
+    "blocks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("spiffe_id", sa.String(2048), nullable=False, index=True),
+    sa.Column("actor", sa.String(512), nullable=False),
+    sa.Column("why", sa.Text, nullable=False),
+    sa.Column("blocked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("lifted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("lifted_by", sa.String(512), nullable=True),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -95,8 +124,14 @@ def _v1_certificates_and_audit(conn: Connection) -> None:
     audit.create(conn, checkfirst=True)
 
 
+def _v2_revocations_and_blocks(conn: Connection) -> None:
+    revocations.create(conn, checkfirst=True)
+    blocks.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "certificates and audit", _v1_certificates_and_audit),
+    Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

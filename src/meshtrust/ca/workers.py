@@ -44,9 +44,10 @@ from meshtrust.ca.assembly import (
     open_books,
     run_loop,
     serve_until_stopped,
+    start_revocations,
     start_status,
 )
-from meshtrust.ca.ledger import IssuedRecord
+from meshtrust.ca.ledger import IssuedRecord, SqlLedger
 from meshtrust.ca.metrics import CaEvent
 from meshtrust.ca.readiness import Readiness, decide_readiness, probe_ledger
 from meshtrust.ca.server import CaGrpcService
@@ -166,7 +167,10 @@ async def _worker_main(
     reader, writer = await asyncio.open_connection(sock=ipc)
     ledger = RemoteLedger(writer)
     metrics = RemoteMetrics(writer)
-    authority = build_authority(prepared, clock, ledger, metrics)
+    # Each worker follows revocations in the ledger itself (read-only; the supervisor writes).
+    revocation_ledger = SqlLedger(prepared.ledger_url)
+    revocations = start_revocations(prepared, revocation_ledger, clock)
+    authority = build_authority(prepared, clock, ledger, metrics, revocations.watch)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,8 +200,15 @@ async def _worker_main(
     flusher = asyncio.create_task(metrics.run())
     _send(writer, ("hello", index, os.getpid()))
     await serve_until_stopped(
-        service, sock, prepared.ssl_context(), stop, prepared.config.drain_grace.total_seconds()
+        service,
+        sock,
+        prepared.ssl_context(),
+        stop,
+        prepared.config.drain_grace.total_seconds(),
+        also=(revocations.service,),
     )
+    await revocations.aclose()
+    revocation_ledger.close()
     flusher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await flusher

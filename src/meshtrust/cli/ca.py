@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -17,12 +20,27 @@ from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
 from meshtrust.config import as_trust_domain
 from meshtrust.durations import format_duration
-from meshtrust.errors import ConfigError
+from meshtrust.errors import ConfigError, InvalidInput
 from meshtrust.pki import KeyType
+from meshtrust.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from meshtrust.ca.ledger import SqlLedger
+    from meshtrust.ca.revocation import Revocation
 
 __all__ = ["ca"]
 
 KEY_TYPES = [k.value for k in KeyType]
+#: RFC 5280 reasons ``ca revoke`` accepts (:data:`meshtrust.ca.revocation.REASONS`).
+REASON_NAMES = (
+    "unspecified",
+    "keyCompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "certificateHold",
+    "privilegeWithdrawn",
+)
 
 
 @click.group()
@@ -156,6 +174,112 @@ def serve(config_file: Path | None, **flags: Any) -> None:
     run_ca(config)
 
 
+def _open_ledger(ledger: str | None, ca_dir: Path) -> SqlLedger:
+    from meshtrust.ca.ledger import SqlLedger, default_ledger_url
+
+    if ledger is None:
+        if not (ca_dir / "ledger.db").exists():
+            raise ConfigError(f"no ledger at {ca_dir / 'ledger.db'}; pass --ledger URL or --ca-dir")
+        ledger = default_ledger_url(ca_dir)
+    return SqlLedger(ledger)
+
+
+def _default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+_LEDGER_OPTION = click.option("--ledger", help="SQLAlchemy URL of the ledger.")
+_CA_DIR_OPTION = click.option(
+    "--ca-dir",
+    type=click.Path(path_type=Path),
+    default=Path("./ca"),
+    show_default=True,
+    help="CA directory whose ledger.db to use when --ledger is not given.",
+)
+_ACTOR_OPTION = click.option(
+    "--actor", help="Who revokes, for the ledger's record.  [default: USER@HOST]"
+)
+_WHY_OPTION = click.option("--why", default="", help="Free text for the ledger's record.")
+
+
+@ca.command("revoke")
+@click.option("--serial", help="Serial number (hex) of the certificate to revoke.")
+@click.option(
+    "--spiffe-id",
+    help="Revoke every unexpired certificate of this identity and block new ones for it "
+    "until `meshtrust ca unblock`.",
+)
+@click.option(
+    "--reason",
+    default="unspecified",
+    show_default=True,
+    help="RFC 5280 reason: " + ", ".join(REASON_NAMES) + ".",
+)
+@_WHY_OPTION
+@_ACTOR_OPTION
+@_LEDGER_OPTION
+@_CA_DIR_OPTION
+def revoke(
+    serial: str | None,
+    spiffe_id: str | None,
+    reason: str,
+    why: str,
+    actor: str | None,
+    ledger: str | None,
+    ca_dir: Path,
+) -> None:
+    """Revoke a certificate, or every certificate of an identity (and block it).
+
+    Written to the ledger first (who, when, why); every CA replica then refuses renewals
+    with the revoked certificates and publishes them in its CRL within seconds. Writes
+    straight to the ledger, so it works with the CA running or not.
+    """
+    from meshtrust.ca.revocation import parse_reason, parse_serial
+
+    if (serial is None) == (spiffe_id is None):
+        raise InvalidInput("give exactly one of --serial and --spiffe-id")
+    flag = parse_reason(reason)
+    wanted_serial = parse_serial(serial) if serial is not None else None
+    identity = SpiffeId.parse(spiffe_id) if spiffe_id is not None else None
+    who = actor or _default_actor()
+    now = SystemClock().now()
+    sql = _open_ledger(ledger, ca_dir)
+    try:
+        if wanted_serial is not None:
+            done = sql.revoke_serial(wanted_serial, flag, who, why, now)
+            click.echo(f"revoked {done.serial} ({done.spiffe_id}), reason {flag.value}")
+            return
+        assert identity is not None
+        _, revoked = sql.revoke_identity(str(identity), flag, who, why, now)
+    finally:
+        sql.close()
+    click.echo(f"blocked {identity}: no new certificates until `meshtrust ca unblock`")
+    click.echo(f"revoked {len(revoked)} unexpired certificate(s), reason {flag.value}")
+    for rec in revoked:
+        click.echo(f"  {rec.serial}")
+
+
+@ca.command("unblock")
+@click.option("--spiffe-id", required=True, help="Identity to let get certificates again.")
+@_WHY_OPTION
+@_ACTOR_OPTION
+@_LEDGER_OPTION
+@_CA_DIR_OPTION
+def unblock(spiffe_id: str, why: str, actor: str | None, ledger: str | None, ca_dir: Path) -> None:
+    """Let a blocked identity get certificates again (revoked ones stay revoked)."""
+    identity = SpiffeId.parse(spiffe_id)
+    sql = _open_ledger(ledger, ca_dir)
+    try:
+        block = sql.unblock(str(identity), actor or _default_actor(), why, SystemClock().now())
+    finally:
+        sql.close()
+    click.echo(f"unblocked {identity} (blocked since {block.blocked_at:%Y-%m-%d %H:%M:%SZ})")
+
+
 @ca.group("certs")
 def certs() -> None:
     """Inspect the certificates recorded in the ledger."""
@@ -179,20 +303,15 @@ def certs() -> None:
 def certs_list(
     ledger: str | None, ca_dir: Path, expiring_within: dt.timedelta | None, as_json: bool
 ) -> None:
-    """List issued certificates, soonest expiry first."""
-    from meshtrust.ca.ledger import SqlLedger, default_ledger_url
-
-    if ledger is None:
-        if not (ca_dir / "ledger.db").exists():
-            raise ConfigError(f"no ledger at {ca_dir / 'ledger.db'}; pass --ledger URL or --ca-dir")
-        ledger = default_ledger_url(ca_dir)
+    """List issued certificates, soonest expiry first, with their revocations."""
     now = SystemClock().now()
-    sql = SqlLedger(ledger)
+    sql = _open_ledger(ledger, ca_dir)
     try:
         records = sql.certificates(
             expiring_before=now + expiring_within if expiring_within is not None else None,
             not_expired_at=now if expiring_within is not None else None,
         )
+        revoked = sql.revocations()
     finally:
         sql.close()
     if as_json:
@@ -209,6 +328,7 @@ def certs_list(
                         "authenticator": r.authenticator,
                         "issued_at": r.issued_at.isoformat(),
                         "expired": r.not_after <= now,
+                        "revoked": _revocation_json(revoked.get(r.serial)),
                     }
                     for r in records
                 ],
@@ -217,10 +337,11 @@ def certs_list(
         )
         return
     table = Table(title=f"{len(records)} certificates")
-    for col in ("SERIAL", "SPIFFE ID", "NOT AFTER", "EXPIRES IN", "KEY", "VIA"):
+    for col in ("SERIAL", "SPIFFE ID", "NOT AFTER", "EXPIRES IN", "KEY", "VIA", "REVOKED"):
         table.add_column(col)
     for r in records:
         left = r.not_after - now
+        rev = revoked.get(r.serial)
         table.add_row(
             r.serial,
             r.spiffe_id,
@@ -228,5 +349,17 @@ def certs_list(
             "expired" if left.total_seconds() <= 0 else format_duration(left),
             r.key_type,
             r.authenticator,
+            "" if rev is None else f"{rev.revoked_at:%Y-%m-%d %H:%M:%SZ} {rev.reason.value}",
         )
     Console().print(table)
+
+
+def _revocation_json(rev: Revocation | None) -> dict[str, str] | None:
+    if rev is None:
+        return None
+    return {
+        "at": rev.revoked_at.isoformat(),
+        "reason": rev.reason.value,
+        "actor": rev.actor,
+        "why": rev.why,
+    }

@@ -1,0 +1,242 @@
+"""Following the CA's CRL: received over the CA port, verified, handed to every output.
+
+Theory of operation. :class:`CrlFollower` keeps one ``CrlService/WatchCrl`` stream open to
+the CA (:mod:`meshtrust.ca.crl`; the CA pushes each new CRL) and passes every CRL through
+:func:`verify_crl` (pure) before :meth:`SecretCache.publish_crl` makes it part of the next
+generation: SDS ``ROOTCA`` (``crl``, with ``only_verify_leaf_cert_crl``), the Workload API
+(``X509SVIDResponse.crl``) and ``crl.pem``. A CRL that does not parse, is not signed by an
+issuing CA this agent trusts, is past its ``nextUpdate`` or is older (lower CRLNumber) than
+the one held is refused: logged, counted, and the last good one stays. When the CRL lists
+the agent's own certificate, the rotator renews at once, authenticating with its token.
+
+A held CRL past its ``nextUpdate`` (the CA unreachable for :data:`~meshtrust.ca.crl.
+CRL_VALIDITY`) is reported as stale in the status; it does not stop rotation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+from cryptography import x509
+from google.protobuf import wrappers_pb2
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality
+from grpclib.encoding.proto import ProtoCodec
+
+from meshtrust.agent.cache import SecretCache
+from meshtrust.agent.rotation import backoff_delay
+from meshtrust.caapi.client import client_ssl_context
+from meshtrust.clock import Clock
+from meshtrust.config import parse_host_port
+from meshtrust.errors import CAUnavailable, InvalidCertificate, SvidVerificationError
+from meshtrust.pki import TrustBundle
+
+__all__ = ["CrlFollower", "CrlSource", "GrpcCrlSource", "crl_number", "verify_crl"]
+
+log = logging.getLogger("meshtrust.agent")
+
+#: The CA's CRL stream (:data:`meshtrust.ca.crl.WATCH_CRL`; the agent imports nothing of ca).
+WATCH_CRL = "/meshtrust.revocation.v1.CrlService/WatchCrl"
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return -1
+
+
+def verify_crl(
+    der: bytes,
+    issuers: Sequence[x509.Certificate],
+    held: x509.CertificateRevocationList | None,
+    now: dt.datetime,
+) -> x509.CertificateRevocationList:
+    """The CRL in ``der`` if it may be used: signed by one of ``issuers`` (the CA
+    certificates of the agent's own chain and its trusted roots), not past ``nextUpdate``,
+    a CRLNumber not below ``held``'s. Raises :class:`InvalidCertificate` (unparsable) or
+    :class:`SvidVerificationError` saying why not."""
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError as exc:
+        raise InvalidCertificate(f"the CA sent a CRL that cannot be parsed: {exc}") from None
+    signer = next(
+        (
+            c
+            for c in issuers
+            if c.subject == crl.issuer and crl.is_signature_valid(c.public_key())  # type: ignore[arg-type]
+        ),
+        None,
+    )
+    if signer is None:
+        raise SvidVerificationError(
+            f"CRL issued by {crl.issuer.rfc4514_string()!r} is not signed by a CA this agent trusts"
+        )
+    if crl.next_update_utc is None or crl.next_update_utc <= now:
+        raise SvidVerificationError(
+            f"CRL {crl_number(crl):x} is past its nextUpdate ({crl.next_update_utc})"
+        )
+    if held is not None and crl_number(crl) < crl_number(held):
+        raise SvidVerificationError(
+            f"CRL {crl_number(crl):x} is older than the one held ({crl_number(held):x})"
+        )
+    return crl
+
+
+class CrlSource(Protocol):
+    """A stream of DER CRLs from the CA, starting after ``held`` (a hex CRLNumber, or "")."""
+
+    def watch(self, held: str) -> AsyncIterator[bytes]: ...
+
+
+class GrpcCrlSource:
+    """``CrlService/WatchCrl`` on the CA over TLS verified with ``root_pem`` (no client
+    certificate: the CRL is public). With several CA addresses (replicas), a stream that
+    fails moves the next :meth:`watch` to the next address; the follower's backoff paces
+    the attempts. Raises :class:`CAUnavailable`."""
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        root_pem: bytes,
+        *,
+        server_name: str | None = None,
+    ) -> None:
+        self.addresses = (addresses,) if isinstance(addresses, str) else tuple(addresses)
+        if not self.addresses:
+            raise ValueError("GrpcCrlSource needs at least one CA address")
+        for address in self.addresses:
+            parse_host_port(address.removeprefix("dns:///"), what="CA address", zero=False)
+        self._next = 0
+        self._root_pem = root_pem
+        self._server_name = server_name
+
+    @property
+    def address(self) -> str:
+        """The address the next stream goes to."""
+        return self.addresses[self._next]
+
+    async def watch(self, held: str) -> AsyncIterator[bytes]:
+        address = self.address
+        host, port = parse_host_port(address.removeprefix("dns:///"), what="CA address")
+        config = Configuration(ssl_target_name_override=self._server_name)
+        channel = Channel(
+            host,
+            port,
+            ssl=client_ssl_context(self._root_pem),
+            config=config,
+            codec=ProtoCodec(),
+        )
+        try:
+            async with channel.request(
+                WATCH_CRL,
+                Cardinality.UNARY_STREAM,
+                wrappers_pb2.StringValue,
+                wrappers_pb2.BytesValue,
+            ) as stream:
+                await stream.send_message(wrappers_pb2.StringValue(value=held), end=True)
+                while (message := await stream.recv_message()) is not None:
+                    yield message.value
+        except Exception as exc:  # OSError, TLS, grpclib's GRPCError, StreamTerminatedError
+            self._next = (self._next + 1) % len(self.addresses)
+            raise CAUnavailable(f"CRL stream from {address}: {exc}") from None
+        finally:
+            channel.close()
+
+
+class CrlFollower:
+    """Runs the CRL stream into ``cache``; calls ``renew`` when the CRL lists our own
+    certificate. Run :meth:`run` as a task."""
+
+    def __init__(
+        self,
+        source: CrlSource,
+        cache: SecretCache,
+        anchors: TrustBundle,
+        clock: Clock,
+        renew: Callable[[], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._source = source
+        self._cache = cache
+        self._anchors = anchors
+        self._clock = clock
+        self._renew = renew
+        self._rng = rng or random.Random()
+        self.accepted = 0
+        self.refused = 0
+        self.stale_alerts = 0
+        self.last_error: str | None = None
+
+    async def watch_staleness(self) -> None:
+        """Forever: at the held CRL's ``nextUpdate``, if no newer one came, log an error (once
+        per CRL). The CRL is kept and rotation goes on (istio#61075: a bad CRL must not stop
+        rotation); :meth:`stale` reports it in the status."""
+        warned: int | None = None
+        while True:
+            crl = self._cache.crl
+            if crl is None or crl.next_update_utc is None or crl_number(crl) == warned:
+                await self._clock.sleep(60)
+                continue
+            left = (crl.next_update_utc - self._clock.now()).total_seconds()
+            if left > 0:
+                await self._clock.sleep(min(left, 60))
+                continue
+            warned = crl_number(crl)
+            self.stale_alerts += 1
+            log.error(
+                "CRL %x from the CA went stale at %s (no newer one received: %s); still using it",
+                warned,
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M:%SZ}",
+                self.last_error or "the CA sent none",
+            )
+
+    def stale(self, now: dt.datetime) -> bool:
+        crl = self._cache.crl
+        return crl is not None and (crl.next_update_utc is None or crl.next_update_utc <= now)
+
+    async def run(self) -> None:
+        await self._cache.wait_newer(0)  # the issuing CA comes with the first certificate
+        attempt = 0
+        while True:
+            held = self._cache.crl
+            try:
+                async for der in self._source.watch(
+                    format(crl_number(held), "x") if held is not None else ""
+                ):
+                    attempt = 0
+                    await self.offer(der)
+            except CAUnavailable as exc:
+                self.last_error = str(exc)
+                log.warning("CRL stream lost (%s); reconnecting", exc)
+            delay = backoff_delay(attempt, 0.5, 30.0, rand=self._rng.uniform(-1, 1))
+            attempt += 1
+            await self._clock.sleep(delay)
+
+    async def offer(self, der: bytes) -> bool:
+        """Verify and hand on one CRL; True when it was accepted."""
+        secret = self._cache.current
+        issuers = [*(secret.chain[1:] if secret is not None else ()), *self._anchors.roots]
+        try:
+            crl = verify_crl(der, issuers, self._cache.crl, self._clock.now())
+        except (InvalidCertificate, SvidVerificationError) as exc:
+            self.refused += 1
+            self.last_error = str(exc)
+            log.error("refusing a CRL, keeping the last good one: %s", exc)
+            return False
+        self.accepted += 1
+        self.last_error = None
+        published = await self._cache.publish_crl(crl)
+        log.info("CRL %x: %d revoked certificates", crl_number(crl), len(crl))
+        if published is not None and published.revoked:
+            log.warning(
+                "our certificate %s is revoked; renewing now with the token",
+                published.serial_hex,
+            )
+            self._renew()
+        return True

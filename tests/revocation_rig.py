@@ -1,0 +1,180 @@
+"""A CA, one workload's agent and its real Envoy, for revocation end to end (the test and
+``benchmarks/revocation.py``): the CA in this event loop (TLS, grpclib, SQLite ledger,
+revocations followed from the ledger, CRL stream), the agent built as ``meshtrust agent``
+builds it (real CA client, real CRL stream), Envoy's inbound mTLS listener fed by the
+agent's SDS, and clients with certificates from the CA doing real TLS handshakes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import http.client
+import ssl
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from meshtrust.agent import AgentConfig
+from meshtrust.agent.agent import Agent
+from meshtrust.agent.build import build_agent
+from meshtrust.ca import init_ca_dir, load_token_signing_key, mint_token
+from meshtrust.ca.assembly import Revocations, build_authority, prepare_ca, start_revocations
+from meshtrust.ca.cadir import token_issuer_for
+from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.ledger import GroupCommitLedger, SqlLedger
+from meshtrust.ca.metrics import CaMetrics
+from meshtrust.ca.revocation import POLL_INTERVAL
+from meshtrust.ca.server import CaGrpcService, GrpcServer, bind_listener
+from meshtrust.caapi import CaClient
+from meshtrust.clock import SystemClock
+from meshtrust.envoy.process import EnvoyProcess
+from meshtrust.metrics_text import TextRegistry
+from meshtrust.pki import KeyType, build_csr, generate_key, private_key_pem
+from meshtrust.spiffe import SpiffeId, TrustDomain
+from tests.envoy_helpers import sidecar_bootstrap
+from tests.processes import free_port
+
+TD = TrustDomain("example.org")
+
+
+def workload_token(ca_dir: Path, service_account: str) -> str:
+    key = load_token_signing_key(ca_dir)
+    assert key is not None
+    return mint_token(
+        key,
+        token_issuer_for(TD),
+        "default",
+        service_account,
+        SystemClock().now(),
+        dt.timedelta(hours=1),
+    )
+
+
+@dataclass(frozen=True)
+class Client:
+    spiffe_id: SpiffeId
+    serial: int
+    directory: Path  # chain.pem, key.pem
+
+    def context(self, root_pem: bytes) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cadata=root_pem.decode())
+        ctx.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+        ctx.load_cert_chain(self.directory / "chain.pem", self.directory / "key.pem")
+        return ctx
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    ca_dir: Path
+    address: str
+    ledger: SqlLedger
+    revocations: Revocations
+    agent: Agent
+    envoy: EnvoyProcess
+    port: int
+
+    @property
+    def root_pem(self) -> bytes:
+        return (self.ca_dir / "root-cert.pem").read_bytes()
+
+    def token(self, service_account: str) -> str:
+        return workload_token(self.ca_dir, service_account)
+
+    async def client(self, service_account: str) -> Client:
+        """A certificate from the CA for ``service_account``, as its agent would get it."""
+        key = generate_key()
+        identity = SpiffeId.for_workload(TD, "default", service_account)
+        chain = await CaClient(self.address, self.root_pem).sign(
+            build_csr(key, identity), token=self.token(service_account)
+        )
+        directory = Path(tempfile.mkdtemp(dir=self.workdir))
+        (directory / "chain.pem").write_bytes("".join(chain[:-1]).encode())
+        (directory / "key.pem").write_bytes(private_key_pem(key))
+        leaf = x509.load_pem_x509_certificate(chain[0].encode())
+        return Client(identity, leaf.serial_number, directory)
+
+    def accepted(self, client: Client) -> bool:
+        """A new mTLS connection presenting ``client``'s certificate, and one request on it:
+        True for 200, False when Envoy refuses the handshake (blocking; call in a thread)."""
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=client.context(self.root_pem), timeout=10
+        )
+        try:
+            conn.request("GET", "/")
+            return conn.getresponse().status == 200
+        except (ssl.SSLError, OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def open(self, client: Client) -> http.client.HTTPSConnection:
+        """A kept-alive connection with one request answered (to see whether it is cut)."""
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=client.context(self.root_pem), timeout=10
+        )
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        return conn
+
+
+@contextlib.asynccontextmanager
+async def revocation_rig(workdir: Path, poll: float = POLL_INTERVAL) -> AsyncIterator[Rig]:
+    clock = SystemClock()
+    ca_dir = workdir / "ca"
+    init_ca_dir(ca_dir, TD, clock.now(), KeyType.EC_P256)
+    prepared = prepare_ca(
+        CaServeConfig(ca_dir=ca_dir, listen="127.0.0.1:0", metrics_listen=None), clock
+    )
+    sql = SqlLedger(prepared.ledger_url)
+    ledger = GroupCommitLedger(sql)
+    revocations = start_revocations(prepared, sql, clock, interval=poll)
+    metrics = CaMetrics(TextRegistry())
+    service = CaGrpcService(build_authority(prepared, clock, ledger, metrics, revocations.watch))
+    sock = bind_listener("127.0.0.1", 0, what="rig")
+    address = f"127.0.0.1:{sock.getsockname()[1]}"
+    server = GrpcServer([service, revocations.service])
+    await server.start(sock=sock, ssl=prepared.ssl_context())
+    token = workdir / "backend.token"
+    agent: Agent | None = None
+    envoy: EnvoyProcess | None = None
+    try:
+        token.write_text(workload_token(ca_dir, "backend"))
+        sds = workdir / "sds.sock"
+        agent = build_agent(
+            AgentConfig(
+                ca_root=ca_dir / "root-cert.pem",
+                ca_address=address,
+                token_file=token,
+                trust_domain=TD,
+                namespace="default",
+                service_account="backend",
+                sds_socket=sds,
+                status_listen=None,
+            )
+        )
+        await agent.start()
+        async with asyncio.timeout(30):
+            await agent.cache.wait_newer(0)
+            while agent.cache.crl is None:  # the first CRL, before Envoy asks for ROOTCA
+                await asyncio.sleep(0.02)
+        port = free_port()
+        envoy = EnvoyProcess(sidecar_bootstrap(sds, port), workdir)
+        envoy.start()
+        await asyncio.to_thread(envoy.wait_ready, 60)
+        yield Rig(workdir, ca_dir, address, sql, revocations, agent, envoy, port)
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        if agent is not None:
+            await agent.stop()
+        await server.shutdown()
+        await revocations.aclose()
+        await ledger.aclose()
+        sql.close()
