@@ -41,6 +41,7 @@ from meshtrust.ca.cadir import (
     token_issuer_for,
 )
 from meshtrust.ca.config import CaServeConfig
+from meshtrust.ca.join import JoinAuthenticator
 from meshtrust.ca.kube_authn import KubeAuthenticator, kube_authenticators
 from meshtrust.ca.ledger import (
     AuditEvent,
@@ -99,6 +100,7 @@ class PreparedCa:
     serving_chain: list[x509.Certificate]
     serving_key: PrivateKey
     remote: list[KubeAuthenticator] = field(default_factory=list)  # Kubernetes
+    own_issuer: TrustedIssuer | None = None  # the CA's token key: join tokens
 
     def ssl_context(self) -> ssl.SSLContext:
         return server_ssl_context(
@@ -126,12 +128,12 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
             own = ensure_token_signing_key(config.ca_dir)
         except CADirectoryError as exc:
             log.warning("%s: the CA's own token issuer is off", exc)
+    own_issuer = None
     if own is not None:
-        issuers.append(
-            trusted_issuer_from_jwks(
-                token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
-            )
+        own_issuer = trusted_issuer_from_jwks(
+            token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
         )
+        issuers.append(own_issuer)
     serving_key = generate_key(KeyType.EC_P256)
     names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
     host, _ = parse_host_port(config.listen, what="--listen")
@@ -150,6 +152,7 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
         serving_chain=[serving, *material.intermediates],
         serving_key=serving_key,
         remote=remote,
+        own_issuer=own_issuer,
     )
 
 
@@ -170,6 +173,11 @@ def build_authority(
             TrustBundle(prepared.policy.trust_domain, material.roots), material.intermediates
         ),
         remote_authenticators=prepared.remote,
+        join_authenticator=(
+            JoinAuthenticator(prepared.policy.trust_domain, prepared.own_issuer)
+            if prepared.own_issuer is not None
+            else None
+        ),
     )
 
 

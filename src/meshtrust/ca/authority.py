@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshtrust.ca.authn import Caller, ClientCertAuthenticator, JwtAuthenticator
 from meshtrust.ca.cadir import CaMaterial
+from meshtrust.ca.join import JoinAuthenticator, JoinGrant, is_join_token
 from meshtrust.ca.ledger import IssuedRecord, LedgerWriter
 from meshtrust.ca.metrics import CaEvent, CaMetricsSink
 from meshtrust.ca.refusals import RefusalLog
@@ -136,6 +137,7 @@ class CertificateAuthority:
         jwt_authenticator: JwtAuthenticator | None,
         cert_authenticator: ClientCertAuthenticator | None,
         remote_authenticators: Sequence[RemoteTokenAuthenticator] = (),
+        join_authenticator: JoinAuthenticator | None = None,
     ) -> None:
         self.material = material
         self.policy = policy
@@ -145,6 +147,7 @@ class CertificateAuthority:
         self._jwt = jwt_authenticator
         self._certauth = cert_authenticator
         self._remote = tuple(remote_authenticators)
+        self._join = join_authenticator
         # Refusals are logged through a throttle: a flood of bad requests cannot fill the log.
         self.refusals = RefusalLog(log, clock)
         self._ledger_errors = RefusalLog(log, clock)
@@ -158,8 +161,10 @@ class CertificateAuthority:
     def trust_domain(self) -> TrustDomain:
         return self.policy.trust_domain
 
-    def authenticate(self, creds: Credentials) -> Caller:
-        """Client certificate first, then bearer token. Raises :class:`AuthenticationError`."""
+    def authenticate(self, creds: Credentials) -> Caller | JoinGrant:
+        """Client certificate first, then bearer token (a join token gives a
+        :class:`JoinGrant`, turned into a caller once the CSR says which of its identities).
+        Raises :class:`AuthenticationError`."""
         now = self._clock.now()
         reasons: list[str] = []
         if creds.peer_cert_der is not None and self._certauth is not None:
@@ -167,6 +172,10 @@ class CertificateAuthority:
                 return self._certauth.authenticate(creds.peer_cert_der, now)
             except AuthenticationError as exc:
                 reasons.append(str(exc))
+        if creds.bearer_token is not None and is_join_token(creds.bearer_token):
+            if self._join is None:
+                raise AuthenticationError("this CA does not accept join tokens")
+            return self._join.authenticate(creds.bearer_token, now)  # after any cert reason
         if creds.bearer_token is not None and self._jwt is not None:
             try:
                 return self._jwt.authenticate(creds.bearer_token, now)
@@ -176,18 +185,20 @@ class CertificateAuthority:
             reasons.append("no bearer token and no client certificate")
         raise AuthenticationError("; ".join(reasons))
 
-    async def _authenticate(self, creds: Credentials) -> Caller:
+    async def _authenticate(self, creds: Credentials) -> Caller | JoinGrant:
         """:meth:`authenticate`, then each remote authenticator (TokenReview, cluster JWKS)
-        for a bearer token the local ones refused."""
+        for a bearer token the local ones refused (never a join token: it is ours alone, and
+        must not travel to an API server)."""
         try:
             return self.authenticate(creds)
         except AuthenticationError as exc:
-            if creds.bearer_token is None or not self._remote:
+            token = creds.bearer_token
+            if token is None or not self._remote or is_join_token(token):
                 raise
             reasons = [str(exc)]
         for remote in self._remote:
             try:
-                return await remote.authenticate(creds.bearer_token, self._clock.now())
+                return await remote.authenticate(token, self._clock.now())
             except AuthenticationError as exc:
                 reasons.append(str(exc))
         raise AuthenticationError("; ".join(reasons))
@@ -213,6 +224,17 @@ class CertificateAuthority:
             self._metrics.observe(CaEvent.CSR_PARSE_ERROR)
             self.refusals.warning("refused %s: bad CSR: %s", caller.identity, exc)
             raise
+        if isinstance(caller, JoinGrant):
+            try:
+                caller = caller.caller_for(csr)
+            except PermissionDenied as exc:
+                self._metrics.observe(CaEvent.PERMISSION_DENIED)
+                self.refusals.warning("refused %s: %s", caller.identity, exc)
+                raise
+            except InvalidCSR as exc:
+                self._metrics.observe(CaEvent.CSR_PARSE_ERROR)
+                self.refusals.warning("refused %s: bad CSR: %s", caller.identity, exc)
+                raise
         try:
             ttl = check_ttl(validity_seconds, self.policy)
         except InvalidTTL as exc:
