@@ -4,6 +4,8 @@ certificate settings and the TLS floor, and each host's plan (``plan_mesh(..., h
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from meshtrust.ca.cadir import init_ca_dir
+from meshtrust.ca.join import create_join_file
+from meshtrust.clock import SystemClock
 from meshtrust.envoy.sidecar import (
     SidecarConfig,
     inbound_listeners,
@@ -18,7 +23,9 @@ from meshtrust.envoy.sidecar import (
     sidecar_bootstrap,
 )
 from meshtrust.errors import ConfigError
-from meshtrust.mesh import MeshPlan, load_mesh_config, plan_mesh
+from meshtrust.mesh import MeshConfig, MeshPlan, load_mesh_config, plan_mesh
+from meshtrust.mesh.join import plan_join
+from meshtrust.mesh.launch import launch
 from meshtrust.mesh.plan import HttpOk, Start, Wait, mesh_state
 from meshtrust.policy import InboundPolicy, MtlsMode
 
@@ -309,3 +316,89 @@ def test_bad_sidecar_binding_or_tls_floor_is_refused(
     with pytest.raises(ConfigError, match=f"sidecar.yaml:4: {message}"):
         load_sidecar_config(path)
     assert SidecarConfig(name="a", app_port=1, inbound_port=2).inbound_address == "127.0.0.1"
+
+
+# --- join files: what they grant, and `up --join` refusing a wrong one before anything starts
+
+
+def test_a_join_grant_is_the_identities_of_the_hosts_services(tmp_path: Path) -> None:
+    config = load_mesh_config(write(tmp_path, BASE))
+    grant = plan_join(config, "h3")
+    assert [str(i) for i in grant.identities] == [
+        "spiffe://cluster.local/ns/default/sa/api",
+        "spiffe://cluster.local/ns/default/sa/db",
+    ]
+    assert grant.ca_addresses == ("198.18.0.1:15012",)
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("h1", "h1 runs the CA: `meshtrust up .* --host h1` needs no join file"),
+        ("h9", r"has no host 'h9' \(hosts: h1, h2, h3\)"),
+    ],
+)
+def test_a_join_grant_for_the_ca_host_or_an_unknown_one_is_refused(
+    tmp_path: Path, host: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_join(load_mesh_config(write(tmp_path, BASE)), host)
+
+
+def test_a_join_grant_for_a_host_without_services_is_refused(tmp_path: Path) -> None:
+    mesh = changed(lambda m: m["hosts"].append({"name": "h4", "address": "198.18.0.4"}))
+    with pytest.raises(ConfigError, match="no service of .* is placed on h4: nothing to join"):
+        plan_join(load_mesh_config(write(tmp_path, mesh)), "h4")
+
+
+def _join_file(config: MeshConfig, host: str, out: Path, ttl: dt.timedelta) -> Path:
+    init_ca_dir(config.ca_dir, config.trust_domain, SystemClock().now())
+    grant = plan_join(config, host)
+    now = SystemClock().now()
+    create_join_file(config.ca_dir, grant.identities, grant.ca_addresses, ttl, now, out, host=host)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("made_for", "ttl", "message"),
+    [
+        ("h2", dt.timedelta(hours=1), "is not for host h3: it cannot obtain spiffe://"),
+        ("h3", dt.timedelta(seconds=1), "expired at .* make a new one on the CA's host"),
+    ],
+)
+def test_up_refuses_a_wrong_or_expired_join_file_before_anything_starts(
+    tmp_path: Path, made_for: str, ttl: dt.timedelta, message: str
+) -> None:
+    config = load_mesh_config(write(tmp_path, BASE))
+    join = _join_file(config, made_for, tmp_path / f"{made_for}.join", ttl)
+    if ttl < dt.timedelta(minutes=1):
+        time.sleep(1.1)
+    p = plan_mesh(config, ports(), python="/py", environ={}, host="h3", join_file=join)
+    assert p.credentials == "join"
+    with pytest.raises(ConfigError, match=message):
+        launch(p, progress=lambda _: None)
+    assert not (tmp_path / "work" / "h3" / "api").exists()
+
+
+def test_up_without_a_join_file_on_another_host_says_how_to_get_one(tmp_path: Path) -> None:
+    config = load_mesh_config(write(tmp_path, BASE))
+    p = plan_mesh(config, ports(), python="/py", environ={}, host="h2")
+    with pytest.raises(ConfigError, match=r"start it with `--join FILE`.*join create .* --host h2"):
+        launch(p, progress=lambda _: None)
+    assert not (tmp_path / "work" / "h2" / "web").exists()
+
+
+def test_up_on_the_wrong_machine_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    config = load_mesh_config(write(tmp_path, BASE))
+    join = _join_file(config, "h2", tmp_path / "h2.join", dt.timedelta(hours=1))
+    p = plan_mesh(config, ports(), python="/py", environ={}, host="h2", join_file=join)
+    # This machine has no 198.18.0.2 (the netns tests give it to a host of theirs).
+    with pytest.raises(ConfigError, match=r"address 198.18.0.2 is not an address of this machine"):
+        launch(p, progress=lambda _: None)
+    assert not (tmp_path / "work" / "h2" / "web").exists()
+
+
+def test_a_join_file_on_the_ca_host_is_refused(tmp_path: Path) -> None:
+    config = load_mesh_config(write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match="h1 runs the CA.*drop --join"):
+        plan_mesh(config, ports(), python="/py", host="h1", join_file=tmp_path / "x.join")

@@ -179,7 +179,15 @@ class _StopRequest:
     help="Start the mesh, then return and leave it running in the background.",
 )
 @click.option("--host", metavar="NAME", help=_HOST_HELP)
-def up(mesh_file: Path, detach: bool, host: str | None) -> None:
+@click.option(
+    "--join",
+    "join_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="On a host other than the CA's: the join file (`meshtrust join create` on the CA's "
+    "host) its agents get their first certificates with.",
+)
+def up(mesh_file: Path, detach: bool, host: str | None, join_file: Path | None) -> None:
     """Start a whole zero-trust mesh from MESH_FILE.
 
     Starts the CA, then for every service its agent (which runs the Envoy sidecar and
@@ -194,7 +202,7 @@ def up(mesh_file: Path, detach: bool, host: str | None) -> None:
 
     console = wide_console()
     config = load_mesh_config(mesh_file)
-    plan = plan_mesh(config, pick_free_port, python=sys.executable, host=host)
+    plan = plan_mesh(config, pick_free_port, python=sys.executable, host=host, join_file=join_file)
     stop = _StopRequest()
     with mesh_lock(plan.work_dir):  # for the life of this `up`: a second one is told why
         state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)

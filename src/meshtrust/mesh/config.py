@@ -35,7 +35,7 @@ Across hosts (optional; without ``hosts`` everything runs on this host)::
         host: h2                      # required with hosts
         inboundPort: 16080            # required with hosts (the other hosts dial it)
         certTTL: 12h                  # optional per service; default the mesh's certTTL
-        rotationRatio: 0.5            # optional per service; default 0.5
+        rotationRatio: 0.5            # optional: part of the lifetime left at renewal (0.5)
     meshMTLS:
       minProtocolVersion: TLSV1_3     # TLSV1_2 (default) | TLSV1_3, every sidecar, both ways
 

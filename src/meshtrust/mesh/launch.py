@@ -34,6 +34,7 @@ from meshtrust.ca.cadir import (
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
 from meshtrust.fileio import PRIVATE_FILE_MODE, ensure_private_dir, open_log, write_file_atomic
+from meshtrust.joinfile import JoinFile, load_join_file
 from meshtrust.mesh.config import MeshConfig
 from meshtrust.mesh.plan import (
     HttpOk,
@@ -359,7 +360,7 @@ def _ensure_ca(config: MeshConfig) -> None:
         )
 
 
-def _prepare(plan: MeshPlan) -> None:
+def _prepare(plan: MeshPlan, join: JoinFile | None) -> None:
     """Directories, the CA directory, every planned file and each agent's token.
 
     Modes whatever the umask: directories 0700, every file 0600 (configs name sockets and
@@ -368,8 +369,6 @@ def _prepare(plan: MeshPlan) -> None:
     0700 again if an earlier run left them more open.
     """
     config = plan.config
-    if plan.credentials == "provisioned":
-        _check_provisioned(plan)
     own = [*plan.dirs, *(p for s in plan.services for p in (s.cert_dir, s.envoy_workdir))]
     try:
         ensure_private_dir(config.work_dir)
@@ -387,6 +386,8 @@ def _prepare(plan: MeshPlan) -> None:
         _write(planned.path, planned.content.encode(), PRIVATE_FILE_MODE, "write")
     if plan.credentials == "mint":
         _mint_tokens(plan)
+    elif join is not None:
+        _credentials_from_join(plan, join)
 
 
 def _check_provisioned(plan: MeshPlan) -> None:
@@ -401,6 +402,38 @@ def _check_provisioned(plan: MeshPlan) -> None:
             f"on the CA's host with `meshtrust join create {plan.config.path} --host "
             f"{plan.host} -o FILE`"
         )
+
+
+def _read_join(plan: MeshPlan) -> JoinFile:
+    """The join file's trust bundle and token, as every agent of this host reads them: the
+    token is a bearer credential like a service-account token (the CA grants only the
+    identities it lists), the bundle is what the agents verify the CA with.
+
+    Refused before anything starts: an expired file, or one for other identities (another
+    host's file), with a message saying which."""
+    assert plan.join_file is not None and plan.root_cert is not None
+    join = load_join_file(plan.join_file)
+    if join.expired(SystemClock().now()):
+        raise ConfigError(
+            f"the join file {plan.join_file} expired at {join.expires_at:%Y-%m-%d %H:%M:%S} "
+            f"UTC; make a new one on the CA's host (`meshtrust join create "
+            f"{plan.config.path} --host {plan.host}`)"
+        )
+    wanted = {str(s.spec.spiffe_id) for s in plan.services}
+    allowed = {str(i) for i in join.identities}
+    if not wanted <= allowed:
+        raise ConfigError(
+            f"the join file {plan.join_file} is not for host {plan.host}: it cannot obtain "
+            f"{', '.join(sorted(wanted - allowed))} (made for another host?)"
+        )
+    return join
+
+
+def _credentials_from_join(plan: MeshPlan, join: JoinFile) -> None:
+    assert plan.root_cert is not None
+    _write(plan.root_cert, join.bundle_pem, PRIVATE_FILE_MODE, "write the trust bundle")
+    for svc in plan.services:
+        _write(svc.token_file, join.token.encode(), PRIVATE_FILE_MODE, "write the token")
 
 
 def _mint_tokens(plan: MeshPlan) -> None:
@@ -445,9 +478,13 @@ def launch(
 
 
 def _launch(plan: MeshPlan, progress: Callable[[str], None], stop: StopRequested) -> MeshState:
+    # The join file is input, checked first: an expired one is refused as such, whatever runs.
+    join = _read_join(plan) if plan.credentials == "join" else None
+    if plan.credentials == "provisioned":
+        _check_provisioned(plan)
     _refuse_if_still_running(plan.work_dir)
     _check_ports(plan)
-    _prepare(plan)
+    _prepare(plan, join)
     started = _Started()
     try:
         _start_in_order(plan, started, progress, stop)
