@@ -50,11 +50,17 @@ def create(mesh_file: Path, host: str, ttl: dt.timedelta, out: Path) -> None:
     """
     from meshtrust.ca.join import create_join_file
     from meshtrust.clock import SystemClock
+    from meshtrust.errors import ConfigError
     from meshtrust.mesh.config import load_mesh_config
     from meshtrust.mesh.join import plan_join
 
     config = load_mesh_config(mesh_file)
     grant = plan_join(config, host)
+    if not (config.ca_dir / "root-cert.pem").is_file():
+        raise ConfigError(
+            f"no CA in {config.ca_dir}: `join create` runs on the CA's host "
+            f"({config.ca_host}), after `meshtrust up {config.path} --host {config.ca_host}`"
+        )
     now = SystemClock().now()
     create_join_file(
         config.ca_dir, grant.identities, grant.ca_addresses, ttl, now, out, host=grant.host
