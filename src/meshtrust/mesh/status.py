@@ -33,6 +33,7 @@ from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
 
 __all__ = [
     "SCHEMA_VERSION",
+    "IdentityObservation",
     "MeshObservation",
     "ServiceObservation",
     "mesh_status",
