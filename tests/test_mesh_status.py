@@ -283,7 +283,8 @@ def test_the_ca_host_lists_every_identity_and_marks_those_that_stopped_renewing(
         "spiffe://cluster.local/ns/default/sa/b", "h3", SERIAL_TEXT, NOW - dt.timedelta(seconds=5)
     )
     never = IdentityObservation("spiffe://cluster.local/ns/default/sa/c", "h3", None, None)
-    obs = dataclasses.replace(observe(), identities=(fresh, stale, never))
+    ca_host = dataclasses.replace(STATE, host="h1")
+    obs = dataclasses.replace(observe(), state=ca_host, identities=(fresh, stale, never))
     doc = status_document(obs, NOW)
     assert_status_schema(doc)
     assert [(i["host"], i["renewing"], i["expires_in_seconds"]) for i in doc["identities"]] == [
@@ -297,6 +298,10 @@ def test_the_ca_host_lists_every_identity_and_marks_those_that_stopped_renewing(
     row = next(line for line in lines if "sa/b" in line and "h3" in line)
     assert "STOPPED" in row and "EXPIRED" in row
     assert "STOPPED" not in next(line for line in lines if "sa/a" in line and "h2" in line)
+    # On one host the services table shows every identity already: no second table.
+    console = Console(record=True, width=250)
+    console.print(status_view(status_document(dataclasses.replace(obs, state=STATE), NOW)))
+    assert "identities (CA ledger)" not in console.export_text()
 
 
 def test_a_host_without_the_ca_reports_whether_it_reaches_it() -> None:

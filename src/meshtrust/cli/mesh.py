@@ -107,8 +107,9 @@ def status_view(data: dict[str, Any]) -> Group:
 
 
 def _identities_table(data: dict[str, Any]) -> list[Table]:
-    """On the CA's host: every identity of the mesh and its latest certificate (ledger)."""
-    if not data.get("identities"):
+    """On the CA's host of a mesh across hosts: every identity of the mesh and its latest
+    certificate (ledger). On one host the services table already shows each identity."""
+    if not data.get("identities") or not data.get("host"):
         return []
     table = Table(title="identities (CA ledger)", expand=False)
     for col in ("SPIFFE ID", "HOST", "SERIAL", "EXPIRES IN", "RENEWING"):
