@@ -265,6 +265,14 @@ def test_another_host_plans_its_services_bound_to_its_address(tmp_path: Path) ->
     assert api["cert-ttl"] == "120s" and "rotation-ratio" not in api
 
 
+def test_a_host_named_by_dns_binds_every_address_and_is_dialled_by_name(tmp_path: Path) -> None:
+    mesh = changed(_set("hosts.2.address", "h3.mesh.example"))
+    api = plan_for(tmp_path, "h3", mesh).service("api")
+    assert yaml.safe_load(api.sidecar_config.content)["inbound_address"] == "0.0.0.0"
+    web = yaml.safe_load(plan_for(tmp_path, "h2", mesh).service("web").sidecar_config.content)
+    assert web["upstreams"][0]["address"] == "h3.mesh.example:16080"
+
+
 def test_the_ca_accepts_the_longest_per_service_ttl(tmp_path: Path) -> None:
     p = plan_for(tmp_path, "h1", changed(_set("services.1.certTTL", "100d")))
     assert p.ca is not None

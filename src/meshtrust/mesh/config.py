@@ -203,7 +203,16 @@ class MeshConfig:
         return tuple(s for s in self.services if host is None or s.host == host)
 
     def inbound_address(self, svc: ServiceSpec) -> str:
-        """The address ``svc``'s sidecar listens on: its host's, or loopback."""
+        """The address ``svc``'s sidecar listens on: loopback on one host; across hosts its
+        host's address, or every address of the host (``0.0.0.0``) when that is a DNS name
+        (the plan resolves nothing; Envoy binds only IP addresses)."""
+        if svc.host is None:
+            return "127.0.0.1"
+        address = self.host(svc.host).address
+        return address if _is_ip(address) else "0.0.0.0"
+
+    def dial_address(self, svc: ServiceSpec) -> str:
+        """Where the other sidecars reach ``svc``'s inbound listener (host only)."""
         return "127.0.0.1" if svc.host is None else self.host(svc.host).address
 
     def service(self, name: str) -> ServiceSpec:
@@ -316,6 +325,14 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         ca_host=ca_host,
         min_tls_version=min_tls,
     )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _host_address(value: object, field: str) -> str:

@@ -286,7 +286,7 @@ def _sidecar_yaml(config: MeshConfig, svc: ServiceSpec, inbound: Mapping[str, in
                 "name": up.service,
                 "local_port": up.local_port,
                 "address": host_port(
-                    config.inbound_address(config.service(up.service)), inbound[up.service]
+                    config.dial_address(config.service(up.service)), inbound[up.service]
                 ),
                 "spiffe_id": str(config.service(up.service).spiffe_id),
                 "protocol": config.service(up.service).protocol.value,
