@@ -487,6 +487,28 @@ def _env_items(value: object, field: str) -> list[tuple[str, str]]:
     return out
 
 
+def _cert_settings(
+    raw: Mapping[str, object], field: str
+) -> tuple[dt.timedelta | None, float | None]:
+    """A service's own ``certTTL`` and ``rotationRatio`` (None: the mesh's / the agent's)."""
+    ttl = None
+    if "certTTL" in raw:
+        ttl = check_duration(raw["certTTL"], f"{field}.certTTL")
+        if ttl < dt.timedelta(seconds=10):
+            raise ConfigError("must be at least 10s", field=f"{field}.certTTL")
+    ratio = None
+    if "rotationRatio" in raw:
+        ratio = check_float(raw["rotationRatio"], f"{field}.rotationRatio")
+        try:  # the agent's own check, with its default jitter
+            check_rotation(ratio, 0.01)
+        except ValueError:
+            raise ConfigError(
+                f"expected a number between 0.02 and 0.98, got {describe(raw['rotationRatio'])}",
+                field=f"{field}.rotationRatio",
+            ) from None
+    return ttl, ratio
+
+
 def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
     raw = _mapping(item, field, _SERVICE)
     if "name" not in raw:
@@ -528,21 +550,7 @@ def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
                 local_port=check_port(u["localPort"], f"{uk}.localPort"),
             )
         )
-    ttl = None
-    if "certTTL" in raw:
-        ttl = check_duration(raw["certTTL"], f"{field}.certTTL")
-        if ttl < dt.timedelta(seconds=10):
-            raise ConfigError("must be at least 10s", field=f"{field}.certTTL")
-    ratio = None
-    if "rotationRatio" in raw:
-        ratio = check_float(raw["rotationRatio"], f"{field}.rotationRatio")
-        try:
-            check_rotation(ratio, 0.01)
-        except ValueError:
-            raise ConfigError(
-                f"expected a number between 0.02 and 0.98, got {describe(raw['rotationRatio'])}",
-                field=f"{field}.rotationRatio",
-            ) from None
+    ttl, ratio = _cert_settings(raw, field)
     host = check_dns_label(raw["host"], f"{field}.host") if "host" in raw else None
     return ServiceSpec(
         host=host,
