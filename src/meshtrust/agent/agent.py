@@ -190,7 +190,9 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
-        self._note_cas_without_key_usage(self.anchors.roots, f"trusted root ({cfg.ca_root})")
+        self._note_cas_without_key_usage(
+            self.anchors.roots, f"trusted root ({cfg.ca_root or cfg.join})"
+        )
         self._tasks.append(asyncio.create_task(self._note_issuing_cas()))
         self._tasks.append(asyncio.create_task(self.rotator.run()))
         if self.sidecar is not None:

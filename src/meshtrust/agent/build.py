@@ -102,6 +102,26 @@ def _first_token(config: AgentConfig, token: TokenFile) -> str | None:
         return None
 
 
+def _from_join_file(
+    config: AgentConfig, path: Path, clock: Clock
+) -> tuple[bytes, list[x509.Certificate], TokenFile, SpiffeId, str]:
+    """Roots, token, identity and CA address from a join file (``--join``)."""
+    from meshtrust.agent.join import JoinToken, check_join_not_expired, join_identity
+    from meshtrust.joinfile import load_join_file
+
+    joined = load_join_file(path)
+    check_join_not_expired(joined, path, clock.now())
+    roots = load_certs_pem(joined.bundle_pem, source=f"{path}: trustBundle")
+    # The first address; the others are for a client that can fail over.
+    return (
+        joined.bundle_pem,
+        roots,
+        JoinToken(joined),
+        join_identity(config, joined),
+        joined.ca_addresses[0],
+    )
+
+
 def build_sidecar(
     config: AgentConfig,
     identity: SpiffeId,
@@ -157,10 +177,15 @@ def build_agent(
     mismatch) or :class:`PolicyError` (a bad policy), before anything starts.
     """
     clock = clock or SystemClock()
-    root_pem, roots = _read_roots(config.ca_root)
-    token = TokenFile(config.token_file)
-    identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
-    source = source or CaClient(config.ca_address, root_pem, server_name=config.ca_server_name)
+    if config.join is not None:
+        root_pem, roots, token, identity, ca_address = _from_join_file(config, config.join, clock)
+    else:
+        assert config.ca_root is not None  # AgentConfig checks
+        root_pem, roots = _read_roots(config.ca_root)
+        token = TokenFile(config.token_file)
+        identity = resolve_identity(config, _first_token(config, token), _root_trust_domain(roots))
+        ca_address = config.ca_address
+    source = source or CaClient(ca_address, root_pem, server_name=config.ca_server_name)
     sidecar = None
     if config.sidecar is not None:
         sidecar = build_sidecar(config, identity, clock, launcher)

@@ -29,7 +29,7 @@ __all__ = ["AgentConfig", "identity_from_token", "load_agent_settings", "resolve
 
 @dataclass(frozen=True)
 class AgentConfig:
-    ca_root: Path
+    ca_root: Path | None = None  # required unless join gives the trust bundle
     ca_address: str = "127.0.0.1:15012"
     ca_server_name: str | None = None
     token_file: Path | None = None
@@ -50,8 +50,16 @@ class AgentConfig:
     policy_files: tuple[Path, ...] = ()
     root_namespace: str = "istio-system"
     envoy_workdir: Path | None = None
+    # A join file (meshtrust join create): trust bundle, CA address and first token.
+    join: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.join is None and self.ca_root is None:
+            raise ConfigError("--ca-root is required (the CA's root-cert.pem), or --join FILE")
+        if self.join is not None and (self.ca_root is not None or self.token_file is not None):
+            raise ConfigError(
+                "--join gives the trust bundle and the first token; drop --ca-root/--token-file"
+            )
         parse_host_port(self.ca_address, what="ca-address")
         if self.status_listen is not None:
             parse_host_port(self.status_listen, what="status-listen")
@@ -105,6 +113,7 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "policy": ("policy_files", _paths),
     "root-namespace": ("root_namespace", as_str),
     "envoy-workdir": ("envoy_workdir", as_path),
+    "join": ("join", as_path),
 }
 
 

@@ -225,12 +225,12 @@ class JoinAuthenticator:
         if not isinstance(listed, list) or not 0 < len(listed) <= MAX_JOIN_IDENTITIES:
             raise AuthenticationError("join token's identity list is missing or too long")
         try:
-            identities = frozenset(SpiffeId.parse(str(i)) for i in listed if isinstance(i, str))
+            if not all(isinstance(i, str) for i in listed):
+                raise InvalidSpiffeId("not a string")
+            identities = frozenset(SpiffeId.parse(i) for i in listed)
         except InvalidSpiffeId:
             raise AuthenticationError("join token lists an invalid SPIFFE ID") from None
-        if len(identities) != len(set(listed)) or any(
-            i.trust_domain != self._td for i in identities
-        ):
+        if any(i.trust_domain != self._td for i in identities):
             raise AuthenticationError(f"join token lists identities outside {self._td}")
         exp = numeric_date(claims, "exp")
         if exp is not None and now.timestamp() > exp + LEEWAY.total_seconds():

@@ -101,6 +101,12 @@ __all__ = ["agent"]
     type=click.Path(path_type=Path, file_okay=False),
     help="Where the sidecar's generated Envoy files and log go.  [default: beside the SDS socket]",
 )
+@click.option(
+    "--join",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Join file (`meshtrust join create`): trust bundle, CA address and the token for "
+    "the first certificate, in place of --ca-root/--token-file.",
+)
 def agent(config_file: Path | None, **flags: Any) -> None:
     """Keep a workload's key and certificate fresh (the istio-agent role).
 
@@ -127,10 +133,10 @@ def agent(config_file: Path | None, **flags: Any) -> None:
         elif key == "key_type":
             value = KeyType(value)
         settings[key] = value
+    if "join" in settings and "ca_address" in settings:
+        raise ConfigError("--join gives the CA's address; drop --ca-address")
     if str(settings.get("status_listen", "")).lower() == "off":
         settings["status_listen"] = None
-    if "ca_root" not in settings:
-        raise ConfigError("--ca-root is required (the CA's root-cert.pem)")
     config = AgentConfig(**settings)
 
     async def main() -> None:

@@ -88,6 +88,7 @@ _COMMANDS = {
     "ca": "meshtrust.cli.ca:ca",
     "agent": "meshtrust.cli.agent:agent",
     "token": "meshtrust.cli.token:token",
+    "join": "meshtrust.cli.join:join",
     "cert": "meshtrust.cli.cert:cert",
     "up": "meshtrust.cli.mesh:up",
     "status": "meshtrust.cli.mesh:status",
