@@ -96,7 +96,6 @@ _COMMANDS = {
     "proxy-config": "meshtrust.cli.tools:proxy_config",
     "check": "meshtrust.cli.tools:check",
     "certs": "meshtrust.cli.tools:certs",
-    "join": "meshtrust.cli.join_mesh:join",
     "injector": "meshtrust.cli.injector:injector",
 }
 
