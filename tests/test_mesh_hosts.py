@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from meshtrust.ca.cadir import init_ca_dir
 from meshtrust.ca.join import create_join_file
+from meshtrust.cli.main import cli
 from meshtrust.clock import SystemClock
 from meshtrust.envoy.sidecar import (
     SidecarConfig,
@@ -23,6 +25,7 @@ from meshtrust.envoy.sidecar import (
     sidecar_bootstrap,
 )
 from meshtrust.errors import ConfigError
+from meshtrust.joinfile import load_join_file
 from meshtrust.mesh import MeshConfig, MeshPlan, load_mesh_config, plan_mesh
 from meshtrust.mesh.join import plan_join
 from meshtrust.mesh.launch import launch
@@ -410,3 +413,22 @@ def test_a_join_file_on_the_ca_host_is_refused(tmp_path: Path) -> None:
     config = load_mesh_config(write(tmp_path, BASE))
     with pytest.raises(ConfigError, match="h1 runs the CA.*drop --join"):
         plan_mesh(config, ports(), python="/py", host="h1", join_file=tmp_path / "x.join")
+
+
+def test_join_create_with_a_mesh_file_grants_the_hosts_services(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    config = load_mesh_config(path)
+    init_ca_dir(config.ca_dir, config.trust_domain, SystemClock().now())
+    out = tmp_path / "h3.join"
+    args = ["join", "create", str(path), "--host", "h3", "--ttl", "30m", "-o", str(out)]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    join = load_join_file(out)
+    assert [str(i) for i in join.identities] == [
+        "spiffe://cluster.local/ns/default/sa/api",
+        "spiffe://cluster.local/ns/default/sa/db",
+    ]
+    assert join.ca_addresses == ("198.18.0.1:15012",) and join.host == "h3"
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    mixed = CliRunner().invoke(cli, [*args, "--identity", "spiffe://cluster.local/ns/x/sa/y"])
+    assert mixed.exit_code != 0 and "drop --ca-dir, --identity and --ca-address" in mixed.output
