@@ -211,5 +211,9 @@ def assert_status_schema(document: Any) -> None:
             assert nullable, f"{path} is null but documented as {kind}"
         else:
             assert _type_ok(kind, value), f"{path} = {value!r} is not a {kind}"
-    listed = {p for p in schema if not p.startswith("services[]") or document["services"]}
+    listed = {
+        p
+        for p in schema
+        if not any(p.startswith(f"{a}[]") and not document[a] for a in ("services", "identities"))
+    }
     assert listed <= seen, f"documented but missing: {sorted(listed - seen)}"

@@ -136,6 +136,7 @@ def test_a_mesh_runs_on_the_articles_ca(tmp_path: Path) -> None:
     # A plugged-in CA gets its token issuer on first use (defect 17), beside the CA key.
     assert oct((cacerts / "token-key.pem").stat().st_mode & 0o777) == "0o600"
     # CA start-up and each agent said it once.
+    assert state.ca is not None
     assert "has no KeyUsage extension" in Path(state.ca.log).read_text()
     for svc in state.services:
         agent_log = Path(svc.agent_log).read_text()

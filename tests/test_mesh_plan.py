@@ -79,6 +79,8 @@ def test_ports_fixed_and_picked(tmp_path: Path) -> None:
 
 def test_paths(tmp_path: Path) -> None:
     p = plan(tmp_path)
+    p_ca = p.ca
+    assert p_ca is not None
     work = tmp_path.resolve() / "work"
     web = p.service("web")
     table = [
@@ -91,7 +93,7 @@ def test_paths(tmp_path: Path) -> None:
         (web.agent_config.path, work / "web" / "agent.yaml"),
         (web.sidecar_config.path, work / "web" / "sidecar.yaml"),
         (web.agent.log, work / "logs" / "web-agent.log"),
-        (p.ca.log, work / "logs" / "ca.log"),
+        (p_ca.log, work / "logs" / "ca.log"),
     ]
     for got, expected in table:
         assert got == expected
@@ -103,6 +105,7 @@ def test_paths(tmp_path: Path) -> None:
 def test_processes(tmp_path: Path) -> None:
     p = plan(tmp_path)
     work = tmp_path.resolve() / "work"
+    assert p.ca is not None
     assert p.ca.argv == (
         "/py",
         "-m",
@@ -256,6 +259,8 @@ def test_sidecar_config(tmp_path: Path) -> None:
         "labels": {"app": "web"},
         "app_port": 25001,
         "inbound_port": 40004,
+        "inbound_address": "127.0.0.1",
+        "min_tls_version": "TLSV1_2",
         "protocol": "http",
         "upstreams": [
             {

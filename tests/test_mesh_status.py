@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -12,7 +13,12 @@ from meshtrust.cli.mesh import status_view
 from meshtrust.mesh.probes import serial_text
 from meshtrust.mesh.rbac_stats import rbac_allowed, rbac_denials
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
-from meshtrust.mesh.status import MeshObservation, ServiceObservation, status_document
+from meshtrust.mesh.status import (
+    IdentityObservation,
+    MeshObservation,
+    ServiceObservation,
+    status_document,
+)
 from tests.mesh_helpers import assert_status_schema, status_example, status_schema
 
 NOW = dt.datetime(2026, 12, 1, 22, 0, 0, tzinfo=dt.UTC)
@@ -267,3 +273,48 @@ def test_the_table_says_expired_and_overdue_for_moments_past() -> None:
     console.print(status_view(status_document(observe(), NOW)))
     row = next(line for line in console.export_text().splitlines()[::-1] if " b " in line)
     assert "EXPIRED" not in row and "overdue" not in row and "30s" in row
+
+
+def test_the_ca_host_lists_every_identity_and_marks_those_that_stopped_renewing() -> None:
+    fresh = IdentityObservation(
+        "spiffe://cluster.local/ns/default/sa/a", "h2", SERIAL_TEXT, NOW + dt.timedelta(seconds=20)
+    )
+    stale = IdentityObservation(
+        "spiffe://cluster.local/ns/default/sa/b", "h3", SERIAL_TEXT, NOW - dt.timedelta(seconds=5)
+    )
+    never = IdentityObservation("spiffe://cluster.local/ns/default/sa/c", "h3", None, None)
+    ca_host = dataclasses.replace(STATE, host="h1")
+    obs = dataclasses.replace(observe(), state=ca_host, identities=(fresh, stale, never))
+    doc = status_document(obs, NOW)
+    assert_status_schema(doc)
+    assert [(i["host"], i["renewing"], i["expires_in_seconds"]) for i in doc["identities"]] == [
+        ("h2", True, 20),
+        ("h3", False, -5),
+        ("h3", False, None),
+    ]
+    console = Console(record=True, width=250)
+    console.print(status_view(doc))
+    lines = console.export_text().splitlines()
+    row = next(line for line in lines if "sa/b" in line and "h3" in line)
+    assert "STOPPED" in row and "EXPIRED" in row
+    assert "STOPPED" not in next(line for line in lines if "sa/a" in line and "h2" in line)
+    # On one host the services table shows every identity already: no second table.
+    console = Console(record=True, width=250)
+    console.print(status_view(status_document(dataclasses.replace(obs, state=STATE), NOW)))
+    assert "identities (CA ledger)" not in console.export_text()
+
+
+def test_a_host_without_the_ca_reports_whether_it_reaches_it() -> None:
+    remote = dataclasses.replace(STATE, ca=None, host="h2", ca_address="198.18.0.1:15012")
+    obs = dataclasses.replace(observe(ca_alive=False, metrics=None), state=remote)
+    doc = status_document(obs, NOW)
+    assert_status_schema(doc)
+    assert doc["host"] == "h2" and doc["identities"] == []
+    assert doc["ca"] == {
+        "address": "198.18.0.1:15012",
+        "state": "unreachable",
+        "issued": None,
+        "refused": None,
+    }
+    # Another host's CA is not this host's process: the host itself is still running.
+    assert doc["state"] == "running"

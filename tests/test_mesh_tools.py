@@ -74,7 +74,7 @@ def run_json(*args: str | Path, code: int = 0) -> Any:
 
 
 def root_serial(state: MeshState) -> int:
-    root = x509.load_pem_x509_certificate((Path(state.ca.ca_dir) / "root-cert.pem").read_bytes())
+    root = x509.load_pem_x509_certificate(Path(state.root_cert).read_bytes())
     return root.serial_number
 
 
@@ -204,6 +204,7 @@ def test_an_expired_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MESHTRUST_HOME", str(tmp_path / "home"))
     path = two_services(tmp_path, "10s")
     with mesh_helpers.running_mesh(path) as state:
+        assert state.ca is not None
         os.kill(state.ca.pid, signal.SIGKILL)
         until(
             lambda: all(agent_status(state, s)["expires_in_seconds"] < 0 for s in ("a", "b")),

@@ -116,6 +116,7 @@ def test_up_under_any_umask_against_another_user(
         assert up.returncode == 0, up.stdout + up.stderr
         state = read_state(Path((home / "current").read_text().strip()))
         work = Path(state.work_dir)
+        assert state.ca is not None  # one host: the CA is this mesh's
         ca_dir = Path(state.ca.ca_dir)
         ledger = ca_dir / "ledger.db"
         a = state.service("a")

@@ -28,6 +28,7 @@ def _identities(values: Sequence[str]) -> list[SpiffeId]:
 
 
 @join.command("create")
+@click.argument("mesh_file", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--ca-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -68,6 +69,7 @@ def _identities(values: Sequence[str]) -> list[SpiffeId]:
     help="Write the join file here (mode 0600).",
 )
 def create(
+    mesh_file: Path | None,
     ca_dir: Path | None,
     host: str,
     identities: tuple[str, ...],
@@ -80,8 +82,24 @@ def create(
     obtains only the given identities, until --ttl runs out. Copy it to the host (it is a
     credential) and start its agents with `meshtrust agent --join FILE`; they renew with
     their certificates after that, so the file is needed only to start the host.
+
+    With MESH_FILE (on the CA's host of a mesh across hosts: `meshtrust join create
+    mesh.yaml --host h2 -o h2.join`), the identities are those of the services placed on
+    HOST and the CA directory and address are the mesh's; start the host with `meshtrust up
+    mesh.yaml --host h2 --join h2.join`.
     """
     from meshtrust.ca.join import create_join_file
+
+    if mesh_file is not None:
+        from meshtrust.cli.join_mesh import create_for_mesh
+
+        if ca_dir is not None or identities or ca_addresses:
+            raise ConfigError(
+                "with a mesh file, the CA directory, the identities and the CA's address "
+                "come from it: drop --ca-dir, --identity and --ca-address"
+            )
+        create_for_mesh(mesh_file, host, ttl, output, max_ttl)
+        return
 
     if ca_dir is None:
         raise ConfigError("--ca-dir is required")

@@ -25,6 +25,11 @@ __all__ = ["down", "status", "up", "wide_console"]
 
 MESH_FILE = click.Path(path_type=Path, dir_okay=False)
 
+_HOST_HELP = (
+    "For a mesh file with hosts: the host this machine is (its share of the mesh: the CA "
+    "if it is ca.host, and the services placed on it; files under <workDir>/<host>/)."
+)
+
 
 def _short(serial: object) -> str:
     text = str(serial or "-")
@@ -45,6 +50,7 @@ def status_view(data: dict[str, Any]) -> Group:
     head = Text.assemble(
         ("meshtrust ", "bold"),
         f"{data['trust_domain']}  ",
+        (f"host {data['host']}  " if data.get("host") else "", "bold"),
         ("CA ", "bold"),
         f"{ca['address']} {ca['state']}  ",
         f"issued {ca['issued'] if ca['issued'] is not None else '-'}  ",
@@ -97,7 +103,26 @@ def status_view(data: dict[str, Any]) -> Group:
         for svc in data["services"]
         if svc["agent"] == "running" and (reason := svc["envoy"].get("reason"))
     ]
-    return Group(head, table, *refusals, *not_ready)
+    return Group(head, table, *refusals, *not_ready, *_identities_table(data))
+
+
+def _identities_table(data: dict[str, Any]) -> list[Table]:
+    """On the CA's host of a mesh across hosts: every identity of the mesh and its latest
+    certificate (ledger). On one host the services table already shows each identity."""
+    if not data.get("identities") or not data.get("host"):
+        return []
+    table = Table(title="identities (CA ledger)", expand=False)
+    for col in ("SPIFFE ID", "HOST", "SERIAL", "EXPIRES IN", "RENEWING"):
+        table.add_column(col)
+    for ident in data["identities"]:
+        table.add_row(
+            ident["spiffe_id"],
+            ident["host"] or "-",
+            _short(ident["serial"]),
+            _secs(ident["expires_in_seconds"], "EXPIRED"),
+            Text("yes") if ident["renewing"] else Text("STOPPED", style="bold red"),
+        )
+    return [table]
 
 
 _NOT_RUNNING_HINT = "none of its processes is alive; start it with `meshtrust up MESH_FILE`"
@@ -118,11 +143,11 @@ def wide_console() -> Console:
     return console
 
 
-def _load_state(mesh_file: Path | None) -> MeshState:
+def _load_state(mesh_file: Path | None, host: str | None = None) -> MeshState:
     """The state file of the mesh, running or not (``status`` reports a mesh that is down)."""
     from meshtrust.mesh.state import find_state, read_state
 
-    return read_state(find_state(mesh_file))
+    return read_state(find_state(mesh_file, host))
 
 
 class _StopRequest:
@@ -154,7 +179,16 @@ class _StopRequest:
     is_flag=True,
     help="Start the mesh, then return and leave it running in the background.",
 )
-def up(mesh_file: Path, detach: bool) -> None:
+@click.option("--host", metavar="NAME", help=_HOST_HELP)
+@click.option(
+    "--join",
+    "join_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="On a host other than the CA's: the join file (`meshtrust join create` on the CA's "
+    "host) its agents get their first certificates with.",
+)
+def up(mesh_file: Path, detach: bool, host: str | None, join_file: Path | None) -> None:
     """Start a whole zero-trust mesh from MESH_FILE.
 
     Starts the CA, then for every service its agent (which runs the Envoy sidecar and
@@ -169,11 +203,11 @@ def up(mesh_file: Path, detach: bool) -> None:
 
     console = wide_console()
     config = load_mesh_config(mesh_file)
-    plan = plan_mesh(config, pick_free_port, python=sys.executable)
+    plan = plan_mesh(config, pick_free_port, python=sys.executable, host=host, join_file=join_file)
     stop = _StopRequest()
-    with mesh_lock(config.work_dir):  # for the life of this `up`: a second one is told why
+    with mesh_lock(plan.work_dir):  # for the life of this `up`: a second one is told why
         state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)
-        _serve(state, config.work_dir, detach, console, stop)
+        _serve(state, plan.work_dir, detach, console, stop)
 
 
 def _serve(
@@ -200,21 +234,24 @@ def _serve(
 
 @click.command()
 @click.argument("mesh_file", type=MESH_FILE, required=False)
+@click.option("--host", metavar="NAME", help="The host of a mesh with hosts (with MESH_FILE).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(mesh_file: Path | None, as_json: bool) -> None:
+def status(mesh_file: Path | None, host: str | None, as_json: bool) -> None:
     """Show the running mesh: per workload its SPIFFE ID, serial, expiry, time to the next
     rotation, rotations so far, Envoy state, mTLS mode (and a refused policy edit, with its
     error) and allowed/denied connections. The --json document is described in
     docs/status-json.md.
 
-    Without MESH_FILE: the mesh started last on this machine.
+    Without MESH_FILE: the mesh started last on this machine. On the CA's host it also lists
+    every identity of the mesh with its latest certificate in the CA's ledger, marking those
+    that stopped renewing.
 
     Exit status 0 when every process of the mesh runs and every sidecar is live, 1 when
     the mesh is down or part of it is (the table says which), 2 when no mesh was started.
     """
     from meshtrust.mesh.status import mesh_status
 
-    data = mesh_status(_load_state(mesh_file))
+    data = mesh_status(_load_state(mesh_file, host))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -229,7 +266,8 @@ def status(mesh_file: Path | None, as_json: bool) -> None:
 
 @click.command()
 @click.argument("mesh_file", type=MESH_FILE, required=False)
-def down(mesh_file: Path | None) -> None:
+@click.option("--host", metavar="NAME", help="The host of a mesh with hosts (with MESH_FILE).")
+def down(mesh_file: Path | None, host: str | None) -> None:
     """Stop every process of the mesh and remove its sockets (safe to run twice).
 
     Without MESH_FILE: the mesh started last on this machine.
@@ -238,7 +276,7 @@ def down(mesh_file: Path | None) -> None:
     from meshtrust.mesh.launch import stop_mesh
 
     try:
-        state = _load_state(mesh_file)
+        state = _load_state(mesh_file, host)
     except ConfigError as exc:
         click.echo(f"nothing to stop: {exc}")
         return

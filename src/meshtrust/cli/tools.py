@@ -38,6 +38,11 @@ _STYLE = {
 
 
 def _mesh_option(f: click.decorators.FC) -> click.decorators.FC:
+    f = click.option(
+        "--host",
+        metavar="NAME",
+        help="The host of a mesh with hosts this runs on (needs --mesh).",
+    )(f)
     return click.option(
         "--mesh",
         "mesh_file",
@@ -67,7 +72,7 @@ def proxy_config() -> None:
 @click.argument("workload")
 @_mesh_option
 @_json_option
-def secret(workload: str, mesh_file: Path | None, as_json: bool) -> None:
+def secret(workload: str, mesh_file: Path | None, host: str | None, as_json: bool) -> None:
     """Show the certificates WORKLOAD's Envoy serves (WORKLOAD is a service name of the mesh
     file), with istioctl's columns.
 
@@ -85,7 +90,7 @@ def secret(workload: str, mesh_file: Path | None, as_json: bool) -> None:
     from meshtrust.mesh.probes import load_running_state
     from meshtrust.mesh.proxy_config import proxy_secrets
 
-    rows = proxy_secrets(load_running_state(mesh_file), workload)
+    rows = proxy_secrets(load_running_state(mesh_file, host), workload)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
@@ -117,7 +122,7 @@ def secret(workload: str, mesh_file: Path | None, as_json: bool) -> None:
 @click.argument("workload")
 @_mesh_option
 @_json_option
-def check(workload: str, mesh_file: Path | None, as_json: bool) -> None:
+def check(workload: str, mesh_file: Path | None, host: str | None, as_json: bool) -> None:
     """Walk through everything that makes WORKLOAD's mTLS work and say what is wrong.
 
     WORKLOAD is a service name of the mesh file. Each step gets PASS, WARN or FAIL (SKIP
@@ -142,7 +147,7 @@ def check(workload: str, mesh_file: Path | None, as_json: bool) -> None:
     from meshtrust.mesh.check import Verdict, check_workload
     from meshtrust.mesh.probes import load_running_state
 
-    steps = check_workload(load_running_state(mesh_file), workload)
+    steps = check_workload(load_running_state(mesh_file, host), workload)
     failed = any(s.verdict == Verdict.FAIL for s in steps)
     if as_json:
         click.echo(
@@ -198,7 +203,9 @@ def certs() -> None:
     help="Warn about certificates that expire within this time (90s, 15m, 12h, 7d).",
 )
 @_json_option
-def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) -> None:
+def monitor(
+    mesh_file: Path | None, host: str | None, warn_within: dt.timedelta, as_json: bool
+) -> None:
     """Show every workload's certificate expiry and fail if any is expired or about to be.
 
     For each service of the mesh: serial, NotAfter and time left, from its agent (or, when
@@ -211,7 +218,7 @@ def monitor(mesh_file: Path | None, warn_within: dt.timedelta, as_json: bool) ->
     from meshtrust.mesh.certs_monitor import monitor_certs
     from meshtrust.mesh.probes import load_running_state
 
-    rows = monitor_certs(load_running_state(mesh_file), warn_within)
+    rows = monitor_certs(load_running_state(mesh_file, host), warn_within)
     bad = [r for r in rows if not r.fine]
     if as_json:
         click.echo(

@@ -11,6 +11,8 @@ One YAML file per workload (keys may be written ``app_port`` or ``app-port``)::
     app_port: 8080            # required; the app listens on 127.0.0.1:<app_port> in plain text
     inbound_port: 15006       # required; the sidecar's mTLS port, what peers connect to
     protocol: http            # optional, http (default) or tcp: what the app speaks
+    inbound_address: 127.0.0.1   # optional (default 127.0.0.1); the host's address across hosts
+    min_tls_version: TLSV1_2  # optional, TLSV1_2 (default) or TLSV1_3: both directions
     upstreams:                # optional; services this app calls
       - name: api             #   required; [a-z0-9-], unique
         local_port: 15101     #   required; the app connects to 127.0.0.1:<local_port>
@@ -42,8 +44,8 @@ What Envoy is told
   watches (:func:`write_lds_file` replaces it atomically; Envoy reloads on the rename).
 
 :func:`inbound_listeners` makes the policy-dependent part, the inbound listener on
-127.0.0.1:<inbound_port> (loopback only: this product runs its mesh on one host; a
-multi-host deployment would bind the pod/VM address instead):
+<inbound_address>:<inbound_port> (127.0.0.1 on one host; the host's address when the mesh
+spans hosts — the app, Envoy's admin socket and the outbound listeners stay local):
 
 * STRICT: tls_inspector + one TLS chain (``transport_protocol: tls``) requiring a client
   certificate that chains to ROOTCA. Plain text matches no chain and is closed.
@@ -148,6 +150,9 @@ _ROUTER = "envoy.extensions.filters.http.router.v3.Router"
 _TLS_INSPECTOR = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
+#: ``min_tls_version`` values (Istio's meshMTLS.minProtocolVersion) -> Envoy's names.
+TLS_VERSIONS = {"TLSV1_2": "TLSv1_2", "TLSV1_3": "TLSv1_3"}
+
 # Both ends are Envoy: TLS 1.2 is the floor (1.0/1.1 are deprecated, RFC 8996), 1.3 preferred;
 # on 1.2 only forward-secret AEAD suites (the 1.3 suites are not configurable in BoringSSL).
 _TLS_PARAMS: dict[str, Any] = {
@@ -235,10 +240,14 @@ class SidecarConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     protocol: Protocol = Protocol.HTTP
     upstreams: tuple[Upstream, ...] = ()
+    inbound_address: str = "127.0.0.1"
+    min_tls_version: str = "TLSV1_2"
 
     def __post_init__(self) -> None:
         check_dns_label(self.name, "name")
         check_dns_label(self.namespace, "namespace")
+        _check_inbound_address(self.inbound_address, "inbound_address")
+        _check_tls_version(self.min_tls_version, "min_tls_version")
         check_port(self.app_port, "app_port")
         check_port(self.inbound_port, "inbound_port")
         object.__setattr__(self, "protocol", _check_protocol(self.protocol, "protocol"))
@@ -380,6 +389,28 @@ def _check_protocol(value: object, key: str) -> Protocol:
     raise ConfigError(f"{value!r} is not a protocol ({allowed})", field=key)
 
 
+def _check_inbound_address(value: object, key: str) -> str:
+    """An IP address to bind (a name would need resolving before Envoy binds it)."""
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ConfigError(f"expected an IP address, got {value!r}", field=key) from None
+
+
+def _check_tls_version(value: object, key: str) -> str:
+    if value not in TLS_VERSIONS:
+        raise ConfigError(f"expected {' or '.join(TLS_VERSIONS)}, got {value!r}", field=key)
+    return str(value)
+
+
+def tls_params(config: SidecarConfig) -> dict[str, Any]:
+    """Envoy's ``tls_params`` for this sidecar's TLS, inbound and outbound alike."""
+    return {
+        **_TLS_PARAMS,
+        "tls_minimum_protocol_version": TLS_VERSIONS[config.min_tls_version],
+    }
+
+
 def _split_address(text: str, key: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port), by the config layer's one parser."""
     return parse_host_port(text, what=key, zero=False)
@@ -401,6 +432,8 @@ _TOP_KEYS: dict[str, _Field] = {
     "inbound_port": _as_port,
     "protocol": _check_protocol,
     "upstreams": _as_upstreams,
+    "inbound_address": _check_inbound_address,
+    "min_tls_version": _check_tls_version,
 }
 
 #: Keys that were settings once: each is refused by its converter with what replaced it.
@@ -434,7 +467,7 @@ def sidecar_listeners(config: SidecarConfig) -> dict[str, str]:
     """Every listener the sidecar configures, by Envoy name, with what a person calls it
     (``inbound listener 127.0.0.1:15006``). The sidecar is ready only when Envoy reports all
     of them active."""
-    out = {INBOUND_LISTENER: f"inbound listener 127.0.0.1:{config.inbound_port}"}
+    out = {INBOUND_LISTENER: f"inbound listener {config.inbound_address}:{config.inbound_port}"}
     for upstream in config.upstreams:
         out[outbound_cluster_name(upstream)] = (
             f"outbound listener 127.0.0.1:{upstream.local_port} (to {upstream.name})"
@@ -476,7 +509,7 @@ def sidecar_bootstrap(
     """
     lds = Path(os.path.abspath(lds_path))
     clusters = [sds_cluster(sds_socket), _app_cluster(config)]
-    clusters += [_outbound_cluster(u) for u in config.upstreams]
+    clusters += [_outbound_cluster(u, tls_params(config)) for u in config.upstreams]
     return {
         "node": node(node_id, f"{config.name}.{config.namespace}"),
         "admin": admin(Path(os.path.abspath(admin_socket))),
@@ -547,7 +580,7 @@ def _app_cluster(config: SidecarConfig) -> dict[str, Any]:
     return cluster
 
 
-def _outbound_cluster(upstream: Upstream) -> dict[str, Any]:
+def _outbound_cluster(upstream: Upstream, params: Mapping[str, Any]) -> dict[str, Any]:
     name = outbound_cluster_name(upstream)
     is_ip = _is_ip(upstream.host)
     cluster: dict[str, Any] = {
@@ -570,7 +603,7 @@ def _outbound_cluster(upstream: Upstream) -> dict[str, Any]:
             "typed_config": {
                 "@type": _TYPE + _UPSTREAM_TLS,
                 "common_tls_context": {
-                    "tls_params": _TLS_PARAMS,
+                    "tls_params": dict(params),
                     "tls_certificate_sds_secret_configs": [sds_secret_config("default")],
                     "combined_validation_context": {
                         # The peer must chain to ROOTCA (from SDS) *and* be this identity.
@@ -685,7 +718,9 @@ def inbound_listeners(config: SidecarConfig, policy: InboundPolicy) -> list[dict
         chains.append(plain_chain)
     listener: dict[str, Any] = {
         "name": INBOUND_LISTENER,
-        "address": _loopback(config.inbound_port),
+        "address": {
+            "socket_address": {"address": config.inbound_address, "port_value": config.inbound_port}
+        },
         # Envoy's default on Linux is SO_REUSEPORT, with which a second Envoy (an orphan of a
         # killed agent) binds the same port and silently takes a share of the connections.
         "enable_reuse_port": False,
@@ -718,7 +753,7 @@ def _inbound_chain(
     chain: dict[str, Any] = {"name": "tls" if tls else "plaintext", "filters": filters}
     if tls:
         common: dict[str, Any] = {
-            "tls_params": _TLS_PARAMS,
+            "tls_params": tls_params(config),
             "tls_certificate_sds_secret_configs": [sds_secret_config("default")],
             "validation_context_sds_secret_config": sds_secret_config("ROOTCA"),
         }

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from meshtrust.clock import SystemClock
 from meshtrust.durations import format_duration
-from meshtrust.mesh.probes import agent_status, alive, parse_serial, read_chain
+from meshtrust.mesh.probes import agent_status, ca_up, parse_serial, read_chain
 from meshtrust.mesh.state import MeshState, ServiceState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
 from meshtrust.pki import format_serial
@@ -54,7 +54,7 @@ class CertObservation:
 
 
 def observe_certificates(state: MeshState) -> list[CertObservation]:
-    ca_alive = alive(state.ca.pid)
+    ca_alive = ca_up(state)
     return [
         CertObservation(svc, agent_status(svc), read_chain(svc)[0], ca_alive)
         for svc in state.services

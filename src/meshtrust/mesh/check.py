@@ -28,6 +28,7 @@ from meshtrust.mesh.probes import (
     admin_json,
     agent_status,
     alive,
+    ca_up,
     certs_entries,
     envoy_info,
     envoy_stats,
@@ -175,7 +176,7 @@ def observe_workload(
     return Observation(
         mesh=state,
         service=svc,
-        ca_alive=alive(state.ca.pid),
+        ca_alive=ca_up(state),
         agent_alive=alive(svc.agent_pid),
         agent=agent,
         app_alive=None if svc.app_pid is None else alive(svc.app_pid),
@@ -201,7 +202,13 @@ def _restart_hint(state: MeshState) -> str:
 
 def _renewal_hint(obs: Observation) -> str:
     state = obs.mesh
-    if not obs.ca_alive:
+    if state.ca is None:
+        reach = "reachable" if obs.ca_alive else "not reachable from this host"
+        parts = [
+            f"the CA at {state.ca_address} is {reach}; the agent renews at its rotation "
+            "point when it can reach it (`meshtrust status` on the CA's host)"
+        ]
+    elif not obs.ca_alive:
         parts = [
             f"the CA (pid {state.ca.pid}) is not running, so the agent cannot renew: "
             f"{_restart_hint(state)} (CA log: {state.ca.log})"
@@ -331,7 +338,7 @@ def check_chain(obs: Observation, now: dt.datetime) -> CheckStep:
             *step,
             Verdict.FAIL,
             obs.roots_where,
-            f"the mesh's CA directory {obs.mesh.ca.ca_dir} is damaged or gone",
+            f"the mesh's trust bundle {obs.mesh.root_cert} is damaged or gone",
         )
     leaf = chain[0]
     # Expiry is the time-left step's verdict; here: is the chain signed by the mesh root?

@@ -23,27 +23,49 @@ Example (paths are relative to the file)::
             localPort: 19001          # app -> 127.0.0.1:19001 -> mTLS -> other's sidecar
     policies: [policies.yaml]         # Istio YAML: PeerAuthentication, AuthorizationPolicy
 
+Across hosts (optional; without ``hosts`` everything runs on this host)::
+
+    hosts:
+      - name: h1
+        address: 198.18.0.1           # how the other hosts reach this one (IP or DNS name)
+    ca:
+      host: h1                        # required with hosts; listens on <address>:15012
+    services:
+      - name: api
+        host: h2                      # required with hosts
+        inboundPort: 16080            # required with hosts (the other hosts dial it)
+        certTTL: 12h                  # optional per service; default the mesh's certTTL
+        rotationRatio: 0.5            # optional: part of the lifetime left at renewal (0.5)
+    meshMTLS:
+      minProtocolVersion: TLSV1_3     # TLSV1_2 (default) | TLSV1_3, every sidecar, both ways
+
 Every problem is a :class:`ConfigError` (or :class:`PolicyError`) naming the file, the line
 and the field path (``mesh.yaml:14: services[1].upstreams[0].localPort: expected a port
 1-65535, got 'x'``): broken YAML, a duplicate key, an unknown key, a name the sidecar would
 refuse (names are DNS labels, checked by the same validators the sidecar config and the agent
 use), a duplicate service, an upstream to a service that is not in the file, two things on one
-port, a ``workDir`` or ``ca.dir`` that cannot be a directory, a bad policy.
+port, a ``workDir`` or ``ca.dir`` that cannot be a directory, a bad policy; with ``hosts``: a
+duplicate host name or address, a ``ca.host`` missing or unknown, a service without a
+``host`` or ``inboundPort`` or on an unknown host (ports must differ only per host).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshtrust.agent.rotation import check_rotation
 from meshtrust.config import (
     ConfigError,
     LineMap,
     check_directory_location,
     check_dns_label,
+    check_dns_subdomain,
     check_duration,
+    check_float,
     check_host_port,
     check_labels,
     check_path,
@@ -60,10 +82,35 @@ from meshtrust.errors import InvalidSpiffeId
 from meshtrust.policy import Protocol, load_policy_files
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["MeshConfig", "ServiceSpec", "UpstreamSpec", "load_mesh_config", "mesh_work_dir"]
+__all__ = [
+    "TLS_VERSIONS",
+    "HostSpec",
+    "MeshConfig",
+    "ServiceSpec",
+    "UpstreamSpec",
+    "host_port",
+    "load_mesh_config",
+    "mesh_work_dir",
+]
 
-_TOP = {"trustDomain", "certTTL", "workDir", "rootNamespace", "ca", "services", "policies"}
-_CA = {"listen", "dir"}
+_TOP = {
+    "trustDomain",
+    "certTTL",
+    "workDir",
+    "rootNamespace",
+    "ca",
+    "services",
+    "policies",
+    "hosts",
+    "meshMTLS",
+}
+_CA = {"listen", "dir", "host"}
+_HOST = {"name", "address"}
+_MESH_MTLS = {"minProtocolVersion"}
+#: meshMTLS.minProtocolVersion values, as Istio's meshConfig spells them.
+TLS_VERSIONS = ("TLSV1_2", "TLSV1_3")
+#: The CA's port on its host when ``ca.listen`` is not given.
+CA_PORT = 15012
 _SERVICE = {
     "name",
     "namespace",
@@ -75,8 +122,22 @@ _SERVICE = {
     "command",
     "upstreams",
     "env",
+    "host",
+    "certTTL",
+    "rotationRatio",
 }
 _UPSTREAM = {"service", "localPort"}
+
+
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT`` as :func:`parse_host_port` reads it back (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    address: str  # IP address or DNS name the other hosts reach this one at
 
 
 @dataclass(frozen=True)
@@ -98,6 +159,9 @@ class ServiceSpec:
     upstreams: tuple[UpstreamSpec, ...]
     env: dict[str, str]
     spiffe_id: SpiffeId
+    host: str | None = None
+    cert_ttl: dt.timedelta | None = None  # None: the mesh's certTTL
+    rotation_ratio: float | None = None  # None: the agent's default (0.5)
 
 
 @dataclass(frozen=True)
@@ -111,11 +175,45 @@ class MeshConfig:
     ca_dir: Path
     services: tuple[ServiceSpec, ...]
     policy_files: tuple[Path, ...]
+    hosts: tuple[HostSpec, ...] = ()
+    ca_host: str | None = None  # with hosts: the host the CA runs on
+    min_tls_version: str = "TLSV1_2"
 
     @property
     def ca_port(self) -> int:
         """The port of ``ca_listen`` (checked when the file was loaded)."""
         return parse_host_port(self.ca_listen, what="ca.listen")[1]
+
+    @property
+    def ca_address(self) -> str:
+        """Where agents reach the CA: ``ca.listen`` on one host; with hosts, the CA host's
+        address and the CA's port (``ca.listen`` may bind ``0.0.0.0``)."""
+        if self.ca_host is None:
+            return self.ca_listen
+        return host_port(self.host(self.ca_host).address, self.ca_port)
+
+    def host(self, name: str) -> HostSpec:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    def services_on(self, host: str | None) -> tuple[ServiceSpec, ...]:
+        """The services of ``host`` (every service when ``host`` is None)."""
+        return tuple(s for s in self.services if host is None or s.host == host)
+
+    def inbound_address(self, svc: ServiceSpec) -> str:
+        """The address ``svc``'s sidecar listens on: loopback on one host; across hosts its
+        host's address, or every address of the host (``0.0.0.0``) when that is a DNS name
+        (the plan resolves nothing; Envoy binds only IP addresses)."""
+        if svc.host is None:
+            return "127.0.0.1"
+        address = self.host(svc.host).address
+        return address if _is_ip(address) else "0.0.0.0"
+
+    def dial_address(self, svc: ServiceSpec) -> str:
+        """Where the other sidecars reach ``svc``'s inbound listener (host only)."""
+        return "127.0.0.1" if svc.host is None else self.host(svc.host).address
 
     def service(self, name: str) -> ServiceSpec:
         for svc in self.services:
@@ -183,10 +281,19 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         raise ConfigError("must be at least 10s", field="certTTL")
     work_dir = check_directory_location(_work_dir(raw, path), "workDir")
     root_ns = check_dns_label(raw.get("rootNamespace", "istio-system"), "rootNamespace")
+    hosts = _hosts(raw.get("hosts"))
     ca_raw = _mapping(raw.get("ca"), "ca", _CA)
-    ca_listen = check_host_port(ca_raw.get("listen", "127.0.0.1:15012"), "ca.listen")
+    ca_host = _ca_host(ca_raw, hosts)
+    default_listen = (
+        f"127.0.0.1:{CA_PORT}"
+        if ca_host is None
+        else host_port(next(h.address for h in hosts if h.name == ca_host), CA_PORT)
+    )
+    ca_listen = check_host_port(ca_raw.get("listen", default_listen), "ca.listen")
     _, ca_port = parse_host_port(ca_listen, what="ca.listen")
-    ca_dir = check_path(ca_raw["dir"], "ca.dir", base) if "dir" in ca_raw else work_dir / "ca"
+    # Across hosts each host's files are under <workDir>/<host>/, the CA's too.
+    default_ca_dir = work_dir / "ca" if ca_host is None else work_dir / ca_host / "ca"
+    ca_dir = check_path(ca_raw["dir"], "ca.dir", base) if "dir" in ca_raw else default_ca_dir
     check_directory_location(ca_dir, "ca.dir")
 
     services_raw = _list(raw.get("services"), "services")
@@ -194,7 +301,10 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         raise ConfigError("expected a non-empty list of services", field="services")
     services = [_service(item, f"services[{i}]", td) for i, item in enumerate(services_raw)]
     _check_services(services)
-    _check_ports(services, ca_port)
+    _check_placement(services, hosts)
+    for host in [None] if not hosts else [h.name for h in hosts]:
+        _check_ports(services, ca_port if host == ca_host else None, host)
+    min_tls = _min_tls(raw.get("meshMTLS"))
 
     policies_raw = _list(raw.get("policies"), "policies")
     policy_files = tuple(check_path(p, f"policies[{i}]", base) for i, p in enumerate(policies_raw))
@@ -211,7 +321,108 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         ca_dir=ca_dir,
         services=tuple(services),
         policy_files=policy_files,
+        hosts=hosts,
+        ca_host=ca_host,
+        min_tls_version=min_tls,
     )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_address(value: object, field: str) -> str:
+    """An IP address or a DNS name (what a sidecar dials and binds)."""
+    text = check_string(value, field)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    try:
+        return check_dns_subdomain(text, field)
+    except ConfigError:
+        raise ConfigError(
+            f"expected an IP address or a DNS name, got {describe(value)}", field=field
+        ) from None
+
+
+def _hosts(value: object) -> tuple[HostSpec, ...]:
+    out: list[HostSpec] = []
+    names: dict[str, str] = {}
+    addresses: dict[str, str] = {}
+    for i, item in enumerate(_list(value, "hosts")):
+        field = f"hosts[{i}]"
+        raw = _mapping(item, field, _HOST)
+        for key in ("name", "address"):
+            if key not in raw:
+                raise ConfigError(f"missing required key {key!r}", field=field)
+        name = check_dns_label(raw["name"], f"{field}.name")
+        address = _host_address(raw["address"], f"{field}.address")
+        if name in names:
+            raise ConfigError(
+                f"duplicate host {name!r} (also {names[name]})", field=f"{field}.name"
+            )
+        if address in addresses:
+            raise ConfigError(
+                f"address {address} is also {addresses[address]}'s", field=f"{field}.address"
+            )
+        names[name] = field
+        addresses[address] = name
+        out.append(HostSpec(name=name, address=address))
+    if value is not None and not out:
+        raise ConfigError("expected a non-empty list of hosts (or no hosts key)", field="hosts")
+    return tuple(out)
+
+
+def _ca_host(ca_raw: Mapping[str, object], hosts: tuple[HostSpec, ...]) -> str | None:
+    if not hosts:
+        if "host" in ca_raw:
+            raise ConfigError("ca.host needs a hosts list", field="ca.host")
+        return None
+    if "host" not in ca_raw:
+        raise ConfigError("missing required key 'host' (the mesh has hosts)", field="ca")
+    name = check_dns_label(ca_raw["host"], "ca.host")
+    if name not in {h.name for h in hosts}:
+        raise ConfigError(f"no host {name!r} in hosts", field="ca.host")
+    return name
+
+
+def _check_placement(services: list[ServiceSpec], hosts: tuple[HostSpec, ...]) -> None:
+    known = {h.name for h in hosts}
+    for i, svc in enumerate(services):
+        field = f"services[{i}]"
+        if not hosts:
+            if svc.host is not None:
+                raise ConfigError("a service host needs a hosts list", field=f"{field}.host")
+            continue
+        if svc.host is None:
+            raise ConfigError("missing required key 'host' (the mesh has hosts)", field=field)
+        if svc.host not in known:
+            raise ConfigError(
+                f"no host {svc.host!r} in hosts (hosts: {', '.join(sorted(known))})",
+                field=f"{field}.host",
+            )
+        if svc.inbound_port is None:
+            # Each host plans alone from the mesh file: a port picked on h2 is unknown to h3.
+            raise ConfigError(
+                "missing required key 'inboundPort' (the mesh has hosts: the other hosts dial it)",
+                field=field,
+            )
+
+
+def _min_tls(value: object) -> str:
+    raw = _mapping(value, "meshMTLS", _MESH_MTLS)
+    version = raw.get("minProtocolVersion", "TLSV1_2")
+    if version not in TLS_VERSIONS:
+        raise ConfigError(
+            f"expected {' or '.join(TLS_VERSIONS)}, got {describe(version)}",
+            field="meshMTLS.minProtocolVersion",
+        )
+    return str(version)
 
 
 def _check_services(services: list[ServiceSpec]) -> None:
@@ -232,9 +443,12 @@ def _check_services(services: list[ServiceSpec]) -> None:
                 raise ConfigError("a service cannot be its own upstream", field=field)
 
 
-def _check_ports(services: list[ServiceSpec], ca_port: int) -> None:
-    ports: dict[int, str] = {ca_port: "ca.listen"}
+def _check_ports(services: list[ServiceSpec], ca_port: int | None, host: str | None) -> None:
+    """Two things on one port of one host (the CA's port counts on the CA's host)."""
+    ports: dict[int, str] = {} if ca_port is None else {ca_port: "ca.listen"}
     for i, svc in enumerate(services):
+        if host is not None and svc.host != host:
+            continue
         claims = [(svc.port, f"services[{i}].port")]
         if svc.inbound_port is not None:
             claims.append((svc.inbound_port, f"services[{i}].inboundPort"))
@@ -271,6 +485,28 @@ def _env_items(value: object, field: str) -> list[tuple[str, str]]:
         text = str(item).lower() if isinstance(item, bool) else str(item)
         out.append((name, check_string(text, f"{field}.{name}", empty=True)))
     return out
+
+
+def _cert_settings(
+    raw: Mapping[str, object], field: str
+) -> tuple[dt.timedelta | None, float | None]:
+    """A service's own ``certTTL`` and ``rotationRatio`` (None: the mesh's / the agent's)."""
+    ttl = None
+    if "certTTL" in raw:
+        ttl = check_duration(raw["certTTL"], f"{field}.certTTL")
+        if ttl < dt.timedelta(seconds=10):
+            raise ConfigError("must be at least 10s", field=f"{field}.certTTL")
+    ratio = None
+    if "rotationRatio" in raw:
+        ratio = check_float(raw["rotationRatio"], f"{field}.rotationRatio")
+        try:  # the agent's own check, with its default jitter
+            check_rotation(ratio, 0.01)
+        except ValueError:
+            raise ConfigError(
+                f"expected a number between 0.02 and 0.98, got {describe(raw['rotationRatio'])}",
+                field=f"{field}.rotationRatio",
+            ) from None
+    return ttl, ratio
 
 
 def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
@@ -314,7 +550,12 @@ def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
                 local_port=check_port(u["localPort"], f"{uk}.localPort"),
             )
         )
+    ttl, ratio = _cert_settings(raw, field)
+    host = check_dns_label(raw["host"], f"{field}.host") if "host" in raw else None
     return ServiceSpec(
+        host=host,
+        cert_ttl=ttl,
+        rotation_ratio=ratio,
         name=name,
         namespace=namespace,
         service_account=sa,

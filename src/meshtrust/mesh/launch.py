@@ -34,6 +34,7 @@ from meshtrust.ca.cadir import (
 from meshtrust.clock import SystemClock
 from meshtrust.errors import ConfigError, EnvironmentFault
 from meshtrust.fileio import PRIVATE_FILE_MODE, ensure_private_dir, open_log, write_file_atomic
+from meshtrust.joinfile import JoinFile, load_join_file
 from meshtrust.mesh.config import MeshConfig
 from meshtrust.mesh.plan import (
     HttpOk,
@@ -307,7 +308,7 @@ def _refuse_if_still_running(work_dir: Path) -> None:
         previous = read_state(work_dir / STATE_FILE)
     except ConfigError:
         return  # none, or damaged: there is nothing it could still stop
-    ours = [previous.ca.pid, *(s.agent_pid for s in previous.services)]
+    ours = [*previous.pids()]
     running = [pid for pid in ours if alive(pid) and _runs_meshtrust(pid)]
     if running:
         raise ConfigError(
@@ -318,12 +319,30 @@ def _refuse_if_still_running(work_dir: Path) -> None:
 
 
 def _check_ports(plan: MeshPlan) -> None:
+    addresses = dict.fromkeys(["127.0.0.1", plan.address])
+    if plan.host is not None and not _address_here(plan.address):
+        raise ConfigError(
+            f"host {plan.host}'s address {plan.address} is not an address of this machine: "
+            f"is this {plan.host}? (`--host` names the host `up` runs on)"
+        )
     for port, what in plan.fixed_ports.items():
-        if not port_free(port):
-            raise ConfigError(
-                f"port {port} ({what}) is already in use on 127.0.0.1 — is "
-                "another mesh running? (`meshtrust down`)"
-            )
+        for address in addresses:
+            if not port_free(port, address):
+                raise ConfigError(
+                    f"port {port} ({what}) is already in use on {address} — is "
+                    "another mesh running? (`meshtrust down`)"
+                )
+
+
+def _address_here(address: str) -> bool:
+    """Whether ``address`` can be bound here (a DNS name is resolved by the kernel's rules)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
 
 
 def _ensure_ca(config: MeshConfig) -> None:
@@ -341,7 +360,7 @@ def _ensure_ca(config: MeshConfig) -> None:
         )
 
 
-def _prepare(plan: MeshPlan) -> None:
+def _prepare(plan: MeshPlan, join: JoinFile | None) -> None:
     """Directories, the CA directory, every planned file and each agent's token.
 
     Modes whatever the umask: directories 0700, every file 0600 (configs name sockets and
@@ -352,17 +371,73 @@ def _prepare(plan: MeshPlan) -> None:
     config = plan.config
     own = [*plan.dirs, *(p for s in plan.services for p in (s.cert_dir, s.envoy_workdir))]
     try:
+        ensure_private_dir(config.work_dir)
         ensure_private_dir(plan.work_dir)
         for directory in own:
             ensure_private_dir(directory, tighten=True)
     except OSError as exc:
         raise _os_error(exc, "create the directory") from exc
-    try:
-        _ensure_ca(config)
-    except OSError as exc:
-        raise _os_error(exc, "set up the CA directory") from exc
+    if plan.ca is not None:
+        try:
+            _ensure_ca(config)
+        except OSError as exc:
+            raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
         _write(planned.path, planned.content.encode(), PRIVATE_FILE_MODE, "write")
+    if plan.credentials == "mint":
+        _mint_tokens(plan)
+    elif join is not None:
+        _credentials_from_join(plan, join)
+
+
+def _check_provisioned(plan: MeshPlan) -> None:
+    """A host other than the CA's, started without a join file: its agents' first
+    credentials must already be in place (put there by hand), or nothing starts."""
+    needed = [p for p in (plan.root_cert, *(s.token_file for s in plan.services)) if p]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"host {plan.host} does not run the CA, and its agents have no first credential "
+            f"({', '.join(missing)} missing): start it with `--join FILE`, a join file made "
+            f"on the CA's host with `meshtrust join create {plan.config.path} --host "
+            f"{plan.host} -o FILE`"
+        )
+
+
+def _read_join(plan: MeshPlan) -> JoinFile:
+    """The join file's trust bundle and token, as every agent of this host reads them: the
+    token is a bearer credential like a service-account token (the CA grants only the
+    identities it lists), the bundle is what the agents verify the CA with.
+
+    Refused before anything starts: an expired file, or one for other identities (another
+    host's file), with a message saying which."""
+    assert plan.join_file is not None and plan.root_cert is not None
+    join = load_join_file(plan.join_file)
+    if join.expired(SystemClock().now()):
+        raise ConfigError(
+            f"the join file {plan.join_file} expired at {join.expires_at:%Y-%m-%d %H:%M:%S} "
+            f"UTC; make a new one on the CA's host (`meshtrust join create "
+            f"{plan.config.path} --host {plan.host}`)"
+        )
+    wanted = {str(s.spec.spiffe_id) for s in plan.services}
+    allowed = {str(i) for i in join.identities}
+    if not wanted <= allowed:
+        raise ConfigError(
+            f"the join file {plan.join_file} is not for host {plan.host}: it cannot obtain "
+            f"{', '.join(sorted(wanted - allowed))} (made for another host?)"
+        )
+    return join
+
+
+def _credentials_from_join(plan: MeshPlan, join: JoinFile) -> None:
+    assert plan.root_cert is not None
+    _write(plan.root_cert, join.bundle_pem, PRIVATE_FILE_MODE, "write the trust bundle")
+    for svc in plan.services:
+        _write(svc.token_file, join.token.encode(), PRIVATE_FILE_MODE, "write the token")
+
+
+def _mint_tokens(plan: MeshPlan) -> None:
+    config = plan.config
     # A plugged-in CA (the article's cacerts) has no token issuer yet: made on first use.
     token_key = ensure_token_signing_key(config.ca_dir)
     for svc in plan.services:
@@ -403,9 +478,13 @@ def launch(
 
 
 def _launch(plan: MeshPlan, progress: Callable[[str], None], stop: StopRequested) -> MeshState:
+    # The join file is input, checked first: an expired one is refused as such, whatever runs.
+    join = _read_join(plan) if plan.credentials == "join" else None
+    if plan.credentials == "provisioned":
+        _check_provisioned(plan)
     _refuse_if_still_running(plan.work_dir)
     _check_ports(plan)
-    _prepare(plan)
+    _prepare(plan, join)
     started = _Started()
     try:
         _start_in_order(plan, started, progress, stop)
@@ -440,10 +519,16 @@ def _start_in_order(
 
 
 def start_mesh(
-    config: MeshConfig, progress: Callable[[str], None] = print, stop: StopRequested = _never
+    config: MeshConfig,
+    progress: Callable[[str], None] = print,
+    stop: StopRequested = _never,
+    *,
+    host: str | None = None,
+    join_file: Path | None = None,
 ) -> MeshState:
-    """Plan ``config`` and launch it (see :func:`plan_mesh` and :func:`launch`)."""
-    return launch(plan_mesh(config, pick_free_port, python=sys.executable), progress, stop)
+    """Plan ``config`` (``host``'s share) and launch it (see :func:`plan_mesh`, :func:`launch`)."""
+    plan = plan_mesh(config, pick_free_port, python=sys.executable, host=host, join_file=join_file)
+    return launch(plan, progress, stop)
 
 
 def envoy_pid(svc: ServiceState) -> int | None:
@@ -469,7 +554,7 @@ def stop_mesh(state: MeshState) -> list[str]:
     if left:
         _terminate(left)
         done.append(f"stopped {len(left)} orphaned Envoy(s)")
-    if alive(state.ca.pid):
+    if state.ca is not None and alive(state.ca.pid):
         _terminate([state.ca.pid])
         done.append("stopped the CA")
     for svc in state.services:

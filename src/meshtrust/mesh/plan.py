@@ -12,7 +12,16 @@ inherit from ``environ``. :mod:`meshtrust.mesh.launch` carries the plan out.
 A mesh whose plan cannot work is refused here, before anything starts: today that is a Unix
 socket path longer than the kernel's ``sun_path`` (108 bytes with its NUL), which the agent
 (SDS, Workload API) or its Envoy (the admin API's socket, in the workload's Envoy
-directory) could not bind.
+directory) could not bind; and a mesh with ``hosts`` planned without ``host``.
+
+Across hosts (``plan_mesh(config, ..., host="h2")``) the plan is one host's share, as if the
+host had its own disk: its files under ``<workDir>/<host>/``, the CA only on ``ca.host``,
+only the services placed on the host. Sidecar inbound listeners bind the host's address and
+upstreams are dialled at ``<their host's address>:<inboundPort>``; apps, Envoy's admin
+socket, agent status and outbound listeners stay on the host's loopback. On the CA's host the
+launcher mints each agent's first credential from the CA directory (``credentials ==
+"mint"``); on the others they come from a join file (``"join"``) or were put in place by
+hand: a token per service and the trust bundle (``"provisioned"``).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import yaml
 
 from meshtrust.envoy.admin import ADMIN_SOCKET
 from meshtrust.errors import ConfigError
-from meshtrust.mesh.config import MeshConfig, ServiceSpec
+from meshtrust.mesh.config import MeshConfig, ServiceSpec, host_port
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 
 __all__ = [
@@ -140,22 +149,32 @@ class MeshPlan:
     config: MeshConfig
     logs_dir: Path
     fixed_ports: Mapping[int, str]  # port -> what claims it (checked free before start)
-    ca_metrics: str  # HOST:PORT of the CA's /metrics and /ready
-    ca: ProcessPlan
+    ca_metrics: str | None  # HOST:PORT of the CA's /metrics and /ready (None: not here)
+    ca: ProcessPlan | None  # None on a host other than ca.host
     services: tuple[ServicePlan, ...]
     steps: tuple[Step, ...]
     dirs: tuple[Path, ...] = field(default=())  # made before anything starts
+    host: str | None = None  # the host this plan is for (None: a mesh without hosts)
+    root_cert: Path | None = None  # the trust bundle the agents verify the CA with
+    credentials: str = "mint"  # "mint" (from the CA dir) | "join" | "provisioned"
+    join_file: Path | None = None
 
     @property
     def work_dir(self) -> Path:
-        return self.config.work_dir
+        """This host's runtime files: ``<workDir>`` or ``<workDir>/<host>``."""
+        return host_dir(self.config, self.host)
+
+    @property
+    def address(self) -> str:
+        """The address inbound listeners bind (127.0.0.1 without hosts)."""
+        return "127.0.0.1" if self.host is None else self.config.host(self.host).address
 
     @property
     def files(self) -> tuple[PlannedFile, ...]:
         return tuple(f for s in self.services for f in (s.sidecar_config, s.agent_config))
 
     def processes(self) -> dict[str, ProcessPlan]:
-        out = {self.ca.key: self.ca}
+        out = {} if self.ca is None else {self.ca.key: self.ca}
         for svc in self.services:
             out[svc.agent.key] = svc.agent
             if svc.app is not None:
@@ -169,10 +188,19 @@ class MeshPlan:
         raise KeyError(name)
 
 
-def fixed_ports(config: MeshConfig) -> dict[int, str]:
-    """Every port the mesh file names, and what names it."""
-    fixed: dict[int, str] = {config.ca_port: "ca.listen"}
-    for svc in config.services:
+def host_dir(config: MeshConfig, host: str | None) -> Path:
+    """Where ``host``'s runtime files are: ``<workDir>/<host>`` (``<workDir>`` without)."""
+    return config.work_dir if host is None else config.work_dir / host
+
+
+def runs_ca(config: MeshConfig, host: str | None) -> bool:
+    return host is None or host == config.ca_host
+
+
+def fixed_ports(config: MeshConfig, host: str | None = None) -> dict[int, str]:
+    """Every port the mesh file names on ``host``, and what names it."""
+    fixed: dict[int, str] = {config.ca_port: "ca.listen"} if runs_ca(config, host) else {}
+    for svc in config.services_on(host):
         fixed[svc.port] = f"service {svc.name} port"
         if svc.inbound_port is not None:
             fixed[svc.inbound_port] = f"service {svc.name} inboundPort"
@@ -204,8 +232,13 @@ def check_socket_path(service: str, path: Path) -> None:
         )
 
 
-def _seconds(config: MeshConfig) -> int:
-    return int(config.cert_ttl.total_seconds())
+def _seconds(config: MeshConfig, svc: ServiceSpec | None = None) -> int:
+    ttl = config.cert_ttl if svc is None or svc.cert_ttl is None else svc.cert_ttl
+    return int(ttl.total_seconds())
+
+
+def _max_ttl(config: MeshConfig) -> int:
+    return max(_seconds(config), *(_seconds(config, s) for s in config.services), MAX_TTL_SECONDS)
 
 
 def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> ProcessPlan:
@@ -232,7 +265,7 @@ def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> Pr
             "--default-ttl",
             f"{ttl}s",
             "--max-ttl",
-            f"{max(ttl, MAX_TTL_SECONDS)}s",
+            f"{_max_ttl(config)}s",
         ),
         log=logs / "ca.log",
     )
@@ -245,12 +278,16 @@ def _sidecar_yaml(config: MeshConfig, svc: ServiceSpec, inbound: Mapping[str, in
         "labels": svc.labels,
         "app_port": svc.port,
         "inbound_port": inbound[svc.name],
+        "inbound_address": config.inbound_address(svc),
+        "min_tls_version": config.min_tls_version,
         "protocol": svc.protocol.value,
         "upstreams": [
             {
                 "name": up.service,
                 "local_port": up.local_port,
-                "address": f"127.0.0.1:{inbound[up.service]}",
+                "address": host_port(
+                    config.dial_address(config.service(up.service)), inbound[up.service]
+                ),
                 "spiffe_id": str(config.service(up.service).spiffe_id),
                 "protocol": config.service(up.service).protocol.value,
             }
@@ -261,17 +298,17 @@ def _sidecar_yaml(config: MeshConfig, svc: ServiceSpec, inbound: Mapping[str, in
 
 
 def _agent_yaml(
-    config: MeshConfig, svc: ServiceSpec, paths: Mapping[str, Path], status: str
+    config: MeshConfig, svc: ServiceSpec, paths: Mapping[str, Path], status: str, root: Path
 ) -> str:
     """The agent's ``--config`` file: its keys are ``meshtrust agent``'s flag names."""
     settings: dict[str, object] = {
-        "ca-address": config.ca_listen,
-        "ca-root": str(config.ca_dir / "root-cert.pem"),
+        "ca-address": config.ca_address,
+        "ca-root": str(root),
         "token-file": str(paths["token"]),
         "trust-domain": config.trust_domain.name,
         "namespace": svc.namespace,
         "service-account": svc.service_account,
-        "cert-ttl": f"{_seconds(config)}s",
+        "cert-ttl": f"{_seconds(config, svc)}s",
         "sds-socket": str(paths["sds"]),
         "workload-socket": str(paths["workload"]),
         "output-dir": str(paths["certs"]),
@@ -281,6 +318,8 @@ def _agent_yaml(
         "root-namespace": config.root_namespace,
         "policy": [str(p) for p in config.policy_files],
     }
+    if svc.rotation_ratio is not None:
+        settings["rotation-ratio"] = svc.rotation_ratio
     return yaml.safe_dump(settings, sort_keys=False)
 
 
@@ -325,8 +364,9 @@ def _service_plan(
     python: str,
     environ: Mapping[str, str],
     logs: Path,
+    where: tuple[Path, Path],  # the host's directory, the trust bundle
 ) -> ServicePlan:
-    sdir = config.work_dir / svc.name
+    sdir = where[0] / svc.name
     paths = {
         "token": sdir / "token",
         "sds": sdir / "sds.sock",
@@ -349,7 +389,7 @@ def _service_plan(
         cert_dir=paths["certs"],
         envoy_workdir=paths["envoy"],
         token_file=paths["token"],
-        agent_config=PlannedFile(paths["agent"], _agent_yaml(config, svc, paths, status)),
+        agent_config=PlannedFile(paths["agent"], _agent_yaml(config, svc, paths, status, where[1])),
         sidecar_config=PlannedFile(paths["sidecar"], _sidecar_yaml(config, svc, inbound)),
         agent=ProcessPlan(
             key=f"{svc.name}-agent",
@@ -362,15 +402,20 @@ def _service_plan(
 
 
 def _steps(
-    config: MeshConfig, ca: ProcessPlan, metrics: str, services: tuple[ServicePlan, ...]
+    config: MeshConfig,
+    ca: ProcessPlan | None,
+    metrics: str | None,
+    services: tuple[ServicePlan, ...],
 ) -> tuple[Step, ...]:
     """The CA first (agents need it for their first certificate); then every agent at once;
     each app once its agent's Workload API socket exists (apps may fetch their SVID at
     start); done when every sidecar is ready (certificate + Envoy live)."""
-    steps: list[Step] = [
-        Start(ca.key, f"starting the CA for {config.trust_domain} on {config.ca_listen}"),
-        Wait("the CA", HttpOk(f"http://{metrics}/ready"), CA_READY_TIMEOUT, ca.key),
-    ]
+    steps: list[Step] = []
+    if ca is not None and metrics is not None:
+        steps += [
+            Start(ca.key, f"starting the CA for {config.trust_domain} on {config.ca_listen}"),
+            Wait("the CA", HttpOk(f"http://{metrics}/ready"), CA_READY_TIMEOUT, ca.key),
+        ]
     steps += [
         Start(s.agent.key, f"starting {s.spec.name}: agent + Envoy ({s.spec.spiffe_id})")
         for s in services
@@ -404,28 +449,40 @@ def plan_mesh(
     *,
     python: str = sys.executable,
     environ: Mapping[str, str] | None = None,
+    host: str | None = None,
+    join_file: Path | None = None,
 ) -> MeshPlan:
-    """The plan for ``config``. ``pick_port`` returns a free loopback port each call (a port
-    the mesh file names, or one already picked, is skipped); ``environ`` is the environment
-    apps inherit (default: meshtrust's own).
+    """The plan for ``config`` (on ``host``, when the mesh has hosts). ``pick_port`` returns
+    a free loopback port each call (a port the mesh file names, or one already picked, is
+    skipped); ``environ`` is the environment apps inherit (default: meshtrust's own);
+    ``join_file`` is where a host other than the CA's gets its agents' first credential.
 
-    Raises ConfigError naming the service when a socket path would be too long.
+    Raises ConfigError naming the service when a socket path would be too long, and when
+    ``host`` is missing (the mesh has hosts), unknown, or given for a mesh without hosts.
     """
-    fixed = fixed_ports(config)
+    _check_host(config, host, join_file)
+    fixed = fixed_ports(config, host)
     pick = _picker(pick_port, set(fixed))
-    metrics = f"127.0.0.1:{pick()}"
-    status_ports = {s.name: pick() for s in config.services}
+    here = config.services_on(host)
+    with_ca = runs_ca(config, host)
+    metrics = f"127.0.0.1:{pick()}" if with_ca else None
+    status_ports = {s.name: pick() for s in here}
     inbound = {
         s.name: s.inbound_port if s.inbound_port is not None else pick() for s in config.services
     }
-    logs = config.work_dir / "logs"
+    hdir = host_dir(config, host)
+    logs = hdir / "logs"
     env = dict(os.environ if environ is None else environ)
-    ca = _ca_process(config, python, metrics, logs)
+    ca = _ca_process(config, python, metrics, logs) if metrics is not None else None
+    root = config.ca_dir / "root-cert.pem" if with_ca else hdir / "trust" / "root-cert.pem"
     services = tuple(
-        _service_plan(config, s, inbound, status_ports[s.name], python, env, logs)
-        for s in config.services
+        _service_plan(config, s, inbound, status_ports[s.name], python, env, logs, (hdir, root))
+        for s in here
     )
     dirs = (logs, *(s.dir for s in services))
+    if not with_ca:
+        dirs = (*dirs, root.parent)
+    credentials = "mint" if with_ca else ("join" if join_file is not None else "provisioned")
     return MeshPlan(
         config=config,
         logs_dir=logs,
@@ -435,7 +492,29 @@ def plan_mesh(
         services=services,
         steps=_steps(config, ca, metrics, services),
         dirs=dirs,
+        host=host,
+        root_cert=root,
+        credentials=credentials,
+        join_file=join_file,
     )
+
+
+def _check_host(config: MeshConfig, host: str | None, join_file: Path | None) -> None:
+    names = ", ".join(h.name for h in config.hosts)
+    if host is None and config.hosts:
+        raise ConfigError(
+            f"{config.path} places services on hosts ({names}): say which one this is, "
+            "with --host NAME"
+        )
+    if host is not None and not config.hosts:
+        raise ConfigError(f"{config.path} has no hosts: start it without --host")
+    if host is not None and host not in {h.name for h in config.hosts}:
+        raise ConfigError(f"{config.path} has no host {host!r} (hosts: {names})")
+    if join_file is not None and runs_ca(config, host):
+        raise ConfigError(
+            f"{host} runs the CA: its agents get their first credential from the CA "
+            "directory, not from a join file (drop --join)"
+        )
 
 
 def _service_state(svc: ServicePlan, pids: Mapping[str, int]) -> ServiceState:
@@ -464,18 +543,25 @@ def mesh_state(plan: MeshPlan, pids: Mapping[str, int]) -> MeshState:
     :attr:`ProcessPlan.key`). Raises KeyError when one of them is missing."""
     config = plan.config
     services = [_service_state(svc, pids) for svc in plan.services]
-    return MeshState(
-        mesh_file=str(config.path),
-        work_dir=str(config.work_dir),
-        trust_domain=config.trust_domain.name,
-        cert_ttl_seconds=int(config.cert_ttl.total_seconds()),
-        ca=CaState(
+    ca = None
+    if plan.ca is not None and plan.ca_metrics is not None:
+        ca = CaState(
             pid=pids[plan.ca.key],
             address=config.ca_listen,
             metrics=plan.ca_metrics,
             ca_dir=str(config.ca_dir),
             log=str(plan.ca.log),
-        ),
+        )
+    return MeshState(
+        mesh_file=str(config.path),
+        work_dir=str(plan.work_dir),
+        trust_domain=config.trust_domain.name,
+        cert_ttl_seconds=int(config.cert_ttl.total_seconds()),
+        ca=ca,
         services=services,
         policy_files=[str(p) for p in config.policy_files],
+        host=plan.host,
+        ca_address=config.ca_address,
+        root_cert=str(plan.root_cert or config.ca_dir / "root-cert.pem"),
+        identities={str(s.spiffe_id): s.host for s in config.services} if ca is not None else {},
     )

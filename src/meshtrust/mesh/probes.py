@@ -37,6 +37,7 @@ __all__ = [
     "envoy_stats",
     "fetch",
     "fetch_json",
+    "ca_up",
     "load_running_state",
     "parse_serial",
     "port_open",
@@ -171,12 +172,27 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def load_running_state(mesh_file: Path | None) -> MeshState:
-    """The state of ``mesh_file``'s mesh (or of the mesh started last on this machine).
+def ca_up(state: MeshState) -> bool:
+    """Whether the mesh's CA runs: its process on the CA's host; elsewhere, whether its
+    address accepts connections (another host's processes are not visible from here)."""
+    if state.ca is not None:
+        return alive(state.ca.pid)
+    from meshtrust.config import parse_host_port
+
+    try:
+        host, port = parse_host_port(state.ca_address, what="ca address")
+    except ConfigError:
+        return False
+    return port_open(port, host)
+
+
+def load_running_state(mesh_file: Path | None, host: str | None = None) -> MeshState:
+    """The state of ``mesh_file``'s mesh on ``host`` (or of the mesh started last on this
+    machine).
 
     Raises ConfigError when no mesh was started, or none of its processes is alive.
     """
-    state = read_state(find_state(mesh_file))
+    state = read_state(find_state(mesh_file, host))
     if not any(alive(pid) for pid in state.pids()):
         raise ConfigError(
             f"the mesh {state.mesh_file} is not running (none of its processes is alive); "
@@ -234,7 +250,7 @@ def read_chain(svc: ServiceState) -> tuple[list[x509.Certificate] | None, str | 
 
 def read_roots(state: MeshState) -> tuple[list[x509.Certificate] | None, str]:
     """The mesh's root certificates and where they are (or None and why not)."""
-    path = Path(state.ca.ca_dir) / "root-cert.pem"
+    path = Path(state.root_cert)
     try:
         return load_certs_pem(path.read_bytes(), source=str(path)), str(path)
     except OSError as exc:

@@ -71,9 +71,13 @@ class MeshState:
     work_dir: str
     trust_domain: str
     cert_ttl_seconds: float
-    ca: CaState
+    ca: CaState | None  # None on a host of the mesh other than the CA's
     services: list[ServiceState]
     policy_files: list[str] = field(default_factory=list)
+    host: str | None = None  # the host of a mesh with hosts
+    ca_address: str = ""  # where the agents reach the CA
+    root_cert: str = ""  # the trust bundle the agents use
+    identities: dict[str, str | None] = field(default_factory=dict)  # on the CA host: id -> host
 
     def service(self, name: str) -> ServiceState:
         for svc in self.services:
@@ -83,7 +87,7 @@ class MeshState:
         raise ConfigError(f"no service {name!r} in the mesh {self.mesh_file} (services: {known})")
 
     def pids(self) -> list[int]:
-        out = [self.ca.pid]
+        out = [] if self.ca is None else [self.ca.pid]
         for svc in self.services:
             out.append(svc.agent_pid)
             if svc.app_pid is not None:
@@ -117,20 +121,29 @@ def read_state(path: Path) -> MeshState:
             work_dir=raw["work_dir"],
             trust_domain=raw["trust_domain"],
             cert_ttl_seconds=raw["cert_ttl_seconds"],
-            ca=CaState(**raw["ca"]),
+            ca=None if raw["ca"] is None else CaState(**raw["ca"]),
             services=[ServiceState(**s) for s in raw["services"]],
             policy_files=list(raw.get("policy_files", [])),
+            host=raw.get("host"),
+            identities=dict(raw.get("identities") or {}),
+            ca_address=raw.get("ca_address") or (raw["ca"] or {}).get("address", ""),
+            root_cert=raw.get("root_cert")
+            or str(Path((raw["ca"] or {}).get("ca_dir", "")) / "root-cert.pem"),
         )
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"mesh state {path} is damaged or from another version") from exc
 
 
-def find_state(mesh_file: Path | None) -> Path:
-    """The state file of ``mesh_file``'s mesh, or of the mesh started last on this machine."""
+def find_state(mesh_file: Path | None, host: str | None = None) -> Path:
+    """The state file of ``mesh_file``'s mesh (of its ``host``: ``<workDir>/<host>/``), or of
+    the mesh started last on this machine."""
     if mesh_file is not None:
         from meshtrust.mesh.config import mesh_work_dir
 
-        return mesh_work_dir(mesh_file) / STATE_FILE
+        work = mesh_work_dir(mesh_file)
+        return (work if host is None else work / host) / STATE_FILE
+    if host is not None:
+        raise ConfigError("--host needs the mesh file")
     pointer = current_pointer()
     try:
         return Path(pointer.read_text().strip())

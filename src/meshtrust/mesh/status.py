@@ -18,13 +18,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshtrust.clock import SystemClock
-from meshtrust.mesh.probes import agent_status, alive, envoy_info, envoy_stats, fetch, serial_text
+from meshtrust.mesh.probes import (
+    agent_status,
+    alive,
+    ca_up,
+    envoy_info,
+    envoy_stats,
+    fetch,
+    serial_text,
+)
 from meshtrust.mesh.rbac_stats import rbac_allowed, rbac_denials
 from meshtrust.mesh.state import MeshState, ServiceState
 from meshtrust.mesh.timestamps import format_timestamp, parse_timestamp
 
 __all__ = [
     "SCHEMA_VERSION",
+    "IdentityObservation",
     "MeshObservation",
     "ServiceObservation",
     "mesh_status",
@@ -47,11 +56,59 @@ class ServiceObservation:
 
 
 @dataclass(frozen=True)
+class IdentityObservation:
+    """One identity of the mesh and its latest certificate in the CA's ledger."""
+
+    spiffe_id: str
+    host: str | None
+    serial: str | None  # None: never issued
+    not_after: dt.datetime | None
+
+
+@dataclass(frozen=True)
 class MeshObservation:
     state: MeshState
     ca_alive: bool
     ca_metrics: str | None  # the CA's /metrics text, None when it does not answer
     services: tuple[ServiceObservation, ...]
+    identities: tuple[IdentityObservation, ...] = ()  # on the CA's host only
+    ledger_error: str | None = None
+
+
+def observe_ledger(
+    state: MeshState,
+) -> tuple[tuple[IdentityObservation, ...], str | None]:
+    """Every identity of the mesh (``state.identities``) with its latest certificate, read
+    from the CA's ledger; only on the CA's host (elsewhere: nothing)."""
+    if state.ca is None or not state.identities:
+        return (), None
+    from pathlib import Path
+
+    from meshtrust.ca.ledger import SqlLedger, default_ledger_url
+    from meshtrust.errors import MeshTrustError
+
+    try:
+        ledger = SqlLedger(default_ledger_url(Path(state.ca.ca_dir)))
+    except MeshTrustError as exc:
+        return (), str(exc)
+    try:
+        out = []
+        for spiffe_id, host in state.identities.items():
+            records = ledger.certificates(spiffe_id=spiffe_id)
+            latest = max(records, key=lambda r: r.not_after, default=None)
+            out.append(
+                IdentityObservation(
+                    spiffe_id,
+                    host,
+                    None if latest is None else latest.serial,
+                    None if latest is None else latest.not_after,
+                )
+            )
+        return tuple(out), None
+    except MeshTrustError as exc:
+        return (), str(exc)
+    finally:
+        ledger.close()
 
 
 def observe_mesh(state: MeshState) -> MeshObservation:
@@ -69,11 +126,14 @@ def observe_mesh(state: MeshState) -> MeshObservation:
                 envoy_stats=envoy_stats(admin if isinstance(admin, str) else None, _STATS),
             )
         )
+    identities, ledger_error = observe_ledger(state)
     return MeshObservation(
         state=state,
-        ca_alive=alive(state.ca.pid),
-        ca_metrics=fetch(f"http://{state.ca.metrics}/metrics"),
+        ca_alive=ca_up(state),
+        ca_metrics=None if state.ca is None else fetch(f"http://{state.ca.metrics}/metrics"),
         services=tuple(services),
+        identities=identities,
+        ledger_error=ledger_error,
     )
 
 
@@ -157,8 +217,23 @@ def _refusals(text: str) -> int:
     return total
 
 
+def identity_document(obs: IdentityObservation, now: dt.datetime) -> dict[str, Any]:
+    """One entry of ``identities`` (docs/status-json.md): ``renewing`` is false once the
+    latest certificate has expired (or none was ever issued)."""
+    return {
+        "spiffe_id": obs.spiffe_id,
+        "host": obs.host,
+        "serial": serial_text(obs.serial),
+        "not_after": _timestamp(obs.not_after),
+        "expires_in_seconds": _seconds_until(obs.not_after, now),
+        "renewing": obs.not_after is not None and obs.not_after > now,
+    }
+
+
 def _mesh_state(obs: MeshObservation, services: list[dict[str, Any]]) -> str:
-    processes = [obs.ca_alive] + [s.agent_alive for s in obs.services]
+    # Another host's CA is not this host's process: its reachability is reported, not judged.
+    ca = [obs.ca_alive] if obs.state.ca is not None else []
+    processes = ca + [s.agent_alive for s in obs.services]
     processes += [s.app_alive for s in obs.services if s.app_alive is not None]
     if not any(processes):
         return "down"
@@ -177,16 +252,24 @@ def status_document(obs: MeshObservation, now: dt.datetime) -> dict[str, Any]:
         "trust_domain": state.trust_domain,
         "cert_ttl_seconds": math.floor(state.cert_ttl_seconds),
         "state": _mesh_state(obs, services),
+        "host": state.host,
         "ca": {
-            "address": state.ca.address,
-            "state": "running" if obs.ca_alive else "down",
+            "address": state.ca_address if state.ca is None else state.ca.address,
+            "state": _ca_state(obs),
             "issued": None
             if metrics is None
             else _metric(metrics, "citadel_server_success_cert_issuance_count"),
             "refused": None if metrics is None else _refusals(metrics),
         },
         "services": services,
+        "identities": [identity_document(i, now) for i in obs.identities],
     }
+
+
+def _ca_state(obs: MeshObservation) -> str:
+    if obs.state.ca is None:
+        return "reachable" if obs.ca_alive else "unreachable"
+    return "running" if obs.ca_alive else "down"
 
 
 def mesh_status(state: MeshState, now: dt.datetime | None = None) -> dict[str, Any]:

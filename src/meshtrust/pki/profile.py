@@ -236,13 +236,22 @@ def make_serving_cert(
     now: dt.datetime,
     ttl: dt.timedelta,
 ) -> x509.Certificate:
-    """The CA's own TLS serving certificate: DNS SANs plus ``localhost`` and 127.0.0.1/::1."""
+    """The CA's own TLS serving certificate: DNS SANs plus ``localhost`` and 127.0.0.1/::1.
+
+    A name that is an IP address (the CA listening on a host's address, as across hosts)
+    becomes an IP address SAN: TLS clients match an IP only against those."""
     names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    names += [x509.DNSName(n) for n in dns_names if n != "localhost"]
-    names += [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
+    ips = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    for name in dns_names:
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            if name != "localhost":
+                names.append(x509.DNSName(name))
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    names += [x509.IPAddress(ip) for ip in ips]
     not_before, not_after = leaf_validity(signer.cert.not_valid_after_utc, now, ttl)
     return (
         x509.CertificateBuilder()
