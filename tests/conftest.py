@@ -35,6 +35,21 @@ from meshtrust.spiffe import TrustDomain
 TD = TrustDomain.parse("example.org")
 
 
+def workload_token(ca_dir: Path, service_account: str = "web", namespace: str = "default") -> str:
+    """A one-hour token from the token issuer of the CA directory ``ca_dir`` (trust domain
+    ``TD``) for ``namespace``/``service_account``, as `meshtrust token create` makes one."""
+    key = load_token_signing_key(ca_dir)
+    assert key is not None
+    return mint_token(
+        key,
+        token_issuer_for(TD),
+        namespace,
+        service_account,
+        SystemClock().now(),
+        dt.timedelta(hours=1),
+    )
+
+
 @pytest.fixture
 def ca_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "ca"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import http.client
 import ssl
 import tempfile
@@ -21,9 +20,8 @@ from cryptography import x509
 from meshtrust.agent import AgentConfig
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.build import build_agent
-from meshtrust.ca import init_ca_dir, load_token_signing_key, mint_token
+from meshtrust.ca import init_ca_dir
 from meshtrust.ca.assembly import Revocations, build_authority, prepare_ca, start_revocations
-from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.ledger import GroupCommitLedger, SqlLedger
 from meshtrust.ca.metrics import CaMetrics
@@ -35,23 +33,11 @@ from meshtrust.envoy.process import EnvoyProcess
 from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import KeyType, build_csr, generate_key, private_key_pem
 from meshtrust.spiffe import SpiffeId, TrustDomain
+from tests.conftest import workload_token
 from tests.envoy_helpers import sidecar_bootstrap
 from tests.processes import free_port
 
 TD = TrustDomain("example.org")
-
-
-def workload_token(ca_dir: Path, service_account: str) -> str:
-    key = load_token_signing_key(ca_dir)
-    assert key is not None
-    return mint_token(
-        key,
-        token_issuer_for(TD),
-        "default",
-        service_account,
-        SystemClock().now(),
-        dt.timedelta(hours=1),
-    )
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,7 @@ from meshtrust.ca import (
     GroupCommitLedger,
     SqlLedger,
     init_ca_dir,
-    load_token_signing_key,
-    mint_token,
     prepare_ca,
-    token_issuer_for,
 )
 from meshtrust.ca.assembly import build_authority
 from meshtrust.ca.server import CaGrpcService, bind_listener, serve_grpc
@@ -46,7 +43,7 @@ from meshtrust.errors import (
 from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import KeyType, build_csr, generate_key
 from meshtrust.spiffe import SpiffeId, TrustDomain
-from tests.conftest import TD
+from tests.conftest import TD, workload_token
 from tests.processes import free_port, run_cli
 from tests.waiting import async_until
 
@@ -204,19 +201,6 @@ async def answering(
         await server.wait_closed()
 
 
-def _token(ca_dir: Path, service_account: str = "web") -> str:
-    key = load_token_signing_key(ca_dir)
-    assert key is not None
-    return mint_token(
-        key,
-        token_issuer_for(TD),
-        "default",
-        service_account,
-        SystemClock().now(),
-        dt.timedelta(hours=1),
-    )
-
-
 def _dead_address(host: str = "127.0.0.1") -> str:
     """An address where nothing listens (connection refused)."""
     return f"{host}:{free_port()}"
@@ -227,7 +211,7 @@ def _root(ca_dir: Path) -> bytes:
 
 
 async def _sign(client: CaClient, ca_dir: Path, **kwargs: object) -> list[str]:
-    return await client.sign(build_csr(generate_key(), WEB), token=_token(ca_dir), **kwargs)  # type: ignore[arg-type]
+    return await client.sign(build_csr(generate_key(), WEB), token=workload_token(ca_dir), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio
@@ -237,7 +221,7 @@ async def test_a_dead_address_fails_over_to_the_next_and_the_client_sticks_there
     dead = _dead_address()
     async with replica(ca_dir) as live:
         client = CaClient([dead, live.address], _root(ca_dir))
-        token = _token(ca_dir)
+        token = workload_token(ca_dir)
         with caplog.at_level(logging.WARNING, logger="meshtrust.caapi"):
             await client.sign(build_csr(generate_key(), WEB), token=token)
         assert client.failovers == 1
@@ -277,8 +261,8 @@ def _refusal(ca_dir: Path, case: str) -> tuple[dict[str, object], type[MeshTrust
     if case == "UNAUTHENTICATED":
         return {"token": "not-a-token"}, AuthenticationError
     if case == "PERMISSION_DENIED":  # a token for api, a CSR for web
-        return {"token": _token(ca_dir, "api")}, PermissionDenied
-    return {"token": _token(ca_dir), "ttl_seconds": 10 * 86400}, InvalidCSR  # over max TTL
+        return {"token": workload_token(ca_dir, "api")}, PermissionDenied
+    return {"token": workload_token(ca_dir), "ttl_seconds": 10 * 86400}, InvalidCSR  # over max TTL
 
 
 @pytest.mark.asyncio
@@ -414,7 +398,7 @@ async def test_localhost_resolved_for_real_is_verified_as_localhost(ca_dir: Path
 async def test_the_agent_counts_failovers_and_no_failed_renewal(
     ca_dir: Path, tmp_path: Path
 ) -> None:
-    (tmp_path / "token").write_text(_token(ca_dir))
+    (tmp_path / "token").write_text(workload_token(ca_dir))
     async with replica(ca_dir) as live:
         config = AgentConfig(
             ca_root=ca_dir / "root-cert.pem",

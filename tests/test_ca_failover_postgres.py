@@ -26,13 +26,12 @@ from cryptography import x509
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.build import build_agent
 from meshtrust.agent.config import AgentConfig
-from meshtrust.ca import load_token_signing_key, mint_token, token_issuer_for
 from meshtrust.caapi import CaClient
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.clock import SystemClock
 from meshtrust.pki import build_csr, format_serial, generate_key
 from meshtrust.spiffe import SpiffeId
-from tests.conftest import TD
+from tests.conftest import TD, workload_token
 from tests.postgres import PostgresServer, postgres_server
 from tests.processes import MESHTRUST, CaProcess, free_port
 from tests.test_ca_failover import NAME, FakeDns
@@ -48,15 +47,6 @@ TTL = dt.timedelta(seconds=6)  # renewal every ~3 s: several rotations per test
 def pg() -> Iterator[PostgresServer]:
     with postgres_server() as server:
         yield server
-
-
-def _token(ca_dir: Path, service_account: str) -> str:
-    key = load_token_signing_key(ca_dir)
-    assert key is not None
-    now = SystemClock().now()
-    return mint_token(
-        key, token_issuer_for(TD), "default", service_account, now, dt.timedelta(hours=1)
-    )
 
 
 @dataclass
@@ -97,7 +87,7 @@ class Load:
     def __init__(self, ca_dir: Path, port: int) -> None:
         self.root = (ca_dir / "root-cert.pem").read_bytes()
         self.port = port
-        self.token = _token(ca_dir, "load")
+        self.token = workload_token(ca_dir, "load")
         self.csr = build_csr(generate_key(), SpiffeId.for_workload(TD, "default", "load"))
         self.received: list[str] = []
 
@@ -131,7 +121,7 @@ class AgentProcess:
 
     def __init__(self, ca_dir: Path, work: Path, port: int) -> None:
         work.mkdir()
-        (work / "token").write_text(_token(ca_dir, "proc"))
+        (work / "token").write_text(workload_token(ca_dir, "proc"))
         self.status_port = free_port()
         self.log_path = work / "agent.log"
         self._log = self.log_path.open("w")
@@ -209,7 +199,7 @@ def _agents(ca_dir: Path, tmp_path: Path, port: int) -> list[tuple[Agent, Record
     for i in range(6):
         work = tmp_path / f"agent{i}"
         work.mkdir()
-        (work / "token").write_text(_token(ca_dir, f"w{i}"))
+        (work / "token").write_text(workload_token(ca_dir, f"w{i}"))
         by_name = i >= 3
         config = AgentConfig(
             ca_root=root,

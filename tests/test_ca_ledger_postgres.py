@@ -23,16 +23,13 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 
-from meshtrust.ca import load_token_signing_key, mint_token
-from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.ca.ledger import IssuedRecord, SqlLedger
 from meshtrust.ca.schema import MIGRATIONS, SCHEMA_VERSION
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
-from meshtrust.clock import SystemClock
 from meshtrust.errors import LedgerError
 from meshtrust.pki import build_csr, format_serial, generate_key
 from meshtrust.spiffe import SpiffeId
-from tests.conftest import TD
+from tests.conftest import TD, workload_token
 from tests.postgres import PostgresServer, postgres_server
 from tests.processes import CaProcess, run_cli
 from tests.waiting import async_until
@@ -246,14 +243,6 @@ def test_three_ca_replicas_started_together_on_a_fresh_postgresql_ledger_all_ser
 # --------------------------------------------------------------------------- under load
 
 
-def _token(ca_dir: Path) -> str:
-    key = load_token_signing_key(ca_dir)
-    assert key is not None
-    return mint_token(
-        key, token_issuer_for(TD), "default", "web", SystemClock().now(), dt.timedelta(hours=1)
-    )
-
-
 class Client:
     """Concurrent CreateCertificate calls to one replica; every serial received, every
     failure's status code."""
@@ -307,7 +296,7 @@ async def test_three_replicas_under_load_one_killed_lose_and_duplicate_nothing(
     pg_url: str, ca_dir: Path
 ) -> None:
     replicas = [CaProcess(ca_dir, "--ledger", pg_url, "--workers", "1") for _ in range(3)]
-    token = _token(ca_dir)
+    token = workload_token(ca_dir)
     csr = build_csr(generate_key(), SpiffeId.for_workload(TD, "default", "web"))
     try:
         for ca in replicas:
@@ -347,7 +336,7 @@ async def test_postgresql_stopped_is_unavailable_with_a_reason_and_recovers(
         ca = CaProcess(ca_dir, "--ledger", url, "--workers", "1")
         try:
             ca.wait_ready(timeout=60)
-            client = Client(ca, _token(ca_dir), build_csr(generate_key(), WEB))
+            client = Client(ca, workload_token(ca_dir), build_csr(generate_key(), WEB))
             root = (ca_dir / "root-cert.pem").read_bytes()
             creds = grpc.ssl_channel_credentials(root_certificates=root)
             async with grpc.aio.secure_channel(ca.address, creds) as channel:

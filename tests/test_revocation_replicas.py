@@ -15,9 +15,8 @@ from cryptography import x509
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
 from meshtrust.pki import build_csr, format_serial, generate_key, private_key_pem
 from meshtrust.spiffe import SpiffeId
-from tests.conftest import TD
+from tests.conftest import TD, workload_token
 from tests.processes import CaProcess, run_cli
-from tests.revocation_rig import workload_token
 
 pytestmark = pytest.mark.slow
 

@@ -4,19 +4,15 @@ decoder (hpack) logs every header it decodes at DEBUG, the ``authorization`` one
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import grpc
 import pytest
 
-from meshtrust.ca import load_token_signing_key, mint_token
-from meshtrust.ca.cadir import token_issuer_for
 from meshtrust.caapi.istio import ca_pb2, ca_pb2_grpc
-from meshtrust.clock import SystemClock
 from meshtrust.pki import build_csr, generate_key
 from meshtrust.spiffe import SpiffeId
-from tests.conftest import TD
+from tests.conftest import TD, workload_token
 from tests.processes import CaProcess
 
 pytestmark = pytest.mark.slow
@@ -24,11 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_debug_logs_of_the_ca_hold_no_bearer_token(ca_dir: Path, workers: str) -> None:
-    key = load_token_signing_key(ca_dir)
-    assert key is not None
-    token = mint_token(
-        key, token_issuer_for(TD), "default", "web", SystemClock().now(), dt.timedelta(hours=1)
-    )
+    token = workload_token(ca_dir)
     ca = CaProcess(ca_dir, "--workers", workers, options=("--log-level", "debug"))
     try:
         ca.wait_ready()
