@@ -142,6 +142,54 @@ def test_revoking_an_identity_revokes_its_live_certs_and_blocks_it_until_unblock
         ledger.close()
 
 
+def test_a_certificate_that_lands_after_the_block_was_read_moves_the_revision(url: str) -> None:
+    """The race behind a CI failure: a replica signed for ``web`` before it had read the block
+    (its issued_at even predates the block) and committed after ``revoke_identity`` looked.
+    Without a revocation row nothing changes the revision, so no replica would re-read the
+    state and no CRL would ever list it; ``revoke_late`` writes that row, once."""
+    ledger, other = SqlLedger(url), SqlLedger(url)
+    try:
+        ledger.revoke_identity(WEB, x509.ReasonFlags.key_compromise, "ops", "node lost", NOW)
+        seen = ledger.revocation_revision()
+        signed_before = NOW - dt.timedelta(milliseconds=5)
+        ledger.record_batch([record("0" * 31 + "6", at=signed_before), record("0" * 31 + "7", API)])
+        assert ledger.revocation_revision() == seen  # the hole: nothing moved
+        late = other.revoke_late(NOW)
+        assert [(r.serial, r.spiffe_id, r.reason) for r in late] == [
+            ("0" * 31 + "6", WEB, x509.ReasonFlags.privilege_withdrawn)
+        ]
+        assert ledger.revocation_revision() > seen
+        assert "0" * 31 + "6" in ledger.revocation_state(NOW).revoked
+        assert "0" * 31 + "7" not in ledger.revocation_state(NOW).revoked  # api is not blocked
+        assert ledger.revoke_late(NOW) == [] and other.revoke_late(NOW) == []
+        assert [e.action for e in ledger.audit_events()] == ["block", "revoke"]
+    finally:
+        ledger.close()
+        other.close()
+
+
+@pytest.mark.asyncio
+async def test_the_watch_revokes_late_certificates_while_a_block_is_in_force(url: str) -> None:
+    from meshtrust.ca.revocation import RevocationWatch
+    from meshtrust.clock import FakeClock
+
+    ledger = SqlLedger(url)
+    try:
+        watch = RevocationWatch(ledger, FakeClock(NOW))
+        assert await watch.poll_once() is False and not watch.state.blocked
+        ledger.record_batch([record("0" * 31 + "8")])
+        assert await watch.poll_once() is False  # no block: nothing written, nothing to do
+        assert ledger.revoke_late(NOW) == []
+        ledger.revoke_identity(WEB, x509.ReasonFlags.key_compromise, "ops", "", NOW)
+        assert await watch.poll_once() is True and watch.state.block(WEB) is not None
+        ledger.record_batch([record("0" * 31 + "9")])
+        assert await watch.poll_once() is True
+        assert "0" * 31 + "9" in watch.state.revoked
+        assert await watch.poll_once() is False
+    finally:
+        ledger.close()
+
+
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), env={"COLUMNS": "250"})
 

@@ -265,6 +265,60 @@ class SqlLedger:
             _audit(conn, now, actor, "unblock", f"spiffe_id={spiffe_id} why={why!r}")
         return Block(spiffe_id, _utc(active["blocked_at"]), active["actor"], active["why"])
 
+    def revoke_late(self, now: dt.datetime) -> list[Revocation]:
+        """Revoke every unexpired certificate of a blocked identity that has no revocation
+        row yet, and return those revocations (usually none).
+
+        A replica that had not yet read a block may sign for the identity, or may have
+        signed before the block and committed after ``revoke_identity`` looked: such a
+        certificate would otherwise stay out of every CRL, since nothing changes the
+        revision after it lands. Every replica calls this while a block is in force; a
+        second replica inserting the same row at the same moment is not an error."""
+        late = (
+            sa.select(certificates.c.serial, certificates.c.spiffe_id)
+            .join(
+                blocks,
+                sa.and_(
+                    blocks.c.spiffe_id == certificates.c.spiffe_id, blocks.c.lifted_at.is_(None)
+                ),
+            )
+            .where(
+                certificates.c.not_after > now,
+                certificates.c.serial.not_in(sa.select(revocations.c.serial)),
+            )
+        )
+        try:
+            with self._engine.begin() as conn:
+                rows = conn.execute(late).all()
+                if not rows:
+                    return []
+                revoked = [
+                    Revocation(
+                        serial,
+                        spiffe_id,
+                        x509.ReasonFlags.privilege_withdrawn,
+                        now,
+                        "meshtrust-ca",
+                        "issued while its identity was blocked",
+                    )
+                    for serial, spiffe_id in rows
+                ]
+                conn.execute(revocations.insert(), [_revocation_row(r) for r in revoked])
+                for r in revoked:
+                    _audit(
+                        conn,
+                        now,
+                        r.actor,
+                        "revoke",
+                        f"serial={r.serial} spiffe_id={r.spiffe_id} "
+                        f"reason={r.reason.value} why={r.why!r}",
+                    )
+        except sa.exc.IntegrityError:
+            return []  # another replica wrote them first: the revision moves all the same
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger write failed: {exc.__class__.__name__}") from exc
+        return revoked
+
     def revocation_revision(self) -> int:
         """A number that grows with every revocation, block and unblock."""
         q = sa.select(
@@ -283,8 +337,8 @@ class SqlLedger:
 
     def revocation_state(self, now: dt.datetime) -> RevocationState:
         """Revocations of unexpired certificates and the active blocks, at one revision
-        (read in one transaction). Certificates of a blocked identity issued after its block
-        count as revoked (see :mod:`meshtrust.ca.revocation`)."""
+        (read in one transaction). Every unexpired certificate of a blocked identity counts
+        as revoked (see :mod:`meshtrust.ca.revocation`)."""
         try:
             with self._engine.begin() as conn:
                 return self._read_state(conn, now)
@@ -320,7 +374,6 @@ class SqlLedger:
             late = conn.execute(
                 sa.select(certificates.c.serial, certificates.c.issued_at).where(
                     certificates.c.spiffe_id == block.spiffe_id,
-                    certificates.c.issued_at >= block.blocked_at,
                     certificates.c.not_after > now,
                 )
             )

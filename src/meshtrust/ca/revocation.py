@@ -16,9 +16,12 @@ The revision is a count of changes (revocation rows + block rows + lifted blocks
 operation only adds rows or lifts a block once, so it only grows, with no counter row for
 replicas to fight over.
 
-The revoked set is the revocation rows plus every certificate of a blocked identity issued
-after the block (a replica that had not yet seen the block may have issued one: it is
-revoked all the same).
+The revoked set is the revocation rows plus every unexpired certificate of a blocked
+identity. A replica that had not yet read the block may have signed one, or signed before
+the block and committed after ``ca revoke`` looked; no revision change would ever bring
+such a certificate into a CRL, so while a block is in force every replica's watch also
+writes revocation rows for them (:meth:`~meshtrust.ca.ledger.SqlLedger.revoke_late`), and
+the revision moves.
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ class RevocationSource(Protocol):
 
     def revocation_state(self, now: dt.datetime) -> RevocationState: ...
 
+    def revoke_late(self, now: dt.datetime) -> list[Revocation]: ...
+
 
 class RevocationWatch:
     """Keeps :attr:`state` at the ledger's latest revision; run :meth:`run` as a task.
@@ -167,6 +172,14 @@ class RevocationWatch:
     async def poll_once(self) -> bool:
         """Look for a new revision; True when the state changed."""
         try:
+            if self.state.blocked:
+                late = await asyncio.to_thread(self._source.revoke_late, self._clock.now())
+                for r in late:
+                    log.warning(
+                        "revoked %s (serial %s): issued while its identity was blocked",
+                        r.spiffe_id,
+                        r.serial,
+                    )
             revision = await asyncio.to_thread(self._source.revocation_revision)
             if revision == self.state.revision:
                 self._failing = False
