@@ -117,15 +117,22 @@ class Load:
 
 
 class AgentProcess:
-    """``meshtrust agent`` with ``--ca-address`` repeated, one per replica."""
+    """``meshtrust agent`` with ``--ca-address`` repeated, one per replica (``hosts``)."""
 
-    def __init__(self, ca_dir: Path, work: Path, port: int) -> None:
+    def __init__(
+        self,
+        ca_dir: Path,
+        work: Path,
+        port: int,
+        hosts: list[str] = HOSTS,
+        ttl: dt.timedelta = TTL,
+    ) -> None:
         work.mkdir()
         (work / "token").write_text(workload_token(ca_dir, "proc"))
         self.status_port = free_port()
         self.log_path = work / "agent.log"
         self._log = self.log_path.open("w")
-        addresses = [arg for h in HOSTS for arg in ("--ca-address", f"{h}:{port}")]
+        addresses = [arg for h in hosts for arg in ("--ca-address", f"{h}:{port}")]
         self.proc = subprocess.Popen(
             [
                 *MESHTRUST,
@@ -140,7 +147,7 @@ class AgentProcess:
                 "--output-dir",
                 str(work / "certs"),
                 "--cert-ttl",
-                f"{int(TTL.total_seconds())}s",
+                f"{int(ttl.total_seconds())}s",
                 "--status-listen",
                 f"127.0.0.1:{self.status_port}",
             ],
