@@ -258,3 +258,67 @@ def test_the_https_server_answers_reviews_even_with_a_stalled_client_connected(
     assert json.loads(body)["response"]["patchType"] == "JSONPatch"
     status, body = _post(server.port, ctx, b"{not json")
     assert (status, body) == (400, b"the request body is not JSON\n")
+
+
+def _served_serial(port: int, ctx: ssl.SSLContext) -> int:
+    from cryptography import x509
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_renewed_serving_certificate_is_used_without_a_restart_and_a_bad_one_is_not(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a Secret volume update does: the files change under the running webhook."""
+    from meshtrust.injector.server import ReloadingTlsContext
+
+    ca, key, leaf = make_tls_pair(["localhost"], ["127.0.0.1"])
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(pem_bytes(leaf))
+    key_file.write_bytes(pem_bytes(key))
+    now = [0.0]
+    tls = ReloadingTlsContext(cert_file, key_file, interval=1.0, monotonic=lambda: now[0])
+    server = InjectorServer("127.0.0.1", 0, tls, lambda ns: ENABLED, SETTINGS)
+    server.start()
+    client = ssl.create_default_context(cadata=pem_bytes(ca).decode())
+    try:
+        assert _served_serial(server.port, client) == leaf.serial_number
+        ca2, key2, leaf2 = make_tls_pair(["localhost"], ["127.0.0.1"])
+        client.load_verify_locations(cadata=pem_bytes(ca2).decode())
+        (tmp_path / "new.crt").write_bytes(pem_bytes(leaf2))
+        (tmp_path / "new.key").write_bytes(pem_bytes(key2))
+        (tmp_path / "new.crt").replace(cert_file)
+        (tmp_path / "new.key").replace(key_file)
+        assert _served_serial(server.port, client) == leaf.serial_number  # not looked yet
+        now[0] = 1.5
+        assert _served_serial(server.port, client) == leaf2.serial_number
+        assert tls.reloads == 1
+
+        cert_file.write_bytes(b"-----BEGIN CERTIFICATE-----\nbroken\n")  # half-written
+        now[0] = 3.0
+        assert _served_serial(server.port, client) == leaf2.serial_number
+        assert tls.failures == 1
+        assert "keeping the last good one" in caplog.text
+        assert "PRIVATE KEY" not in caplog.text
+        status, _ = _post(server.port, client, review(pod()))
+        assert status == 200
+    finally:
+        server.stop()
+
+
+def test_the_injector_refuses_to_start_on_a_key_that_does_not_match(tmp_path: Any) -> None:
+    from meshtrust.errors import ConfigError
+    from meshtrust.injector.server import ReloadingTlsContext
+
+    _, _, leaf = make_tls_pair(["localhost"], ["127.0.0.1"])
+    _, other_key, _ = make_tls_pair(["localhost"], ["127.0.0.1"])
+    (tmp_path / "tls.crt").write_bytes(pem_bytes(leaf))
+    (tmp_path / "tls.key").write_bytes(pem_bytes(other_key))
+    with pytest.raises(ConfigError, match="not a usable certificate and key"):
+        ReloadingTlsContext(tmp_path / "tls.crt", tmp_path / "tls.key")
+    with pytest.raises(ConfigError, match="cannot read"):
+        ReloadingTlsContext(tmp_path / "missing.crt", tmp_path / "tls.key")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import ssl
 from pathlib import Path
 from urllib.parse import quote
 
@@ -27,7 +26,8 @@ def injector() -> None:
     "--tls-cert",
     type=click.Path(path_type=Path, dir_okay=False),
     required=True,
-    help="Serving certificate chain (PEM), e.g. from `meshtrust injector cert`.",
+    help="Serving certificate chain (PEM), e.g. from `meshtrust injector cert`; re-read when "
+    "it changes (a Secret update), no restart needed.",
 )
 @click.option(
     "--tls-key",
@@ -72,8 +72,8 @@ def serve(
 
     from meshtrust.config import parse_host_port
     from meshtrust.errors import ConfigError
-    from meshtrust.fileio import load_cert_chain_pem
     from meshtrust.injector import InjectorServer, InjectorSettings, NamespaceLabelCache
+    from meshtrust.injector.server import ReloadingTlsContext
     from meshtrust.kube import KubeClient, load_kube_source
 
     host, port = parse_host_port(listen, what="--listen")
@@ -84,20 +84,16 @@ def serve(
         ca_server_name=ca_server_name,
         root_configmap=root_configmap,
     )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        load_cert_chain_pem(ctx, tls_cert.read_bytes(), tls_key.read_bytes())
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"--tls-cert/--tls-key: not a usable certificate and key ({exc.reason})"
-        ) from None
+        tls = ReloadingTlsContext(tls_cert, tls_key)
+    except ConfigError as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {exc}") from None
     client = KubeClient(load_kube_source(kube_source, os.environ))
 
     def fetch(namespace: str) -> dict[str, object]:
         return client.request("GET", f"/api/v1/namespaces/{quote(namespace, safe='')}")
 
-    server = InjectorServer(host, port, ctx, NamespaceLabelCache(fetch), settings)
+    server = InjectorServer(host, port, tls, NamespaceLabelCache(fetch), settings)
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     click.echo(f"meshtrust injector serving on https://{host}:{server.port}/inject", err=True)
     try:

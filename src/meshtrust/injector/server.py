@@ -1,6 +1,10 @@
 """The injector on the wire: HTTPS, ``POST /inject`` (AdmissionReview in, AdmissionReview
 out) and ``GET /ready``, on a small threaded server (admission calls are few and short).
 
+Its serving certificate is short-lived (``meshtrust injector cert`` signs it with the mesh's
+CA), so :class:`ReloadingTlsContext` re-reads the certificate and key files when they change
+— a Secret volume update, cert-manager renewing it, the command run again — with no restart.
+
 Namespace labels come from the API server through :class:`NamespaceLabelCache`, cached for
 a few seconds: a Deployment scaled to 100 replicas asks about the same namespace 100 times.
 """
@@ -10,17 +14,20 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-from meshtrust.errors import MeshTrustError
+from meshtrust.errors import ConfigError, MeshTrustError
+from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.injector.inject import InjectorSettings
 from meshtrust.injector.webhook import InvalidReview, NamespaceLabels, review_response
 
-__all__ = ["InjectorServer", "NamespaceLabelCache"]
+__all__ = ["InjectorServer", "NamespaceLabelCache", "ReloadingTlsContext"]
 
 log = logging.getLogger("meshtrust.injector")
 MAX_REVIEW_BYTES = 8 * 1024 * 1024
@@ -28,6 +35,82 @@ LABELS_TTL = 5.0
 #: Per connection, for the TLS handshake and each read: a client that connects and stalls
 #: holds one thread this long, never the accept loop.
 CONNECTION_TIMEOUT = 10.0
+#: How often, at most, the serving certificate's files are looked at (on a connection).
+RELOAD_CHECK_INTERVAL = 1.0
+
+
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ server context from the PEM files; :class:`ConfigError` saying which pair
+    and why when they do not load (never the key's bytes)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        load_cert_chain_pem(ctx, cert.read_bytes(), key.read_bytes())
+    except ssl.SSLError as exc:  # an OSError too: first
+        raise ConfigError(
+            f"{cert} / {key}: not a usable certificate and key ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename or cert}: cannot read: {exc.strerror}") from None
+    return ctx
+
+
+class ReloadingTlsContext:
+    """The serving context for ``cert`` + ``key``, rebuilt when either file changes.
+
+    Checked at most every ``interval`` seconds, from the connection threads (a stat of two
+    files). A pair that does not load — a half-written update, a key that does not match —
+    is logged once and the last good context stays in use; the next change is tried again.
+    The first load happens in the constructor and raises :class:`ConfigError`.
+    """
+
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        interval: float = RELOAD_CHECK_INTERVAL,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cert, self._key = cert, key
+        self._interval = interval
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._stamp = self._read_stamp()
+        self._context = _server_context(cert, key)
+        self._checked = monotonic()
+        self.reloads = 0
+        self.failures = 0
+
+    def _read_stamp(self) -> tuple[tuple[int, int, int], ...]:
+        stamps = []
+        for path in (self._cert, self._key):
+            try:
+                st = os.stat(path)  # through the Secret volume's ..data symlink
+            except OSError:
+                stamps.append((0, 0, 0))
+            else:
+                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def current(self) -> ssl.SSLContext:
+        now = self._monotonic()
+        with self._lock:
+            if now - self._checked < self._interval:
+                return self._context
+            self._checked = now
+            stamp = self._read_stamp()
+            if stamp == self._stamp:
+                return self._context
+            self._stamp = stamp
+            try:
+                self._context = _server_context(self._cert, self._key)
+            except ConfigError as exc:
+                self.failures += 1
+                log.error("serving certificate not reloaded, keeping the last good one: %s", exc)
+            else:
+                self.reloads += 1
+                log.info("serving certificate reloaded from %s", self._cert)
+            return self._context
 
 
 class _TlsPerThreadServer(http.server.ThreadingHTTPServer):
@@ -40,14 +123,14 @@ class _TlsPerThreadServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler],
-                 ssl_context: ssl.SSLContext) -> None:  # fmt: skip
+                 ssl_context: Callable[[], ssl.SSLContext]) -> None:  # fmt: skip
         super().__init__(address, handler)
         self.ssl_context = ssl_context
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(CONNECTION_TIMEOUT)
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            tls = self.ssl_context().wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.debug("TLS handshake with %s failed: %s", client_address, exc)
             return
@@ -96,7 +179,7 @@ class InjectorServer:
         self,
         host: str,
         port: int,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | ReloadingTlsContext,
         labels_of: NamespaceLabels,
         settings: InjectorSettings,
     ) -> None:
@@ -147,7 +230,12 @@ class InjectorServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("%s " + format, self.address_string(), *args)
 
-        self._httpd = _TlsPerThreadServer((host, port), Handler, ssl_context)
+        contexts: Callable[[], ssl.SSLContext] = (
+            ssl_context.current
+            if isinstance(ssl_context, ReloadingTlsContext)
+            else lambda: ssl_context
+        )
+        self._httpd = _TlsPerThreadServer((host, port), Handler, contexts)
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
