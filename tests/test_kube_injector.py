@@ -48,7 +48,8 @@ def injector(kube: KubeApiServer, tmp_path_factory: pytest.TempPathFactory) -> I
         [*MESHTRUST, "injector", "serve", "--listen", f"127.0.0.1:{port}",
          "--tls-cert", str(root / "tls" / "tls.crt"), "--tls-key", str(root / "tls" / "tls.key"),
          "--kube", str(kube.kubeconfig), "--image", "example.org/meshtrust:test",
-         "--ca-address", "meshtrust-ca.meshtrust-system.svc:15012"],
+         "--ca-address", "meshtrust-ca.meshtrust-system.svc:15012",
+         "--publish-root", str(root / "ca" / "root-cert.pem"), "--publish-interval", "1"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     ca_bundle = (root / "tls" / "ca.crt").read_text()
@@ -158,3 +159,37 @@ def test_a_bad_annotation_is_refused_with_the_injectors_reason(
     with pytest.raises(KubeError, match="meshtrust.io/app-port 'http' is not a port"):
         kube.create("/api/v1/namespaces/meshed/pods", bad)
     assert "Traceback" not in Path(injector).read_text()
+
+
+def _root_configmap(kube: KubeApiServer, namespace: str) -> dict[str, Any] | None:
+    try:
+        return kube.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/meshtrust-ca-root-cert")
+    except KubeError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def test_every_namespace_gets_the_ca_root_configmap_and_a_foreign_one_is_left_alone(
+    kube: KubeApiServer, injector: str
+) -> None:
+    root = (Path(injector).parent / "ca" / "root-cert.pem").read_text()
+    kube.ensure_namespace("root-shop")
+    kube.ensure_namespace("root-theirs")
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "meshtrust-ca-root-cert"}, "data": {"root-cert.pem": "x"}}  # fmt: skip
+    try:
+        kube.create("/api/v1/namespaces/root-theirs/configmaps", theirs)
+    except KubeError as exc:  # the publisher may have been quicker: take it back
+        assert exc.status == 409
+        kube.request("PUT", "/api/v1/namespaces/root-theirs/configmaps/meshtrust-ca-root-cert",
+                     theirs)  # fmt: skip
+    for namespace in ("default", "root-shop"):
+        until(
+            lambda: (_root_configmap(kube, namespace) or {}).get("data", {}).get("root-cert.pem")
+            == root,
+            timeout=30,
+            what=f"the CA root in namespace {namespace}",
+        )
+    until(lambda: "left alone" in Path(injector).read_text(), 30, "the foreign one reported")
+    assert (_root_configmap(kube, "root-theirs") or {})["data"] == {"root-cert.pem": "x"}

@@ -57,6 +57,22 @@ def injector() -> None:
     show_default=True,
     help="ConfigMap (in each pod's namespace) holding the CA's root-cert.pem.",
 )
+@click.option(
+    "--publish-root",
+    "publish_root",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Keep this CA root bundle (PEM) in the --root-configmap ConfigMap of every namespace, "
+    "re-read on each pass, as istiod does for istio-ca-root-cert. Without it, "
+    "create the ConfigMap in each namespace yourself.",
+)
+@click.option(
+    "--publish-interval",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between --publish-root passes (a new namespace gets the ConfigMap within it).",
+)
 def serve(
     listen: str,
     tls_cert: Path,
@@ -66,6 +82,8 @@ def serve(
     ca_address: str,
     ca_server_name: str | None,
     root_configmap: str,
+    publish_root: Path | None,
+    publish_interval: float,
 ) -> None:
     """Serve the mutating admission webhook (POST /inject) until SIGTERM/SIGINT."""
     import signal
@@ -93,13 +111,24 @@ def serve(
     def fetch(namespace: str) -> dict[str, object]:
         return client.request("GET", f"/api/v1/namespaces/{quote(namespace, safe='')}")
 
+    publisher = None
+    if publish_root is not None:
+        from meshtrust.injector.rootpublisher import RootPublisher, read_root_bundle
+
+        read_root_bundle(publish_root)  # a bad file stops the start, with its reason
+        publisher = RootPublisher(client, publish_root, root_configmap, publish_interval)
     server = InjectorServer(host, port, tls, NamespaceLabelCache(fetch), settings)
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     click.echo(f"meshtrust injector serving on https://{host}:{server.port}/inject", err=True)
+    if publisher is not None:
+        publisher.start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        if publisher is not None:
+            publisher.stop()
 
 
 @injector.command("cert")
