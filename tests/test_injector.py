@@ -130,6 +130,8 @@ def test_agent_and_sidecar_config_files_load_with_our_loaders(tmp_path: Any) -> 
     assert str(agent["token_file"]) == "/var/run/secrets/tokens/istio-token"
     sidecar = load_sidecar_config(tmp_path / "sidecar.yaml")
     assert (sidecar.name, sidecar.namespace, sidecar.app_port) == ("web", "shop", 8080)
+    # Other pods reach the sidecar on the pod's IP (its `mtls` port), not only from inside it.
+    assert (sidecar.inbound_address, sidecar.inbound_port) == ("0.0.0.0", 15006)
 
 
 def test_pods_without_volumes_annotations_or_port_still_patch_cleanly() -> None:

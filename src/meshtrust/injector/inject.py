@@ -198,8 +198,11 @@ def inject(
         )
     else:
         agent["sidecar"] = f"{POD_CONFIG_DIR}/sidecar.yaml"
+        # The pod's own IP (any address in its network namespace): other pods' sidecars reach
+        # this one on its `mtls` port; plain text to the app stays inside the pod.
         sidecar = {"name": _workload_name(pod, str(sa)), "namespace": namespace,
-                   "app_port": port, "inbound_port": settings.inbound_port}  # fmt: skip
+                   "app_port": port, "inbound_port": settings.inbound_port,
+                   "inbound_address": "0.0.0.0"}  # fmt: skip
         annotations[SIDECAR_CONFIG_ANNOTATION] = _settings_yaml(sidecar)
     annotations[AGENT_CONFIG_ANNOTATION] = _settings_yaml(agent)
     patch = _annotation_ops(pod, annotations)
