@@ -195,8 +195,11 @@ def up(mesh_file: Path, detach: bool, host: str | None, join_file: Path | None) 
     applies the policies) and its app, and returns once every sidecar has its
     certificate and is ready. Without --detach it then shows a live view (identities,
     serials, time to rotation, allowed/denied connections) until Ctrl-C, and stops
-    everything. The mesh file format is in docs/mesh.md.
+    everything. While it runs (not with --detach) it also serves a live web dashboard on
+    loopback — the URL is printed; `dashboard.listen` in MESH_FILE sets it, docs/dashboard.md
+    shows it. The mesh file format is in docs/mesh.md.
     """
+    from meshtrust.dashboard import bind_dashboard, watch_mesh
     from meshtrust.mesh.config import load_mesh_config
     from meshtrust.mesh.launch import launch, mesh_lock, pick_free_port
     from meshtrust.mesh.plan import plan_mesh
@@ -206,8 +209,18 @@ def up(mesh_file: Path, detach: bool, host: str | None, join_file: Path | None) 
     plan = plan_mesh(config, pick_free_port, python=sys.executable, host=host, join_file=join_file)
     stop = _StopRequest()
     with mesh_lock(plan.work_dir):  # for the life of this `up`: a second one is told why
-        state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)
-        _serve(state, plan.work_dir, detach, console, stop)
+        # Bound before anything starts (a taken dashboard.listen stops nothing); it lives as
+        # long as this `up`, so not with --detach.
+        dashboard = None if detach else bind_dashboard(config.dashboard_listen)
+        try:
+            state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)
+            if dashboard is not None:
+                watch_mesh(dashboard, state)
+                console.print(f"[green]•[/green] dashboard: {dashboard.url} (read-only)")
+            _serve(state, plan.work_dir, detach, console, stop)
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
 
 
 def _serve(
