@@ -33,6 +33,7 @@ from meshtrust.dashboard import (
 from meshtrust.dashboard.server import _asset
 from meshtrust.errors import AddressInUse
 from meshtrust.mesh import load_mesh_config
+from tests.mesh_helpers import meshtrust
 from tests.waiting import until
 
 T0 = dt.datetime(2026, 12, 2, 4, 0, 0, tzinfo=dt.UTC)
@@ -362,3 +363,15 @@ def test_a_bad_dashboard_listen_names_file_line_and_field(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_mesh_config(_mesh_file(tmp_path, dashboard))
+
+
+def test_dashboard_refuses_a_listen_address_off_loopback_and_a_mesh_not_started(
+    tmp_path: Path,
+) -> None:
+    bad = meshtrust("dashboard", "--listen", "0.0.0.0:20001", home=tmp_path)
+    assert bad.returncode == 2
+    assert "error: --listen: 0.0.0.0 is not a loopback address" in bad.stderr
+    none = meshtrust("dashboard", home=tmp_path)
+    assert none.returncode == 2
+    assert "no mesh has been started on this machine" in none.stderr
+    assert "Traceback" not in bad.stderr + none.stderr

@@ -52,6 +52,8 @@ class LiveMesh:
     url: str
     state: MeshState
     artifacts: Path
+    mesh_file: Path
+    home: Path
 
 
 def _app(name: str, upstreams: list[str]) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
         assert up.poll() is None, (tmp / "up.out").read_text()
         assert f"dashboard: {url}" in (tmp / "up.out").read_text()
         state = read_state(Path((home / "current").read_text().strip()))
-        yield LiveMesh(url, state, tmp)
+        yield LiveMesh(url, state, tmp, path, home)
     finally:
         up.send_signal(signal.SIGTERM)
         try:
@@ -203,3 +205,28 @@ def test_a_rotation_moves_the_timeline(page: tuple[Page, list[str]], live: LiveM
     assert row.locator(f"rect.cert[data-serial='{serial}']").count() == 1  # the old one stays
     p.wait_for_selector("#events li[data-kind=rotation]", timeout=10_000)
     assert errors == []
+
+
+def test_dashboard_serves_a_mesh_started_elsewhere_until_stopped(live: LiveMesh) -> None:
+    """`meshtrust dashboard` for a mesh `up --detach` left running (here: another `up`'s)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "meshtrust", "dashboard", str(live.mesh_file)]
+    proc = subprocess.Popen(
+        [*cmd, "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MESHTRUST_HOME": str(live.home)},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        until(lambda: proc.poll() is not None or _all_serving(url), timeout=30, what="served")
+        assert proc.poll() is None, proc.communicate()
+        names = [n["name"] for n in _state_json(url)["nodes"]]
+        assert names == ["web", "backend", "db"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"dashboard of {live.state.mesh_file}: {url}" in out
+    assert "Traceback" not in err

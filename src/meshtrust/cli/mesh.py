@@ -21,7 +21,7 @@ from meshtrust.durations import format_duration
 if TYPE_CHECKING:
     from meshtrust.mesh.state import MeshState
 
-__all__ = ["down", "status", "up", "wide_console"]
+__all__ = ["dashboard", "down", "status", "up", "wide_console"]
 
 MESH_FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -295,3 +295,42 @@ def down(mesh_file: Path | None, host: str | None) -> None:
         return
     done = stop_mesh(state)
     click.echo("\n".join(done) if done else "nothing was running")
+
+
+@click.command()
+@click.argument("mesh_file", type=MESH_FILE, required=False)
+@click.option("--host", metavar="NAME", help="The host of a mesh with hosts (with MESH_FILE).")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Where to serve it, on loopback (default: dashboard.listen of the mesh file, else "
+    "127.0.0.1:20001, else any free port).",
+)
+def dashboard(mesh_file: Path | None, host: str | None, listen: str | None) -> None:
+    """Serve the live web dashboard of a running mesh until Ctrl-C.
+
+    `meshtrust up` in the foreground serves it already; this is for a mesh started with
+    `up --detach`. It shows who may call whom (allowed and denied calls), each sidecar's
+    mTLS mode, certificate timelines, the CA's counts and events. Read-only, loopback
+    only, no secrets in it (docs/dashboard.md).
+
+    Without MESH_FILE: the mesh started last on this machine.
+    """
+    from meshtrust.dashboard import bind_dashboard, watch_mesh
+    from meshtrust.mesh.config import check_loopback_listen, load_mesh_config
+    from meshtrust.mesh.probes import load_running_state
+
+    if listen is not None:
+        listen = check_loopback_listen(listen, "--listen")
+    elif mesh_file is not None:
+        listen = load_mesh_config(mesh_file).dashboard_listen
+    state = load_running_state(mesh_file, host)
+    stop = _StopRequest()
+    server = bind_dashboard(listen)
+    try:
+        watch_mesh(server, state)
+        click.echo(f"dashboard of {state.mesh_file}: {server.url} (read-only; Ctrl-C stops it)")
+        while not stop():
+            time.sleep(0.5)
+    finally:
+        server.stop()

@@ -90,6 +90,7 @@ __all__ = [
     "MeshConfig",
     "ServiceSpec",
     "UpstreamSpec",
+    "check_loopback_listen",
     "host_port",
     "load_mesh_config",
     "mesh_work_dir",
@@ -335,16 +336,19 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
 
 
 def _dashboard_listen(raw: Mapping[str, object]) -> str | None:
-    """``dashboard.listen``: loopback only (the dashboard has no authentication)."""
-    if "listen" not in raw:
-        return None
-    listen = check_host_port(raw["listen"], "dashboard.listen")
-    host = parse_host_port(listen, what="dashboard.listen")[0]
+    return None if "listen" not in raw else check_loopback_listen(raw["listen"], "dashboard.listen")
+
+
+def check_loopback_listen(value: object, field: str) -> str:
+    """A ``HOST:PORT`` on loopback (127.0.0.0/8, ``::1``, ``localhost``): the dashboard has
+    no authentication, so it never listens where another machine can reach it."""
+    listen = check_host_port(value, field)
+    host = parse_host_port(listen, what=field)[0]
     if host != "localhost" and not (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
         raise ConfigError(
             f"{host} is not a loopback address (the dashboard has no authentication: "
             "it binds 127.0.0.1, ::1 or localhost only)",
-            field="dashboard.listen",
+            field=field,
         )
     return listen
 
