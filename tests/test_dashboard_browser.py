@@ -230,3 +230,28 @@ def test_dashboard_serves_a_mesh_started_elsewhere_until_stopped(live: LiveMesh)
     assert proc.returncode == 0, err
     assert f"dashboard of {live.state.mesh_file}: {url}" in out
     assert "Traceback" not in err
+
+
+def test_a_revocation_is_an_event_and_a_red_bar_on_the_timeline(
+    page: tuple[Page, list[str]], live: LiveMesh
+) -> None:
+    p, errors = page
+    assert live.state.ca is not None
+    row = p.locator("#timelines [data-timeline=web]")
+    serial = row.get_attribute("data-serial")
+    assert serial
+    revoke = meshtrust(
+        "ca", "revoke", "--ca-dir", live.state.ca.ca_dir, "--serial", serial, home=live.home
+    )
+    assert revoke.returncode == 0, revoke.stderr
+    p.wait_for_selector("#events li[data-kind=revocation]", timeout=10_000)
+    assert serial[:12] in p.locator("#events li[data-kind=revocation]").first.inner_text()
+    p.wait_for_selector(f"[data-timeline=web] rect.cert.revoked[data-serial='{serial}']")
+    assert int(p.locator("#ca dd[data-field=revoked]").inner_text()) >= 1
+    # The agent renews at once when its own certificate is revoked: the timeline moves on.
+    p.wait_for_function(
+        "old => document.querySelector('[data-timeline=web]').dataset.serial !== old",
+        arg=serial,
+        timeout=30_000,
+    )
+    assert errors == []
