@@ -17,6 +17,10 @@ Figures:
   (graph, timelines, events), both in ms since navigation start. Medians are printed, with
   the min and max.
 
+* **cost**: ``meshtrust dashboard`` (the same server and observer ``up`` runs in a thread)
+  as a process of its own on the same mesh, with one page open and polling: its CPU over
+  ``--cost-seconds`` (as a share of one core, from ``/proc/<pid>/stat``) and its RSS.
+
 ``--screenshot PATH`` also saves a full-page screenshot once traffic, a denial and a rotation
 are on it (docs/dashboard.png is made this way).
 
@@ -110,7 +114,7 @@ def _mesh_file(directory: Path, dashboard_port: int) -> Path:
 
 
 @contextmanager
-def live_mesh(directory: Path) -> Iterator[str]:
+def live_mesh(directory: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
     """``meshtrust up`` in the foreground (its live view to a file); yields the dashboard URL
     once every service has a certificate; SIGTERM stops it all."""
     port = _free_port()
@@ -135,7 +139,7 @@ def live_mesh(directory: Path) -> Iterator[str]:
         )
         if up.poll() is not None:
             raise SystemExit(f"error: meshtrust up exited:\n{(directory / 'up.out').read_text()}")
-        yield url
+        yield url, path, env
     finally:
         up.send_signal(signal.SIGTERM)
         try:
@@ -195,6 +199,47 @@ def screenshot(browser: Browser, url: str, path: Path) -> None:
     print(f"screenshot: {path}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def dashboard_cost(
+    browser: Browser, mesh_file: Path, env: dict[str, str], seconds: float
+) -> tuple[float, float]:
+    """CPU share of one core and RSS (MB) of `meshtrust dashboard` with one page polling."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshtrust", "dashboard", str(mesh_file)]
+        + ["--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait(lambda: bool(_state(url).get("observed")), 30, "meshtrust dashboard did not serve")
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-rendered=true]", timeout=15_000)
+        before, start = _cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)  # measuring a steady state, not waiting for one
+        used, elapsed = _cpu_seconds(proc.pid) - before, time.monotonic() - start
+        rss = _rss_mb(proc.pid)
+        context.close()
+        return used / elapsed, rss
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def _summary(values: list[float]) -> str:
     median, low, high = statistics.median(values), min(values), max(values)
     return f"median {median:6.1f} ms  (min {low:.1f}, max {high:.1f})"
@@ -204,8 +249,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loads", type=int, default=9, help="page loads to time (default 9)")
     parser.add_argument("--screenshot", type=Path, help="also save a screenshot here")
+    parser.add_argument(
+        "--cost-seconds", type=float, default=20, help="how long to measure the CPU (default 20)"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="meshtrust-dash-") as tmp, live_mesh(Path(tmp)) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="meshtrust-dash-") as tmp,
+        live_mesh(Path(tmp)) as (url, mesh_file, env),
+    ):
         sizes = page_weight(url)
         assets = sum(v for k, v in sizes.items() if k != "/api/state")
         print("page weight (bytes, as served):")
@@ -222,6 +273,11 @@ def main() -> None:
                 print(f"time to first render, {args.loads} loads, {chromium}:")
                 print(f"  first contentful paint   {_summary(fcps)}")
                 print(f"  first state drawn        {_summary(renders)}")
+                cpu, rss = dashboard_cost(browser, mesh_file, env, args.cost_seconds)
+                print(
+                    f"`meshtrust dashboard`, one page polling, {args.cost_seconds:.0f} s: "
+                    f"CPU {100 * cpu:.1f}% of one core, RSS {rss:.0f} MB"
+                )
                 if args.screenshot is not None:
                     screenshot(browser, url, args.screenshot)
             finally:
