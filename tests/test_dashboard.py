@@ -375,3 +375,16 @@ def test_dashboard_refuses_a_listen_address_off_loopback_and_a_mesh_not_started(
     assert none.returncode == 2
     assert "no mesh has been started on this machine" in none.stderr
     assert "Traceback" not in bad.stderr + none.stderr
+
+
+def test_up_with_its_dashboard_port_taken_starts_nothing_and_says_which(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = _mesh_file(tmp_path, {"listen": f"127.0.0.1:{port}"})
+        up = meshtrust("up", str(path), home=tmp_path / "home")
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert f"error: dashboard.listen 127.0.0.1:{port} is already in use" in up.stderr
+    assert "Traceback" not in up.stderr
+    assert "starting" not in up.stdout and not (tmp_path / "home").exists()
