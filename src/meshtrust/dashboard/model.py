@@ -164,8 +164,11 @@ class Tracker:
 
     def ingest(self, obs: Observation) -> list[dict[str, Any]]:
         """Take one observation; returns the events it brought (also kept in ``events``)."""
-        first = self._last is None
         new: list[dict[str, Any]] = []
+        if self._last is None:  # the baseline: what the next looks are compared with
+            count, td = len(obs.status.get("services", [])), obs.status.get("trust_domain")
+            text = f"dashboard started: {count} service(s) in {td}"
+            new.append(self._event(obs.now, "observing", None, text))
         denied_by: dict[str, list[str]] = {}
         for edge, counters in obs.edges.items():
             hist = self._edges.setdefault(edge, _EdgeHistory(self._w(), self._w()))
@@ -180,16 +183,6 @@ class Tracker:
         if obs.ledger is not None:
             new += self._revocation_events(obs.now, obs.ledger)
         self._last = obs
-        if first:
-            new = [
-                self._event(
-                    obs.now,
-                    "observing",
-                    None,
-                    f"dashboard started: {len(obs.status.get('services', []))} service(s) "
-                    f"in {obs.status.get('trust_domain')}",
-                )
-            ]
         self.events.extend(new)
         return new
 
