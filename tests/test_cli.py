@@ -30,6 +30,7 @@ COMMANDS = [
     ["up"],
     ["status"],
     ["down"],
+    ["dashboard"],
     ["proxy-config", "secret"],
     ["check"],
     ["certs", "monitor"],

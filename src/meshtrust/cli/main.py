@@ -99,6 +99,7 @@ _COMMANDS = {
     "up": "meshtrust.cli.mesh:up",
     "status": "meshtrust.cli.mesh:status",
     "down": "meshtrust.cli.mesh:down",
+    "dashboard": "meshtrust.cli.mesh:dashboard",
     "proxy-config": "meshtrust.cli.tools:proxy_config",
     "check": "meshtrust.cli.tools:check",
     "certs": "meshtrust.cli.tools:certs",

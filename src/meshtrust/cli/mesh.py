@@ -21,7 +21,7 @@ from meshtrust.durations import format_duration
 if TYPE_CHECKING:
     from meshtrust.mesh.state import MeshState
 
-__all__ = ["down", "status", "up", "wide_console"]
+__all__ = ["dashboard", "down", "status", "up", "wide_console"]
 
 MESH_FILE = click.Path(path_type=Path, dir_okay=False)
 
@@ -195,8 +195,11 @@ def up(mesh_file: Path, detach: bool, host: str | None, join_file: Path | None) 
     applies the policies) and its app, and returns once every sidecar has its
     certificate and is ready. Without --detach it then shows a live view (identities,
     serials, time to rotation, allowed/denied connections) until Ctrl-C, and stops
-    everything. The mesh file format is in docs/mesh.md.
+    everything. While it runs (not with --detach) it also serves a live web dashboard on
+    loopback — the URL is printed; `dashboard.listen` in MESH_FILE sets it, docs/dashboard.md
+    shows it. The mesh file format is in docs/mesh.md.
     """
+    from meshtrust.dashboard import bind_dashboard, watch_mesh
     from meshtrust.mesh.config import load_mesh_config
     from meshtrust.mesh.launch import launch, mesh_lock, pick_free_port
     from meshtrust.mesh.plan import plan_mesh
@@ -206,8 +209,18 @@ def up(mesh_file: Path, detach: bool, host: str | None, join_file: Path | None) 
     plan = plan_mesh(config, pick_free_port, python=sys.executable, host=host, join_file=join_file)
     stop = _StopRequest()
     with mesh_lock(plan.work_dir):  # for the life of this `up`: a second one is told why
-        state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)
-        _serve(state, plan.work_dir, detach, console, stop)
+        # Bound before anything starts (a taken dashboard.listen stops nothing); it lives as
+        # long as this `up`, so not with --detach.
+        dashboard = None if detach else bind_dashboard(config.dashboard_listen)
+        try:
+            state = launch(plan, lambda m: console.print(f"[green]•[/green] {m}"), stop)
+            if dashboard is not None:
+                watch_mesh(dashboard, state)
+                console.print(f"[green]•[/green] dashboard: {dashboard.url} (read-only)")
+            _serve(state, plan.work_dir, detach, console, stop)
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
 
 
 def _serve(
@@ -282,3 +295,42 @@ def down(mesh_file: Path | None, host: str | None) -> None:
         return
     done = stop_mesh(state)
     click.echo("\n".join(done) if done else "nothing was running")
+
+
+@click.command()
+@click.argument("mesh_file", type=MESH_FILE, required=False)
+@click.option("--host", metavar="NAME", help="The host of a mesh with hosts (with MESH_FILE).")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Where to serve it, on loopback (default: dashboard.listen of the mesh file, else "
+    "127.0.0.1:20001, else any free port).",
+)
+def dashboard(mesh_file: Path | None, host: str | None, listen: str | None) -> None:
+    """Serve the live web dashboard of a running mesh until Ctrl-C.
+
+    `meshtrust up` in the foreground serves it already; this is for a mesh started with
+    `up --detach`. It shows who may call whom (allowed and denied calls), each sidecar's
+    mTLS mode, certificate timelines, the CA's counts and events. Read-only, loopback
+    only, no secrets in it (docs/dashboard.md).
+
+    Without MESH_FILE: the mesh started last on this machine.
+    """
+    from meshtrust.dashboard import bind_dashboard, watch_mesh
+    from meshtrust.mesh.config import check_loopback_listen, load_mesh_config
+    from meshtrust.mesh.probes import load_running_state
+
+    if listen is not None:
+        listen = check_loopback_listen(listen, "--listen")
+    elif mesh_file is not None:
+        listen = load_mesh_config(mesh_file).dashboard_listen
+    state = load_running_state(mesh_file, host)
+    stop = _StopRequest()
+    server = bind_dashboard(listen)
+    try:
+        watch_mesh(server, state)
+        click.echo(f"dashboard of {state.mesh_file}: {server.url} (read-only; Ctrl-C stops it)")
+        while not stop():
+            time.sleep(0.5)
+    finally:
+        server.stop()

@@ -22,6 +22,8 @@ Example (paths are relative to the file)::
           - service: other            # a service of this file
             localPort: 19001          # app -> 127.0.0.1:19001 -> mTLS -> other's sidecar
     policies: [policies.yaml]         # Istio YAML: PeerAuthentication, AuthorizationPolicy
+    dashboard:
+      listen: 127.0.0.1:20001         # the web dashboard of `up` (default; loopback only)
 
 Across hosts (optional; without ``hosts`` everything runs on this host)::
 
@@ -88,6 +90,7 @@ __all__ = [
     "MeshConfig",
     "ServiceSpec",
     "UpstreamSpec",
+    "check_loopback_listen",
     "host_port",
     "load_mesh_config",
     "mesh_work_dir",
@@ -103,8 +106,10 @@ _TOP = {
     "policies",
     "hosts",
     "meshMTLS",
+    "dashboard",
 }
 _CA = {"listen", "dir", "host"}
+_DASHBOARD = {"listen"}
 _HOST = {"name", "address"}
 _MESH_MTLS = {"minProtocolVersion"}
 #: meshMTLS.minProtocolVersion values, as Istio's meshConfig spells them.
@@ -178,6 +183,7 @@ class MeshConfig:
     hosts: tuple[HostSpec, ...] = ()
     ca_host: str | None = None  # with hosts: the host the CA runs on
     min_tls_version: str = "TLSV1_2"
+    dashboard_listen: str | None = None  # None: the dashboard's default port, or any free one
 
     @property
     def ca_port(self) -> int:
@@ -305,6 +311,7 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
     for host in [None] if not hosts else [h.name for h in hosts]:
         _check_ports(services, ca_port if host == ca_host else None, host)
     min_tls = _min_tls(raw.get("meshMTLS"))
+    dashboard = _dashboard_listen(_mapping(raw.get("dashboard"), "dashboard", _DASHBOARD))
 
     policies_raw = _list(raw.get("policies"), "policies")
     policy_files = tuple(check_path(p, f"policies[{i}]", base) for i, p in enumerate(policies_raw))
@@ -324,7 +331,26 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         hosts=hosts,
         ca_host=ca_host,
         min_tls_version=min_tls,
+        dashboard_listen=dashboard,
     )
+
+
+def _dashboard_listen(raw: Mapping[str, object]) -> str | None:
+    return None if "listen" not in raw else check_loopback_listen(raw["listen"], "dashboard.listen")
+
+
+def check_loopback_listen(value: object, field: str) -> str:
+    """A ``HOST:PORT`` on loopback (127.0.0.0/8, ``::1``, ``localhost``): the dashboard has
+    no authentication, so it never listens where another machine can reach it."""
+    listen = check_host_port(value, field)
+    host = parse_host_port(listen, what=field)[0]
+    if host != "localhost" and not (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+        raise ConfigError(
+            f"{host} is not a loopback address (the dashboard has no authentication: "
+            "it binds 127.0.0.1, ::1 or localhost only)",
+            field=field,
+        )
+    return listen
 
 
 def _is_ip(text: str) -> bool:
