@@ -54,7 +54,7 @@ class MemoryApi:
         self.calls: list[tuple[str, str]] = []
         self.conflict_next_create = False
 
-    def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def request(self, method: str, path: str, body: Any = None) -> Any:
         self.calls.append((method, path))
         if (method, path) == ("GET", "/api/v1/namespaces"):
             return {"items": [ns(n) for n in self.namespaces]}
@@ -65,8 +65,9 @@ class MemoryApi:
             if self.conflict_next_create:
                 self.conflict_next_create = False
                 raise KubeApiError("AlreadyExists", 409)
-            self.maps[namespace] = {**copy.deepcopy(body), "metadata": {**body["metadata"],
-                                                                        "resourceVersion": "1"}}  # fmt: skip
+            stored = copy.deepcopy(body)
+            stored["metadata"]["resourceVersion"] = "1"
+            self.maps[namespace] = stored
             return body
         assert method == "PUT" and body["metadata"]["resourceVersion"]
         self.maps[namespace] = copy.deepcopy(body)

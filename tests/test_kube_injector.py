@@ -4,6 +4,7 @@ with the sidecar (or untouched when they opt out), as the API server applied our
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import ssl
 import subprocess
@@ -163,7 +164,8 @@ def test_a_bad_annotation_is_refused_with_the_injectors_reason(
 
 def _root_configmap(kube: KubeApiServer, namespace: str) -> dict[str, Any] | None:
     try:
-        return kube.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/meshtrust-ca-root-cert")
+        path = f"/api/v1/namespaces/{namespace}/configmaps/meshtrust-ca-root-cert"
+        return kube.request("GET", path)
     except KubeError as exc:
         if exc.status == 404:
             return None
@@ -176,20 +178,24 @@ def test_every_namespace_gets_the_ca_root_configmap_and_a_foreign_one_is_left_al
     root = (Path(injector).parent / "ca" / "root-cert.pem").read_text()
     kube.ensure_namespace("root-shop")
     kube.ensure_namespace("root-theirs")
-    theirs = {"apiVersion": "v1", "kind": "ConfigMap",
-              "metadata": {"name": "meshtrust-ca-root-cert"}, "data": {"root-cert.pem": "x"}}  # fmt: skip
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "meshtrust-ca-root-cert"},
+        "data": {"root-cert.pem": "x"},
+    }
     try:
         kube.create("/api/v1/namespaces/root-theirs/configmaps", theirs)
     except KubeError as exc:  # the publisher may have been quicker: take it back
         assert exc.status == 409
         kube.request("PUT", "/api/v1/namespaces/root-theirs/configmaps/meshtrust-ca-root-cert",
                      theirs)  # fmt: skip
+
+    def published(namespace: str) -> bool:
+        data = (_root_configmap(kube, namespace) or {}).get("data", {})
+        return bool(data.get("root-cert.pem") == root)
+
     for namespace in ("default", "root-shop"):
-        until(
-            lambda: (_root_configmap(kube, namespace) or {}).get("data", {}).get("root-cert.pem")
-            == root,
-            timeout=30,
-            what=f"the CA root in namespace {namespace}",
-        )
+        until(functools.partial(published, namespace), 30, f"the CA root in {namespace}")
     until(lambda: "left alone" in Path(injector).read_text(), 30, "the foreign one reported")
     assert (_root_configmap(kube, "root-theirs") or {})["data"] == {"root-cert.pem": "x"}
