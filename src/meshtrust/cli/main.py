@@ -101,6 +101,8 @@ _COMMANDS = {
     "down": "meshtrust.cli.mesh:down",
     "proxy-config": "meshtrust.cli.tools:proxy_config",
     "check": "meshtrust.cli.tools:check",
+    "analyze": "meshtrust.cli.analyze:analyze",
+    "describe": "meshtrust.cli.analyze:describe",
     "certs": "meshtrust.cli.tools:certs",
     "injector": "meshtrust.cli.injector:injector",
 }

@@ -64,6 +64,7 @@ __all__ = [
     "Message",
     "analyze_file",
     "analyze_mesh",
+    "display_path",
 ]
 
 SCHEMA_VERSION = 1
@@ -155,7 +156,7 @@ class Finding:
     def where(self) -> str:
         if self.file is None:
             return ""
-        return f"{_display(self.file)}:{self.line}" if self.line else _display(self.file)
+        return f"{display_path(self.file)}:{self.line}" if self.line else display_path(self.file)
 
     def __str__(self) -> str:
         """istioctl's log line: ``Error [MT0127] (Kind ns/name file:line) message``."""
@@ -174,7 +175,7 @@ class Finding:
         }
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
     """A path relative to the working directory when it is below it (shorter lines)."""
     try:
         return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
@@ -218,7 +219,7 @@ class _Mesh:
         for key in dict.fromkeys(policy_key(name) for name in rbac_names):
             policy = self.authz_by_key.get(key)
             if policy is not None and policy.file is not None:
-                at = _display(policy.file) + (f":{policy.line}" if policy.line else "")
+                at = display_path(policy.file) + (f":{policy.line}" if policy.line else "")
                 out.append(f"{key} ({at})")
             else:
                 out.append(key)
