@@ -32,6 +32,8 @@ services:
     port: 18082
 policies: [policies.yaml]
 """
+WEB = "example.org/ns/default/sa/web"
+NOBODY = "example.org/ns/default/sa/nobody"
 WEB_TO_BACKEND_LINE = 7  # services[0].upstreams[0]
 BACKEND_TO_DB_LINE = 13  # services[1].upstreams[0]
 
@@ -126,7 +128,7 @@ CASES: dict[str, tuple[list[str], str, list[tuple[str, str | int, int | None]]]]
     "an ALLOW policy that matches no identity of the mesh": (
         [BACKEND_FROM_WEB,
          _authz("db-from-nobody", "spec:\n  selector: {matchLabels: {app: db}}\n"
-                "  rules: [{from: [{source: {principals: [example.org/ns/default/sa/nobody]}}]}]\n")],
+                "  rules: [{from: [{source: {principals: [" + NOBODY + "]}}]}]\n")],
         "http",
         [("MT0203", 1, None), ("MT0401", "mesh", BACKEND_TO_DB_LINE)],
     ),  # fmt: skip
@@ -189,7 +191,7 @@ CASES: dict[str, tuple[list[str], str, list[tuple[str, str | int, int | None]]]]
     "a DENY that covers only part of an ALLOW is no shadow": (
         [_authz("backend-all", "spec:\n  selector: {matchLabels: {app: backend}}\n  rules: [{}]\n"),
          _authz("backend-not-web", "spec:\n  selector: {matchLabels: {app: backend}}\n"
-                "  action: DENY\n  rules: [{from: [{source: {principals: [example.org/ns/default/sa/web]}}]}]\n")],
+                "  action: DENY\n  rules: [{from: [{source: {principals: [" + WEB + "]}}]}]\n")],
         "http",
         [("MT0401", "mesh", WEB_TO_BACKEND_LINE)],
     ),  # fmt: skip
