@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from meshtrust.cli import cli
 from meshtrust.cli.output import emit, output_option, render
+from meshtrust.mesh.check import Verdict
 
 DOCUMENT = {"b": 1, "a": [{"z": None, "y": "ü"}], "ok": True}
 
@@ -66,6 +67,14 @@ def test_yaml_keeps_the_documents_order_and_text() -> None:
     assert json.loads(render(DOCUMENT, "json")) == DOCUMENT
     with pytest.raises(ValueError):
         render(DOCUMENT, "table")
+
+
+def test_str_enums_are_their_strings_in_both_formats() -> None:
+    # A check step's verdict is a StrEnum; PyYAML's safe dumper refuses it as such.
+    document = {"verdict": Verdict.FAIL, "steps": [{"verdict": Verdict.PASS}]}
+    expected = {"verdict": "FAIL", "steps": [{"verdict": "PASS"}]}
+    assert yaml.safe_load(render(document, "yaml")) == expected
+    assert json.loads(render(document, "json")) == expected
 
 
 # Every command with machine output takes -o and still takes --json.

@@ -53,13 +53,19 @@ def output_option(default: str = "table", formats: Sequence[str] = FORMATS) -> C
 
 
 def render(document: Any, output: str) -> str:
-    """``document`` as JSON (indented) or YAML (block style, keys in the document's order)."""
+    """``document`` as JSON (indented) or YAML (block style, keys in the document's order).
+
+    YAML is written from the JSON form of the document, so both carry the same values: a
+    ``str`` enum member (a check's verdict) is its string in either, where PyYAML's safe
+    dumper would refuse it.
+    """
     if output == "json":
         return json.dumps(document, indent=2)
     if output == "yaml":
         import yaml  # only when asked for: most commands never print YAML
 
-        return yaml.safe_dump(document, sort_keys=False, allow_unicode=True).rstrip("\n")
+        plain = json.loads(json.dumps(document))
+        return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True).rstrip("\n")
     raise ValueError(f"no machine format {output!r}")
 
 
