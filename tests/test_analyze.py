@@ -123,7 +123,19 @@ CASES: dict[str, tuple[list[str], str, list[tuple[str, str | int, int | None]]]]
         [_authz("backend-paths", "spec:\n  selector: {matchLabels: {app: backend}}\n"
                 "  rules: [{to: [{operation: {paths: [/api]}}]}]\n")],
         "tcp",
-        [("MT0202", 0, None), ("MT0401", "mesh", WEB_TO_BACKEND_LINE)],
+        [("MT0202", 0, None), ("MT0204", 0, None), ("MT0401", "mesh", WEB_TO_BACKEND_LINE)],
+    ),  # fmt: skip
+    "a DENY rule with methods on a TCP service denies every connection": (
+        [_authz("backend-no-post", "spec:\n  selector: {matchLabels: {app: backend}}\n"
+                "  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n")],
+        "tcp",
+        [("MT0204", 0, None), ("MT0401", "mesh", WEB_TO_BACKEND_LINE)],
+    ),  # fmt: skip
+    "the same DENY rule on an HTTP service is no finding": (
+        [_authz("backend-no-post", "spec:\n  selector: {matchLabels: {app: backend}}\n"
+                "  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n")],
+        "http",
+        [("MT0402", "mesh", WEB_TO_BACKEND_LINE)],
     ),  # fmt: skip
     "an ALLOW policy that matches no identity of the mesh": (
         [BACKEND_FROM_WEB,

@@ -4,6 +4,7 @@ policies (no running mesh needed); what they find is in :mod:`meshtrust.mesh.ana
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ def analyze(mesh_file: Path | None, failure_threshold: str, output: str) -> None
       MT0201  an ALLOW policy without rules (it denies everything)
       MT0202  an ALLOW policy none of whose rules can ever match (denies everything)
       MT0203  an ALLOW policy that matches no service of the mesh
+      MT0204  paths or methods in a rule on a TCP service
       MT0301  a principal of a trust domain that is not the mesh's
       MT0401  an upstream that its callee's policies deny (MT0402: some paths only)
       MT0501  a PERMISSIVE service in a STRICT mesh (MT0502: DISABLE)
@@ -75,6 +77,9 @@ def analyze(mesh_file: Path | None, failure_threshold: str, output: str) -> None
     """
     from meshtrust.mesh.analyze import Level, analyze_file
 
+    # The sidecar compiler logs a warning for paths/methods on a TCP service; here MT0204
+    # reports it, with file and line, so the log line would only say it twice.
+    logging.getLogger("meshtrust.policy.compile").setLevel(logging.ERROR)
     path = _mesh_file_or_last(mesh_file)
     report = analyze_file(path)
     if output in ("json", "yaml"):

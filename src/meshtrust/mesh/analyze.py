@@ -47,6 +47,7 @@ from meshtrust.policy import (
     MtlsMode,
     PeerAuthentication,
     PolicySet,
+    Protocol,
     authorization_policies_for,
     load_policy_files,
     mtls_mode_for,
@@ -113,6 +114,10 @@ _MESSAGES = (
     Message("MT0203", "AllowPolicyMatchesNoCaller", Level.WARNING,
             "An ALLOW policy whose rules match none of the mesh's identities: the services "
             "it selects refuse every service of the mesh."),
+    Message("MT0204", "HttpFieldsOnTcpService", Level.WARNING,
+            "A rule with paths or methods selects a TCP service: in an ALLOW policy the rule "
+            "is ignored (it allows nothing), in a DENY policy those conditions are dropped (it "
+            "denies every connection its other conditions match), as Istio does."),
     Message("MT0301", "UnknownTrustDomain", Level.ERROR,
             "A principal names a trust domain that is neither the mesh's nor cluster.local: "
             "no identity of this mesh can match it."),
@@ -327,6 +332,28 @@ def allow_denies_everything(mesh: _Mesh) -> Iterator[Finding]:
             )  # fmt: skip
 
 
+def http_fields_on_tcp(mesh: _Mesh) -> Iterator[Finding]:
+    """MT0204: paths/methods in a rule that selects a TCP service (Istio's handling, which the
+    sidecar compiler follows, is correct but rarely what the author expected)."""
+    for policy in mesh.policies.authorization_policies:
+        tcp = [svc for svc in mesh.selected_by(policy) if svc.protocol is Protocol.TCP]
+        for index, rule in enumerate(policy.rules):
+            fields = sorted({name for op in rule.operations for name in op.http_only_fields})
+            if not tcp or not fields:
+                continue
+            effect = (
+                "the rule is ignored there (it allows nothing)"
+                if policy.action is Action.ALLOW
+                else "those conditions are dropped there, so the rule denies every connection "
+                "its other conditions match"
+            )
+            yield _policy_finding(
+                "MT0204", policy,
+                f"spec.rules[{index}] uses {', '.join(fields)} (HTTP only) and selects TCP "
+                f"service(s) {_names(tcp)}: {effect}",
+            )  # fmt: skip
+
+
 def _principal_trust_domain(principal: str) -> str | None:
     """The trust domain a principal names (``td/ns/x/sa/y``, or ``td/...*``), if it names one."""
     if principal.startswith("*") or "/" not in principal:
@@ -472,6 +499,7 @@ Analyzer = Callable[[_Mesh], Iterator[Finding]]
 ANALYZERS: tuple[Analyzer, ...] = (
     no_matching_workloads,
     allow_denies_everything,
+    http_fields_on_tcp,
     unknown_trust_domain,
     upstream_denied,
     weaker_than_strict_mesh,
