@@ -88,6 +88,11 @@ def test_a_broken_file_is_a_finding_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = run("analyze", tmp_path / "nope.yaml")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
 def test_machine_formats(tmp_path: Path, fmt: str) -> None:
     path = mesh(tmp_path, ERROR_AND_WARNING)

@@ -38,7 +38,9 @@ def _mesh_file_or_last(mesh_file: Path | None) -> Path:
 
 
 @click.command()
-@click.argument("mesh_file", type=MESH_FILE, required=False)
+@click.argument(
+    "mesh_file", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=False
+)
 @click.option(
     "--failure-threshold",
     type=click.Choice(["Error", "Warning", "Info"], case_sensitive=False),

@@ -545,7 +545,7 @@ class AnalysisReport:
 def analyze_file(path: Path) -> AnalysisReport:
     """Load ``path`` and its policies and analyze them. A file that does not load is one
     MT0106 finding naming its file, line and field (never an exception)."""
-    path = Path(path)
+    path = Path(path).resolve()
     try:
         config = load_mesh_config(path)
         policies = load_policy_files(list(config.policy_files))
