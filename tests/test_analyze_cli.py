@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -86,6 +87,23 @@ def test_a_broken_file_is_a_finding_not_a_traceback(tmp_path: Path) -> None:
     assert result.stdout.startswith("Error [MT0106] (AuthorizationPolicy default/x ")
     assert "policies.yaml:4) spec.action: unknown action 'MAYBE'" in result.stdout
     assert "Traceback" not in result.output
+
+
+def test_the_compilers_warning_is_a_finding_and_the_logger_is_left_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tcp = MESH.replace("{name: b, port: 18081}", "{name: b, port: 18081, protocol: tcp}")
+    path = mesh(tmp_path, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+                          "metadata: {name: b-get}\nspec:\n  selector: {matchLabels: {app: b}}\n"
+                          "  rules: [{to: [{operation: {methods: [GET]}}]}]\n")  # fmt: skip
+    path.write_text(tcp)
+    logger = logging.getLogger("meshtrust.policy.compile")
+    before = logger.level
+    with caplog.at_level(logging.WARNING):
+        result = run("analyze", path)
+    assert "[MT0204]" in result.stdout and "[MT0202]" in result.stdout
+    assert "HTTP-only fields" not in caplog.text  # said once, by the finding
+    assert logger.level == before
 
 
 def test_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:

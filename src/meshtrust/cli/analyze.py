@@ -4,7 +4,9 @@ policies (no running mesh needed); what they find is in :mod:`meshtrust.mesh.ana
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,11 +81,9 @@ def analyze(mesh_file: Path | None, failure_threshold: str, output: str) -> None
     """
     from meshtrust.mesh.analyze import Level, analyze_file
 
-    # The sidecar compiler logs a warning for paths/methods on a TCP service; here MT0204
-    # reports it, with file and line, so the log line would only say it twice.
-    logging.getLogger("meshtrust.policy.compile").setLevel(logging.ERROR)
     path = _mesh_file_or_last(mesh_file)
-    report = analyze_file(path)
+    with _compiler_warnings_silenced():
+        report = analyze_file(path)
     if output in ("json", "yaml"):
         emit(report.to_json(), output)
     elif output == "table":
@@ -92,6 +92,20 @@ def analyze(mesh_file: Path | None, failure_threshold: str, output: str) -> None
         _print_findings_log(report)
     if report.failed(Level(failure_threshold.capitalize())):
         raise SystemExit(EXIT_FOUND_ISSUES)
+
+
+@contextlib.contextmanager
+def _compiler_warnings_silenced() -> Iterator[None]:
+    """The sidecar compiler logs a warning for paths/methods on a TCP service; analyze
+    reports it as MT0204 with file and line, so the log line would only say it twice.
+    Restored afterwards: the logger is the process's, not this command's."""
+    logger = logging.getLogger("meshtrust.policy.compile")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _print_findings_log(report: AnalysisReport) -> None:
