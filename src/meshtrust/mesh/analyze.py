@@ -48,6 +48,7 @@ from meshtrust.policy import (
     PeerAuthentication,
     PolicySet,
     Protocol,
+    WorkloadRef,
     authorization_policies_for,
     load_policy_files,
     mtls_mode_for,
@@ -197,6 +198,7 @@ class _Mesh:
     policies: PolicySet
     document: LineMap | None = None
     _inbound: dict[str, Inbound] = field(default_factory=dict)
+    _selected: dict[tuple[str, str], list[ServiceSpec]] = field(default_factory=dict)
 
     def inbound(self, svc: ServiceSpec) -> Inbound:
         if svc.name not in self._inbound:
@@ -210,13 +212,21 @@ class _Mesh:
     def authz_by_key(self) -> dict[str, AuthorizationPolicy]:
         return {f"{p.namespace}/{p.name}": p for p in self.policies.authorization_policies}
 
+    @cached_property
+    def refs(self) -> list[tuple[ServiceSpec, WorkloadRef]]:
+        return [(svc, workload_ref(svc)) for svc in self.config.services]
+
     def selected_by(self, policy: AuthorizationPolicy) -> list[ServiceSpec]:
-        root = self.config.root_namespace
-        return [
-            svc
-            for svc in self.config.services
-            if authorization_policies_for([policy], workload_ref(svc), root_namespace=root)
-        ]
+        """The services ``policy`` selects (several analyzers ask: computed once each)."""
+        key = (policy.namespace, policy.name)
+        if key not in self._selected:
+            root = self.config.root_namespace
+            self._selected[key] = [
+                svc
+                for svc, ref in self.refs
+                if authorization_policies_for([policy], ref, root_namespace=root)
+            ]
+        return self._selected[key]
 
     def cite(self, rbac_names: Sequence[str]) -> str:
         """``default/deny-web (policies.yaml:12)`` for each distinct policy."""
