@@ -398,32 +398,36 @@ def upstream_denied(mesh: _Mesh) -> Iterator[Finding]:
     config = mesh.config
     for i, svc in enumerate(config.services):
         for j, upstream in enumerate(svc.upstreams):
-            callee = config.service(upstream.service)
-            inbound = mesh.inbound(callee)
-            decision = inbound.decide(str(svc.spiffe_id))
-            line = mesh.line(f"services[{i}].upstreams[{j}]")
-            where = (f"Service {svc.name}", config.path, line)
-            if decision.verdict is Verdict.DENY and inbound.mode is MtlsMode.DISABLE:
-                yield Finding(
-                    "MT0113", where[0],
-                    f"calls {callee.name}, whose mTLS mode is DISABLE: {svc.name}'s sidecar "
-                    f"speaks mTLS to it and {callee.name}'s accepts plain text only, so every "
-                    "call fails; make the PeerAuthentication of "
-                    f"{callee.name} PERMISSIVE or STRICT", where[1], where[2],
-                )  # fmt: skip
-            elif decision.verdict is Verdict.DENY:
-                by = f": {mesh.cite(decision.policies)}" if decision.policies else ""
-                yield Finding(
-                    "MT0401", where[0],
-                    f"calls {callee.name}, whose policies deny {svc.spiffe_id} "
-                    f"({decision.reason}{by})", where[1], where[2],
-                )  # fmt: skip
-            elif decision.verdict is Verdict.PARTIAL:
-                yield Finding(
-                    "MT0402", where[0],
-                    f"calls {callee.name}, which allows {svc.name} for some paths/methods "
-                    f"only ({mesh.cite(decision.policies)})", where[1], where[2],
-                )  # fmt: skip
+            text = _upstream_problem(mesh, svc, config.service(upstream.service))
+            if text is not None:
+                code, message = text
+                line = mesh.line(f"services[{i}].upstreams[{j}]")
+                yield Finding(code, f"Service {svc.name}", message, config.path, line)
+
+
+def _upstream_problem(
+    mesh: _Mesh, svc: ServiceSpec, callee: ServiceSpec
+) -> tuple[str, str] | None:
+    """The code and message for ``svc`` calling ``callee``, or None when it is allowed."""
+    inbound = mesh.inbound(callee)
+    decision = inbound.decide(str(svc.spiffe_id))
+    if decision.verdict is Verdict.DENY and inbound.mode is MtlsMode.DISABLE:
+        return "MT0113", (
+            f"calls {callee.name}, whose mTLS mode is DISABLE: {svc.name}'s sidecar speaks "
+            f"mTLS to it and {callee.name}'s accepts plain text only, so every call fails; "
+            f"make the PeerAuthentication of {callee.name} PERMISSIVE or STRICT"
+        )
+    if decision.verdict is Verdict.DENY:
+        by = f": {mesh.cite(decision.policies)}" if decision.policies else ""
+        return "MT0401", (
+            f"calls {callee.name}, whose policies deny {svc.spiffe_id} ({decision.reason}{by})"
+        )
+    if decision.verdict is Verdict.PARTIAL:
+        return "MT0402", (
+            f"calls {callee.name}, which allows {svc.name} for some paths/methods only "
+            f"({mesh.cite(decision.policies)})"
+        )
+    return None
 
 
 def _mode_decider(
