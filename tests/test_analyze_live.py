@@ -103,3 +103,26 @@ def test_check_without_a_workload_walks_the_whole_mesh(live: tuple[MeshState, Pa
     assert report["ok"] is False and report["ca"]["ok"] is False
     ca_step = report["ca"]["steps"][0]
     assert ca_step["verdict"] == "FAIL" and "not running" in ca_step["detail"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["check", "a"], ["proxy-config", "secret", "a"], ["certs", "monitor"]],
+)
+def test_every_format_of_the_live_tools(live: tuple[MeshState, Path], command: list[str]) -> None:
+    _, path = live
+    mesh = ["--mesh", str(path)] if command[0] != "status" else [str(path)]
+    as_json = run(*command, *mesh, "-o", "json")
+    as_yaml = run(*command, *mesh, "-o", "yaml")
+    alias = run(*command, *mesh, "--json")
+    table = run(*command, *mesh)
+    # One document, two spellings; the exit status does not depend on the format.
+    json_doc, yaml_doc = json.loads(as_json.stdout), yaml.safe_load(as_yaml.stdout)
+    assert type(json_doc) is type(yaml_doc)
+    if isinstance(json_doc, dict):
+        assert list(json_doc) == list(yaml_doc)
+    else:
+        assert [r["resource_name"] for r in json_doc] == [r["resource_name"] for r in yaml_doc]
+    assert list(json.loads(alias.stdout)) == list(json_doc)
+    assert as_json.exit_code == as_yaml.exit_code == alias.exit_code == table.exit_code
+    assert not table.stdout.lstrip().startswith(("{", "["))
