@@ -15,6 +15,8 @@ import pytest
 from meshtrust.mesh.certs_monitor import CertObservation, judge_expiry
 from meshtrust.mesh.check import (
     CHECKS,
+    CaObservation,
+    MeshCheck,
     Observation,
     Verdict,
     caught_mid_rotation,
@@ -30,6 +32,7 @@ from meshtrust.mesh.check import (
     check_time_left,
     check_tls_errors,
     judge,
+    judge_ca,
 )
 from meshtrust.mesh.probes import admin_json, admin_unreachable
 from meshtrust.mesh.proxy_config import secret_rows
@@ -585,3 +588,59 @@ def test_why_an_admin_socket_does_not_answer(tmp_path: Path) -> None:
     old = "http://127.0.0.1:40123"  # what agents reported before the admin API moved
     assert admin_json(old, "/certs") is None
     assert "before the admin API moved to a Unix socket" in admin_unreachable(old)
+
+
+# --- the mesh-wide walk: the CA's steps ------------------------------------------------------
+
+CA_GOOD = CaObservation(
+    mesh=MESH, alive=True, ready=True, roots=(CA.root,), roots_where="/c/root-cert.pem"
+)
+ROOT_END = CA.root.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    ("change", "now", "verdicts", "words"),
+    [
+        ({}, NOW, ("PASS", "PASS"), ["pid 100", "ready", "1 root(s)"]),
+        ({"alive": False}, NOW, ("FAIL", "PASS"), ["not running", "/w/logs/ca.log"]),
+        ({"ready": False}, NOW, ("FAIL", "PASS"), ["/ready does not say ready"]),
+        ({"roots": None, "roots_where": "cannot read it"}, NOW, ("PASS", "FAIL"),
+         ["cannot read it", "damaged or gone"]),
+        ({}, ROOT_END - dt.timedelta(days=10), ("PASS", "WARN"), ["10d", "rotate the root"]),
+        ({}, ROOT_END + dt.timedelta(days=1), ("PASS", "FAIL"), ["has expired"]),
+    ],
+)  # fmt: skip
+def test_ca_checks(
+    change: dict[str, Any], now: dt.datetime, verdicts: tuple[str, str], words: list[str]
+) -> None:
+    steps = judge_ca(dataclasses.replace(CA_GOOD, **change), now)
+    assert [s.id for s in steps] == ["ca", "root"]
+    assert tuple(s.verdict for s in steps) == verdicts
+    text = " ".join(f"{s.detail} {s.hint or ''}" for s in steps)
+    for word in words:
+        assert word in text
+    for s in steps:
+        assert (s.hint is not None) == (s.verdict in (Verdict.WARN, Verdict.FAIL))
+
+
+def test_ca_on_another_host_is_judged_by_its_address() -> None:
+    remote = dataclasses.replace(MESH, ca=None, ca_address="198.18.0.1:15012")
+    up = judge_ca(dataclasses.replace(CA_GOOD, mesh=remote, ready=None), NOW)[0]
+    assert (up.verdict, up.detail) == (Verdict.PASS, "198.18.0.1:15012 accepts connections")
+    down = judge_ca(dataclasses.replace(CA_GOOD, mesh=remote, alive=False, ready=None), NOW)[0]
+    assert down.verdict == Verdict.FAIL and "not reachable from this host" in down.detail
+
+
+def test_the_mesh_check_fails_when_any_step_fails() -> None:
+    good = judge(GOOD, NOW)
+    bad = judge(obs(agent_alive=False, agent=None), NOW)
+    ca = judge_ca(CA_GOOD, NOW)
+    assert not MeshCheck(ca=ca, workloads={"web": good}).failed
+    report = MeshCheck(ca=ca, workloads={"web": good, "db": bad})
+    assert report.failed
+    doc = report.to_json()
+    assert doc["ok"] is False and doc["ca"]["ok"] is True
+    assert [(w["workload"], w["ok"]) for w in doc["workloads"]] == [("web", True), ("db", False)]
+    assert [s["id"] for s in doc["workloads"][0]["steps"]] == CHECK_WALK
+    failed_ca = MeshCheck(ca=judge_ca(dataclasses.replace(CA_GOOD, alive=False), NOW), workloads={})
+    assert failed_ca.failed and failed_ca.to_json()["ca"]["ok"] is False

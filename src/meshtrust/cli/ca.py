@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import json
 import os
 import socket
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.table import Table
 from meshtrust.ca.cadir import init_ca_dir
 from meshtrust.ca.config import CaServeConfig, load_config_file, parse_issuer_flag
 from meshtrust.cli.options import DURATION
+from meshtrust.cli.output import emit, output_option
 from meshtrust.clock import SystemClock
 from meshtrust.config import as_trust_domain
 from meshtrust.durations import format_duration
@@ -299,9 +299,9 @@ def certs() -> None:
     type=DURATION,
     help="Only certificates that are still valid and expire within this time.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@output_option()
 def certs_list(
-    ledger: str | None, ca_dir: Path, expiring_within: dt.timedelta | None, as_json: bool
+    ledger: str | None, ca_dir: Path, expiring_within: dt.timedelta | None, output: str
 ) -> None:
     """List issued certificates, soonest expiry first, with their revocations."""
     now = SystemClock().now()
@@ -314,10 +314,9 @@ def certs_list(
         revoked = sql.revocations()
     finally:
         sql.close()
-    if as_json:
-        click.echo(
-            json.dumps(
-                [
+    if output != "table":
+        emit(
+            [
                     {
                         "serial": r.serial,
                         "spiffe_id": r.spiffe_id,
@@ -332,8 +331,7 @@ def certs_list(
                     }
                     for r in records
                 ],
-                indent=2,
-            )
+            output,
         )
         return
     table = Table(title=f"{len(records)} certificates")

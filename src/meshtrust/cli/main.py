@@ -102,6 +102,8 @@ _COMMANDS = {
     "dashboard": "meshtrust.cli.mesh:dashboard",
     "proxy-config": "meshtrust.cli.tools:proxy_config",
     "check": "meshtrust.cli.tools:check",
+    "analyze": "meshtrust.cli.analyze:analyze",
+    "describe": "meshtrust.cli.analyze:describe",
     "certs": "meshtrust.cli.tools:certs",
     "injector": "meshtrust.cli.injector:injector",
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import signal
 import sys
 import time
@@ -16,6 +15,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from meshtrust.cli.output import emit, output_option
 from meshtrust.durations import format_duration
 
 if TYPE_CHECKING:
@@ -248,11 +248,11 @@ def _serve(
 @click.command()
 @click.argument("mesh_file", type=MESH_FILE, required=False)
 @click.option("--host", metavar="NAME", help="The host of a mesh with hosts (with MESH_FILE).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(mesh_file: Path | None, host: str | None, as_json: bool) -> None:
+@output_option()
+def status(mesh_file: Path | None, host: str | None, output: str) -> None:
     """Show the running mesh: per workload its SPIFFE ID, serial, expiry, time to the next
     rotation, rotations so far, Envoy state, mTLS mode (and a refused policy edit, with its
-    error) and allowed/denied connections. The --json document is described in
+    error) and allowed/denied connections. The -o json / -o yaml document is described in
     docs/status-json.md.
 
     Without MESH_FILE: the mesh started last on this machine. On the CA's host it also lists
@@ -265,8 +265,8 @@ def status(mesh_file: Path | None, host: str | None, as_json: bool) -> None:
     from meshtrust.mesh.status import mesh_status
 
     data = mesh_status(_load_state(mesh_file, host))
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
+    if output != "table":
+        emit(data, output)
     else:
         wide_console().print(status_view(data))
     if data["state"] == "down":

@@ -6,7 +6,6 @@ over a running local mesh: options and tables here; what they observe and judge 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,10 +15,11 @@ from rich.text import Text
 
 from meshtrust.cli.mesh import wide_console
 from meshtrust.cli.options import DURATION
+from meshtrust.cli.output import emit, output_option
 
 if TYPE_CHECKING:
     from meshtrust.mesh.certs_monitor import CertExpiry
-    from meshtrust.mesh.check import CheckStep
+    from meshtrust.mesh.check import CheckStep, MeshCheck
 
 __all__ = ["certs", "check", "proxy_config"]
 
@@ -52,10 +52,6 @@ def _mesh_option(f: click.decorators.FC) -> click.decorators.FC:
     )(f)
 
 
-def _json_option(f: click.decorators.FC) -> click.decorators.FC:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
-
-
 def _styled(word: str) -> Text:
     return Text(word, style=_STYLE.get(word, ""))
 
@@ -71,8 +67,8 @@ def proxy_config() -> None:
 @proxy_config.command("secret")
 @click.argument("workload")
 @_mesh_option
-@_json_option
-def secret(workload: str, mesh_file: Path | None, host: str | None, as_json: bool) -> None:
+@output_option()
+def secret(workload: str, mesh_file: Path | None, host: str | None, output: str) -> None:
     """Show the certificates WORKLOAD's Envoy serves (WORKLOAD is a service name of the mesh
     file), with istioctl's columns.
 
@@ -91,8 +87,8 @@ def secret(workload: str, mesh_file: Path | None, host: str | None, as_json: boo
     from meshtrust.mesh.proxy_config import proxy_secrets
 
     rows = proxy_secrets(load_running_state(mesh_file, host), workload)
-    if as_json:
-        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
+    if output != "table":
+        emit([r.to_json() for r in rows], output)
         return
     table = Table(expand=False)
     for col in (
@@ -119,17 +115,20 @@ def secret(workload: str, mesh_file: Path | None, host: str | None, as_json: boo
 
 
 @click.command()
-@click.argument("workload")
+@click.argument("workload", required=False)
 @_mesh_option
-@_json_option
-def check(workload: str, mesh_file: Path | None, host: str | None, as_json: bool) -> None:
-    """Walk through everything that makes WORKLOAD's mTLS work and say what is wrong.
+@output_option()
+def check(workload: str | None, mesh_file: Path | None, host: str | None, output: str) -> None:
+    """Walk through everything that makes WORKLOAD's mTLS work and say what is wrong;
+    without WORKLOAD, check the whole mesh: the CA, then every workload (as `linkerd check`).
 
     WORKLOAD is a service name of the mesh file. Each step gets PASS, WARN or FAIL (SKIP
     when an earlier failure leaves nothing to look at), and every WARN or FAIL comes with a
     hint on what to do:
 
     \b
+      CA running               (whole mesh) the CA process runs and says ready
+      mesh root valid          (whole mesh) the root is valid; WARN within 30 days of expiry
       agent running            the agent process answers
       app running              the app process is alive and listens (if the mesh runs one)
       Envoy live               the sidecar runs and its admin API answers
@@ -144,22 +143,37 @@ def check(workload: str, mesh_file: Path | None, host: str | None, as_json: bool
 
     Exit status 1 when any step FAILs.
     """
-    from meshtrust.mesh.check import Verdict, check_workload
+    from meshtrust.mesh.check import Verdict, check_mesh, check_workload
     from meshtrust.mesh.probes import load_running_state
 
-    steps = check_workload(load_running_state(mesh_file, host), workload)
+    state = load_running_state(mesh_file, host)
+    if workload is None:
+        mesh = check_mesh(state)
+        if output != "table":
+            emit(mesh.to_json(), output)
+        else:
+            _print_mesh_check(mesh)
+        if mesh.failed:
+            raise SystemExit(1)
+        return
+    steps = check_workload(state, workload)
     failed = any(s.verdict == Verdict.FAIL for s in steps)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {"workload": workload, "ok": not failed, "steps": [s.to_json() for s in steps]},
-                indent=2,
-            )
-        )
+    if output != "table":
+        document = {"workload": workload, "ok": not failed, "steps": [s.to_json() for s in steps]}
+        emit(document, output)
     else:
         _print_check(workload, steps)
     if failed:
         raise SystemExit(1)
+
+
+def _print_mesh_check(mesh: MeshCheck) -> None:
+    """The CA's walk, then each workload's, then one line for the mesh."""
+    _print_check("CA", mesh.ca)
+    for name, steps in mesh.workloads.items():
+        _print_check(name, steps)
+    verdict = "at least one step FAILED" if mesh.failed else "nothing failed"
+    wide_console().print(f"mesh: the CA and {len(mesh.workloads)} workload(s) checked, {verdict}")
 
 
 def _print_check(workload: str, steps: list[CheckStep]) -> None:
@@ -202,9 +216,9 @@ def certs() -> None:
     show_default=True,
     help="Warn about certificates that expire within this time (90s, 15m, 12h, 7d).",
 )
-@_json_option
+@output_option()
 def monitor(
-    mesh_file: Path | None, host: str | None, warn_within: dt.timedelta, as_json: bool
+    mesh_file: Path | None, host: str | None, warn_within: dt.timedelta, output: str
 ) -> None:
     """Show every workload's certificate expiry and fail if any is expired or about to be.
 
@@ -220,16 +234,14 @@ def monitor(
 
     rows = monitor_certs(load_running_state(mesh_file, host), warn_within)
     bad = [r for r in rows if not r.fine]
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "warn_within_seconds": int(warn_within.total_seconds()),
-                    "ok": not bad,
-                    "certificates": [r.to_json() for r in rows],
-                },
-                indent=2,
-            )
+    if output != "table":
+        emit(
+            {
+                "warn_within_seconds": int(warn_within.total_seconds()),
+                "ok": not bad,
+                "certificates": [r.to_json() for r in rows],
+            },
+            output,
         )
     else:
         _print_expiries(rows, warn_within)

@@ -2,7 +2,9 @@
 
 ``up`` is a plan (:mod:`meshtrust.mesh.plan`, pure) carried out by a launcher
 (:mod:`meshtrust.mesh.launch`); ``status``, ``check``, ``proxy-config`` and ``certs monitor``
-observe the running mesh and judge what they saw.
+observe the running mesh and judge what they saw; ``analyze`` and ``describe``
+(:mod:`meshtrust.mesh.analyze`, :mod:`meshtrust.mesh.describe`) judge the files alone, asking
+:mod:`meshtrust.mesh.access` who may call whom.
 """
 
 from meshtrust.mesh.config import MeshConfig, ServiceSpec, UpstreamSpec, load_mesh_config

@@ -1,4 +1,5 @@
-"""``meshtrust check``: the troubleshooting walk over one workload, observe then judge.
+"""``meshtrust check``: the troubleshooting walk over one workload (or, with
+:func:`check_mesh`, the CA and then every workload), observe then judge.
 
 :func:`observe_workload` gathers, once, everything true of the workload that the walk looks
 at: which processes are alive, the agent's ``/debug/status``, whether the app listens, the
@@ -32,6 +33,7 @@ from meshtrust.mesh.probes import (
     certs_entries,
     envoy_info,
     envoy_stats,
+    fetch,
     parse_serial,
     port_open,
     read_chain,
@@ -45,13 +47,19 @@ from meshtrust.pki import TrustBundle, cas_without_key_usage, format_serial, ver
 from meshtrust.spiffe import TrustDomain
 
 __all__ = [
+    "CA_CHECKS",
     "CHECKS",
+    "CaObservation",
+    "MeshCheck",
     "WARN_FRACTION",
     "CheckStep",
     "Observation",
     "Verdict",
+    "check_mesh",
     "check_workload",
     "judge",
+    "judge_ca",
+    "observe_ca",
     "observe_workload",
 ]
 
@@ -615,3 +623,146 @@ def check_workload(
     """
     obs = observe_workload(state, workload)
     return judge(obs, now or SystemClock().now())
+
+
+# --------------------------------------------------------------------------------------------
+# The whole mesh: the CA, then every workload (as `linkerd check` walks the control plane,
+# then the data plane)
+
+#: The root step warns when the mesh root expires within this time.
+ROOT_WARN_WITHIN = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class CaObservation:
+    """What is true of the mesh's CA, read once by :func:`observe_ca`."""
+
+    mesh: MeshState
+    alive: bool  # its process (on the CA's host) or its address (elsewhere)
+    ready: bool | None  # its /ready said 200; None where it cannot be asked (another host)
+    roots: tuple[x509.Certificate, ...] | None
+    roots_where: str
+
+
+def observe_ca(state: MeshState) -> CaObservation:
+    roots, where = read_roots(state)
+    ready = None
+    if state.ca is not None:
+        ready = fetch(f"http://{state.ca.metrics}/ready") is not None
+    return CaObservation(
+        mesh=state,
+        alive=ca_up(state),
+        ready=ready,
+        roots=tuple(roots) if roots is not None else None,
+        roots_where=where,
+    )
+
+
+def check_ca_running(obs: CaObservation, now: dt.datetime) -> CheckStep:
+    state, step = obs.mesh, ("ca", "CA running")
+    if state.ca is None:
+        if obs.alive:
+            return CheckStep(*step, Verdict.PASS, f"{state.ca_address} accepts connections")
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"the CA at {state.ca_address} is not reachable from this host",
+            "run `meshtrust status` on the CA's host; agents cannot renew meanwhile",
+        )
+    if not obs.alive:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"the CA (pid {state.ca.pid}) is not running",
+            f"agents cannot renew; its log {state.ca.log} says why it stopped; "
+            f"{_restart_hint(state)}",
+        )
+    if obs.ready is False:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"pid {state.ca.pid} is alive but http://{state.ca.metrics}/ready does not say ready",
+            f"see its log {state.ca.log}",
+        )
+    return CheckStep(*step, Verdict.PASS, f"pid {state.ca.pid}, {state.ca.address}, ready")
+
+
+def check_ca_root(obs: CaObservation, now: dt.datetime) -> CheckStep:
+    step = "root", "mesh root valid"
+    if obs.roots is None:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            obs.roots_where,
+            f"the mesh's trust bundle {obs.mesh.root_cert} is damaged or gone; "
+            f"{_restart_hint(obs.mesh)}",
+        )
+    valid = [r for r in obs.roots if r.not_valid_before_utc <= now < r.not_valid_after_utc]
+    if not valid:
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"every root in {obs.roots_where} has expired or is not valid yet",
+            "no certificate of this mesh verifies; make a new CA (`meshtrust ca init`) or "
+            "rotate the root",
+        )
+    last = max(valid, key=lambda r: r.not_valid_after_utc)
+    left = last.not_valid_after_utc - now
+    detail = (
+        f"{len(obs.roots)} root(s); the last to expire: {_duration(left.total_seconds())} left "
+        f"(NotAfter {format_timestamp(last.not_valid_after_utc)})"
+    )
+    if left < ROOT_WARN_WITHIN:
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            detail,
+            "rotate the root before it expires: every certificate of the mesh chains to it "
+            "(istio#14516)",
+        )
+    return CheckStep(*step, Verdict.PASS, detail)
+
+
+CaCheck = Callable[[CaObservation, dt.datetime], CheckStep]
+
+#: The CA's part of the mesh-wide walk, in order.
+CA_CHECKS: tuple[CaCheck, ...] = (check_ca_running, check_ca_root)
+
+
+@dataclass(frozen=True)
+class MeshCheck:
+    """The mesh-wide walk: the CA's steps, then each workload's (this host's services)."""
+
+    ca: list[CheckStep]
+    workloads: dict[str, list[CheckStep]]
+
+    @property
+    def failed(self) -> bool:
+        steps = [*self.ca, *(s for w in self.workloads.values() for s in w)]
+        return any(s.verdict == Verdict.FAIL for s in steps)
+
+    def to_json(self) -> dict[str, Any]:
+        def ok(steps: list[CheckStep]) -> bool:
+            return not any(s.verdict == Verdict.FAIL for s in steps)
+
+        return {
+            "ok": not self.failed,
+            "ca": {"ok": ok(self.ca), "steps": [s.to_json() for s in self.ca]},
+            "workloads": [
+                {"workload": name, "ok": ok(steps), "steps": [s.to_json() for s in steps]}
+                for name, steps in self.workloads.items()
+            ],
+        }
+
+
+def judge_ca(obs: CaObservation, now: dt.datetime) -> list[CheckStep]:
+    """The CA's checks over one observation. Pure."""
+    return [check(obs, now) for check in CA_CHECKS]
+
+
+def check_mesh(state: MeshState, now: dt.datetime | None = None) -> MeshCheck:
+    """The whole walk: the CA, then every workload of ``state`` (one host's share)."""
+    at = now or SystemClock().now()
+    ca = judge_ca(observe_ca(state), at)
+    workloads = {svc.name: judge(observe_workload(state, svc.name), at) for svc in state.services}
+    return MeshCheck(ca=ca, workloads=workloads)

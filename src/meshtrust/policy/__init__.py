@@ -11,9 +11,11 @@ from meshtrust.policy.compile import (
     HTTP_RBAC_TYPE,
     NETWORK_RBAC_FILTER,
     NETWORK_RBAC_TYPE,
+    PeerAuthenticationLevels,
     authorization_policies_for,
     inbound_policy,
     mtls_mode_for,
+    peer_authentication_levels,
     rbac_filters_for,
     selects,
 )
@@ -41,6 +43,7 @@ __all__ = [
     "MtlsMode",
     "Operation",
     "PeerAuthentication",
+    "PeerAuthenticationLevels",
     "PolicyError",
     "PolicySet",
     "Protocol",
@@ -51,6 +54,7 @@ __all__ = [
     "inbound_policy",
     "load_policy_files",
     "mtls_mode_for",
+    "peer_authentication_levels",
     "rbac_filters_for",
     "selects",
 ]

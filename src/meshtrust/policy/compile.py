@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import typing
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
@@ -49,9 +50,11 @@ __all__ = [
     "HTTP_RBAC_TYPE",
     "NETWORK_RBAC_FILTER",
     "NETWORK_RBAC_TYPE",
+    "PeerAuthenticationLevels",
     "authorization_policies_for",
     "inbound_policy",
     "mtls_mode_for",
+    "peer_authentication_levels",
     "rbac_filters_for",
     "selects",
 ]
@@ -78,13 +81,23 @@ def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bo
     return all(labels.get(key) == value for key, value in (selector or {}).items())
 
 
-def mtls_mode_for(
+@dataclass(frozen=True)
+class PeerAuthenticationLevels:
+    """The PeerAuthentications that decide one workload's mode, one per level (None: none)."""
+
+    mesh: PeerAuthentication | None = None
+    namespace: PeerAuthentication | None = None
+    workload: PeerAuthentication | None = None
+
+
+def peer_authentication_levels(
     peer_authentications: Iterable[PeerAuthentication],
     workload: WorkloadRef,
     *,
     root_namespace: str = "istio-system",
-) -> MtlsMode:
-    """The inbound mTLS mode of ``workload`` (Istio's ``ComposePeerAuthentication``)."""
+) -> PeerAuthenticationLevels:
+    """Which PeerAuthentication applies to ``workload`` at each level (mesh, namespace,
+    workload), as Istio's ``ComposePeerAuthentication`` picks them."""
     mesh: PeerAuthentication | None = None
     namespace: PeerAuthentication | None = None
     workload_level: PeerAuthentication | None = None
@@ -100,10 +113,24 @@ def mtls_mode_for(
                 namespace = namespace or policy
         elif policy.namespace != root_namespace and selects(policy.selector, workload.labels):
             workload_level = workload_level or policy
+    return PeerAuthenticationLevels(mesh, namespace, workload_level)
+
+
+def mtls_mode_for(
+    peer_authentications: Iterable[PeerAuthentication],
+    workload: WorkloadRef,
+    *,
+    root_namespace: str = "istio-system",
+) -> MtlsMode:
+    """The inbound mTLS mode of ``workload`` (Istio's ``ComposePeerAuthentication``)."""
+    levels = peer_authentication_levels(
+        peer_authentications, workload, root_namespace=root_namespace
+    )
     mode = MtlsMode.PERMISSIVE
-    for level in (mesh, namespace, workload_level):
+    for level in (levels.mesh, levels.namespace, levels.workload):
         if level is not None and level.mode is not None:
             mode = level.mode
+    workload_level = levels.workload
     if workload_level is not None and workload.app_port in workload_level.port_level_mtls:
         port_mode = workload_level.port_level_mtls[workload.app_port]
         if port_mode is not None:  # UNSET at port level inherits the workload's mode
