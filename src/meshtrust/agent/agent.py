@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import random
 from collections.abc import Iterable
@@ -280,8 +281,9 @@ class Agent:
         sleep: asyncio.Future[None] | None = None
         try:
             while not secret.expired(self.clock.now()):
-                left = (secret.not_after - self.clock.now()).total_seconds()
-                sleep = asyncio.ensure_future(self.clock.sleep(left))
+                # The time left is read when the sleep task starts, not now: on a fake clock
+                # advanced in between, a duration read here would end past the expiry.
+                sleep = asyncio.ensure_future(self._sleep_until(secret.not_after))
                 await asyncio.wait((newer, sleep), return_when=asyncio.FIRST_COMPLETED)
                 sleep.cancel()
                 if newer.done():
@@ -291,6 +293,9 @@ class Agent:
             newer.cancel()
             if sleep is not None:
                 sleep.cancel()
+
+    async def _sleep_until(self, when: dt.datetime) -> None:
+        await self.clock.sleep(max(0.0, (when - self.clock.now()).total_seconds()))
 
     async def stop(self) -> None:
         """Stop rotating, close the sockets (removing them) and the status port."""
