@@ -58,6 +58,7 @@ from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
 from meshtrust.ca.readiness import LedgerHealth, Readiness, WatchedLedger
 from meshtrust.ca.revocation import POLL_INTERVAL, RevocationSource, RevocationWatch
 from meshtrust.ca.server import CaGrpcService, GrpcServer, serve_grpc, server_ssl_context
+from meshtrust.ca.signing import POLL_INTERVAL as SIGNING_POLL
 from meshtrust.ca.signing import SigningMaterial, SigningWatch, SlotLedger
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
@@ -196,6 +197,7 @@ def _signing_watch(
     trust_domain: str,
     root: Signer | None,
     material: CaMaterial,
+    interval: float = SIGNING_POLL,
 ) -> SigningWatch:
     return SigningWatch(
         SlotLedger(sql.engine),
@@ -204,6 +206,7 @@ def _signing_watch(
         trust_domain=trust_domain,
         root=root,
         bundle=material.roots,
+        interval=interval,
     )
 
 
@@ -228,7 +231,9 @@ class Signing:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-def start_signing(prepared: PreparedCa, sql: SqlLedger, clock: Clock) -> Signing:
+def start_signing(
+    prepared: PreparedCa, sql: SqlLedger, clock: Clock, interval: float = SIGNING_POLL
+) -> Signing:
     """Load the active signing slot now and follow the ledger's slots (preparing and
     activating successors when this CA holds the root key). Raises :class:`SlotError`."""
     watch = _signing_watch(
@@ -238,6 +243,7 @@ def start_signing(prepared: PreparedCa, sql: SqlLedger, clock: Clock) -> Signing
         prepared.policy.trust_domain.name,
         prepared.root_signer,
         prepared.material,
+        interval,
     )
     watch.load(prepared.material)
     return Signing(watch, asyncio.create_task(watch.run()))
