@@ -59,10 +59,15 @@ from meshtrust.ca.readiness import LedgerHealth, Readiness, WatchedLedger
 from meshtrust.ca.revocation import POLL_INTERVAL, RevocationSource, RevocationWatch
 from meshtrust.ca.server import CaGrpcService, GrpcServer, serve_grpc, server_ssl_context
 from meshtrust.ca.signing import POLL_INTERVAL as SIGNING_POLL
-from meshtrust.ca.signing import SigningMaterial, SigningWatch, SlotLedger
-from meshtrust.clock import Clock
+from meshtrust.ca.signing import (
+    SigningMaterial,
+    SigningWatch,
+    SlotLedger,
+    chain_expiry_warning,
+)
+from meshtrust.clock import Clock, SystemClock
 from meshtrust.config import parse_host_port
-from meshtrust.errors import CADirectoryError, ConfigError
+from meshtrust.errors import CADirectoryError, ConfigError, LedgerError
 from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import (
     KeyType,
@@ -384,8 +389,9 @@ class Books:
         )
 
 
-def open_books(prepared: PreparedCa) -> Books:
-    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set."""
+def open_books(prepared: PreparedCa, clock: Clock | None = None) -> Books:
+    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set
+    (the chain's read from the ledger's active slot at each scrape)."""
     sql = SqlLedger(prepared.ledger_url)
     metrics_registry = TextRegistry()
     metrics = CaMetrics(metrics_registry)
@@ -394,9 +400,33 @@ def open_books(prepared: PreparedCa) -> Books:
         min(r.not_valid_after_utc for r in m.roots),
         min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
     )
+    metrics.follow_signing_chain(
+        chain_status_reader(SlotLedger(sql.engine), prepared.root_signer is None, clock)
+    )
     health = LedgerHealth()
     ledger = WatchedLedger(GroupCommitLedger(sql), health)
     return Books(sql, ledger, metrics_registry, metrics, health)
+
+
+def chain_status_reader(
+    store: SlotLedger, plugged_in: bool, clock: Clock | None = None
+) -> Callable[[], tuple[dt.datetime, int] | None]:
+    """For the metrics: the active chain's expiry and warning level (a CA with the root key
+    rotates, so it has no warning), read from the ledger; None when that fails."""
+    clock = clock or SystemClock()
+
+    def read() -> tuple[dt.datetime, int] | None:
+        try:
+            active = store.slots().active
+        except LedgerError:
+            return None
+        if active is None:
+            return None
+        not_after = min(c.not_valid_after_utc for c in active.chain)
+        warning = chain_expiry_warning(active.issued_at, not_after, clock.now())
+        return not_after, warning.level if plugged_in and warning is not None else 0
+
+    return read
 
 
 def start_status(

@@ -799,9 +799,16 @@ class SigningWatch:
                     changed = True
         for decision in decide_slots(self.slots, now, can_prepare=self.can_prepare):
             if decision.step is SlotStep.PREPARE:
-                changed |= self._store.prepare(
+                if self._store.prepare(
                     decision.generation, self._make, self._undo, now, self._actor
-                )
+                ):
+                    active = self.slots.active
+                    log.info(
+                        "prepared signing CA generation %d; it becomes active at %s",
+                        decision.generation,
+                        f"{active.activate_at:%Y-%m-%d %H:%M:%SZ}" if active else "?",
+                    )
+                    changed = True
             elif decision.step is SlotStep.ACTIVATE:
                 changed |= self._activate(decision.generation, now)
             else:
