@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from meshtrust.ca import SqlLedger, init_ca_dir, load_ca_dir
 from meshtrust.ca.cadir import load_root_signer
+from meshtrust.ca.crl import build_crl
+from meshtrust.ca.revocation import RevocationState
 from meshtrust.ca.schema import signing_slots
 from meshtrust.ca.signing import (
     Decision,
+    SigningMaterial,
     SigningWatch,
     Slot,
     SlotError,
@@ -35,12 +40,14 @@ from meshtrust.clock import FakeClock
 from meshtrust.pki import (
     KeyType,
     Signer,
+    certs_pem,
     generate_key,
     load_private_key_pem,
     make_intermediate,
     make_root,
 )
-from meshtrust.spiffe import TrustDomain
+from meshtrust.pki.profile import LeafIssuer
+from meshtrust.spiffe import SpiffeId, TrustDomain
 
 TD = TrustDomain.parse("example.org")
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -162,14 +169,17 @@ def _ca(tmp_path: Path, life: dt.timedelta = 30 * DAY) -> tuple[Path, SqlLedger]
     return directory, SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
 
 
-def _watch(ca_dir: Path, sql: SqlLedger, clock: FakeClock, *, root: bool = True) -> SigningWatch:
-    material = load_ca_dir(ca_dir, clock.now())
+def _watch(
+    ca_dir: Path, sql: SqlLedger, clock: FakeClock, *, root: bool = True, fresh_keys: bool = False
+) -> SigningWatch:
+    material = load_ca_dir(ca_dir, clock.now(), signer_may_expire=True)
     watch = SigningWatch(
         SlotLedger(sql.engine),
         ca_dir,
         clock,
         trust_domain=TD.name,
         root=load_root_signer(ca_dir, material.roots) if root else None,
+        fresh_keys=fresh_keys,
     )
     watch.load(material)
     return watch
@@ -391,3 +401,65 @@ def test_a_restarted_ca_signs_with_the_active_slot_not_ca_cert_pem(tmp_path: Pat
     assert restarted.current().generation == 2
     assert restarted.current().signer.cert != load_ca_dir(ca_dir, T0).signer.cert
     sql.close()
+
+
+@pytest.mark.asyncio
+async def test_a_successor_keeps_the_key_so_either_crl_covers_both(tmp_path: Path) -> None:
+    """The default: a successor is a new certificate for the same key and name, so the CRL
+    a sidecar holds (signed by either) verifies leaves of both -- `openssl verify
+    -crl_check` (what Envoy does) accepts a leaf of generation 2 with generation 1's CRL."""
+    ca_dir, sql = _ca(tmp_path)
+    clock = FakeClock(T0)
+    watch = _watch(ca_dir, sql, clock)
+    first = watch.current()
+    await clock.advance(26 * 86400)
+    await watch.poll_once()
+    second = watch.current()
+    assert second.generation == 2 and second.signer.cert != first.signer.cert
+    assert second.signer.cert.public_key() == first.signer.cert.public_key()
+    assert second.signer.cert.subject == first.signer.cert.subject
+    (key_file,) = ca_dir.glob("signing-key-2-*")  # its own file all the same
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    done = _crl_check(tmp_path, second, first, clock.now())
+    assert done.returncode == 0, done.stdout + done.stderr
+    sql.close()
+
+
+@pytest.mark.asyncio
+async def test_fresh_keys_give_each_successor_a_new_key(tmp_path: Path) -> None:
+    ca_dir, sql = _ca(tmp_path)
+    clock = FakeClock(T0)
+    watch = _watch(ca_dir, sql, clock, fresh_keys=True)
+    first = watch.current()
+    await clock.advance(26 * 86400)
+    await watch.poll_once()
+    assert watch.current().generation == 2
+    assert watch.current().signer.cert.public_key() != first.signer.cert.public_key()
+    # Why it is not the default: a sidecar holding the old CRL refuses the new leaves.
+    done = _crl_check(tmp_path, watch.current(), first, clock.now())
+    assert done.returncode != 0 and "unable to get certificate CRL" in done.stderr
+    sql.close()
+
+
+def _crl_check(
+    tmp_path: Path, signing: SigningMaterial, crl_by: SigningMaterial, now: dt.datetime
+) -> subprocess.CompletedProcess[str]:
+    """`openssl verify -crl_check` of a new leaf of ``signing`` with the CRL of ``crl_by``."""
+    leaf_key = generate_key(KeyType.EC_P256)
+    leaf = LeafIssuer(signing.signer).issue(
+        leaf_key.public_key(), SpiffeId.for_workload(TD, "default", "web"), now, DAY
+    )
+    crl = build_crl(crl_by.signer, RevocationState(), now, DAY)
+    files = {
+        "root.pem": certs_pem(signing.roots),
+        "inter.pem": certs_pem([signing.signer.cert]),
+        "leaf.pem": certs_pem([leaf]),
+        "crl.pem": crl.public_bytes(serialization.Encoding.PEM),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    command = ["openssl", "verify", "-crl_check", "-attime", str(int(now.timestamp()))]
+    command += ["-CAfile", "root.pem", "-untrusted", "inter.pem", "-CRLfile", "crl.pem"]
+    return subprocess.run(
+        [*command, "leaf.pem"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )

@@ -72,14 +72,15 @@ class Caller(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(0.05):
             self.calls += 1
+            at = f"{SystemClock().now():%H:%M:%S.%f}"
             try:
                 status, _ = http_get(self.http_port, timeout=5)
                 if status != 200:
-                    self.failures.append(f"a->b HTTP {status}")
+                    self.failures.append(f"{at} a->b HTTP {status}")
                 if tcp_roundtrip(self.tcp_port, b"ping", timeout=5) != b"echo:ping":
-                    self.failures.append("a->t connection closed")
+                    self.failures.append(f"{at} a->t connection closed")
             except OSError as exc:
-                self.failures.append(f"{exc.__class__.__name__}: {exc}")
+                self.failures.append(f"{at} {exc.__class__.__name__}: {exc}")
 
 
 def test_intermediate_rotation_under_load_fails_no_call(tmp_path: Path) -> None:

@@ -29,6 +29,19 @@ directory's own ``ca-cert.pem``), and sits in one slot::
   activated: the CA keeps signing with the active one, and a prepared slot that cannot be
   loaded is retired so a fresh one is prepared.
 
+Why successors keep the key (by default). Revocation is a CRL signed by the issuing CA, and
+Envoy checks a peer's leaf against the CRL of *its* issuer: a leaf whose issuer has no CRL
+in the sidecar's list is refused ("unable to get certificate CRL", as ``openssl verify
+-crl_check`` says too). Agents hold one CRL, from the CA they know. A successor with a new
+key would need its own CRL in every sidecar before its first leaf is issued; until CRLs are
+distributed per issuer, a new key would refuse handshakes from the activation until every
+agent held the new CRL (measured on a live mesh: ``tests/test_ca_slots_mesh.py``). So a
+successor is a new certificate for the active key, with the same name: the CRL signed by
+either verifies leaves of both, and nothing changes for any peer. (Istio's self-signed CA
+rotates its root keeping the key, for the same reason: old leaves stay valid.)
+``fresh_keys=True`` gives each successor a new key, as SPIRE does; :func:`switch_to_root`
+always does (a new root is a new issuer anyway).
+
 :func:`switch_to_root` is the entry point for root rotation: it makes an intermediate under a
 new root (or a given plugged-in intermediate) ACTIVE for every replica at once.
 """
@@ -686,8 +699,13 @@ class SigningWatch:
         bundle: Sequence[x509.Certificate] = (),
         interval: float = POLL_INTERVAL,
         actor: str = "meshtrust ca serve",
+        fresh_keys: bool = False,
     ) -> None:
+        """``fresh_keys``: give each successor a new key (SPIRE). By default a successor
+        re-certifies the active key under the same name (see "Why successors keep the key"
+        in the module docstring)."""
         self._store = store
+        self._fresh_keys = fresh_keys
         self._bundle = tuple(bundle)
         self._ca_dir = ca_dir
         self._clock = clock
@@ -837,7 +855,10 @@ class SigningWatch:
         assert self._root is not None and self.slots.active is not None
         active = self.slots.active
         now = self._clock.now()
-        key = generate_key(key_type_of(active.cert))
+        if self._fresh_keys:
+            key = generate_key(key_type_of(active.cert))
+        else:
+            key = load_slot_key(self._ca_dir, active)  # SlotError: nothing is prepared
         cert = make_intermediate(key, self._root, self._trust_domain, now, active.lifetime)
         key_file = write_slot_key(self._ca_dir, generation, key)
         return NewSlot((cert,), (self._root.cert,), key_file, now)
