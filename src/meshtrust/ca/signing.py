@@ -918,6 +918,10 @@ async def switch_to_root(
     :data:`POLL_INTERVAL`; workloads move to it at their next renewal (root rotation's
     phase 2 makes agents renew at once on the bundle change).
 
+    The new intermediate is a new CRL issuer: until CRLs are published per live slot
+    (module docstring), sidecars holding only the previous issuer's CRL refuse its leaves,
+    so root rotation must distribute its CRL before calling this.
+
     Raises :class:`SlotError` when the arguments do not make a usable signer (key not
     matching, chain not ending at one of ``roots``, expired) and :class:`LedgerError` when
     the ledger fails; nothing is changed then.
