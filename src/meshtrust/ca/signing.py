@@ -22,9 +22,10 @@ directory's own ``ca-cert.pem``), and sits in one slot::
   an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite, and idempotent: the row of
   a generation is the arbiter, so two replicas preparing at once make one intermediate), and
   switches the signer it hands to the authority when the ACTIVE generation changed.
-* The new intermediate's key is its own 0600 file in the CA directory
-  (``signing-key-<generation>-<random>.pem``, written atomically *before* its row is
-  committed; a replica that lost the race removes its file). A slot whose key file or row is
+* Each successor's key is its own 0600 file in the CA directory
+  (``signing-key-<generation>-<random>.pem``, written atomically under the slot lock
+  *before* its row is committed, removed if the commit fails; a replica that finds the
+  generation made already writes nothing). A slot whose key file or row is
   corrupt is reported (logged once, named by generation, file and field) and never
   activated: the CA keeps signing with the active one, and a prepared slot that cannot be
   loaded is retired so a fresh one is prepared.
