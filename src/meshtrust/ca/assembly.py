@@ -134,7 +134,9 @@ class PreparedCa:
 
 
 def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
-    """Load and check the CA directory, trust domain and token issuers."""
+    """Load and check the CA directory, trust domain and token issuers; then the signing
+    slots in the ledger (:mod:`meshtrust.ca.signing`): the material signs with the active
+    one. Raises :class:`MeshTrustError` subclasses with a message."""
     now = clock.now()
     holds_root = (config.ca_dir / "root-key.pem").exists()
     material = load_ca_dir(config.ca_dir, now, signer_may_expire=holds_root)
@@ -146,14 +148,6 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
         raise ConfigError(
             "cannot tell the trust domain from the root certificate's O; pass --trust-domain"
         )
-    ledger_url = config.ledger or default_ledger_url(config.ca_dir)
-    # Sign with the ledger's active slot (recorded from this directory the first time).
-    sql = SqlLedger(ledger_url)
-    try:
-        active = _signing_watch(config, sql, clock, td.name, root_signer, material).load(material)
-    finally:
-        sql.close()
-    material = _with_signer(material, active)
     issuers = [load_jwks_file(iss, path) for iss, path in config.jwt_issuers]
     # A token key that is there but unusable stops start-up (it names the file); only one
     # that cannot be *made* (a read-only secret mount) leaves the CA's own issuer off.
@@ -169,18 +163,27 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
             token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
         )
         issuers.append(own_issuer)
+    remote = kube_authenticators(
+        config.kube_tokenreview, config.kube_jwks, td, config.audience, clock
+    )
+    host, _ = parse_host_port(config.listen, what="--listen")
+    # Last of the checks (so a refused start leaves no ledger behind): sign with the
+    # ledger's active slot, recorded from this directory the first time.
+    ledger_url = config.ledger or default_ledger_url(config.ca_dir)
+    sql = SqlLedger(ledger_url)
+    try:
+        active = _signing_watch(config, sql, clock, td.name, root_signer, material).load(material)
+    finally:
+        sql.close()
+    material = _with_signer(material, active)
     serving_key = generate_key(KeyType.EC_P256)
     names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
-    host, _ = parse_host_port(config.listen, what="--listen")
     if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
         names.append(host)
     # Signed by the root when the CA holds it: the intermediate may live minutes (rotation),
     # the serving certificate must not expire with it.
     serving_signer = root_signer or material.signer
     serving = make_serving_cert(serving_signer, serving_key, names, now, SERVING_CERT_TTL)
-    remote = kube_authenticators(
-        config.kube_tokenreview, config.kube_jwks, td, config.audience, clock
-    )
     return PreparedCa(
         config=config,
         material=material,
