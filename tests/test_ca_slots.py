@@ -463,3 +463,20 @@ def _crl_check(
     return subprocess.run(
         [*command, "leaf.pem"], cwd=tmp_path, capture_output=True, text=True, check=False
     )
+
+
+@pytest.mark.asyncio
+async def test_a_successor_that_cannot_be_made_is_reported_and_the_ca_signs_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca_dir, sql = _ca(tmp_path)
+    clock = FakeClock(T0)
+    watch = _watch(ca_dir, sql, clock)  # holds generation 1's key in memory
+    (ca_dir / "ca-key.pem").write_bytes(b"damaged\n")
+    await clock.advance(16 * 86400)
+    await watch.poll_once()
+    await watch.poll_once()
+    assert watch.current().generation == 1 and watch.slots.prepared is None
+    assert caplog.text.count(f"signing CA generation 1: {ca_dir / 'ca-key.pem'}: not an") == 1
+    assert "Traceback" not in caplog.text and not list(ca_dir.glob("signing-key-*"))
+    sql.close()

@@ -71,7 +71,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from meshtrust.ca.cadir import CaMaterial
 from meshtrust.ca.schema import audit, signing_slots
 from meshtrust.clock import Clock
-from meshtrust.errors import InvalidCertificate, LedgerError
+from meshtrust.errors import InvalidCertificate, LedgerError, MeshTrustError
 from meshtrust.fileio import write_private_file
 from meshtrust.pki import (
     KeyType,
@@ -818,9 +818,14 @@ class SigningWatch:
                     changed = True
         for decision in decide_slots(self.slots, now, can_prepare=self.can_prepare):
             if decision.step is SlotStep.PREPARE:
-                if self._store.prepare(
-                    decision.generation, self._make, self._undo, now, self._actor
-                ):
+                try:
+                    prepared = self._store.prepare(
+                        decision.generation, self._make, self._undo, now, self._actor
+                    )
+                except SlotError as exc:  # nothing was made; the active one keeps signing
+                    self._report_once(f"prepare-{decision.generation}", str(exc))
+                    continue
+                if prepared:
                     active = self.slots.active
                     log.info(
                         "prepared signing CA generation %d; it becomes active at %s",
@@ -861,7 +866,13 @@ class SigningWatch:
         else:
             key = load_slot_key(self._ca_dir, active)  # SlotError: nothing is prepared
         cert = make_intermediate(key, self._root, self._trust_domain, now, active.lifetime)
-        key_file = write_slot_key(self._ca_dir, generation, key)
+        try:
+            key_file = write_slot_key(self._ca_dir, generation, key)
+        except OSError as exc:  # a read-only CA directory (a Kubernetes secret mount)
+            raise SlotError(
+                f"cannot prepare signing CA generation {generation}: cannot write its key "
+                f"in {self._ca_dir}: {exc.strerror}; the intermediate will not be rotated"
+            ) from exc
         return NewSlot((cert,), (self._root.cert,), key_file, now)
 
     def _undo(self, new: NewSlot) -> None:
@@ -892,7 +903,12 @@ class SigningWatch:
     async def run(self) -> None:
         while True:
             await self._clock.sleep(self._interval)
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except (MeshTrustError, OSError) as exc:
+                # As SPIRE's rotator: a failed step is logged and retried at the next poll;
+                # it must not end the task that keeps this process's signer current.
+                self._report_once(f"poll-{exc}", f"signing slots: {exc}")
 
 
 async def switch_to_root(
