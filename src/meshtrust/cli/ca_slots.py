@@ -107,12 +107,11 @@ def slots(ledger: str | None, ca_dir: Path, as_json: bool, check: bool) -> None:
     active = found.active
     if active is not None and holds_root:
         if found.prepared is None:
-            console.print(f"next: prepare a successor at {active.prepare_at:%Y-%m-%d %H:%M:%SZ}")
+            step, when = "prepare a successor", active.prepare_at
         else:
-            console.print(
-                f"next: activate generation {found.prepared.generation} at "
-                f"{active.activate_at:%Y-%m-%d %H:%M:%SZ}"
-            )
+            step, when = f"activate generation {found.prepared.generation}", active.activate_at
+        overdue = " (overdue: is a CA serving this ledger?)" if when < now else ""
+        console.print(f"next: {step} at {when:%Y-%m-%d %H:%M:%SZ}{overdue}")
     for generation, _, message in found.problems:
         console.print(f"[red]problem[/red] generation {generation}: {message}")
     if warning is not None:
