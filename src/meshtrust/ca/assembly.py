@@ -10,6 +10,7 @@ failure is a :class:`MeshTrustError` with a message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -37,6 +38,7 @@ from meshtrust.ca.cadir import (
     CaMaterial,
     ensure_token_signing_key,
     load_ca_dir,
+    load_root_signer,
     load_token_signing_key,
     token_issuer_for,
 )
@@ -56,11 +58,25 @@ from meshtrust.ca.metrics import CaMetrics, CaMetricsSink
 from meshtrust.ca.readiness import LedgerHealth, Readiness, WatchedLedger
 from meshtrust.ca.revocation import POLL_INTERVAL, RevocationSource, RevocationWatch
 from meshtrust.ca.server import CaGrpcService, GrpcServer, serve_grpc, server_ssl_context
-from meshtrust.clock import Clock
+from meshtrust.ca.signing import POLL_INTERVAL as SIGNING_POLL
+from meshtrust.ca.signing import (
+    SigningMaterial,
+    SigningWatch,
+    SlotLedger,
+    chain_expiry_warning,
+)
+from meshtrust.clock import Clock, SystemClock
 from meshtrust.config import parse_host_port
-from meshtrust.errors import CADirectoryError, ConfigError
+from meshtrust.errors import CADirectoryError, ConfigError, LedgerError
 from meshtrust.metrics_text import TextRegistry
-from meshtrust.pki import KeyType, PrivateKey, TrustBundle, generate_key, make_serving_cert
+from meshtrust.pki import (
+    KeyType,
+    PrivateKey,
+    Signer,
+    TrustBundle,
+    generate_key,
+    make_serving_cert,
+)
 from meshtrust.status_http import StatusHttpServer
 
 __all__ = [
@@ -69,12 +85,14 @@ __all__ = [
     "Books",
     "PreparedCa",
     "Revocations",
+    "Signing",
     "build_authority",
     "open_books",
     "prepare_ca",
     "run_loop",
     "serve_until_stopped",
     "start_revocations",
+    "start_signing",
     "start_status",
 ]
 
@@ -105,6 +123,9 @@ class PreparedCa:
     serving_key: PrivateKey
     remote: list[KubeAuthenticator] = field(default_factory=list)  # Kubernetes
     own_issuer: TrustedIssuer | None = None  # the CA's token key: join tokens
+    #: The root's signer when the CA directory holds ``root-key.pem``: the CA then rotates
+    #: its own intermediate (:mod:`meshtrust.ca.signing`).
+    root_signer: Signer | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
         return server_ssl_context(
@@ -113,9 +134,13 @@ class PreparedCa:
 
 
 def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
-    """Load and check the CA directory, trust domain and token issuers."""
+    """Load and check the CA directory, trust domain and token issuers; then the signing
+    slots in the ledger (:mod:`meshtrust.ca.signing`): the material signs with the active
+    one. Raises :class:`MeshTrustError` subclasses with a message."""
     now = clock.now()
-    material = load_ca_dir(config.ca_dir, now)
+    holds_root = (config.ca_dir / "root-key.pem").exists()
+    material = load_ca_dir(config.ca_dir, now, signer_may_expire=holds_root)
+    root_signer = load_root_signer(config.ca_dir, material.roots) if holds_root else None
     for warning in material.warnings:
         log.warning("%s", warning)
     td = config.trust_domain or material.trust_domain_hint()
@@ -138,26 +163,98 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
             token_issuer_for(td), own.jwks, source=str(config.ca_dir / "token-key.pem")
         )
         issuers.append(own_issuer)
-    serving_key = generate_key(KeyType.EC_P256)
-    names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
-    host, _ = parse_host_port(config.listen, what="--listen")
-    if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
-        names.append(host)
-    serving = make_serving_cert(material.signer, serving_key, names, now, SERVING_CERT_TTL)
     remote = kube_authenticators(
         config.kube_tokenreview, config.kube_jwks, td, config.audience, clock
     )
+    host, _ = parse_host_port(config.listen, what="--listen")
+    # Last of the checks (so a refused start leaves no ledger behind): sign with the
+    # ledger's active slot, recorded from this directory the first time.
+    ledger_url = config.ledger or default_ledger_url(config.ca_dir)
+    sql = SqlLedger(ledger_url)
+    try:
+        active = _signing_watch(config, sql, clock, td.name, root_signer, material).load(material)
+    finally:
+        sql.close()
+    material = _with_signer(material, active)
+    serving_key = generate_key(KeyType.EC_P256)
+    names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
+    if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
+        names.append(host)
+    # Signed by the root when the CA holds it: the intermediate may live minutes (rotation),
+    # the serving certificate must not expire with it.
+    serving_signer = root_signer or material.signer
+    serving = make_serving_cert(serving_signer, serving_key, names, now, SERVING_CERT_TTL)
     return PreparedCa(
         config=config,
         material=material,
         policy=CaPolicy(td, config.default_ttl, config.max_ttl),
         issuers=issuers,
-        ledger_url=config.ledger or default_ledger_url(config.ca_dir),
-        serving_chain=[serving, *material.intermediates],
+        ledger_url=ledger_url,
+        serving_chain=[serving] if root_signer else [serving, *material.intermediates],
         serving_key=serving_key,
         remote=remote,
         own_issuer=own_issuer,
+        root_signer=root_signer,
     )
+
+
+def _signing_watch(
+    config: CaServeConfig,
+    sql: SqlLedger,
+    clock: Clock,
+    trust_domain: str,
+    root: Signer | None,
+    material: CaMaterial,
+    interval: float = SIGNING_POLL,
+) -> SigningWatch:
+    return SigningWatch(
+        SlotLedger(sql.engine),
+        config.ca_dir,
+        clock,
+        trust_domain=trust_domain,
+        root=root,
+        bundle=material.roots,
+        interval=interval,
+    )
+
+
+def _with_signer(material: CaMaterial, active: SigningMaterial) -> CaMaterial:
+    return dataclasses.replace(
+        material,
+        signer=active.signer,
+        intermediates=active.intermediates,
+        roots=active.roots,
+    )
+
+
+@dataclass
+class Signing:
+    """One CA process's signer, following the ledger's slots (:mod:`meshtrust.ca.signing`)."""
+
+    watch: SigningWatch
+    task: asyncio.Task[None]
+
+    async def aclose(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+def start_signing(
+    prepared: PreparedCa, sql: SqlLedger, clock: Clock, interval: float = SIGNING_POLL
+) -> Signing:
+    """Load the active signing slot now and follow the ledger's slots (preparing and
+    activating successors when this CA holds the root key). Raises :class:`SlotError`."""
+    watch = _signing_watch(
+        prepared.config,
+        sql,
+        clock,
+        prepared.policy.trust_domain.name,
+        prepared.root_signer,
+        prepared.material,
+        interval,
+    )
+    watch.load(prepared.material)
+    return Signing(watch, asyncio.create_task(watch.run()))
 
 
 @dataclass
@@ -197,13 +294,22 @@ def build_authority(
     ledger: LedgerWriter,
     metrics: CaMetricsSink,
     revocations: RevocationWatch | None = None,
+    signing: SigningWatch | None = None,
 ) -> CertificateAuthority:
+    """The authority of one CA process; ``signing`` makes it follow the active slot."""
     material = prepared.material
 
     def revoked_at(serial: str) -> dt.datetime | None:
         assert revocations is not None
         found = revocations.state.revocation(serial)
         return found.revoked_at if found is not None else None
+
+    def cert_authenticator(current: SigningMaterial) -> ClientCertAuthenticator:
+        return ClientCertAuthenticator(
+            TrustBundle(prepared.policy.trust_domain, current.roots),
+            current.known_intermediates,
+            revoked_at if revocations is not None else None,
+        )
 
     return CertificateAuthority(
         material=material,
@@ -226,6 +332,8 @@ def build_authority(
             else None
         ),
         revocations=revocations,
+        signing=signing,
+        cert_authenticator_for=cert_authenticator,
     )
 
 
@@ -284,8 +392,9 @@ class Books:
         )
 
 
-def open_books(prepared: PreparedCa) -> Books:
-    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set."""
+def open_books(prepared: PreparedCa, clock: Clock | None = None) -> Books:
+    """Open the ledger (group-committing) and the metrics, with the CA's expiry gauges set
+    (the chain's read from the ledger's active slot at each scrape)."""
     sql = SqlLedger(prepared.ledger_url)
     metrics_registry = TextRegistry()
     metrics = CaMetrics(metrics_registry)
@@ -294,9 +403,33 @@ def open_books(prepared: PreparedCa) -> Books:
         min(r.not_valid_after_utc for r in m.roots),
         min(c.not_valid_after_utc for c in (m.signer.cert, *m.intermediates)),
     )
+    metrics.follow_signing_chain(
+        chain_status_reader(SlotLedger(sql.engine), prepared.root_signer is None, clock)
+    )
     health = LedgerHealth()
     ledger = WatchedLedger(GroupCommitLedger(sql), health)
     return Books(sql, ledger, metrics_registry, metrics, health)
+
+
+def chain_status_reader(
+    store: SlotLedger, plugged_in: bool, clock: Clock | None = None
+) -> Callable[[], tuple[dt.datetime, int] | None]:
+    """For the metrics: the active chain's expiry and warning level (a CA with the root key
+    rotates, so it has no warning), read from the ledger; None when that fails."""
+    clock = clock or SystemClock()
+
+    def read() -> tuple[dt.datetime, int] | None:
+        try:
+            active = store.slots().active
+        except LedgerError:
+            return None
+        if active is None:
+            return None
+        not_after = min(c.not_valid_after_utc for c in active.chain)
+        warning = chain_expiry_warning(active.issued_at, not_after, clock.now())
+        return not_after, warning.level if plugged_in and warning is not None else 0
+
+    return read
 
 
 def start_status(

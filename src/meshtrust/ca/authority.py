@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from meshtrust.ca.ledger import IssuedRecord, LedgerWriter
 from meshtrust.ca.metrics import CaEvent, CaMetricsSink
 from meshtrust.ca.refusals import RefusalLog
 from meshtrust.ca.revocation import RevocationState
+from meshtrust.ca.signing import SigningMaterial
 from meshtrust.clock import Clock
 from meshtrust.durations import format_duration
 from meshtrust.errors import (
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidTTL",
     "RemoteTokenAuthenticator",
     "RevocationView",
+    "SigningView",
     "check_ttl",
     "decide_identity",
 ]
@@ -75,6 +77,13 @@ class RevocationView(Protocol):
 
     @property
     def state(self) -> RevocationState: ...
+
+
+class SigningView(Protocol):
+    """What the authority signs with now (a :class:`~meshtrust.ca.signing.SigningWatch`,
+    which follows the ledger's active slot)."""
+
+    def current(self) -> SigningMaterial: ...
 
 
 class RemoteTokenAuthenticator(Protocol):
@@ -148,7 +157,12 @@ class CertificateAuthority:
         remote_authenticators: Sequence[RemoteTokenAuthenticator] = (),
         join_authenticator: JoinAuthenticator | None = None,
         revocations: RevocationView | None = None,
+        signing: SigningView | None = None,
+        cert_authenticator_for: Callable[[SigningMaterial], ClientCertAuthenticator] | None = None,
     ) -> None:
+        """``signing``: follow the active signing slot (intermediate rotation); each new
+        signer is also handed to ``cert_authenticator_for``, which makes the client
+        certificate authenticator that knows every live intermediate."""
         self.material = material
         self.policy = policy
         self._clock = clock
@@ -167,6 +181,24 @@ class CertificateAuthority:
         self._chain_tail: list[str] = [
             c.public_bytes(serialization.Encoding.PEM).decode() for c in material.intermediates
         ] + [material.root_bundle_pem]
+        self._signing = signing
+        self._certauth_for = cert_authenticator_for
+        self._signing_now: SigningMaterial | None = None
+        self._follow_signing()
+
+    def _follow_signing(self) -> None:
+        """Sign with the signing view's current material (one identity check per request:
+        the watch replaces the object when the active slot changes)."""
+        if self._signing is None:
+            return
+        current = self._signing.current()
+        if current is self._signing_now:
+            return
+        self._signing_now = current
+        self._issuer = LeafIssuer(current.signer)
+        self._chain_tail = current.chain_tail
+        if self._certauth_for is not None:
+            self._certauth = self._certauth_for(current)
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -223,6 +255,7 @@ class CertificateAuthority:
         :class:`PermissionDenied` or :class:`LedgerError`; each is counted and logged.
         """
         self._metrics.observe(CaEvent.CSR)
+        self._follow_signing()
         try:
             caller = await self._authenticate(creds)
         except AuthenticationError as exc:

@@ -57,6 +57,7 @@ __all__ = [
     "ensure_token_signing_key",
     "init_ca_dir",
     "load_ca_dir",
+    "load_root_signer",
     "load_token_signing_key",
     "token_issuer_for",
 ]
@@ -136,8 +137,13 @@ def init_ca_dir(
     key_type: KeyType = KeyType.EC_P256,
     *,
     force: bool = False,
+    intermediate_lifetime: dt.timedelta = INTERMEDIATE_LIFETIME,
 ) -> None:
     """Create a root, an intermediate signing CA and a token-issuer key in ``directory``.
+
+    The intermediate lives ``intermediate_lifetime`` (a year by default); ``ca serve``
+    rotates it from the ledger's slots (:mod:`meshtrust.ca.signing`) while it holds
+    ``root-key.pem``.
 
     Refuses (:class:`CADirectoryError`) when a CA is already there, unless ``force``; a
     directory it makes is 0700, an existing one that others could write to or that another
@@ -155,7 +161,7 @@ def init_ca_dir(
     root = make_root(root_key, trust_domain.name, now, ROOT_LIFETIME)
     ca_key = generate_key(key_type)
     ca_cert = make_intermediate(
-        ca_key, Signer(root, root_key), trust_domain.name, now, INTERMEDIATE_LIFETIME
+        ca_key, Signer(root, root_key), trust_domain.name, now, intermediate_lifetime
     )
     token_key = ec.generate_private_key(ec.SECP256R1())
     _, jwk = _jwk_for(token_key)
@@ -196,12 +202,17 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
+def load_ca_dir(
+    directory: Path, now: dt.datetime, *, signer_may_expire: bool = False
+) -> CaMaterial:
     """Load and check the CA in ``directory`` (either layout).
 
     Raises :class:`CADirectoryError` when the directory is missing, incomplete (names the
     missing files), or inconsistent: key does not match certificate, signing certificate is
     not a CA, chain does not lead to a root of the bundle, or something has expired.
+    ``signer_may_expire``: a CA holding the root key signs with the ledger's active slot
+    (:mod:`meshtrust.ca.signing`), so an expired ``ca-cert.pem`` (generation 1, long
+    rotated away) is then checked as of its last valid moment instead of refused.
     """
     if not directory.is_dir():
         raise CADirectoryError(
@@ -268,8 +279,11 @@ def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
         if ca_cert.public_bytes(serialization.Encoding.DER) not in root_ders:
             raise CADirectoryError(f"{cert_path} is a self-signed CA that is not in {root_path}")
 
+    check_at = now
+    if signer_may_expire and now > ca_cert.not_valid_after_utc:
+        check_at = ca_cert.not_valid_after_utc
     for cert, path in [(ca_cert, cert_path), *((r, root_path) for r in roots)]:
-        if now > cert.not_valid_after_utc:
+        if check_at > cert.not_valid_after_utc:
             raise CADirectoryError(
                 f"{path}: certificate expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
             )
@@ -279,7 +293,7 @@ def load_ca_dir(directory: Path, now: dt.datetime) -> CaMaterial:
     verifier = (
         xv.PolicyBuilder()
         .store(xv.Store(list(roots)))
-        .time(now)
+        .time(check_at)
         .extension_policies(
             ca_policy=ca_extension_policy(),
             ee_policy=ca_extension_policy(),  # the "leaf" verified here is the signing CA
@@ -323,6 +337,23 @@ def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
             )
     except x509.ExtensionNotFound:
         pass
+
+
+def load_root_signer(directory: Path, roots: tuple[x509.Certificate, ...]) -> Signer | None:
+    """The root's signer when ``root-key.pem`` is in ``directory`` (``ca init`` mode: the CA
+    may rotate its own intermediate), else None (a plugged-in CA). Raises
+    :class:`CADirectoryError` when the key is unreadable or matches none of ``roots``."""
+    path = directory / "root-key.pem"
+    if not path.exists():
+        return None
+    try:
+        key = load_private_key_pem(_read(path), source=str(path))
+    except InvalidCertificate as exc:
+        raise CADirectoryError(str(exc)) from exc
+    for root in roots:
+        if root.public_key() == key.public_key():
+            return Signer(root, key)
+    raise CADirectoryError(f"{path} does not match any root in the CA directory's root bundle")
 
 
 def load_token_signing_key(directory: Path) -> TokenSigningKey | None:

@@ -121,6 +121,11 @@ class SqlLedger:
             self._engine.dispose()
             raise
 
+    @property
+    def engine(self) -> Engine:
+        """The engine, for tables kept by other modules (:mod:`meshtrust.ca.signing`)."""
+        return self._engine
+
     def record_batch(self, records: Sequence[IssuedRecord]) -> None:
         """Insert ``records`` in one transaction, committed durably before returning."""
         if not records:

@@ -14,7 +14,7 @@ import datetime as dt
 import enum
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from meshtrust.metrics_text import MetricFamily, Sample, TextRegistry
@@ -73,6 +73,7 @@ class CaMetrics:
         self._lock = threading.Lock()
         self._root_expiry: float | None = None
         self._chain_expiry: float | None = None
+        self._chain_source: Callable[[], tuple[dt.datetime, int] | None] | None = None
         registry.register(self)
 
     def observe(self, event: CaEvent, count: int = 1) -> None:
@@ -86,7 +87,16 @@ class CaMetrics:
         self._root_expiry = root_not_after.timestamp()
         self._chain_expiry = chain_not_after.timestamp()
 
+    def follow_signing_chain(self, read: Callable[[], tuple[dt.datetime, int] | None]) -> None:
+        """Signing-CA rotation (:mod:`meshtrust.ca.signing`): at each scrape, ``read()``
+        gives the active chain's expiry and its warning level (0 none, 1-3 as
+        :func:`~meshtrust.ca.signing.chain_expiry_warning`), or None when it cannot tell."""
+        self._chain_source = read
+
     def families(self) -> Iterator[MetricFamily]:
+        chain = self._chain_source() if self._chain_source is not None else None
+        if chain is not None:  # the active slot's chain, as the ledger says now
+            self._chain_expiry = chain[0].timestamp()
         with self._lock:
             counts = dict(self._counts)
         for name, (doc, events) in _COUNTERS.items():
@@ -119,3 +129,11 @@ class CaMetrics:
         ):
             if expiry is not None:
                 yield MetricFamily(name, doc, "gauge", (Sample(name, {}, expiry),))
+        if chain is not None:
+            yield MetricFamily(
+                "meshtrust_ca_chain_expiry_warning",
+                "0, or how close a CA without the root key is to its chain's expiry: 1 past "
+                "the point a rotating CA would prepare a successor, 2 past activation, 3 last day.",
+                "gauge",
+                (Sample("meshtrust_ca_chain_expiry_warning", {}, float(chain[1])),),
+            )

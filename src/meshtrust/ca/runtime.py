@@ -18,6 +18,7 @@ from meshtrust.ca.assembly import (
     run_loop,
     serve_until_stopped,
     start_revocations,
+    start_signing,
     start_status,
 )
 from meshtrust.ca.config import CaServeConfig
@@ -39,7 +40,8 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     books = open_books(prepared)
     sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
     revocations = start_revocations(prepared, sql, clock)
-    authority = build_authority(prepared, clock, ledger, metrics, revocations.watch)
+    signing = start_signing(prepared, sql, clock)
+    authority = build_authority(prepared, clock, ledger, metrics, revocations.watch, signing.watch)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
     status = start_status(
@@ -65,6 +67,7 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
         )
     finally:
         probe.cancel()
+        await signing.aclose()
         await revocations.aclose()
         await ledger.aclose()
         sql.close()

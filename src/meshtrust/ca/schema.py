@@ -45,6 +45,7 @@ __all__ = [
     "migrate",
     "revocations",
     "schema_version",
+    "signing_slots",
 ]
 
 metadata = sa.MetaData()
@@ -100,6 +101,26 @@ blocks = sa.Table(
     sa.Column("lifted_by", sa.String(512), nullable=True),
 )
 
+#: The signing CAs (intermediates) and the slot each is in (migration 3;
+#: :mod:`meshtrust.ca.signing`). One row per intermediate, keyed by its generation (1 is the
+#: CA directory's own): the primary key is the arbiter when two replicas prepare at once.
+#: ``state`` only moves forward (1 prepared, 2 active, 3 old, 4 retired), so the sum of the
+#: states plus the row count is a revision that only grows. The key is not here: ``key_file``
+#: names its 0600 file in the CA directory.
+signing_slots = sa.Table(
+    "signing_slots",
+    metadata,
+    sa.Column("generation", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("cert_pem", sa.Text, nullable=False),  # the signing CA, then intermediates above it
+    sa.Column("roots_pem", sa.Text, nullable=False),  # the roots that chain ends at
+    sa.Column("key_file", sa.String(255), nullable=False),
+    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("not_after", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("activated_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_by", sa.String(512), nullable=False),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -129,9 +150,14 @@ def _v2_revocations_and_blocks(conn: Connection) -> None:
     blocks.create(conn, checkfirst=True)
 
 
+def _v3_signing_slots(conn: Connection) -> None:
+    signing_slots.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "certificates and audit", _v1_certificates_and_audit),
     Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
+    Migration(3, "signing CA slots", _v3_signing_slots),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

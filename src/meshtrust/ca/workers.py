@@ -45,6 +45,7 @@ from meshtrust.ca.assembly import (
     run_loop,
     serve_until_stopped,
     start_revocations,
+    start_signing,
     start_status,
 )
 from meshtrust.ca.ledger import IssuedRecord, SqlLedger
@@ -170,7 +171,8 @@ async def _worker_main(
     # Each worker follows revocations in the ledger itself (read-only; the supervisor writes).
     revocation_ledger = SqlLedger(prepared.ledger_url)
     revocations = start_revocations(prepared, revocation_ledger, clock)
-    authority = build_authority(prepared, clock, ledger, metrics, revocations.watch)
+    signing = start_signing(prepared, revocation_ledger, clock)  # each worker follows slots
+    authority = build_authority(prepared, clock, ledger, metrics, revocations.watch, signing.watch)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -207,6 +209,7 @@ async def _worker_main(
         prepared.config.drain_grace.total_seconds(),
         also=(revocations.service,),
     )
+    await signing.aclose()
     await revocations.aclose()
     revocation_ledger.close()
     flusher.cancel()

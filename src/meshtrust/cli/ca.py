@@ -69,7 +69,21 @@ def ca() -> None:
     help="Key algorithm of the root and intermediate CA.",
 )
 @click.option("--force", is_flag=True, help="Replace a CA that is already in --dir.")
-def init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None:
+@click.option(
+    "--intermediate-ttl",
+    type=DURATION,
+    default="365d",
+    show_default=True,
+    help="Lifetime of the intermediate signing CA; `ca serve` rotates it (prepare at half, "
+    "activate at five sixths) while root-key.pem is in --dir.",
+)
+def init(
+    directory: Path,
+    trust_domain: str,
+    key_type: str,
+    force: bool,
+    intermediate_ttl: dt.timedelta,
+) -> None:
     """Create a root CA, an intermediate signing CA and a token-issuer key.
 
     Writes ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem (Istio's plugged-in
@@ -78,11 +92,21 @@ def init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None
     Refuses to overwrite an existing CA unless --force is given.
     """
     td = as_trust_domain(trust_domain, "--trust-domain", Path())
-    init_ca_dir(directory, td, SystemClock().now(), KeyType(key_type), force=force)
+    init_ca_dir(
+        directory,
+        td,
+        SystemClock().now(),
+        KeyType(key_type),
+        force=force,
+        intermediate_lifetime=intermediate_ttl,
+    )
     click.echo(f"created CA for trust domain {td} in {directory}")
     click.echo(f"  root:         {directory / 'root-cert.pem'}  (give this to clients)")
     click.echo(f"  signing CA:   {directory / 'ca-cert.pem'}")
-    click.echo(f"  root key:     {directory / 'root-key.pem'}  (keep offline; not needed to serve)")
+    click.echo(
+        f"  root key:     {directory / 'root-key.pem'}  (without it the CA serves, "
+        "but cannot rotate its intermediate: `meshtrust ca slots`)"
+    )
     click.echo(f"  token issuer: {directory / 'token-jwks.json'}")
 
 
@@ -361,3 +385,8 @@ def _revocation_json(rev: Revocation | None) -> dict[str, str] | None:
         "actor": rev.actor,
         "why": rev.why,
     }
+
+
+from meshtrust.cli.ca_slots import slots  # noqa: E402 (its own module: `ca slots`)
+
+ca.add_command(slots)

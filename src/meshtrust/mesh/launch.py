@@ -352,7 +352,8 @@ def _ensure_ca(config: MeshConfig) -> None:
     if not (config.ca_dir / "root-cert.pem").exists():
         init_ca_dir(config.ca_dir, config.trust_domain, now)
         return
-    hint = load_ca_dir(config.ca_dir, now).trust_domain_hint()
+    # The signing CA may have rotated away from ca-cert.pem (meshtrust.ca.signing).
+    hint = load_ca_dir(config.ca_dir, now, signer_may_expire=True).trust_domain_hint()
     if hint is not None and hint != config.trust_domain:
         raise ConfigError(
             f"the CA in {config.ca_dir} is for trust domain {hint}, but {config.path} says "
