@@ -121,6 +121,11 @@ class SqlLedger:
             self._engine.dispose()
             raise
 
+    @property
+    def engine(self) -> Engine:
+        """The engine, for modules that keep their own tables (:mod:`meshtrust.ca.trust`)."""
+        return self._engine
+
     def record_batch(self, records: Sequence[IssuedRecord]) -> None:
         """Insert ``records`` in one transaction, committed durably before returning."""
         if not records:

@@ -2,9 +2,11 @@
 
 Theory of operation. The ledger records its schema version in ``meshtrust_schema`` (one row
 per migration applied: version, description, when). :func:`migrate` runs when a ledger is
-opened: it reads the version, refuses a ledger *newer* than this meshtrust knows (a replica
-of an older release must not write into a schema it does not understand), and applies the
-migrations still missing, in order, in one transaction.
+opened: it reads the versions recorded, refuses a ledger *newer* than this meshtrust knows
+(a replica of an older release must not write into a schema it does not understand), and
+applies every migration not recorded yet, in version order, in one transaction. Missing is
+judged per version, not by the highest: migrations are self-contained, so one numbered
+below another that is already applied (developed side by side) is still applied.
 
 Several CA replicas may open one fresh PostgreSQL ledger at the same moment. Without care
 they all run ``CREATE TABLE`` at once and all but one die on the catalogue's unique index
@@ -45,6 +47,8 @@ __all__ = [
     "migrate",
     "revocations",
     "schema_version",
+    "trust_bundles",
+    "trust_served",
 ]
 
 metadata = sa.MetaData()
@@ -100,6 +104,29 @@ blocks = sa.Table(
     sa.Column("lifted_by", sa.String(512), nullable=True),
 )
 
+#: The mesh's trust bundle, one row per version (migration 4; :mod:`meshtrust.ca.trust`).
+#: The highest version is the current bundle: the roots (PEM, concatenated) every agent is
+#: told to trust. Rows are only added, so the version only grows, whichever replica writes.
+trust_bundles = sa.Table(
+    "trust_bundles",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("roots_pem", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor", sa.String(512), nullable=False),
+    sa.Column("why", sa.Text, nullable=False),
+)
+
+#: Which bundle version each identity's agent reports it serves (migration 4).
+trust_served = sa.Table(
+    "trust_served",
+    metadata,
+    sa.Column("spiffe_id", sa.String(2048), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("serial", sa.String(40), nullable=False),  # the certificate it reported with
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -129,11 +156,24 @@ def _v2_revocations_and_blocks(conn: Connection) -> None:
     blocks.create(conn, checkfirst=True)
 
 
+def _v4_trust_bundle(conn: Connection) -> None:
+    trust_bundles.create(conn, checkfirst=True)
+    trust_served.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "certificates and audit", _v1_certificates_and_audit),
     Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
+    Migration(4, "trust bundle versions and what agents serve", _v4_trust_bundle),
 )
-SCHEMA_VERSION = MIGRATIONS[-1].version
+SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
+
+
+def applied_versions(conn: Connection) -> set[int]:
+    """The migrations recorded in the ledger (empty: nothing recorded yet)."""
+    if not sa.inspect(conn).has_table(schema_table.name):
+        return set()
+    return {int(v) for v in conn.execute(sa.select(schema_table.c.version)).scalars()}
 
 
 def schema_version(conn: Connection) -> int:
@@ -181,27 +221,36 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
 
 
 def _migrate_locked(conn: Connection, now: dt.datetime, where: str) -> int:
-    found = schema_version(conn)
+    applied = applied_versions(conn)
+    found = max(applied, default=0)
     if found > SCHEMA_VERSION:
         raise LedgerError(
             f"the ledger at {where} has schema version {found}, newer than this meshtrust "
             f"knows (up to {SCHEMA_VERSION}): another CA replica runs a newer release; "
             "upgrade this one (a ledger is never downgraded)"
         )
-    if found == SCHEMA_VERSION:
+    unknown = applied - {m.version for m in MIGRATIONS}
+    if unknown:
+        raise LedgerError(
+            f"the ledger at {where} has schema migration(s) {sorted(unknown)} that this "
+            "meshtrust does not know: another CA replica runs a newer release; upgrade this one"
+        )
+    missing = [m for m in sorted(MIGRATIONS, key=lambda m: m.version) if m.version not in applied]
+    if not missing:
         return found
     schema_table.create(conn, checkfirst=True)
-    for migration in MIGRATIONS:
-        if migration.version > found:
-            migration.apply(conn)
-            conn.execute(
-                schema_table.insert(),
-                [
-                    {
-                        "version": migration.version,
-                        "description": migration.description,
-                        "applied_at": now,
-                    }
-                ],
-            )
+    # By the versions recorded, not the highest: a ledger migrated by a release that had
+    # migration 4 but not yet 3 gets 3 when it arrives. Each migration is self-contained.
+    for migration in missing:
+        migration.apply(conn)
+        conn.execute(
+            schema_table.insert(),
+            [
+                {
+                    "version": migration.version,
+                    "description": migration.description,
+                    "applied_at": now,
+                }
+            ],
+        )
     return found
