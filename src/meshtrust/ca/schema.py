@@ -29,7 +29,7 @@ ship or configure.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -191,8 +191,14 @@ def _lock(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
-    """Bring the ledger to :data:`SCHEMA_VERSION`; return the version it had before.
+def migrate(
+    engine: Engine,
+    now: dt.datetime,
+    where: str,
+    migrations: Sequence[Migration] = MIGRATIONS,
+) -> int:
+    """Bring the ledger to :data:`SCHEMA_VERSION` (every one of ``migrations``); return the
+    version it had before.
 
     Raises :class:`LedgerError` when the ledger is newer than this meshtrust, or when it
     cannot be read or migrated (``where`` names it in the message, password hidden).
@@ -204,7 +210,7 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 _lock(conn)
                 try:
-                    found = _migrate_locked(conn, now, where)
+                    found = _migrate_locked(conn, now, where, migrations)
                 except BaseException:
                     conn.exec_driver_sql("ROLLBACK")
                     raise
@@ -212,7 +218,7 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
                 return found
             with conn.begin():
                 _lock(conn)
-                return _migrate_locked(conn, now, where)
+                return _migrate_locked(conn, now, where, migrations)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise LedgerError(
@@ -220,22 +226,25 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
         ) from exc
 
 
-def _migrate_locked(conn: Connection, now: dt.datetime, where: str) -> int:
+def _migrate_locked(
+    conn: Connection, now: dt.datetime, where: str, migrations: Sequence[Migration]
+) -> int:
     applied = applied_versions(conn)
     found = max(applied, default=0)
-    if found > SCHEMA_VERSION:
+    newest = max(m.version for m in migrations)
+    if found > newest:
         raise LedgerError(
             f"the ledger at {where} has schema version {found}, newer than this meshtrust "
-            f"knows (up to {SCHEMA_VERSION}): another CA replica runs a newer release; "
+            f"knows (up to {newest}): another CA replica runs a newer release; "
             "upgrade this one (a ledger is never downgraded)"
         )
-    unknown = applied - {m.version for m in MIGRATIONS}
+    unknown = applied - {m.version for m in migrations}
     if unknown:
         raise LedgerError(
             f"the ledger at {where} has schema migration(s) {sorted(unknown)} that this "
             "meshtrust does not know: another CA replica runs a newer release; upgrade this one"
         )
-    missing = [m for m in sorted(MIGRATIONS, key=lambda m: m.version) if m.version not in applied]
+    missing = [m for m in sorted(migrations, key=lambda m: m.version) if m.version not in applied]
     if not missing:
         return found
     schema_table.create(conn, checkfirst=True)

@@ -363,3 +363,10 @@ def _revocation_json(rev: Revocation | None) -> dict[str, str] | None:
         "actor": rev.actor,
         "why": rev.why,
     }
+
+
+# The trust bundle's commands live beside (meshtrust.cli.ca_trust), registered here.
+from meshtrust.cli.ca_trust import bundle, rotation  # noqa: E402
+
+ca.add_command(rotation)
+ca.add_command(bundle)
