@@ -99,7 +99,7 @@ class Relaunch:
         proc = Path(f"/proc/{pid}")
         argv = proc.joinpath("cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         env = dict(
-            item.split(b"=", 1)  # type: ignore[misc]
+            item.split(b"=", 1)
             for item in proc.joinpath("environ").read_bytes().split(b"\0")
             if b"=" in item
         )
