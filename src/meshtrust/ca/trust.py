@@ -53,7 +53,13 @@ from meshtrust.ca.crl import CrlPublisher, CrlService
 from meshtrust.ca.schema import audit, trust_bundles, trust_served
 from meshtrust.caapi.trust import trust_pb2
 from meshtrust.clock import Clock
-from meshtrust.errors import AuthenticationError, InvalidInput, LedgerError, MeshTrustError
+from meshtrust.errors import (
+    AuthenticationError,
+    InvalidCertificate,
+    InvalidInput,
+    LedgerError,
+    MeshTrustError,
+)
 from meshtrust.grpclib_compat import peer_cert_der
 from meshtrust.pki import certs_pem, load_certs_pem
 
@@ -216,9 +222,15 @@ class TrustLedger:
         changed = row["changed_at"]
         if changed.tzinfo is None:  # SQLite hands back naive UTC
             changed = changed.replace(tzinfo=dt.UTC)
+        try:
+            roots = tuple(load_certs_pem(row["roots_pem"].encode(), source="the bundle"))
+        except InvalidCertificate as exc:  # written by hand? keep serving the last good one
+            raise LedgerError(
+                f"trust bundle version {row['version']} in the ledger: {exc}"
+            ) from None
         return MeshBundle(
             version=int(row["version"]),
-            roots=tuple(load_certs_pem(row["roots_pem"].encode())),
+            roots=roots,
             changed_at=changed,
             actor=row["actor"],
             why=row["why"],
