@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -115,8 +116,9 @@ class MeshBundle:
     actor: str = ""
     why: str = ""
 
-    def roots_der(self) -> list[bytes]:
-        return [r.public_bytes(_DER) for r in self.roots]
+    @functools.cached_property
+    def roots_der(self) -> tuple[bytes, ...]:
+        return tuple(r.public_bytes(_DER) for r in self.roots)
 
 
 @dataclass(frozen=True)
@@ -463,6 +465,8 @@ class TrustService:
         self._recorder = recorder
         self._authenticator = authenticator
         self._clock = clock
+        # The update for (bundle version, CRL number), built once for every stream.
+        self._update: tuple[tuple[int, int], trust_pb2.TrustUpdate] | None = None
 
     def __mapping__(self) -> dict[str, Handler]:
         older = self._crl_service.__mapping__() if self._crl_service is not None else {}
@@ -500,6 +504,15 @@ class TrustService:
             with contextlib.suppress(BaseException):  # the agent went away: nothing to say
                 await reader
 
+    def _update_for(self, bundle: MeshBundle, number: int, der: bytes) -> trust_pb2.TrustUpdate:
+        key = (bundle.version, number)
+        if self._update is None or self._update[0] != key:
+            made = trust_pb2.TrustUpdate(
+                bundle_version=bundle.version, roots=bundle.roots_der, crl=der
+            )
+            self._update = (key, made)
+        return self._update[1]
+
     async def _read_reports(self, stream: Stream[Any, Any], identity: str, serial: str) -> None:
         async for report in stream:
             self._recorder.report(identity, report.serving_version, serial)
@@ -511,12 +524,13 @@ class TrustService:
         while not reader.done():
             bundle, number, der = self._bundles.bundle, self._crls.number, self._crls.der
             if sent != (bundle.version, number):
-                crl = b"" if sent is None and format(number, "x") == held_crl else der
-                await stream.send_message(
-                    trust_pb2.TrustUpdate(
-                        bundle_version=bundle.version, roots=bundle.roots_der(), crl=crl
+                if sent is None and format(number, "x") == held_crl:  # it has this CRL
+                    update = trust_pb2.TrustUpdate(
+                        bundle_version=bundle.version, roots=bundle.roots_der
                     )
-                )
+                else:
+                    update = self._update_for(bundle, number, der)
+                await stream.send_message(update)
                 sent = (bundle.version, number)
             changes = [
                 asyncio.ensure_future(self._bundles.wait_newer(bundle.version)),
