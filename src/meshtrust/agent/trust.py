@@ -21,6 +21,7 @@ Each update carries the bundle version, its roots and the CRL:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import random
@@ -53,6 +54,8 @@ __all__ = [
 
 log = logging.getLogger("meshtrust.agent")
 
+#: How long a new bundle may take to reach every output (files) before it is reported served.
+HANDED_ON_WAIT = 30.0
 #: The CA's trust stream (:data:`meshtrust.ca.trust.WATCH_TRUST`).
 WATCH_TRUST = "/meshtrust.trust.v1.TrustService/WatchTrust"
 
@@ -270,7 +273,18 @@ class TrustFollower:
             )
             self._renew()
         if published is not None:
-            await self._handed_on(published.generation)
+            try:
+                await asyncio.wait_for(self._handed_on(published.generation), HANDED_ON_WAIT)
+            except TimeoutError:
+                # Not serving it everywhere (a full disk?): say so, and do not claim it. The
+                # stream goes on (CRLs must still arrive); the next change tries again.
+                log.error(
+                    "bundle version %d not written to every output within %.0f s; "
+                    "not reporting it as served",
+                    update.bundle_version,
+                    HANDED_ON_WAIT,
+                )
+                return False
         self.serving = update.bundle_version
         return True
 
