@@ -22,6 +22,7 @@ Each update carries the bundle version, its roots and the CRL:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -184,12 +185,19 @@ class GrpcTrustSource:
                 self._stream = stream
                 while (message := await stream.recv_message()) is not None:
                     yield TrustUpdate(message.bundle_version, tuple(message.roots), message.crl)
+                self._stream = None
+                # The CA ended it (its status is raised on leaving the block): end ours too,
+                # or grpclib calls it a protocol error and hides the CA's reason.
+                with contextlib.suppress(Exception):
+                    await stream.end()
         except Exception as exc:  # OSError, TLS, grpclib's GRPCError, StreamTerminatedError
             self._next = (self._next + 1) % len(self.addresses)
             raise CAUnavailable(f"trust stream from {address}: {exc}") from None
         finally:
             self._stream = None
             channel.close()
+        self._next = (self._next + 1) % len(self.addresses)
+        raise CAUnavailable(f"trust stream from {address}: the CA ended it")
 
     async def report(self, serving: int) -> None:
         stream = self._stream
