@@ -229,6 +229,7 @@ async def test_a_new_bundle_reaches_every_output_renews_at_once_and_garbage_is_r
     )
     clock = FakeClock(T0)
     ca_source, stream = RecordingCa(clock, ca_a), QueueTrustSource()
+    heard: list[tuple[x509.Certificate, ...]] = []
     agent = Agent(
         config,
         identity=WEB,
@@ -238,6 +239,7 @@ async def test_a_new_bundle_reaches_every_output_renews_at_once_and_garbage_is_r
         clock=clock,
         rng=random.Random(1),
         trust_source=stream,
+        on_roots=heard.append,  # build_agent: the CA client's roots for renewals
     )
     a, b = ca_a.root, ca_b.root
     files = tmp_path / "certs"
@@ -283,6 +285,7 @@ async def test_a_new_bundle_reaches_every_output_renews_at_once_and_garbage_is_r
         await async_until(lambda: agent.trust is not None and agent.trust.refused == 3)
         assert agent.cache.bundle == (2, (a, b))
         assert stream.reports[-1] == 2
+        assert heard == [(a,), (a, b)]  # the accepted bundles only
         status = agent.status_snapshot()["trust_bundle"]
         assert status == {
             "version": 2,

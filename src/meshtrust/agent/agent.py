@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
@@ -74,6 +74,7 @@ class Agent:
         crl_source: CrlSource | None = None,
         trust_source: TrustSource | None = None,
         cache: SecretCache | None = None,
+        on_roots: Callable[[tuple[x509.Certificate, ...]], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -119,6 +120,7 @@ class Agent:
                 self.handed_on,
                 anchors.roots,
                 rng,
+                on_roots,
             )
         self._files_written = 0
         self._files_changed = asyncio.Condition()

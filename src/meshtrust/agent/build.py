@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,6 +214,7 @@ def build_agent(
         config,
         cache=cache,
         trust_source=trust if isinstance(source, CaClient) else None,  # not for a fake CA
+        on_roots=_ca_client_trusts(source),
         identity=identity,
         anchors=TrustBundle(identity.trust_domain, tuple(roots)),
         source=source,
@@ -240,3 +241,14 @@ def _client_cert(cache: SecretCache, clock: Clock) -> tuple[bytes, bytes] | None
     if secret is None or secret.expired(clock.now()):
         return None
     return secret.chain_pem(), secret.key_pem()
+
+
+def _ca_client_trusts(source: CertificateSource) -> Callable[[tuple[x509.Certificate, ...]], None]:
+    """Renewals verify the CA against the mesh's bundle once there is one (a CA serving under
+    a new root, mid-rotation, is then trusted)."""
+
+    def trust(roots: tuple[x509.Certificate, ...]) -> None:
+        if isinstance(source, CaClient):
+            source.root_pem = certs_pem(roots)
+
+    return trust

@@ -208,7 +208,7 @@ class GrpcTrustSource:
 class TrustFollower:
     """Runs the trust stream into ``cache``; run :meth:`run` as a task. ``renew`` re-issues
     the certificate at once; ``handed_on(generation)`` returns once every output has that
-    generation."""
+    generation; ``on_roots(roots)`` hears of every accepted bundle."""
 
     def __init__(
         self,
@@ -220,6 +220,7 @@ class TrustFollower:
         handed_on: Callable[[int], Awaitable[None]],
         initial_roots: tuple[x509.Certificate, ...],
         rng: random.Random | None = None,
+        on_roots: Callable[[tuple[x509.Certificate, ...]], None] | None = None,
     ) -> None:
         self._source = source
         self._cache = cache
@@ -228,6 +229,7 @@ class TrustFollower:
         self._renew = renew
         self._handed_on = handed_on
         self._initial_roots = initial_roots
+        self._on_roots = on_roots
         self._rng = rng or random.Random()
         self.accepted = 0
         self.refused = 0
@@ -273,6 +275,8 @@ class TrustFollower:
         self.last_error = None
         before = held[1] if held is not None else self._initial_roots
         published = await self._cache.publish_bundle(update.bundle_version, roots)
+        if self._on_roots is not None:
+            self._on_roots(roots)  # e.g. the CA client: renewals trust the bundle too
         log.info("trust bundle version %d: %d root(s)", update.bundle_version, len(roots))
         if set(roots) != set(before):
             log.warning(
