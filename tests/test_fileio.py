@@ -172,9 +172,9 @@ def test_certificate_files_fsync_the_data_swap(tmp_path: Path) -> None:
     files = CertificateFiles(out, fsync=log)
     files.prepare()
     gen_dir = files.write(secret)
-    # Four files (crl.pem too), the generation directory, then the output directory after
-    # the swap, when the visible names already lead to the new generation.
-    assert [is_dir for is_dir, _, _ in log.calls] == [False, False, False, False, True, True]
+    # Five files (bundle.pem and crl.pem too), the generation directory, then the output
+    # directory after the swap, when the visible names already lead to the new generation.
+    assert [is_dir for is_dir, _, _ in log.calls] == [False] * 5 + [True, True]
     (gen_ino, _), (last_ino, last_state) = log.directories()
     assert gen_ino == gen_dir.stat().st_ino
     assert last_ino == out.stat().st_ino

@@ -24,7 +24,15 @@ from tests.mesh_helpers import APP, meshtrust, write_mesh
 
 pytestmark = pytest.mark.slow
 
-PUBLIC = {"root-cert.pem", "ca-cert.pem", "cert-chain.pem", "token-jwks.json", "crl.pem", "EXPIRED"}
+PUBLIC = {
+    "root-cert.pem",
+    "bundle.pem",  # the mesh's roots, like root-cert.pem
+    "ca-cert.pem",
+    "cert-chain.pem",
+    "token-jwks.json",
+    "crl.pem",
+    "EXPIRED",
+}
 STRICT = (
     "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
     "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"

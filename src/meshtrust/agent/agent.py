@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
@@ -29,6 +29,7 @@ from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.agent.sds import SdsServer
 from meshtrust.agent.status import StatusServer
+from meshtrust.agent.trust import TrustFollower, TrustSource
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock
 from meshtrust.errors import MeshTrustError
@@ -72,6 +73,9 @@ class Agent:
         sidecar: EnvoySidecar | None = None,
         rng: random.Random | None = None,
         crl_source: CrlSource | None = None,
+        trust_source: TrustSource | None = None,
+        cache: SecretCache | None = None,
+        on_roots: Callable[[tuple[x509.Certificate, ...]], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -79,7 +83,7 @@ class Agent:
         self.anchors = anchors
         self.token = token
         self.source = source
-        self.cache = SecretCache()
+        self.cache = cache or SecretCache()
         self.registry = TextRegistry()
         self.metrics = AgentMetrics(self.registry, self._expiry_seconds)
         self.rotator = Rotator(
@@ -101,9 +105,26 @@ class Agent:
         #: The CA's CRL, followed when there is a source (the real CA's stream).
         self.crl = (
             CrlFollower(crl_source, self.cache, anchors, clock, self.rotator.renew_now, rng)
-            if crl_source is not None
+            if crl_source is not None or trust_source is not None
             else None
         )
+        #: The CA's trust stream (bundle + CRL; :mod:`meshtrust.agent.trust`).
+        self.trust = None
+        if trust_source is not None:
+            assert self.crl is not None
+            self.trust = TrustFollower(
+                trust_source,
+                self.cache,
+                self.crl,
+                clock,
+                self.rotator.renew_now,
+                self.handed_on,
+                anchors.roots,
+                rng,
+                on_roots,
+            )
+        self._files_written = 0
+        self._files_changed = asyncio.Condition()
         #: What may be handed out (no expired certificate), at the agent's clock.
         self.gate = HandoutGate(clock, lambda: self.rotator.last_error)
         self.sidecar = sidecar
@@ -112,6 +133,14 @@ class Agent:
         self._status: StatusServer | None = None
         self._noted_without_key_usage: set[x509.Certificate] = set()
         self.started = False
+
+    async def handed_on(self, generation: int) -> None:
+        """Return once every output has ``generation``: SDS and the Workload API push from
+        the cache as it changes; the files are waited for when there are any."""
+        if self.config.output_dir is None:
+            return
+        async with self._files_changed:
+            await self._files_changed.wait_for(lambda: self._files_written >= generation)
 
     def _expiry_seconds(self) -> float | None:
         secret = self.cache.current
@@ -164,6 +193,15 @@ class Agent:
                 "refused": self.crl.refused,
                 "own_certificate_revoked": secret is not None and secret.revoked,
             }
+        if self.trust is not None:
+            bundle = self.cache.bundle
+            out["trust_bundle"] = {
+                "version": bundle[0] if bundle is not None else None,
+                "roots": len(bundle[1]) if bundle is not None else None,
+                "serving": self.trust.serving,
+                "refused": self.trust.refused,
+                "last_error": self.trust.last_error,
+            }
         if self.rotator.deadline is not None:
             out["next_rotation"] = self.rotator.deadline.isoformat()
             out["next_rotation_in_seconds"] = (self.rotator.deadline - now).total_seconds()
@@ -214,8 +252,11 @@ class Agent:
         )
         self._tasks.append(asyncio.create_task(self._note_issuing_cas()))
         self._tasks.append(asyncio.create_task(self.rotator.run()))
-        if self.crl is not None:
+        if self.trust is not None:
+            self._tasks.append(asyncio.create_task(self.trust.run()))
+        elif self.crl is not None:
             self._tasks.append(asyncio.create_task(self.crl.run()))
+        if self.crl is not None:
             self._tasks.append(asyncio.create_task(self.crl.watch_staleness()))
         if self.sidecar is not None:
             try:
@@ -263,6 +304,9 @@ class Agent:
             except OSError as exc:  # a full disk must not stop SDS or the Workload API
                 log.error("cannot write certificate files to %s: %s", files.directory, exc)
                 continue
+            async with self._files_changed:
+                self._files_written = generation
+                self._files_changed.notify_all()
             if not await self._expires_before_newer(secret):
                 continue
             refusal = self.gate(secret)

@@ -18,21 +18,22 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from meshtrust.agent.agent import Agent
+from meshtrust.agent.cache import SecretCache
 from meshtrust.agent.config import AgentConfig, resolve_identity
-from meshtrust.agent.crl import GrpcCrlSource
 from meshtrust.agent.issuance import CertificateSource, TokenFile
 from meshtrust.agent.metrics import CaFailoverMetrics
+from meshtrust.agent.trust import GrpcTrustSource
 from meshtrust.caapi import CaClient, Resolver, system_resolver
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.errors import ConfigError, InvalidCertificate, InvalidSpiffeId
-from meshtrust.pki import TrustBundle, load_certs_pem
+from meshtrust.pki import TrustBundle, certs_pem, load_certs_pem
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:
@@ -199,13 +200,21 @@ def build_agent(
             root_source=root_source,
             resolver=resolver,
         )
-    crl = GrpcCrlSource(ca_addresses, root_pem, server_name=config.ca_server_name)
+    cache = SecretCache()
+    trust = GrpcTrustSource(
+        ca_addresses,
+        lambda: _bundle_pem(cache, root_pem),
+        lambda: _client_cert(cache, clock),
+        server_name=config.ca_server_name,
+    )
     sidecar = None
     if config.sidecar is not None:
         sidecar = build_sidecar(config, identity, clock, launcher)
     agent = Agent(
         config,
-        crl_source=crl if isinstance(source, CaClient) else None,  # not for a test's fake CA
+        cache=cache,
+        trust_source=trust if isinstance(source, CaClient) else None,  # not for a fake CA
+        on_roots=_ca_client_trusts(source),
         identity=identity,
         anchors=TrustBundle(identity.trust_domain, tuple(roots)),
         source=source,
@@ -218,3 +227,28 @@ def build_agent(
         client = source
         agent.registry.register(CaFailoverMetrics(lambda: client.failovers))
     return agent
+
+
+def _bundle_pem(cache: SecretCache, root_pem: bytes) -> bytes:
+    """The roots the CA must chain to: the bundle held, else the root file's."""
+    bundle = cache.bundle
+    return certs_pem(bundle[1]) if bundle is not None else root_pem
+
+
+def _client_cert(cache: SecretCache, clock: Clock) -> tuple[bytes, bytes] | None:
+    """Our certificate for the trust stream, while it is valid."""
+    secret = cache.current
+    if secret is None or secret.expired(clock.now()):
+        return None
+    return secret.chain_pem(), secret.key_pem()
+
+
+def _ca_client_trusts(source: CertificateSource) -> Callable[[tuple[x509.Certificate, ...]], None]:
+    """Renewals verify the CA against the mesh's bundle once there is one (a CA serving under
+    a new root, mid-rotation, is then trusted)."""
+
+    def trust(roots: tuple[x509.Certificate, ...]) -> None:
+        if isinstance(source, CaClient):
+            source.root_pem = certs_pem(roots)
+
+    return trust

@@ -9,6 +9,11 @@ The CA's CRL travels with the secret: the cache holds the last verified one
 (:meth:`SecretCache.publish_crl`, from :mod:`meshtrust.agent.crl`) and stamps it on every
 secret it publishes, so a new CRL is a new generation that SDS (``ROOTCA``), the Workload API
 and the files pick up like a rotation, and a rotation never drops the CRL.
+
+The mesh's trust bundle travels the same way (:meth:`SecretCache.publish_bundle`, from
+:mod:`meshtrust.agent.trust`): once the CA has sent a verified bundle, every secret carries
+its roots and version instead of the root the CA answered with, so SDS ``ROOTCA``, the
+Workload API bundle and ``root-cert.pem``/``bundle.pem`` change in one generation.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class WorkloadSecret:
     received_at: dt.datetime
     generation: int = 0
     crl: x509.CertificateRevocationList | None = None  # the CA's, verified
+    bundle_version: int = 0  # the mesh bundle ``roots`` come from (0: the root file's)
     _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -129,6 +135,7 @@ class SecretCache:
     def __init__(self) -> None:
         self._secret: WorkloadSecret | None = None
         self._crl: x509.CertificateRevocationList | None = None
+        self._bundle: tuple[int, tuple[x509.Certificate, ...]] | None = None
         self._generation = 0
         self._changed = asyncio.Condition()
 
@@ -143,6 +150,25 @@ class SecretCache:
     @property
     def crl(self) -> x509.CertificateRevocationList | None:
         return self._crl
+
+    @property
+    def bundle(self) -> tuple[int, tuple[x509.Certificate, ...]] | None:
+        """The mesh bundle held (version, roots), verified by the follower; None before."""
+        return self._bundle
+
+    async def publish_bundle(
+        self, version: int, roots: tuple[x509.Certificate, ...]
+    ) -> WorkloadSecret | None:
+        """Hold the bundle ``roots`` at ``version`` (verified by the caller) and, when there is
+        a secret, republish it with those roots as a new generation; returns that secret."""
+        async with self._changed:
+            self._bundle = (version, roots)
+            if self._secret is None:
+                return None
+            self._generation += 1
+            self._secret = _with_bundle(self._secret, self._bundle, self._generation)
+            self._changed.notify_all()
+            return self._secret
 
     async def publish_crl(self, crl: x509.CertificateRevocationList) -> WorkloadSecret | None:
         """Hold ``crl`` (verified by the caller) and, when there is a secret, republish it
@@ -162,6 +188,8 @@ class SecretCache:
         async with self._changed:
             self._generation += 1
             stamped = dataclasses.replace(secret, generation=self._generation, crl=self._crl)
+            if self._bundle is not None:
+                stamped = _with_bundle(stamped, self._bundle, self._generation)
             self._secret = stamped
             self._changed.notify_all()
         return stamped
@@ -174,3 +202,14 @@ class SecretCache:
             )
             assert self._secret is not None
             return self._secret
+
+
+def _with_bundle(
+    secret: WorkloadSecret, bundle: tuple[int, tuple[x509.Certificate, ...]], generation: int
+) -> WorkloadSecret:
+    """``secret`` carrying ``bundle``'s roots; renderings that include roots are redone."""
+    version, roots = bundle
+    kept = {k: v for k, v in secret._pem.items() if "root" not in k}
+    return dataclasses.replace(
+        secret, generation=generation, roots=roots, bundle_version=version, _pem=kept
+    )

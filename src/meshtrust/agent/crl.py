@@ -1,7 +1,9 @@
 """Following the CA's CRL: received over the CA port, verified, handed to every output.
 
-Theory of operation. :class:`CrlFollower` keeps one ``CrlService/WatchCrl`` stream open to
-the CA (:mod:`meshtrust.ca.crl`; the CA pushes each new CRL) and passes every CRL through
+Theory of operation. The CRL arrives on the trust stream (:mod:`meshtrust.agent.trust`,
+which hands each one to :meth:`CrlFollower.offer`; ``GrpcCrlSource`` and :meth:`CrlFollower.
+run` follow the older ``CrlService/WatchCrl`` stream, which the CA still serves). Every CRL
+goes through
 :func:`verify_crl` (pure) before :meth:`SecretCache.publish_crl` makes it part of the next
 generation: SDS ``ROOTCA`` (``crl``, with ``only_verify_leaf_cert_crl``), the Workload API
 (``X509SVIDResponse.crl``) and ``crl.pem``. A CRL that does not parse, is not signed by an
@@ -155,7 +157,7 @@ class CrlFollower:
 
     def __init__(
         self,
-        source: CrlSource,
+        source: CrlSource | None,
         cache: SecretCache,
         anchors: TrustBundle,
         clock: Clock,
@@ -201,6 +203,10 @@ class CrlFollower:
         return crl is not None and (crl.next_update_utc is None or crl.next_update_utc <= now)
 
     async def run(self) -> None:
+        """Follow ``CrlService/WatchCrl`` (the source given); the trust stream calls
+        :meth:`offer` instead."""
+        if self._source is None:
+            raise RuntimeError("CrlFollower.run needs a CrlSource")
         await self._cache.wait_newer(0)  # the issuing CA comes with the first certificate
         attempt = 0
         while True:
@@ -221,7 +227,9 @@ class CrlFollower:
     async def offer(self, der: bytes) -> bool:
         """Verify and hand on one CRL; True when it was accepted."""
         secret = self._cache.current
-        issuers = [*(secret.chain[1:] if secret is not None else ()), *self._anchors.roots]
+        bundle = self._cache.bundle
+        roots = bundle[1] if bundle is not None else self._anchors.roots
+        issuers = [*(secret.chain[1:] if secret is not None else ()), *roots]
         try:
             crl = verify_crl(der, issuers, self._cache.crl, self._clock.now())
         except (InvalidCertificate, SvidVerificationError) as exc:

@@ -1,6 +1,8 @@
 """Certificate files for everything that is not Envoy or a SPIFFE client (nginx, gRPC apps).
 
-``cert-chain.pem``, ``key.pem`` (0600), ``root-cert.pem`` and ``crl.pem`` (the CA's CRL, empty
+``cert-chain.pem``, ``key.pem`` (0600), ``root-cert.pem``, ``bundle.pem`` (the mesh's
+trust bundle: all its roots, which change during a root rotation) and ``crl.pem`` (the
+CA's CRL, empty
 until the first arrives; a new CRL is a new generation) are replaced atomically on every
 rotation, the way kubelet updates a Secret volume: each generation is written in full into
 a fresh hidden directory, then one ``rename()`` swaps the ``..data`` symlink to it. The
@@ -30,7 +32,7 @@ from meshtrust.fileio import Fsync, ensure_private_dir, fsync_directory
 
 __all__ = ["CertificateFiles"]
 
-NAMES = ("cert-chain.pem", "key.pem", "root-cert.pem", "crl.pem")
+NAMES = ("cert-chain.pem", "key.pem", "root-cert.pem", "bundle.pem", "crl.pem")
 DATA = "..data"
 #: The marker written into an expired generation (and linked beside NAMES).
 EXPIRED = "EXPIRED"
@@ -65,6 +67,9 @@ class CertificateFiles:
         self._write(gen_dir / "cert-chain.pem", secret.chain_pem(), 0o644)
         self._write(gen_dir / "key.pem", secret.key_pem(), 0o600)
         self._write(gen_dir / "root-cert.pem", secret.roots_pem(), 0o644)
+        # The mesh's trust bundle (every root it trusts, as root-cert.pem); federated
+        # trust domains' roots will be added here, never to root-cert.pem.
+        self._write(gen_dir / "bundle.pem", secret.roots_pem(), 0o644)
         # An empty crl.pem until the first CRL arrives: the link is always there to read.
         self._write(gen_dir / "crl.pem", secret.crl_pem() or b"", 0o644)
         fsync_directory(gen_dir, self._fsync)

@@ -222,7 +222,7 @@ class Rotator:
         self._metrics.request_done(self._clock.monotonic() - started, ok=True)
         received = self._clock.now()
         try:
-            issued = verify_issued(response, key, self.identity, self._anchors, received)
+            issued = verify_issued(response, key, self.identity, self._trusted(), received)
         except (SvidVerificationError, InvalidCertificate) as exc:
             self._metrics.refused_response()
             log.error("refusing the CA's answer, not serving it: %s", exc)
@@ -234,6 +234,14 @@ class Rotator:
             roots=issued.roots,
             received_at=received,
         )
+
+    def _trusted(self) -> TrustBundle:
+        """The roots an answer must chain to: the mesh bundle once the CA sent one (it may
+        hold a new root to sign under), else the roots the agent started with."""
+        bundle = self._cache.bundle
+        if bundle is None:
+            return self._anchors
+        return TrustBundle(self._anchors.trust_domain, bundle[1])
 
     def _token_or_none(self, current: WorkloadSecret | None) -> str | None:
         try:

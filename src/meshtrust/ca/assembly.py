@@ -65,6 +65,7 @@ from meshtrust.ca.signing import (
     SlotLedger,
     chain_expiry_warning,
 )
+from meshtrust.ca.trust import BundleWatch, ServedRecorder, TrustLedger, TrustService
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CADirectoryError, ConfigError, LedgerError
@@ -264,7 +265,8 @@ class Revocations:
 
     watch: RevocationWatch
     publisher: CrlPublisher
-    service: CrlService
+    #: The streams on the CA port: ``WatchCrl``, and ``WatchTrust`` on a ledger (SQL).
+    service: CrlService | TrustService
     tasks: list[asyncio.Task[None]]
 
     async def aclose(self) -> None:
@@ -280,12 +282,34 @@ def start_revocations(
     interval: float = POLL_INTERVAL,
 ) -> Revocations:
     """Read the revocations now (so the first request is judged by them) and keep following
-    the ledger; sign the first CRL. Raises :class:`LedgerError` when the ledger is unreadable."""
+    the ledger; sign the first CRL. On a :class:`SqlLedger`, also the trust stream
+    (:mod:`meshtrust.ca.trust`): the ledger's bundle, version 1 from the CA directory's roots
+    when there is none yet, followed and pushed with the CRL. Raises :class:`LedgerError`
+    when the ledger is unreadable."""
     watch = RevocationWatch(source, clock, interval)
     watch.load()
     publisher = CrlPublisher(prepared.material.signer, watch, clock)
     tasks = [asyncio.create_task(watch.run()), asyncio.create_task(publisher.run())]
-    return Revocations(watch, publisher, CrlService(publisher), tasks)
+    crl_service = CrlService(publisher)
+    if not isinstance(source, SqlLedger):
+        return Revocations(watch, publisher, crl_service, tasks)
+    ledger = TrustLedger(source.engine)
+    bundles = BundleWatch(ledger, ledger.initialise(prepared.material.roots, clock.now()), clock)
+    recorder = ServedRecorder(ledger, clock)
+    material = prepared.material
+
+    def revoked_at(serial: str) -> dt.datetime | None:
+        found = watch.state.revocation(serial)
+        return found.revoked_at if found is not None else None
+
+    authenticator = ClientCertAuthenticator(
+        TrustBundle(prepared.policy.trust_domain, material.roots),
+        material.intermediates,
+        revoked_at,
+    )
+    trust = TrustService(bundles, publisher, recorder, authenticator, clock, crl_service)
+    tasks += [asyncio.create_task(bundles.run()), asyncio.create_task(recorder.run())]
+    return Revocations(watch, publisher, trust, tasks)
 
 
 def build_authority(

@@ -123,7 +123,8 @@ class SqlLedger:
 
     @property
     def engine(self) -> Engine:
-        """The engine, for tables kept by other modules (:mod:`meshtrust.ca.signing`)."""
+        """The engine, for modules that keep their own tables (:mod:`meshtrust.ca.signing`,
+        :mod:`meshtrust.ca.trust`)."""
         return self._engine
 
     def record_batch(self, records: Sequence[IssuedRecord]) -> None:

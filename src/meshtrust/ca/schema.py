@@ -2,9 +2,11 @@
 
 Theory of operation. The ledger records its schema version in ``meshtrust_schema`` (one row
 per migration applied: version, description, when). :func:`migrate` runs when a ledger is
-opened: it reads the version, refuses a ledger *newer* than this meshtrust knows (a replica
-of an older release must not write into a schema it does not understand), and applies the
-migrations still missing, in order, in one transaction.
+opened: it reads the versions recorded, refuses a ledger *newer* than this meshtrust knows
+(a replica of an older release must not write into a schema it does not understand), and
+applies every migration not recorded yet, in version order, in one transaction. Missing is
+judged per version, not by the highest: migrations are self-contained, so one numbered
+below another that is already applied (developed side by side) is still applied.
 
 Several CA replicas may open one fresh PostgreSQL ledger at the same moment. Without care
 they all run ``CREATE TABLE`` at once and all but one die on the catalogue's unique index
@@ -27,7 +29,7 @@ ship or configure.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -46,6 +48,8 @@ __all__ = [
     "revocations",
     "schema_version",
     "signing_slots",
+    "trust_bundles",
+    "trust_served",
 ]
 
 metadata = sa.MetaData()
@@ -121,6 +125,29 @@ signing_slots = sa.Table(
     sa.Column("created_by", sa.String(512), nullable=False),
 )
 
+#: The mesh's trust bundle, one row per version (migration 4; :mod:`meshtrust.ca.trust`).
+#: The highest version is the current bundle: the roots (PEM, concatenated) every agent is
+#: told to trust. Rows are only added, so the version only grows, whichever replica writes.
+trust_bundles = sa.Table(
+    "trust_bundles",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("roots_pem", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor", sa.String(512), nullable=False),
+    sa.Column("why", sa.Text, nullable=False),
+)
+
+#: Which bundle version each identity's agent reports it serves (migration 4).
+trust_served = sa.Table(
+    "trust_served",
+    metadata,
+    sa.Column("spiffe_id", sa.String(2048), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("serial", sa.String(40), nullable=False),  # the certificate it reported with
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -152,14 +179,25 @@ def _v2_revocations_and_blocks(conn: Connection) -> None:
 
 def _v3_signing_slots(conn: Connection) -> None:
     signing_slots.create(conn, checkfirst=True)
+def _v4_trust_bundle(conn: Connection) -> None:
+    trust_bundles.create(conn, checkfirst=True)
+    trust_served.create(conn, checkfirst=True)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "certificates and audit", _v1_certificates_and_audit),
     Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
     Migration(3, "signing CA slots", _v3_signing_slots),
+    Migration(4, "trust bundle versions and what agents serve", _v4_trust_bundle),
 )
-SCHEMA_VERSION = MIGRATIONS[-1].version
+SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
+
+
+def applied_versions(conn: Connection) -> set[int]:
+    """The migrations recorded in the ledger (empty: nothing recorded yet)."""
+    if not sa.inspect(conn).has_table(schema_table.name):
+        return set()
+    return {int(v) for v in conn.execute(sa.select(schema_table.c.version)).scalars()}
 
 
 def schema_version(conn: Connection) -> int:
@@ -177,8 +215,14 @@ def _lock(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
-    """Bring the ledger to :data:`SCHEMA_VERSION`; return the version it had before.
+def migrate(
+    engine: Engine,
+    now: dt.datetime,
+    where: str,
+    migrations: Sequence[Migration] = MIGRATIONS,
+) -> int:
+    """Bring the ledger to :data:`SCHEMA_VERSION` (every one of ``migrations``); return the
+    version it had before.
 
     Raises :class:`LedgerError` when the ledger is newer than this meshtrust, or when it
     cannot be read or migrated (``where`` names it in the message, password hidden).
@@ -190,7 +234,7 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 _lock(conn)
                 try:
-                    found = _migrate_locked(conn, now, where)
+                    found = _migrate_locked(conn, now, where, migrations)
                 except BaseException:
                     conn.exec_driver_sql("ROLLBACK")
                     raise
@@ -198,7 +242,7 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
                 return found
             with conn.begin():
                 _lock(conn)
-                return _migrate_locked(conn, now, where)
+                return _migrate_locked(conn, now, where, migrations)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise LedgerError(
@@ -206,28 +250,40 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
         ) from exc
 
 
-def _migrate_locked(conn: Connection, now: dt.datetime, where: str) -> int:
-    found = schema_version(conn)
-    if found > SCHEMA_VERSION:
+def _migrate_locked(
+    conn: Connection, now: dt.datetime, where: str, migrations: Sequence[Migration]
+) -> int:
+    applied = applied_versions(conn)
+    found = max(applied, default=0)
+    newest = max(m.version for m in migrations)
+    if found > newest:
         raise LedgerError(
             f"the ledger at {where} has schema version {found}, newer than this meshtrust "
-            f"knows (up to {SCHEMA_VERSION}): another CA replica runs a newer release; "
+            f"knows (up to {newest}): another CA replica runs a newer release; "
             "upgrade this one (a ledger is never downgraded)"
         )
-    if found == SCHEMA_VERSION:
+    unknown = applied - {m.version for m in migrations}
+    if unknown:
+        raise LedgerError(
+            f"the ledger at {where} has schema migration(s) {sorted(unknown)} that this "
+            "meshtrust does not know: another CA replica runs a newer release; upgrade this one"
+        )
+    missing = [m for m in sorted(migrations, key=lambda m: m.version) if m.version not in applied]
+    if not missing:
         return found
     schema_table.create(conn, checkfirst=True)
-    for migration in MIGRATIONS:
-        if migration.version > found:
-            migration.apply(conn)
-            conn.execute(
-                schema_table.insert(),
-                [
-                    {
-                        "version": migration.version,
-                        "description": migration.description,
-                        "applied_at": now,
-                    }
-                ],
-            )
+    # By the versions recorded, not the highest: a ledger migrated by a release that had
+    # migration 4 but not yet 3 gets 3 when it arrives. Each migration is self-contained.
+    for migration in missing:
+        migration.apply(conn)
+        conn.execute(
+            schema_table.insert(),
+            [
+                {
+                    "version": migration.version,
+                    "description": migration.description,
+                    "applied_at": now,
+                }
+            ],
+        )
     return found

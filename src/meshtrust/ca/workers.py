@@ -168,7 +168,8 @@ async def _worker_main(
     reader, writer = await asyncio.open_connection(sock=ipc)
     ledger = RemoteLedger(writer)
     metrics = RemoteMetrics(writer)
-    # Each worker follows revocations in the ledger itself (read-only; the supervisor writes).
+    # Each worker follows revocations and the trust bundle in the ledger itself (the supervisor
+    # writes certificates; the worker writes only the bundle versions its agents report).
     revocation_ledger = SqlLedger(prepared.ledger_url)
     revocations = start_revocations(prepared, revocation_ledger, clock)
     signing = start_signing(prepared, revocation_ledger, clock)  # each worker follows slots

@@ -93,7 +93,7 @@ class CaClient:
         self._targets = [
             (a, *parse_host_port(a, what="CA address", zero=False)) for a in self.addresses
         ]
-        self._root_pem = root_pem
+        self.root_pem = root_pem  # the agent swaps in the mesh's trust bundle as it changes
         self._server_name = server_name
         self._timeout = timeout
         self._root_source = root_source
@@ -119,7 +119,7 @@ class CaClient:
         certificate) or :class:`CAUnavailable` (no endpoint answered; every reason given).
         """
         try:
-            context = client_ssl_context(self._root_pem, client_cert)
+            context = client_ssl_context(self.root_pem, client_cert)
         except (ssl.SSLError, ValueError) as exc:
             raise InvalidCertificate(
                 f"cannot use the CA root or client certificate: {exc}"

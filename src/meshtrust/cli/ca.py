@@ -390,3 +390,8 @@ def _revocation_json(rev: Revocation | None) -> dict[str, str] | None:
 from meshtrust.cli.ca_slots import slots  # noqa: E402 (its own module: `ca slots`)
 
 ca.add_command(slots)
+# The trust bundle's commands live beside (meshtrust.cli.ca_trust), registered here.
+from meshtrust.cli.ca_trust import bundle, rotation  # noqa: E402
+
+ca.add_command(rotation)
+ca.add_command(bundle)
