@@ -47,7 +47,7 @@ from meshtrust.mesh.plan import (
     plan_mesh,
 )
 from meshtrust.mesh.probes import agent_status, alive
-from meshtrust.mesh.prometheus import write_prometheus_files
+from meshtrust.mesh.prometheus import prometheus_dir, write_prometheus_files
 from meshtrust.mesh.state import STATE_FILE, MeshState, ServiceState, read_state, write_state
 
 __all__ = [
@@ -490,6 +490,7 @@ def _launch(plan: MeshPlan, progress: Callable[[str], None], stop: StopRequested
     _refuse_if_still_running(plan.work_dir)
     _check_ports(plan)
     _prepare(plan, join)
+    progress(f"Prometheus scrape targets and config: {prometheus_dir(plan) / 'prometheus.yml'}")
     started = _Started()
     try:
         _start_in_order(plan, started, progress, stop)
