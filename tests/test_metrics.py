@@ -1,9 +1,12 @@
 """The metric families the agent and the CA expose (pure), the merged ``/stats/prometheus``
-answer, and the exposition checked by a real ``promtool check metrics``."""
+answer (pure, then from the status server on loopback), and the exposition checked by a
+real ``promtool check metrics``."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import http.client
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshtrust.agent.metrics import AgentMetrics, CrlMetrics
-from meshtrust.agent.status import MERGED_STATS, route
+from meshtrust.agent.status import MERGED_STATS, StatusServer, route
 from meshtrust.ca import CaMetrics
 from meshtrust.metrics_text import CONTENT_TYPE, TextRegistry
 
@@ -32,9 +35,7 @@ def _values(text: str) -> dict[str, float]:
 
 def _types(text: str) -> dict[str, str]:
     return {
-        line.split()[2]: line.split()[3]
-        for line in text.splitlines()
-        if line.startswith("# TYPE ")
+        line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")
     }
 
 
@@ -163,9 +164,10 @@ def test_ca_exposes_istiods_expiry_seconds_at_its_clock() -> None:
     clock.at += dt.timedelta(days=1)
     values = _values(registry.exposition().decode())
     assert values["citadel_server_cert_chain_expiry_seconds"] == 364 * 86400.0
-    assert values["citadel_server_cert_chain_expiry_timestamp"] == (
-        NOW + dt.timedelta(days=365)
-    ).timestamp()
+    assert (
+        values["citadel_server_cert_chain_expiry_timestamp"]
+        == (NOW + dt.timedelta(days=365)).timestamp()
+    )
 
 
 ENVOY = b"# TYPE envoy_server_live gauge\nenvoy_server_live{} 1\n"
@@ -185,6 +187,41 @@ def test_merged_stats_are_the_agents_then_envoys() -> None:
     assert body.endswith(b"meshtrust_agent_envoy_stats_up 0.0\n")
     # No sidecar: the agent's metrics alone.
     assert route(MERGED_STATS, registry, lambda: True, None)[2] == own
+
+
+def _fetch(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.asyncio
+async def test_status_server_fetches_envoys_stats_for_each_merged_scrape() -> None:
+    registry, _ = _agent()
+    answers: list[bytes | None] = [ENVOY, None]
+    calls = 0
+
+    async def envoy_stats() -> bytes | None:
+        nonlocal calls
+        calls += 1
+        return answers[calls - 1]
+
+    srv = StatusServer("127.0.0.1", 0, registry, lambda: True, envoy_stats=envoy_stats)
+    await srv.start()
+    try:
+        code, body = await asyncio.to_thread(_fetch, srv.port, MERGED_STATS)
+        assert code == 200 and body.endswith(ENVOY) and body.startswith(registry.exposition())
+        code, body = await asyncio.to_thread(_fetch, srv.port, "/metrics")
+        assert (code, body) == (200, registry.exposition())  # /metrics never asks Envoy
+        assert calls == 1
+        code, body = await asyncio.to_thread(_fetch, srv.port, MERGED_STATS + "?x=1")
+        assert code == 200 and body.endswith(b"meshtrust_agent_envoy_stats_up 0.0\n")
+    finally:
+        await srv.stop()
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="scripts/system-packages installs it")

@@ -3,9 +3,10 @@
 One mesh of two sidecars with 40-second certificates, and the ``prometheus.yml`` that
 ``meshtrust up`` wrote (only its intervals shortened to 1 s), on loopback with a temporary
 data directory. While the CA runs, every target is up, the agents' merged
-``/stats/prometheus`` carries their Envoys' stats, and the article's rotation-rate recording
-rule is non-zero; once the CA is stopped, the expiry alert (a renewal overdue) fires for both
-workloads, the CA-unreachable alert is raised and failed rotations are counted.
+``/stats/prometheus`` carries their Envoys' stats and their CRL metrics, and the article's
+rotation-rate recording rule is non-zero; once the CA is stopped, the expiry alert (a renewal
+overdue) fires for both workloads, the CA-unreachable alert is raised and failed rotations
+are counted.
 """
 
 from __future__ import annotations
@@ -144,6 +145,15 @@ def scrapes_every_agent_and_the_ca(prometheus: Prometheus) -> None:
     ):
         until(lambda e=expr: set(prometheus.query(e)) == {"a", "b"}, 30, expr)  # type: ignore[misc]
     assert set(prometheus.query("citadel_server_cert_chain_expiry_seconds")) == {"meshtrust-ca"}
+    # The CRL the agents follow from the CA: held, fresh.
+    until(
+        lambda: (
+            set(prometheus.query("meshtrust_agent_crl_next_update_timestamp_seconds")) == {"a", "b"}
+        ),
+        30,
+        "the agents' CRL metrics",
+    )
+    assert prometheus.query("meshtrust_agent_crl_stale") == {"a": 0.0, "b": 0.0}
 
 
 def rotation_rate_is_non_zero_while_rotations_happen(prometheus: Prometheus) -> None:
