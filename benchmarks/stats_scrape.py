@@ -25,13 +25,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.agent import proc_status_kb  # noqa: E402
 from tests.mesh_helpers import running_mesh, write_mesh  # noqa: E402
 
 STRICT = (
     "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
     "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
 )
+
+
+def proc_status_kb(pid: int, field_name: str) -> int:
+    """A ``kB`` field (``VmRSS``, ``VmHWM``) of ``/proc/<pid>/status``; -1 if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return -1
 
 
 @dataclass
