@@ -9,6 +9,7 @@ import datetime as dt
 import http.client
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -17,7 +18,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshtrust.agent.metrics import AgentMetrics, CrlMetrics
-from meshtrust.agent.status import MERGED_STATS, StatusServer, route
+from meshtrust.agent.status import (
+    MERGED_STATS,
+    StatusServer,
+    fetch_unix_http,
+    parse_http_response,
+    route,
+)
 from meshtrust.ca import CaMetrics
 from meshtrust.metrics_text import CONTENT_TYPE, TextRegistry
 
@@ -222,6 +229,64 @@ async def test_status_server_fetches_envoys_stats_for_each_merged_scrape() -> No
         assert code == 200 and body.endswith(b"meshtrust_agent_envoy_stats_up 0.0\n")
     finally:
         await srv.stop()
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"19\r\n# TYPE envoy_server_live \r\n6;ext=1\r\ngauge\n\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (CHUNKED, (200, b"# TYPE envoy_server_live gauge\n")),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef", (200, b"abc")),
+        (b"HTTP/1.1 503 Service Unavailable\r\n\r\nnot ready", (503, b"not ready")),
+    ],
+)
+def test_parse_http_response(response: bytes, expected: tuple[int, bytes]) -> None:
+    assert parse_http_response(response) == expected
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"",
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1a\r\nshort",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+    ],
+)
+def test_parse_http_response_refuses_what_is_not_a_whole_answer(response: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_http_response(response)
+
+
+@pytest.mark.asyncio
+async def test_fetch_unix_http_reads_a_chunked_answer_from_a_unix_socket() -> None:
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        for i in range(0, len(CHUNKED), 7):  # in pieces, as a socket may deliver it
+            writer.write(CHUNKED[i : i + 7])
+            await writer.drain()
+        writer.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/admin.sock"
+        server = await asyncio.start_unix_server(serve, path)
+        try:
+            answer = await fetch_unix_http(path, "/stats/prometheus", 5.0)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert answer == (200, b"# TYPE envoy_server_live gauge\n")
+        assert requests[0].startswith(b"GET /stats/prometheus HTTP/1.1\r\n")
+        with pytest.raises(OSError):  # nobody there
+            await fetch_unix_http(path, "/stats/prometheus", 5.0)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="scripts/system-packages installs it")

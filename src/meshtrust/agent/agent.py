@@ -28,7 +28,7 @@ from meshtrust.agent.metrics import AgentMetrics, CrlMetrics
 from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.agent.sds import SdsServer
-from meshtrust.agent.status import StatusServer
+from meshtrust.agent.status import StatusServer, fetch_unix_http
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock
 from meshtrust.errors import MeshTrustError
@@ -127,15 +127,13 @@ class Agent:
 
     async def _envoy_stats(self) -> bytes | None:
         """The sidecar Envoy's ``/stats/prometheus`` (for the status port's merged stats)."""
-        from meshtrust.envoy.admin import EnvoyAdmin  # with a sidecar only (memory)
-
         assert self.sidecar is not None
-        admin = EnvoyAdmin(self.sidecar.admin_socket)
+        socket_path = str(self.sidecar.admin_socket)
         try:
-            code, body = await asyncio.to_thread(admin.get, "/stats/prometheus", timeout=5.0)
-        except OSError:
+            code, body = await fetch_unix_http(socket_path, "/stats/prometheus", 5.0)
+        except (OSError, ValueError):  # TimeoutError is an OSError
             return None
-        return body.encode() if code == 200 else None
+        return body if code == 200 else None
 
     def ready(self) -> bool:
         """Ready: a certificate is held, it has not expired, and the outputs are up."""
