@@ -49,6 +49,7 @@ log = logging.getLogger("meshtrust.agent")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 _REASONS[503] = "Service Unavailable"
 _MAX_HEAD = 8192
+_MAX_ANSWER = 64 << 20  # Envoy's stats: ~140 KiB for a sidecar with a few clusters
 
 
 class TextExposition(Protocol):
@@ -159,12 +160,18 @@ async def fetch_unix_http(socket_path: str, target: str, timeout: float) -> tupl
             writer.write(
                 f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
             )
-            data = await reader.read()  # to the close: Connection: close
+            pieces: list[bytes] = []
+            size = 0
+            while piece := await reader.read(1 << 16):  # to the close: Connection: close
+                pieces.append(piece)
+                size += len(piece)
+                if size > _MAX_ANSWER:
+                    raise ValueError(f"answer to {target} larger than {_MAX_ANSWER} bytes")
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-    return parse_http_response(data)
+    return parse_http_response(b"".join(pieces))
 
 
 def _response(code: int, ctype: str, body: bytes, *, head_only: bool = False) -> bytes:
