@@ -18,6 +18,7 @@ from meshtrust.mesh.prometheus import (
     AGENT_JOB,
     CA_JOB,
     config_text,
+    prometheus_dir,
     shipped_rules,
     targets,
     write_prometheus_files,
@@ -115,3 +116,18 @@ def test_written_files_pass_promtool_check_config(tmp_path: Path) -> None:
     done = _promtool("check", "config", str(directory / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 8 rules found" in done.stdout
+
+
+def test_each_host_writes_its_own_share(tmp_path: Path) -> None:
+    """Across hosts each host's `up` lists its own agents, and the CA only on the CA's host,
+    under ``<workDir>/<host>/prometheus/``."""
+    from tests.test_mesh_hosts import plan_for
+
+    def share(host: str) -> set[tuple[str, str | None]]:
+        groups: list[dict[str, Any]] = targets(plan_for(tmp_path, host))
+        return {(g["labels"]["job"], g["labels"].get("service")) for g in groups}
+
+    assert share("h1") == {(CA_JOB, None)}
+    assert share("h2") == {(AGENT_JOB, "web")}
+    assert share("h3") == {(AGENT_JOB, "api"), (AGENT_JOB, "db")}
+    assert prometheus_dir(plan_for(tmp_path, "h3")) == tmp_path / "work" / "h3" / "prometheus"
