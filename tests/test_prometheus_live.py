@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.parse
@@ -29,14 +28,10 @@ from meshtrust.mesh import MeshState
 from meshtrust.mesh.probes import alive
 from tests.mesh_helpers import running_mesh, write_mesh
 from tests.processes import free_port
+from tests.test_prometheus_rules import prometheus_binary
 from tests.waiting import until
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None, reason="scripts/system-packages installs prometheus"
-    ),
-]
+pytestmark = pytest.mark.slow
 
 STRICT = (
     "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
@@ -101,7 +96,7 @@ def prometheus(mesh: MeshState, tmp_path_factory: pytest.TempPathFactory) -> Ite
     with open(tmp / "prometheus.log", "wb") as log:
         proc = subprocess.Popen(
             [
-                "prometheus",
+                prometheus_binary("prometheus"),
                 f"--config.file={tmp / 'prometheus.yml'}",
                 f"--storage.tsdb.path={tmp / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
