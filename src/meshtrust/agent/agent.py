@@ -24,11 +24,11 @@ from meshtrust.agent.crl import CrlFollower, CrlSource, crl_number
 from meshtrust.agent.files import CertificateFiles
 from meshtrust.agent.handout import HandoutGate, Refusal
 from meshtrust.agent.issuance import CertificateSource, TokenFile
-from meshtrust.agent.metrics import AgentMetrics
+from meshtrust.agent.metrics import AgentMetrics, CrlMetrics
 from meshtrust.agent.rotation import SlotState
 from meshtrust.agent.rotator import RotationPolicy, Rotator
 from meshtrust.agent.sds import SdsServer
-from meshtrust.agent.status import StatusServer
+from meshtrust.agent.status import StatusServer, fetch_unix_http
 from meshtrust.agent.trust import TrustFollower, TrustSource
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.clock import Clock
@@ -85,7 +85,7 @@ class Agent:
         self.source = source
         self.cache = cache or SecretCache()
         self.registry = TextRegistry()
-        self.metrics = AgentMetrics(self.registry, self._expiry_seconds)
+        self.metrics = AgentMetrics(self.registry, self._expiry_seconds, self._validity)
         self.rotator = Rotator(
             identity=self.identity,
             source=self.source,
@@ -125,6 +125,8 @@ class Agent:
             )
         self._files_written = 0
         self._files_changed = asyncio.Condition()
+        if self.crl is not None:
+            self.registry.register(CrlMetrics(self.crl, lambda: self.cache.crl, clock.now))
         #: What may be handed out (no expired certificate), at the agent's clock.
         self.gate = HandoutGate(clock, lambda: self.rotator.last_error)
         self.sidecar = sidecar
@@ -147,6 +149,20 @@ class Agent:
         if secret is None:
             return None
         return (secret.not_after - self.clock.now()).total_seconds()
+
+    def _validity(self) -> tuple[dt.datetime, dt.datetime] | None:
+        secret = self.cache.current
+        return None if secret is None else (secret.received_at, secret.not_after)
+
+    async def _envoy_stats(self) -> bytes | None:
+        """The sidecar Envoy's ``/stats/prometheus`` (for the status port's merged stats)."""
+        assert self.sidecar is not None
+        socket_path = str(self.sidecar.admin_socket)
+        try:
+            code, body = await fetch_unix_http(socket_path, "/stats/prometheus", 5.0)
+        except (OSError, ValueError):  # TimeoutError is an OSError
+            return None
+        return body if code == 200 else None
 
     def ready(self) -> bool:
         """Ready: a certificate is held, it has not expired, and the outputs are up."""
@@ -229,7 +245,12 @@ class Agent:
 
                 host, port = parse_host_port(cfg.status_listen, what="--status-listen")
                 self._status = StatusServer(
-                    host, port, self.registry, self.ready, self.status_snapshot
+                    host,
+                    port,
+                    self.registry,
+                    self.ready,
+                    self.status_snapshot,
+                    envoy_stats=self._envoy_stats if self.sidecar is not None else None,
                 )
                 await self._status.start()
             if cfg.sds_socket is not None:

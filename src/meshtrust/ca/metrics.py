@@ -6,6 +6,11 @@ the exact names and types istiod uses: ``# TYPE citadel_server_csr_count counter
 ``_total`` suffix, so dashboards built for istiod work unchanged. A worker process forwards
 its events to the supervisor, which owns the one registry that ``/metrics`` serves
 (:mod:`meshtrust.ca.workers`).
+
+The expiry of the CA's own certificates comes twice, as istiod exposes it: the Unix time
+(``citadel_server_root_cert_expiry_timestamp``, ``..._cert_chain_expiry_timestamp``) and the
+seconds left at the scrape (``citadel_server_root_cert_expiry_seconds``,
+``..._cert_chain_expiry_seconds``; istio#54662), which alert rules compare with a threshold.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from meshtrust.clock import Clock, SystemClock
 from meshtrust.metrics_text import MetricFamily, Sample, TextRegistry
 
 __all__ = ["CaEvent", "CaMetrics", "CaMetricsSink"]
@@ -68,7 +74,9 @@ _COUNTERS: dict[str, tuple[str, frozenset[CaEvent]]] = {
 class CaMetrics:
     """Counts CA events and exposes them in ``registry`` (a :class:`TextRegistry`)."""
 
-    def __init__(self, registry: TextRegistry) -> None:
+    def __init__(self, registry: TextRegistry, clock: Clock | None = None) -> None:
+        """``clock`` (default the system's) dates the ``*_expiry_seconds`` gauges."""
+        self._clock = clock or SystemClock()
         self._counts: Counter[CaEvent] = Counter()
         self._lock = threading.Lock()
         self._root_expiry: float | None = None
@@ -84,8 +92,11 @@ class CaMetrics:
         return self._counts[event]
 
     def set_expiries(self, root_not_after: dt.datetime, chain_not_after: dt.datetime) -> None:
-        self._root_expiry = root_not_after.timestamp()
-        self._chain_expiry = chain_not_after.timestamp()
+        """The NotAfter of the earliest-expiring trusted root and of the signing chain (the
+        signing certificate and its intermediates); called again when they change."""
+        with self._lock:
+            self._root_expiry = root_not_after.timestamp()
+            self._chain_expiry = chain_not_after.timestamp()
 
     def follow_signing_chain(self, read: Callable[[], tuple[dt.datetime, int] | None]) -> None:
         """Signing-CA rotation (:mod:`meshtrust.ca.signing`): at each scrape, ``read()``
@@ -94,10 +105,10 @@ class CaMetrics:
         self._chain_source = read
 
     def families(self) -> Iterator[MetricFamily]:
-        chain = self._chain_source() if self._chain_source is not None else None
-        if chain is not None:  # the active slot's chain, as the ledger says now
-            self._chain_expiry = chain[0].timestamp()
+        chain_now = self._chain_source() if self._chain_source is not None else None
         with self._lock:
+            if chain_now is not None:  # the active slot's chain, as the ledger says now
+                self._chain_expiry = chain_now[0].timestamp()
             counts = dict(self._counts)
         for name, (doc, events) in _COUNTERS.items():
             value = float(sum(counts.get(e, 0) for e in events))
@@ -115,25 +126,33 @@ class CaMetrics:
                 if ev not in (CaEvent.CSR, CaEvent.ISSUED)
             ),
         )
-        for name, doc, expiry in (
-            (
-                "citadel_server_root_cert_expiry_timestamp",
-                "Unix time when the CA's root certificate expires.",
-                self._root_expiry,
-            ),
-            (
-                "citadel_server_cert_chain_expiry_timestamp",
-                "Unix time when the CA's signing certificate chain expires.",
-                self._chain_expiry,
-            ),
+        with self._lock:
+            root, chain = self._root_expiry, self._chain_expiry
+        now = self._clock.now().timestamp()
+        for what, doc, expiry in (
+            ("root_cert", "the CA's root certificate", root),
+            ("cert_chain", "the CA's signing certificate chain", chain),
         ):
-            if expiry is not None:
-                yield MetricFamily(name, doc, "gauge", (Sample(name, {}, expiry),))
-        if chain is not None:
+            if expiry is None:
+                continue
+            name = f"citadel_server_{what}_expiry"
+            yield MetricFamily(
+                f"{name}_timestamp",
+                f"Unix time when {doc} expires.",
+                "gauge",
+                (Sample(f"{name}_timestamp", {}, expiry),),
+            )
+            yield MetricFamily(
+                f"{name}_seconds",
+                f"Seconds until {doc} expires (negative: expired).",
+                "gauge",
+                (Sample(f"{name}_seconds", {}, expiry - now),),
+            )
+        if chain_now is not None:
             yield MetricFamily(
                 "meshtrust_ca_chain_expiry_warning",
                 "0, or how close a CA without the root key is to its chain's expiry: 1 past "
                 "the point a rotating CA would prepare a successor, 2 past activation, 3 last day.",
                 "gauge",
-                (Sample("meshtrust_ca_chain_expiry_warning", {}, float(chain[1])),),
+                (Sample("meshtrust_ca_chain_expiry_warning", {}, float(chain_now[1])),),
             )

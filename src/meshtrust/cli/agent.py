@@ -83,8 +83,9 @@ __all__ = ["agent"]
 )
 @click.option(
     "--status-listen",
-    help="HTTP address for /healthz/ready and /metrics; 'off' to "
-    "disable.  [default: 127.0.0.1:15021]",
+    help="HTTP address for /healthz/ready, /metrics and /stats/prometheus (with "
+    "--sidecar: the agent's metrics and its Envoy's); 'off' to disable.  "
+    "[default: 127.0.0.1:15021]",
 )
 @click.option(
     "--sidecar",

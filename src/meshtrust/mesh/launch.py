@@ -47,6 +47,7 @@ from meshtrust.mesh.plan import (
     plan_mesh,
 )
 from meshtrust.mesh.probes import agent_status, alive
+from meshtrust.mesh.prometheus import prometheus_dir, write_prometheus_files
 from meshtrust.mesh.state import STATE_FILE, MeshState, ServiceState, read_state, write_state
 
 __all__ = [
@@ -385,6 +386,10 @@ def _prepare(plan: MeshPlan, join: JoinFile | None) -> None:
             raise _os_error(exc, "set up the CA directory") from exc
     for planned in plan.files:
         _write(planned.path, planned.content.encode(), PRIVATE_FILE_MODE, "write")
+    try:
+        write_prometheus_files(plan)  # scrape targets + prometheus.yml (mesh/prometheus.py)
+    except OSError as exc:
+        raise _os_error(exc, "write the Prometheus targets") from exc
     if plan.credentials == "mint":
         _mint_tokens(plan)
     elif join is not None:
@@ -486,6 +491,7 @@ def _launch(plan: MeshPlan, progress: Callable[[str], None], stop: StopRequested
     _refuse_if_still_running(plan.work_dir)
     _check_ports(plan)
     _prepare(plan, join)
+    progress(f"Prometheus scrape targets and config: {prometheus_dir(plan) / 'prometheus.yml'}")
     started = _Started()
     try:
         _start_in_order(plan, started, progress, stop)
