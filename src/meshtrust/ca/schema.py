@@ -42,7 +42,9 @@ __all__ = [
     "audit",
     "blocks",
     "certificates",
+    "federated_bundles",
     "migrate",
+    "published_bundle",
     "revocations",
     "schema_version",
 ]
@@ -100,6 +102,30 @@ blocks = sa.Table(
     sa.Column("lifted_by", sa.String(512), nullable=True),
 )
 
+#: The last good bundle of each federated trust domain (migration 5): fetched from its
+#: bundle endpoint or set by `meshtrust bundle set`, kept so a restart does not lose it.
+#: Never merged into the CA's own bundle (:mod:`meshtrust.ca.federation`).
+federated_bundles = sa.Table(
+    "federated_bundles",
+    metadata,
+    sa.Column("trust_domain", sa.String(255), primary_key=True),
+    sa.Column("document", sa.Text, nullable=False),  # the SPIFFE bundle document, as checked
+    sa.Column("sequence", sa.BigInteger, nullable=True),
+    sa.Column("source", sa.String(2048), nullable=False),  # endpoint URL, or "static: FILE"
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+#: The CA's own published bundle (migration 5): its digest and ``spiffe_sequence``, bumped
+#: whenever the set of roots changes, so readers see a new sequence for a new bundle.
+published_bundle = sa.Table(
+    "published_bundle",
+    metadata,
+    sa.Column("trust_domain", sa.String(255), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -129,11 +155,17 @@ def _v2_revocations_and_blocks(conn: Connection) -> None:
     blocks.create(conn, checkfirst=True)
 
 
+def _v5_federated_bundles(conn: Connection) -> None:
+    federated_bundles.create(conn, checkfirst=True)
+    published_bundle.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "certificates and audit", _v1_certificates_and_audit),
     Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
+    Migration(5, "federated bundles", _v5_federated_bundles),
 )
-SCHEMA_VERSION = MIGRATIONS[-1].version
+SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
 
 
 def schema_version(conn: Connection) -> int:
@@ -144,6 +176,12 @@ def schema_version(conn: Connection) -> int:
     return int(found or 0)
 
 
+def _applied_versions(conn: Connection) -> set[int]:
+    if not sa.inspect(conn).has_table(schema_table.name):
+        return set()
+    return {int(v) for v in conn.execute(sa.select(schema_table.c.version)).scalars()}
+
+
 def _lock(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
@@ -151,8 +189,14 @@ def _lock(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
-    """Bring the ledger to :data:`SCHEMA_VERSION`; return the version it had before.
+def migrate(
+    engine: Engine,
+    now: dt.datetime,
+    where: str,
+    migrations: tuple[Migration, ...] = MIGRATIONS,
+) -> int:
+    """Bring the ledger to :data:`SCHEMA_VERSION` (``migrations``: :data:`MIGRATIONS`, or a
+    list a test makes); return the version it had before.
 
     Raises :class:`LedgerError` when the ledger is newer than this meshtrust, or when it
     cannot be read or migrated (``where`` names it in the message, password hidden).
@@ -164,7 +208,7 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 _lock(conn)
                 try:
-                    found = _migrate_locked(conn, now, where)
+                    found = _migrate_locked(conn, now, where, migrations)
                 except BaseException:
                     conn.exec_driver_sql("ROLLBACK")
                     raise
@@ -172,7 +216,7 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
                 return found
             with conn.begin():
                 _lock(conn)
-                return _migrate_locked(conn, now, where)
+                return _migrate_locked(conn, now, where, migrations)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise LedgerError(
@@ -180,28 +224,27 @@ def migrate(engine: Engine, now: dt.datetime, where: str) -> int:
         ) from exc
 
 
-def _migrate_locked(conn: Connection, now: dt.datetime, where: str) -> int:
+def _migrate_locked(
+    conn: Connection, now: dt.datetime, where: str, migrations: tuple[Migration, ...]
+) -> int:
+    known = max(m.version for m in migrations)
     found = schema_version(conn)
-    if found > SCHEMA_VERSION:
+    if found > known:
         raise LedgerError(
             f"the ledger at {where} has schema version {found}, newer than this meshtrust "
-            f"knows (up to {SCHEMA_VERSION}): another CA replica runs a newer release; "
+            f"knows (up to {known}): another CA replica runs a newer release; "
             "upgrade this one (a ledger is never downgraded)"
         )
-    if found == SCHEMA_VERSION:
+    # Each migration not yet recorded is applied, not just those above the highest: numbers
+    # are taken by separate pieces of work, and a ledger migrated to 5 must still get 3
+    # when 3 arrives later. Every migration creates only what is missing.
+    applied = _applied_versions(conn)
+    missing = [m for m in migrations if m.version not in applied]
+    if not missing:
         return found
     schema_table.create(conn, checkfirst=True)
-    for migration in MIGRATIONS:
-        if migration.version > found:
-            migration.apply(conn)
-            conn.execute(
-                schema_table.insert(),
-                [
-                    {
-                        "version": migration.version,
-                        "description": migration.description,
-                        "applied_at": now,
-                    }
-                ],
-            )
+    for migration in missing:
+        migration.apply(conn)
+        row = {"version": migration.version, "description": migration.description}
+        conn.execute(schema_table.insert(), [{**row, "applied_at": now}])
     return found
