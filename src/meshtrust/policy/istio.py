@@ -66,14 +66,20 @@ class PolicySet:
         *,
         root_namespace: str = "istio-system",
         trust_domain: str | TrustDomain,
+        trust_domain_aliases: Sequence[str | TrustDomain] = (),
     ) -> InboundPolicy:
         """The inbound mTLS mode and RBAC filters for ``workload``; see :mod:`.compile`.
 
         ``trust_domain`` is the mesh's: policy principals written with Istio's
-        ``cluster.local`` trust domain are read as this one, as Istio does.
+        ``cluster.local`` trust domain are read as this one, as Istio does; principals of
+        ``trust_domain_aliases`` (Istio's ``trustDomainAliases``) stand for the mesh's own.
         """
         return inbound_policy(
-            self, workload, root_namespace=root_namespace, trust_domain=trust_domain
+            self,
+            workload,
+            root_namespace=root_namespace,
+            trust_domain=trust_domain,
+            trust_domain_aliases=trust_domain_aliases,
         )
 
 
