@@ -288,9 +288,7 @@ def _rule_policy(
             return None
     else:
         permissions = [{"any": True}]
-    principals = [_source_principal(source, domains) for source in rule.sources] or [
-        {"any": True}
-    ]
+    principals = [_source_principal(source, domains) for source in rule.sources] or [{"any": True}]
     return {"permissions": permissions, "principals": principals}
 
 
