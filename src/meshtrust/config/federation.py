@@ -47,6 +47,7 @@ __all__ = [
     "FederatedTrustDomain",
     "FederationConfig",
     "check_federation",
+    "federation_settings",
 ]
 
 DEFAULT_REFRESH_HINT = dt.timedelta(minutes=5)  # the standard's suggested default
@@ -218,3 +219,42 @@ def check_federation(value: object, field: str, base: Path) -> FederationConfig:
             )
         peers.append(peer)
     return FederationConfig(endpoint, tuple(peers))
+
+
+def _seconds(delta: dt.timedelta) -> str:
+    return f"{delta.total_seconds():g}s"
+
+
+def federation_settings(config: FederationConfig) -> dict[str, object]:
+    """``config`` as the ``federation`` mapping :func:`check_federation` reads (paths
+    absolute): how ``meshtrust up`` hands mesh.yaml's section to ``ca serve --config``."""
+    out: dict[str, object] = {}
+    endpoint = config.bundle_endpoint
+    if endpoint is not None:
+        raw: dict[str, object] = {
+            "listen": endpoint.listen,
+            "profile": endpoint.profile.value,
+            "refreshHint": _seconds(endpoint.refresh_hint),
+        }
+        if endpoint.cert_file is not None:
+            raw["certFile"] = str(endpoint.cert_file.resolve())
+        if endpoint.key_file is not None:
+            raw["keyFile"] = str(endpoint.key_file.resolve())
+        out["bundleEndpoint"] = raw
+    peers: list[dict[str, object]] = []
+    for peer in config.federates_with:
+        item: dict[str, object] = {
+            "trustDomain": peer.trust_domain.name,
+            "bundleEndpointUrl": peer.bundle_endpoint_url,
+            "profile": peer.profile.value,
+        }
+        if peer.endpoint_spiffe_id is not None:
+            item["endpointSpiffeId"] = str(peer.endpoint_spiffe_id)
+        if peer.bootstrap_bundle is not None:
+            item["bootstrapBundle"] = str(peer.bootstrap_bundle.resolve())
+        if peer.ca_file is not None:
+            item["caFile"] = str(peer.ca_file.resolve())
+        peers.append(item)
+    if peers:
+        out["federatesWith"] = peers
+    return out

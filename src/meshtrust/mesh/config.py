@@ -78,6 +78,7 @@ from meshtrust.config import (
     load_yaml_mapping,
     parse_host_port,
 )
+from meshtrust.config.federation import FederationConfig, check_federation
 from meshtrust.errors import InvalidSpiffeId
 from meshtrust.policy import Protocol, load_policy_files
 from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -103,6 +104,7 @@ _TOP = {
     "policies",
     "hosts",
     "meshMTLS",
+    "federation",
 }
 _CA = {"listen", "dir", "host"}
 _HOST = {"name", "address"}
@@ -178,6 +180,8 @@ class MeshConfig:
     hosts: tuple[HostSpec, ...] = ()
     ca_host: str | None = None  # with hosts: the host the CA runs on
     min_tls_version: str = "TLSV1_2"
+    # SPIFFE federation of the mesh's CA (docs/federation.md); None: none.
+    federation: FederationConfig | None = None
 
     @property
     def ca_port(self) -> int:
@@ -305,6 +309,11 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
     for host in [None] if not hosts else [h.name for h in hosts]:
         _check_ports(services, ca_port if host == ca_host else None, host)
     min_tls = _min_tls(raw.get("meshMTLS"))
+    federation = (
+        check_federation(raw["federation"], "federation", base)
+        if raw.get("federation") is not None
+        else None
+    )
 
     policies_raw = _list(raw.get("policies"), "policies")
     policy_files = tuple(check_path(p, f"policies[{i}]", base) for i, p in enumerate(policies_raw))
@@ -324,6 +333,7 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         hosts=hosts,
         ca_host=ca_host,
         min_tls_version=min_tls,
+        federation=federation,
     )
 
 
