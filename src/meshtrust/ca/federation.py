@@ -594,7 +594,10 @@ class FederationPoller:
 
     async def _run(self, peer: FederatedTrustDomain) -> None:
         while True:
-            await self.poll_once(peer)
+            try:
+                await self.poll_once(peer)
+            except Exception:  # a bug must not end this trust domain's polling for good
+                log.exception("polling the bundle endpoint of %s failed", peer.trust_domain)
             delay = poll_delay(self._good.get(peer.trust_domain), self._default)
             await self._clock.sleep(delay.total_seconds())
 
