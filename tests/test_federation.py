@@ -480,3 +480,49 @@ def test_store_publish_bumps_the_sequence_only_when_the_roots_change(tmp_path: P
         assert store.publish(EAST, [b], NOW) == 3
     finally:
         store.close()
+
+
+def test_bad_bootstrap_bundle_or_ca_file_stops_start_up(tmp_path: Path) -> None:
+    from meshtrust.ca.federation import check_bootstrap_bundles
+    from meshtrust.config.federation import FederationConfig
+
+    spiffe_peer = FederatedTrustDomain(
+        WEST,
+        "https://127.0.0.1:1/",
+        EndpointProfile.HTTPS_SPIFFE,
+        WEST_ENDPOINT,
+        tmp_path / "w.pem",
+    )
+    with pytest.raises(BundleFetchError, match=r"cannot read .*w.pem"):
+        check_bootstrap_bundles(FederationConfig(None, (spiffe_peer,)))
+    (tmp_path / "w.pem").write_text("garbage")
+    with pytest.raises(InvalidBundle, match=r"w.pem: no PEM certificate"):
+        check_bootstrap_bundles(FederationConfig(None, (spiffe_peer,)))
+    web_peer = FederatedTrustDomain(
+        WEST, "https://x.test/", EndpointProfile.HTTPS_WEB, ca_file=tmp_path / "missing.pem"
+    )
+    with pytest.raises(BundleFetchError, match=r"cannot use caFile .*missing.pem"):
+        check_bootstrap_bundles(FederationConfig(None, (web_peer,)))
+
+
+def test_ca_serve_refuses_a_bad_bootstrap_bundle_without_a_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meshtrust.cli import cli
+
+    init_ca_dir(tmp_path / "ca", EAST, NOW)
+    (tmp_path / "west.pem").write_bytes((tmp_path / "ca" / "root-cert.pem").read_bytes())
+    (tmp_path / "ca.yaml").write_text(
+        f"ca-dir: ca\nlisten: 127.0.0.1:{free_port()}\n"
+        f"metrics-listen: 127.0.0.1:{free_port()}\nfederation:\n"
+        "  federatesWith:\n  - trustDomain: west.test\n"
+        "    bundleEndpointUrl: https://127.0.0.1:1/\n    profile: https_spiffe\n"
+        "    endpointSpiffeId: spiffe://west.test/meshtrust/bundle-endpoint\n"
+        "    bootstrapBundle: west.pem\n"
+    )
+    result = CliRunner().invoke(cli, ["ca", "serve", "--config", str(tmp_path / "ca.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "west.pem (trust domain west.test): keys[0].x5c[0]: the certificate belongs to" in (
+        result.output
+    )
+    assert "Traceback" not in result.output

@@ -275,7 +275,11 @@ def _client_context(peer: FederatedTrustDomain, trusted: SpiffeBundle | None) ->
         context.check_hostname = False  # the SVID names a SPIFFE ID, checked after
         context.load_verify_locations(cadata=certs_pem(trusted.x509_authorities).decode())
     elif peer.ca_file is not None:
-        context.load_verify_locations(cafile=str(peer.ca_file))
+        try:
+            context.load_verify_locations(cafile=str(peer.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise BundleFetchError(f"cannot use caFile {peer.ca_file}: {reason}") from None
     else:
         context.load_default_certs()
     return context
@@ -663,11 +667,14 @@ class FederationRuntime:
 
 
 def check_bootstrap_bundles(config: FederationConfig | None) -> None:
-    """Read every ``bootstrapBundle`` once, so a bad one stops ``ca serve`` before it
-    binds anything. Raises :class:`InvalidBundle` / :class:`BundleFetchError` naming it."""
+    """Read every ``bootstrapBundle`` and ``caFile`` once, so a bad one stops ``ca serve``
+    before it binds anything. Raises :class:`InvalidBundle` / :class:`BundleFetchError`
+    naming it."""
     for peer in config.federates_with if config is not None else ():
         if peer.bootstrap_bundle is not None:
             read_bootstrap_file(peer.bootstrap_bundle, peer.trust_domain)
+        if peer.ca_file is not None:
+            _client_context(peer, None)  # an unreadable caFile stops start-up too
 
 
 def build_federation(
