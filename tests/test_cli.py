@@ -17,6 +17,7 @@ COMMANDS = [
     [],
     ["ca"],
     ["ca", "init"],
+    ["ca", "root", "init"],
     ["ca", "serve"],
     ["ca", "certs"],
     ["ca", "certs", "list"],
@@ -34,6 +35,10 @@ COMMANDS = [
     ["proxy-config", "secret"],
     ["check"],
     ["certs", "monitor"],
+    ["bundle", "show"],
+    ["bundle", "list"],
+    ["bundle", "set"],
+    ["bundle", "delete"],
 ]
 
 

@@ -1580,7 +1580,8 @@ def test_real_envoy_accepts_the_compiled_filters(tmp_path: Path) -> None:
 
 
 def test_the_policy_modules_import_in_one_direction() -> None:
-    """istio (YAML -> objects, PolicySet) -> compile (objects -> Envoy) -> objects: no module
+    """istio (YAML -> objects, PolicySet) -> compile (objects -> Envoy) -> objects, and istio ->
+    networking (ServiceEntry, DestinationRule): no module
     imports one that imports it back, so none needs an import inside a function."""
     import ast
 
@@ -1591,7 +1592,8 @@ def test_the_policy_modules_import_in_one_direction() -> None:
         "objects": {"model"},
         "model": set(),
         "compile": {"objects", "model"},
-        "istio": {"objects", "model", "compile"},
+        "networking": set(),
+        "istio": {"objects", "model", "compile", "networking"},
     }
     for module, may_import in allowed.items():
         tree = ast.parse((package / f"{module}.py").read_text())

@@ -17,7 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import uvloop
@@ -80,6 +80,9 @@ from meshtrust.pki import (
 )
 from meshtrust.status_http import StatusHttpServer
 
+if TYPE_CHECKING:
+    from meshtrust.ca.federation import FederationRuntime
+
 __all__ = [
     "ISTIOD_SERVER_NAMES",
     "SERVING_CERT_TTL",
@@ -92,6 +95,7 @@ __all__ = [
     "prepare_ca",
     "run_loop",
     "serve_until_stopped",
+    "start_federation",
     "start_revocations",
     "start_signing",
     "start_status",
@@ -471,6 +475,27 @@ def start_status(
     status = StatusHttpServer(host, port, registry, answer)
     status.start()
     return status
+
+
+async def start_federation(
+    prepared: PreparedCa, clock: Clock, registry: TextRegistry
+) -> FederationRuntime | None:
+    """The bundle endpoint and the federated-bundle poller, when ``federation`` is set
+    (one per CA process that serves: the single process, or the workers' supervisor)."""
+    if prepared.config.federation is None:
+        return None
+    from meshtrust.ca.federation import build_federation
+
+    runtime = build_federation(
+        prepared.config.federation,
+        prepared.material,
+        prepared.policy.trust_domain,
+        prepared.ledger_url,
+        clock,
+    )
+    registry.register(runtime.poller.metrics)
+    await runtime.start()
+    return runtime
 
 
 def run_loop(coro: Coroutine[Any, Any, None]) -> None:

@@ -98,8 +98,9 @@ class CaMaterial:
         return certs_pem(self.roots).decode()
 
     def trust_domain_hint(self) -> TrustDomain | None:
-        """The trust domain named by the root's O (how ``ca init`` records it), if valid."""
-        for root in self.roots:
+        """The trust domain named by the signing CA's O, else the root's (how ``ca init``
+        records it; under a shared root each cluster's intermediate names its own), if valid."""
+        for root in (self.signer.cert, *self.roots):
             for attr in root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME):
                 try:
                     return TrustDomain.parse(str(attr.value))

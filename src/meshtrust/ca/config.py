@@ -22,6 +22,7 @@ from meshtrust.config import (
     load_settings,
     parse_host_port,
 )
+from meshtrust.config.federation import FederationConfig, check_federation
 from meshtrust.durations import format_duration
 from meshtrust.errors import ConfigError
 from meshtrust.spiffe import TrustDomain
@@ -47,6 +48,8 @@ class CaServeConfig:
     # Kubernetes (ca/kube_authn.py): "in-cluster" or a kubeconfig path; None: off.
     kube_tokenreview: str | None = None
     kube_jwks: str | None = None
+    # SPIFFE federation (ca/federation.py): the bundle endpoint and the federated domains.
+    federation: FederationConfig | None = None
 
     def __post_init__(self) -> None:
         parse_host_port(self.listen, what="listen")
@@ -108,6 +111,7 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "drain-grace": ("drain_grace", as_duration),
     "kube-tokenreview": ("kube_tokenreview", _kube_source),
     "kube-jwks": ("kube_jwks", _kube_source),
+    "federation": ("federation", check_federation),
 }
 
 

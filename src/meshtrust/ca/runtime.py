@@ -17,6 +17,7 @@ from meshtrust.ca.assembly import (
     prepare_ca,
     run_loop,
     serve_until_stopped,
+    start_federation,
     start_revocations,
     start_signing,
     start_status,
@@ -52,6 +53,7 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
         ),
     )
     probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
+    federation = await start_federation(prepared, clock, registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -68,6 +70,8 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     finally:
         probe.cancel()
         await signing.aclose()
+        if federation is not None:
+            await federation.aclose()
         await revocations.aclose()
         await ledger.aclose()
         sql.close()
@@ -80,6 +84,10 @@ def run_ca(config: CaServeConfig, clock: Clock | None = None) -> None:
     """Run the CA described by ``config`` until SIGTERM/SIGINT. Raises MeshTrustError."""
     clock = clock or SystemClock()
     prepared = prepare_ca(config, clock)
+    if config.federation is not None:
+        from meshtrust.ca.federation import check_bootstrap_bundles
+
+        check_bootstrap_bundles(config.federation)
     SqlLedger(prepared.ledger_url).close()  # fail before binding if the ledger is unusable
     host, port = parse_host_port(config.listen, what="--listen")
     sock = bind_listener(host, port, what="--listen")

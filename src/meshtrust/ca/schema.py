@@ -44,7 +44,9 @@ __all__ = [
     "audit",
     "blocks",
     "certificates",
+    "federated_bundles",
     "migrate",
+    "published_bundle",
     "revocations",
     "schema_version",
     "signing_slots",
@@ -148,6 +150,30 @@ trust_served = sa.Table(
     sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
 )
 
+#: The last good bundle of each federated trust domain (migration 5): fetched from its
+#: bundle endpoint or set by `meshtrust bundle set`, kept so a restart does not lose it.
+#: Never merged into the CA's own bundle (:mod:`meshtrust.ca.federation`).
+federated_bundles = sa.Table(
+    "federated_bundles",
+    metadata,
+    sa.Column("trust_domain", sa.String(255), primary_key=True),
+    sa.Column("document", sa.Text, nullable=False),  # the SPIFFE bundle document, as checked
+    sa.Column("sequence", sa.BigInteger, nullable=True),
+    sa.Column("source", sa.String(2048), nullable=False),  # endpoint URL, or "static: FILE"
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+#: The CA's own published bundle (migration 5): its digest and ``spiffe_sequence``, bumped
+#: whenever the set of roots changes, so readers see a new sequence for a new bundle.
+published_bundle = sa.Table(
+    "published_bundle",
+    metadata,
+    sa.Column("trust_domain", sa.String(255), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -179,9 +205,16 @@ def _v2_revocations_and_blocks(conn: Connection) -> None:
 
 def _v3_signing_slots(conn: Connection) -> None:
     signing_slots.create(conn, checkfirst=True)
+
+
 def _v4_trust_bundle(conn: Connection) -> None:
     trust_bundles.create(conn, checkfirst=True)
     trust_served.create(conn, checkfirst=True)
+
+
+def _v5_federated_bundles(conn: Connection) -> None:
+    federated_bundles.create(conn, checkfirst=True)
+    published_bundle.create(conn, checkfirst=True)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -189,6 +222,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
     Migration(3, "signing CA slots", _v3_signing_slots),
     Migration(4, "trust bundle versions and what agents serve", _v4_trust_bundle),
+    Migration(5, "federated bundles", _v5_federated_bundles),
 )
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
 

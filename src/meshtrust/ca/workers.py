@@ -44,6 +44,7 @@ from meshtrust.ca.assembly import (
     open_books,
     run_loop,
     serve_until_stopped,
+    start_federation,
     start_revocations,
     start_signing,
     start_status,
@@ -275,6 +276,7 @@ async def _supervise(
 
     status = start_status(config, registry, ready)
     probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
+    federation = await start_federation(prepared, clock, registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -346,6 +348,8 @@ async def _supervise(
                 os.kill(c.pid, signal.SIGKILL)
         await asyncio.gather(*tasks, return_exceptions=True)
     probe.cancel()
+    if federation is not None:
+        await federation.aclose()
     await ledger.aclose()
     sql.close()
     if status is not None:

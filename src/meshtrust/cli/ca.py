@@ -58,15 +58,21 @@ def ca() -> None:
 )
 @click.option(
     "--trust-domain",
-    required=True,
-    help="Trust domain of the identities this CA signs, e.g. example.org.",
+    help="Trust domain of the identities this CA signs, e.g. example.org. "
+    "Required without --root; with --root it defaults to the root's.",
+)
+@click.option(
+    "--root",
+    "root_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Sign this CA's intermediate with the shared root in this directory "
+    "(made by `meshtrust ca root init`) instead of making a new root.",
 )
 @click.option(
     "--key-type",
     type=click.Choice(KEY_TYPES),
-    default=KeyType.EC_P256.value,
-    show_default=True,
-    help="Key algorithm of the root and intermediate CA.",
+    help="Key algorithm of the root and intermediate CA.  "
+    "[default: ec-p256; with --root, the root's]",
 )
 @click.option("--force", is_flag=True, help="Replace a CA that is already in --dir.")
 @click.option(
@@ -79,8 +85,9 @@ def ca() -> None:
 )
 def init(
     directory: Path,
-    trust_domain: str,
-    key_type: str,
+    trust_domain: str | None,
+    root_dir: Path | None,
+    key_type: str | None,
     force: bool,
     intermediate_ttl: dt.timedelta,
 ) -> None:
@@ -90,13 +97,32 @@ def init(
     CA layout), root-key.pem (move it somewhere safe once the CA runs), and
     token-key.pem / token-jwks.json for `meshtrust token create`. Key files are 0600.
     Refuses to overwrite an existing CA unless --force is given.
+
+    With --root ROOT, no root is made: the intermediate is signed by ROOT's root
+    (cert-chain.pem = intermediate + root, as Istio's tools/certs <cluster>-cacerts), so
+    every mesh initialised from ROOT accepts the others' workloads.
     """
-    td = as_trust_domain(trust_domain, "--trust-domain", Path())
+    td = as_trust_domain(trust_domain, "--trust-domain", Path()) if trust_domain else None
+    now = SystemClock().now()
+    if root_dir is not None:
+        from meshtrust.ca.shared_root import init_ca_dir_under_root
+
+        kt = KeyType(key_type) if key_type else None
+        td = init_ca_dir_under_root(
+            directory, root_dir, now, trust_domain=td, key_type=kt, force=force
+        )
+        click.echo(f"created CA for trust domain {td} in {directory}, under the root in {root_dir}")
+        click.echo(f"  root:         {directory / 'root-cert.pem'}  (shared by every mesh of it)")
+        click.echo(f"  signing CA:   {directory / 'ca-cert.pem'}")
+        click.echo(f"  token issuer: {directory / 'token-jwks.json'}")
+        return
+    if td is None:
+        raise InvalidInput("--trust-domain is required (or give --root to use a shared root)")
     init_ca_dir(
         directory,
         td,
-        SystemClock().now(),
-        KeyType(key_type),
+        now,
+        KeyType(key_type or KeyType.EC_P256.value),
         force=force,
         intermediate_lifetime=intermediate_ttl,
     )
@@ -108,6 +134,52 @@ def init(
         "but cannot rotate its intermediate: `meshtrust ca slots`)"
     )
     click.echo(f"  token issuer: {directory / 'token-jwks.json'}")
+
+
+@ca.group("root")
+def root() -> None:
+    """The offline root shared by several meshes (Istio's multi-primary model)."""
+
+
+@root.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory to create the root in (root-cert.pem, root-key.pem).",
+)
+@click.option(
+    "--trust-domain",
+    default="cluster.local",
+    show_default=True,
+    help="Trust domain recorded in the root (O=); the default of `ca init --root`.",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice(KEY_TYPES),
+    default=KeyType.EC_P256.value,
+    show_default=True,
+    help="Key algorithm of the root.",
+)
+@click.option("--force", is_flag=True, help="Replace a root that is already in --dir.")
+def root_init(directory: Path, trust_domain: str, key_type: str, force: bool) -> None:
+    """Create an offline root CA for several meshes.
+
+    Writes root-cert.pem (public) and root-key.pem (0600: keep it offline; it is needed
+    only to make a mesh's CA). Then, for each mesh:
+
+      meshtrust ca init --dir east-ca --root ROOT
+
+    makes a CA whose intermediate this root signs; meshes made so trust each other.
+    """
+    from meshtrust.ca.shared_root import init_root_dir
+
+    td = as_trust_domain(trust_domain, "--trust-domain", Path())
+    init_root_dir(directory, td, SystemClock().now(), KeyType(key_type), force=force)
+    click.echo(f"created root for trust domain {td} in {directory}")
+    click.echo(f"  root:     {directory / 'root-cert.pem'}")
+    click.echo(f"  root key: {directory / 'root-key.pem'}  (keep offline)")
 
 
 @ca.command("serve")

@@ -93,6 +93,7 @@ def cli(log_level: str) -> None:
 _COMMANDS = {
     "ca": "meshtrust.cli.ca:ca",
     "agent": "meshtrust.cli.agent:agent",
+    "bundle": "meshtrust.cli.bundle:bundle",
     "token": "meshtrust.cli.token:token",
     "join": "meshtrust.cli.join:join",
     "cert": "meshtrust.cli.cert:cert",

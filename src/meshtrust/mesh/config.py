@@ -80,6 +80,7 @@ from meshtrust.config import (
     load_yaml_mapping,
     parse_host_port,
 )
+from meshtrust.config.federation import FederationConfig, check_federation
 from meshtrust.errors import InvalidSpiffeId
 from meshtrust.policy import Protocol, load_policy_files
 from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -107,6 +108,7 @@ _TOP = {
     "hosts",
     "meshMTLS",
     "dashboard",
+    "federation",
 }
 _CA = {"listen", "dir", "host"}
 _DASHBOARD = {"listen"}
@@ -184,6 +186,8 @@ class MeshConfig:
     ca_host: str | None = None  # with hosts: the host the CA runs on
     min_tls_version: str = "TLSV1_2"
     dashboard_listen: str | None = None  # None: the dashboard's default port, or any free one
+    # SPIFFE federation of the mesh's CA (docs/federation.md); None: none.
+    federation: FederationConfig | None = None
 
     @property
     def ca_port(self) -> int:
@@ -312,6 +316,11 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         _check_ports(services, ca_port if host == ca_host else None, host)
     min_tls = _min_tls(raw.get("meshMTLS"))
     dashboard = _dashboard_listen(_mapping(raw.get("dashboard"), "dashboard", _DASHBOARD))
+    federation = (
+        check_federation(raw["federation"], "federation", base)
+        if raw.get("federation") is not None
+        else None
+    )
 
     policies_raw = _list(raw.get("policies"), "policies")
     policy_files = tuple(check_path(p, f"policies[{i}]", base) for i, p in enumerate(policies_raw))
@@ -332,6 +341,7 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         ca_host=ca_host,
         min_tls_version=min_tls,
         dashboard_listen=dashboard,
+        federation=federation,
     )
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from meshtrust.config.federation import federation_settings
 from meshtrust.envoy.admin import ADMIN_SOCKET
 from meshtrust.errors import ConfigError
 from meshtrust.mesh.config import MeshConfig, ServiceSpec, host_port
@@ -158,6 +159,7 @@ class MeshPlan:
     root_cert: Path | None = None  # the trust bundle the agents verify the CA with
     credentials: str = "mint"  # "mint" (from the CA dir) | "join" | "provisioned"
     join_file: Path | None = None
+    ca_config: PlannedFile | None = None  # ca serve --config (the mesh's federation)
 
     @property
     def work_dir(self) -> Path:
@@ -171,7 +173,8 @@ class MeshPlan:
 
     @property
     def files(self) -> tuple[PlannedFile, ...]:
-        return tuple(f for s in self.services for f in (s.sidecar_config, s.agent_config))
+        ca = () if self.ca_config is None else (self.ca_config,)
+        return ca + tuple(f for s in self.services for f in (s.sidecar_config, s.agent_config))
 
     def processes(self) -> dict[str, ProcessPlan]:
         out = {} if self.ca is None else {self.ca.key: self.ca}
@@ -241,10 +244,25 @@ def _max_ttl(config: MeshConfig) -> int:
     return max(_seconds(config), *(_seconds(config, s) for s in config.services), MAX_TTL_SECONDS)
 
 
-def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> ProcessPlan:
+def _ca_config(config: MeshConfig, hdir: Path) -> PlannedFile | None:
+    """The CA's ``--config`` file when the mesh has a ``federation`` section."""
+    if config.federation is None:
+        return None
+    settings = {"federation": federation_settings(config.federation)}
+    return PlannedFile(hdir / "ca.yaml", yaml.safe_dump(settings, sort_keys=False), True)
+
+
+def _ca_process(
+    config: MeshConfig,
+    python: str,
+    metrics: str,
+    logs: Path,
+    ca_config: PlannedFile | None = None,
+) -> ProcessPlan:
     """``ca serve`` for the mesh. The trust domain is the mesh file's, said explicitly: a
     plugged-in CA's root need not name it in its O (the article's says My-Organization)."""
     ttl = _seconds(config)
+    settings = () if ca_config is None else ("--config", str(ca_config.path))
     return ProcessPlan(
         key="ca",
         what="the CA",
@@ -266,6 +284,7 @@ def _ca_process(config: MeshConfig, python: str, metrics: str, logs: Path) -> Pr
             f"{ttl}s",
             "--max-ttl",
             f"{_max_ttl(config)}s",
+            *settings,
         ),
         log=logs / "ca.log",
     )
@@ -473,7 +492,8 @@ def plan_mesh(
     hdir = host_dir(config, host)
     logs = hdir / "logs"
     env = dict(os.environ if environ is None else environ)
-    ca = _ca_process(config, python, metrics, logs) if metrics is not None else None
+    ca_config = _ca_config(config, hdir) if metrics is not None else None
+    ca = _ca_process(config, python, metrics, logs, ca_config) if metrics is not None else None
     root = config.ca_dir / "root-cert.pem" if with_ca else hdir / "trust" / "root-cert.pem"
     services = tuple(
         _service_plan(config, s, inbound, status_ports[s.name], python, env, logs, (hdir, root))
@@ -496,6 +516,7 @@ def plan_mesh(
         root_cert=root,
         credentials=credentials,
         join_file=join_file,
+        ca_config=ca_config,
     )
 
 

@@ -117,15 +117,22 @@ def make_intermediate(
     trust_domain: str,
     now: dt.datetime,
     lifetime: dt.timedelta,
+    *,
+    locality: str | None = None,
 ) -> x509.Certificate:
-    """An intermediate signing CA below ``parent``, never outliving it."""
+    """An intermediate signing CA below ``parent``, never outliving it.
+
+    ``locality`` (L=) tells apart the intermediates of several clusters under one root, as
+    Istio's ``tools/certs`` names each cluster's intermediate.
+    """
     not_after = min(now + lifetime, parent.cert.not_valid_after_utc)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"meshtrust intermediate CA ({trust_domain})"),
-        ]
-    )
+    attributes = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"meshtrust intermediate CA ({trust_domain})"),
+    ]
+    if locality:
+        attributes.insert(1, x509.NameAttribute(NameOID.LOCALITY_NAME, locality))
+    name = x509.Name(attributes)
     return (
         x509.CertificateBuilder()
         .subject_name(name)

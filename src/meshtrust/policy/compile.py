@@ -184,12 +184,18 @@ def _string_matcher(value: str, prefix: str = "") -> Json:
     return {"exact": prefix + value}
 
 
-def _rewrite_trust_domain(principal: str, trust_domain: str) -> str:
-    """``cluster.local/ns/x/sa/y`` names the mesh's own trust domain, as in Istio."""
-    parts = principal.split("/")
-    if len(parts) == 5 and parts[0] == CLUSTER_LOCAL:
-        return "/".join([trust_domain, *parts[1:]])
-    return principal
+def _principals_for(principal: str, domains: Sequence[str]) -> list[str]:
+    """A principal as the RBAC rules must match it. ``domains`` is the mesh's trust domain
+    first, then its aliases (Istio's ``trustDomainAliases``): a principal naming any of them,
+    or Istio's ``cluster.local``, stands for the same identity in each, so a trust domain can
+    be renamed without rewriting policies. Other principals (another trust domain, ``*``,
+    a wildcard trust domain) are kept as written."""
+    head, sep, rest = principal.partition("/")
+    if not sep or "*" in head:
+        return [principal]
+    if head == CLUSTER_LOCAL or head in domains:
+        return [f"{domain}/{rest}" for domain in domains]
+    return [principal]
 
 
 def _principal_matcher(principal: str) -> Json:
@@ -210,11 +216,11 @@ def _or_rules(rules: list[Json]) -> Json:
     return rules[0] if len(rules) == 1 else {"or_rules": {"rules": rules}}
 
 
-def _source_principal(source: Source, trust_domain: str) -> Json:
+def _source_principal(source: Source, domains: Sequence[str]) -> Json:
     """One ``from[].source``: its fields AND'd, the values of a field OR'd."""
     ids: list[Json] = []
-    principals = [_rewrite_trust_domain(p, trust_domain) for p in source.principals]
-    not_principals = [_rewrite_trust_domain(p, trust_domain) for p in source.not_principals]
+    principals = [q for p in source.principals for q in _principals_for(p, domains)]
+    not_principals = [q for p in source.not_principals for q in _principals_for(p, domains)]
     if principals:
         ids.append(_or_ids([_principal_matcher(p) for p in principals]))
     if not_principals:
@@ -264,7 +270,11 @@ def _operation_permission(operation: Operation, app_port: int, *, http: bool) ->
 
 
 def _rule_policy(
-    policy: AuthorizationPolicy, index: int, rule: Rule, workload: WorkloadRef, trust_domain: str
+    policy: AuthorizationPolicy,
+    index: int,
+    rule: Rule,
+    workload: WorkloadRef,
+    domains: Sequence[str],
 ) -> Json | None:
     """The Envoy policy for one rule, or None if the rule can never match here."""
     http = workload.protocol is Protocol.HTTP
@@ -305,9 +315,7 @@ def _rule_policy(
             return None
     else:
         permissions = [{"any": True}]
-    principals = [_source_principal(source, trust_domain) for source in rule.sources] or [
-        {"any": True}
-    ]
+    principals = [_source_principal(source, domains) for source in rule.sources] or [{"any": True}]
     return {"permissions": permissions, "principals": principals}
 
 
@@ -317,11 +325,11 @@ def _match_nothing() -> Json:
 
 
 def _envoy_policies(
-    policy: AuthorizationPolicy, workload: WorkloadRef, trust_domain: str
+    policy: AuthorizationPolicy, workload: WorkloadRef, domains: Sequence[str]
 ) -> dict[str, Json]:
     entries: dict[str, Json] = {}
     for index, rule in enumerate(policy.rules):
-        compiled = _rule_policy(policy, index, rule, workload, trust_domain)
+        compiled = _rule_policy(policy, index, rule, workload, domains)
         if compiled is not None:
             entries[f"{policy.namespace}.{policy.name}[{index}]"] = compiled
     if not entries and policy.action is Action.ALLOW:
@@ -357,14 +365,21 @@ def rbac_filters_for(
     *,
     root_namespace: str = "istio-system",
     trust_domain: str | TrustDomain,
+    trust_domain_aliases: Sequence[str | TrustDomain] = (),
 ) -> tuple[Json, ...]:
     """The RBAC filters for ``workload``: DENY first, then ALLOW; () allows everything.
 
     Network filters for TCP workloads, HTTP filters for HTTP ones. Rules using HTTP-only fields
     on a TCP workload are handled as Istio does, with a warning logged naming the policy.
-    Raises :class:`~meshtrust.errors.InvalidSpiffeId` for an invalid ``trust_domain``.
+    Principals of ``trust_domain_aliases`` are the mesh's own (:func:`_principals_for`).
+    Raises :class:`~meshtrust.errors.InvalidSpiffeId` for an invalid trust domain or alias.
     """
     td = TrustDomain.parse(trust_domain) if isinstance(trust_domain, str) else trust_domain
+    domains = [td.name]
+    for alias in trust_domain_aliases:
+        name = (TrustDomain.parse(alias) if isinstance(alias, str) else alias).name
+        if name not in domains:
+            domains.append(name)
     selected = authorization_policies_for(policies, workload, root_namespace=root_namespace)
     filters: list[Json] = []
     for action in (Action.DENY, Action.ALLOW):
@@ -373,7 +388,7 @@ def rbac_filters_for(
             continue
         entries: dict[str, Json] = {}
         for policy in chosen:
-            entries.update(_envoy_policies(policy, workload, td.name))
+            entries.update(_envoy_policies(policy, workload, domains))
         if entries:
             filters.append(_rbac_filter(action, entries, workload.protocol))
     return tuple(filters)
@@ -395,6 +410,7 @@ def inbound_policy(
     *,
     root_namespace: str = "istio-system",
     trust_domain: str | TrustDomain,
+    trust_domain_aliases: Sequence[str | TrustDomain] = (),
 ) -> InboundPolicy:
     """The inbound policy of ``workload``: its mTLS mode and its RBAC filters."""
     return InboundPolicy(
@@ -406,5 +422,6 @@ def inbound_policy(
             workload,
             root_namespace=root_namespace,
             trust_domain=trust_domain,
+            trust_domain_aliases=trust_domain_aliases,
         ),
     )

@@ -1,4 +1,6 @@
-"""Istio security policies read from YAML: PeerAuthentication and AuthorizationPolicy.
+"""Istio policies read from YAML: PeerAuthentication and AuthorizationPolicy, and the
+ServiceEntry and DestinationRule that describe services of another mesh
+(:mod:`meshtrust.policy.networking`).
 
 Theory of operation: :func:`load_policy_files` reads every file (multi-document YAML, also
 ``kind: List``), validates every object strictly and returns one immutable
@@ -18,6 +20,7 @@ than silently ignored: ignoring a condition widens an ALLOW policy.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,17 @@ from meshtrust.config import (
 from meshtrust.errors import InvalidSpiffeId, PolicyError
 from meshtrust.policy.compile import inbound_policy
 from meshtrust.policy.model import InboundPolicy, MtlsMode, WorkloadRef
+from meshtrust.policy.networking import (
+    DESTINATION_RULE,
+    NETWORKING_API_VERSIONS,
+    SERVICE_ENTRY,
+    DestinationRule,
+    RemoteService,
+    ServiceEndpoint,
+    ServiceEntry,
+    ServicePort,
+    resolve_remote_service,
+)
 from meshtrust.policy.objects import (
     API_VERSIONS,
     AUTHORIZATION_POLICY,
@@ -59,6 +73,16 @@ class PolicySet:
 
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    service_entries: tuple[ServiceEntry, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
+
+    def remote_service(
+        self, host: str, port: int, trust_domain: str | TrustDomain
+    ) -> RemoteService:
+        """Where an upstream naming ``host:port`` connects and whom it accepts there (the
+        ServiceEntry and DestinationRule for the host); raises :class:`UnknownHost`."""
+        td = TrustDomain.parse(trust_domain) if isinstance(trust_domain, str) else trust_domain
+        return resolve_remote_service(self.service_entries, self.destination_rules, host, port, td)
 
     def inbound_for(
         self,
@@ -66,14 +90,20 @@ class PolicySet:
         *,
         root_namespace: str = "istio-system",
         trust_domain: str | TrustDomain,
+        trust_domain_aliases: Sequence[str | TrustDomain] = (),
     ) -> InboundPolicy:
         """The inbound mTLS mode and RBAC filters for ``workload``; see :mod:`.compile`.
 
         ``trust_domain`` is the mesh's: policy principals written with Istio's
-        ``cluster.local`` trust domain are read as this one, as Istio does.
+        ``cluster.local`` trust domain are read as this one, as Istio does; principals of
+        ``trust_domain_aliases`` (Istio's ``trustDomainAliases``) stand for the mesh's own.
         """
         return inbound_policy(
-            self, workload, root_namespace=root_namespace, trust_domain=trust_domain
+            self,
+            workload,
+            root_namespace=root_namespace,
+            trust_domain=trust_domain,
+            trust_domain_aliases=trust_domain_aliases,
         )
 
 
@@ -543,6 +573,234 @@ def _parse_authorization_policy(
     )
 
 
+# --- services of another mesh: ServiceEntry, DestinationRule --------------------------------
+
+_SE_UNSUPPORTED = {
+    "addresses": f"addresses (virtual IPs) {_NOT_SUPPORTED}; upstreams name the host",
+    "workloadSelector": f"workloadSelector {_NOT_SUPPORTED}; list endpoints",
+    "exportTo": f"exportTo {_NOT_SUPPORTED} (every entry is visible mesh-wide)",
+    "trafficPolicy": "trafficPolicy is not a ServiceEntry field: put it in a DestinationRule "
+    "whose host is this entry's host (trafficPolicy.tls.mode: ISTIO_MUTUAL)",
+}
+_SE_PROTOCOLS = ("HTTP", "HTTPS", "HTTP2", "GRPC", "TCP", "TLS")
+_ENDPOINT_UNSUPPORTED = {
+    "network": f"network {_NOT_SUPPORTED}",
+    "locality": f"locality {_NOT_SUPPORTED}",
+    "weight": f"weight {_NOT_SUPPORTED}",
+}
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def _host(value: object, at: _At, *, wildcard: bool = True) -> str:
+    text = _string(value, at)
+    name = text[2:] if wildcard and text.startswith("*.") else text
+    labels = name.split(".")
+    if (
+        not name
+        or len(name) > 253
+        or _first_outside(name, _HOST_CHARS) is not None
+        or any(
+            not label or len(label) > 63 or label[0] == "-" or label[-1] == "-" for label in labels
+        )
+    ):
+        form = "a lower-case DNS name" + (" or *.suffix" if wildcard else "")
+        raise at.error(f"{_quote(text)} is not {form}")
+    return text
+
+
+def _san_list(container: Mapping[str, Any], at: _At) -> tuple[str, ...]:
+    def problem(value: str) -> str | None:
+        try:
+            SpiffeId.parse(value)
+        except InvalidSpiffeId as exc:
+            return f"subjectAltNames are SPIFFE IDs here: {exc}"
+        return None
+
+    return _strings(container, "subjectAltNames", at, problem)
+
+
+def _se_port(raw: object, at: _At) -> ServicePort:
+    body = _mapping(raw, at, {"number", "name", "protocol", "targetPort"})
+    if "number" not in body:
+        raise at.error("ports[].number is missing")
+    number = _port(body["number"], at.key(body, "number"))
+    name = (
+        _shared(
+            check_dns_label,
+            _string(body.get("name", ""), at.key(body, "name")),
+            at.key(body, "name"),
+        )
+        if body.get("name")
+        else f"port-{number}"
+    )
+    protocol = "TCP"
+    if body.get("protocol") is not None:
+        where = at.key(body, "protocol")
+        protocol = _string(body["protocol"], where).upper()
+        if protocol not in _SE_PROTOCOLS:
+            raise where.error(
+                f"protocol {_quote(protocol)} {_NOT_SUPPORTED} "
+                f"(supported: {', '.join(_SE_PROTOCOLS)})"
+            )
+    target = (
+        _port(body["targetPort"], at.key(body, "targetPort"))
+        if body.get("targetPort") is not None
+        else None
+    )
+    return ServicePort(number, name, protocol, target)
+
+
+def _se_endpoint(raw: object, at: _At, resolution: str) -> ServiceEndpoint:
+    body = _mapping(
+        raw, at, {"address", "ports", "labels", "serviceAccount"}, _ENDPOINT_UNSUPPORTED
+    )
+    if body.get("address") is None:
+        raise at.error("endpoints[].address is missing")
+    where = at.key(body, "address")
+    address = _string(body["address"], where)
+    if resolution == "STATIC":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise where.error(
+                f"{_quote(address)} is not an IP address (resolution: STATIC)"
+            ) from None
+    else:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            _host(address, where, wildcard=False)
+    ports: dict[str, int] = {}
+    if body.get("ports") is not None:
+        ports_at = at.key(body, "ports")
+        raw_ports = body["ports"]
+        if not isinstance(raw_ports, dict):
+            raise ports_at.error(
+                f"expected a mapping of port name to number, got {_type_name(raw_ports)}"
+            )
+        for key, value in raw_ports.items():
+            ports[str(key)] = _port(value, ports_at.key(raw_ports, key))
+    labels = (
+        _labels(body.get("labels"), at.key(body, "labels"), what="labels")
+        if "labels" in body
+        else {}
+    )
+    account = None
+    if body.get("serviceAccount") is not None:
+        sa_at = at.key(body, "serviceAccount")
+        account = _shared(check_dns_subdomain, _string(body["serviceAccount"], sa_at), sa_at)
+    return ServiceEndpoint(address, ports, labels, account)
+
+
+def _parse_service_entry(
+    raw_spec: object, at: _At, namespace: str, name: str, line: int | None
+) -> ServiceEntry:
+    fields = {"hosts", "ports", "endpoints", "location", "resolution", "subjectAltNames"}
+    spec = _mapping(raw_spec, at, fields, _SE_UNSUPPORTED)
+    hosts_at = at.key(spec, "hosts")
+    hosts_raw = _list(spec.get("hosts"), hosts_at)
+    if not hosts_raw:
+        raise hosts_at.error("a ServiceEntry needs at least one host")
+    hosts = tuple(_host(h, hosts_at.item(hosts_raw, i)) for i, h in enumerate(hosts_raw))
+    location = "MESH_EXTERNAL"  # Istio's default
+    if spec.get("location") is not None:
+        location = _string(spec["location"], at.key(spec, "location"))
+    if location != "MESH_INTERNAL":
+        raise at.key(spec, "location").error(
+            f"location {_quote(location)} {_NOT_SUPPORTED}: services of another mesh are "
+            "MESH_INTERNAL (mutual TLS with their identity)"
+            + (" (location defaults to MESH_EXTERNAL)" if "location" not in spec else "")
+        )
+    resolution = "NONE"
+    if spec.get("resolution") is not None:
+        resolution = _string(spec["resolution"], at.key(spec, "resolution"))
+    if resolution not in ("STATIC", "DNS"):
+        raise at.key(spec, "resolution").error(
+            f"resolution {_quote(resolution)} {_NOT_SUPPORTED} (supported: STATIC, DNS)"
+            + (" (resolution defaults to NONE)" if "resolution" not in spec else "")
+        )
+    ports_at = at.key(spec, "ports")
+    ports_raw = _list(spec.get("ports"), ports_at)
+    if not ports_raw:
+        raise ports_at.error("a ServiceEntry needs at least one port")
+    ports = tuple(_se_port(p, ports_at.item(ports_raw, i)) for i, p in enumerate(ports_raw))
+    numbers = [p.number for p in ports]
+    for i, number in enumerate(numbers):
+        if number in numbers[:i]:
+            raise ports_at.item(ports_raw, i).error(f"port {number} is given more than once")
+    endpoints_at = at.key(spec, "endpoints")
+    endpoints_raw = _list(spec.get("endpoints"), endpoints_at)
+    endpoints = tuple(
+        _se_endpoint(e, endpoints_at.item(endpoints_raw, i), resolution)
+        for i, e in enumerate(endpoints_raw)
+    )
+    if resolution == "STATIC" and not endpoints:
+        raise endpoints_at.error("resolution: STATIC needs endpoints")
+    if resolution == "DNS" and not endpoints and any(h.startswith("*") for h in hosts):
+        raise endpoints_at.error("resolution: DNS with a wildcard host needs endpoints")
+    sans = _san_list(spec, at)
+    return ServiceEntry(namespace, name, hosts, ports, endpoints, resolution, sans, at.file, line)
+
+
+_DR_UNSUPPORTED = {
+    "subsets": f"subsets {_NOT_SUPPORTED}",
+    "exportTo": f"exportTo {_NOT_SUPPORTED}",
+    "workloadSelector": f"workloadSelector {_NOT_SUPPORTED}",
+}
+_TRAFFIC_UNSUPPORTED = {
+    key: f"trafficPolicy.{key} {_NOT_SUPPORTED}"
+    for key in (
+        "loadBalancer",
+        "connectionPool",
+        "outlierDetection",
+        "portLevelSettings",
+        "tunnel",
+        "proxyProtocol",
+    )
+}
+_TLS_UNSUPPORTED = {
+    key: f"tls.{key} {_NOT_SUPPORTED}: ISTIO_MUTUAL uses the workload's own certificate"
+    for key in (
+        "clientCertificate",
+        "privateKey",
+        "caCertificates",
+        "credentialName",
+        "insecureSkipVerify",
+        "caCrl",
+    )
+}
+
+
+def _parse_destination_rule(
+    raw_spec: object, at: _At, namespace: str, name: str, line: int | None
+) -> DestinationRule:
+    spec = _mapping(raw_spec, at, {"host", "trafficPolicy"}, _DR_UNSUPPORTED)
+    if spec.get("host") is None:
+        raise at.key(spec, "host").error("a DestinationRule needs a host")
+    host = _host(spec["host"], at.key(spec, "host"))
+    mode: str | None = None
+    sans: tuple[str, ...] = ()
+    sni: str | None = None
+    if spec.get("trafficPolicy") is not None:
+        traffic_at = at.key(spec, "trafficPolicy")
+        traffic = _mapping(spec["trafficPolicy"], traffic_at, {"tls"}, _TRAFFIC_UNSUPPORTED)
+        if traffic.get("tls") is not None:
+            tls_at = traffic_at.key(traffic, "tls")
+            tls = _mapping(
+                traffic["tls"], tls_at, {"mode", "subjectAltNames", "sni"}, _TLS_UNSUPPORTED
+            )
+            mode_at = tls_at.key(tls, "mode")
+            mode = _string(tls.get("mode", ""), mode_at)
+            if mode != "ISTIO_MUTUAL":
+                raise mode_at.error(
+                    f"tls mode {_quote(mode)} {_NOT_SUPPORTED} (supported: ISTIO_MUTUAL)"
+                )
+            sans = _san_list(tls, tls_at)
+            if tls.get("sni") is not None:
+                sni = _host(tls["sni"], tls_at.key(tls, "sni"), wildcard=False)
+    return DestinationRule(namespace, name, host, mode, sans, sni, at.file, line)
+
+
 def _parse_metadata(raw: Mapping[str, Any], at: _At) -> tuple[str, str]:
     """``(namespace, name)``; unknown metadata keys are ignored, as Kubernetes does."""
     if raw.get("metadata") is None:
@@ -568,12 +826,15 @@ def _parse_metadata(raw: Mapping[str, Any], at: _At) -> tuple[str, str]:
     return namespace, name
 
 
-_KINDS = (AUTHORIZATION_POLICY, PEER_AUTHENTICATION)
+_KINDS = (AUTHORIZATION_POLICY, PEER_AUTHENTICATION, SERVICE_ENTRY, DESTINATION_RULE)
+_Object = PeerAuthentication | AuthorizationPolicy | ServiceEntry | DestinationRule
 
 
-def _parse_object(
-    raw: object, at: _At, *, in_list: bool = False
-) -> list[PeerAuthentication | AuthorizationPolicy]:
+def _api_versions(kind: str) -> tuple[str, ...]:
+    return NETWORKING_API_VERSIONS if kind in (SERVICE_ENTRY, DESTINATION_RULE) else API_VERSIONS
+
+
+def _parse_object(raw: object, at: _At, *, in_list: bool = False) -> list[_Object]:
     """One document (or ``kind: List`` item): its policies."""
     if not isinstance(raw, dict):
         raise at.error(
@@ -589,7 +850,7 @@ def _parse_object(
         body = _mapping(raw, at, {"apiVersion", "kind", "items", "metadata"})
         where = at.key(body, "items")
         items = _list(body.get("items"), where)
-        out: list[PeerAuthentication | AuthorizationPolicy] = []
+        out: list[_Object] = []
         for index, item in enumerate(items):
             item_at = where.item(items, index)
             item_obj = _At(item_at.file, f"{at.obj}, {item_at.field}", "", item_at.line)
@@ -605,9 +866,10 @@ def _parse_object(
         raise _At(at.file, at.obj, "apiVersion", at.line).error("apiVersion is missing")
     version_at = at.key(body, "apiVersion")
     version = _string(body["apiVersion"], version_at)
-    if version not in API_VERSIONS:
+    if version not in _api_versions(kind):
         raise version_at.error(
-            f"unsupported apiVersion {_quote(version)} (supported: {', '.join(API_VERSIONS)})"
+            f"unsupported apiVersion {_quote(version)} for {kind} "
+            f"(supported: {', '.join(_api_versions(kind))})"
         )
     namespace, name = _parse_metadata(body, at)
     line = at.line
@@ -628,6 +890,10 @@ def _parse_object(
         )
     if kind == PEER_AUTHENTICATION:
         return [_parse_peer_authentication(spec, spec_at, namespace, name, line)]
+    if kind == SERVICE_ENTRY:
+        return [_parse_service_entry(spec, spec_at, namespace, name, line)]
+    if kind == DESTINATION_RULE:
+        return [_parse_destination_rule(spec, spec_at, namespace, name, line)]
     return [_parse_authorization_policy(spec, spec_at, namespace, name, line)]
 
 
@@ -652,16 +918,14 @@ def load_policy_files(paths: Sequence[Path]) -> PolicySet:
     """
     peer: list[PeerAuthentication] = []
     authz: list[AuthorizationPolicy] = []
+    entries: list[ServiceEntry] = []
+    rules: list[DestinationRule] = []
     seen: dict[tuple[str, str, str], tuple[Path, int | None]] = {}
     for path in map(Path, paths):
         for number, document in _documents(path):
             line = document.line if isinstance(document, LineMap | LineSeq) else None
             for policy in _parse_object(document, _At(path, f"document {number}", "", line)):
-                kind = (
-                    PEER_AUTHENTICATION
-                    if isinstance(policy, PeerAuthentication)
-                    else AUTHORIZATION_POLICY
-                )
+                kind = policy.obj.split(" ", 1)[0]
                 key = (kind, policy.namespace, policy.name)
                 if key in seen:
                     first_file, first_line = seen[key]
@@ -676,6 +940,15 @@ def load_policy_files(paths: Sequence[Path]) -> PolicySet:
                 seen[key] = (path, policy.line)
                 if isinstance(policy, PeerAuthentication):
                     peer.append(policy)
-                else:
+                elif isinstance(policy, AuthorizationPolicy):
                     authz.append(policy)
-    return PolicySet(peer_authentications=tuple(peer), authorization_policies=tuple(authz))
+                elif isinstance(policy, ServiceEntry):
+                    entries.append(policy)
+                else:
+                    rules.append(policy)
+    return PolicySet(
+        peer_authentications=tuple(peer),
+        authorization_policies=tuple(authz),
+        service_entries=tuple(entries),
+        destination_rules=tuple(rules),
+    )
