@@ -146,11 +146,17 @@ class _Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _HelloServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # Envoy closing or resetting a pooled connection to the app is no error
+
+
 @contextlib.contextmanager
 def hello_app() -> Iterator[int]:
     """A plain HTTP/1.1 app on 127.0.0.1 answering 200 "hello"; yields its port."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
-    server.daemon_threads = True
+    server = _HelloServer(("127.0.0.1", 0), _Hello)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
