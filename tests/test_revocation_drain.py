@@ -93,6 +93,10 @@ async def test_a_revocation_cuts_pooled_connections_and_good_callers_lose_nothin
     caller.start()
     try:
         await async_until(lambda: caller.ok >= 20, what="the good caller is calling")
+        await async_until(  # the CA commits what it issued in groups
+            lambda: rig.ledger.certificate(format_serial(bad.serial)) is not None,
+            what="the certificate is in the ledger",
+        )
         rig.ledger.revoke_serial(
             format_serial(bad.serial), x509.ReasonFlags.key_compromise, "t", "", SystemClock().now()
         )
