@@ -41,6 +41,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshtrust.ca.ledger import SqlLedger
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0  # for one run, per sidecar
@@ -127,17 +131,22 @@ def watch(
 
 
 async def revoke_and_watch(
-    ledger_url: str, serial: int, targets: Sequence[int], context: ssl.SSLContext, probe: float
+    ledger: SqlLedger, serial: int, targets: Sequence[int], context: ssl.SSLContext, probe: float
 ) -> Run:
     """Keep a connection to every port, run ``ca revoke`` on the ledger, watch every port."""
-    from meshtrust.ca.ledger import SqlLedger
     from meshtrust.pki import format_serial
 
+    # The CA commits issued certificates in groups: `ca revoke` must find this one.
+    deadline = time.monotonic() + TIMEOUT
+    while ledger.certificate(format_serial(serial)) is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"certificate {format_serial(serial)} not in the ledger")
+        await asyncio.sleep(0.05)  # the CA (one sidecar: in this event loop) commits it
     conns = [await asyncio.to_thread(kept, port, context) for port in targets]
     results: list[dict[str, float]] = [{} for _ in targets]
     wall_minus_monotonic = time.time() - time.monotonic()
     started = time.monotonic()
-    revoke = revoke_command(["--ledger", ledger_url], serial)
+    revoke = revoke_command(["--ledger", ledger.url], serial)
     proc = await asyncio.create_subprocess_exec(*revoke, stdout=asyncio.subprocess.DEVNULL)
     threads = [
         threading.Thread(target=watch, args=(port, context, conn, probe, out), daemon=True)
@@ -150,11 +159,7 @@ async def revoke_and_watch(
         await asyncio.to_thread(thread.join)
     missing = [p for p, out in zip(targets, results, strict=True) if len(out) < 2]
     assert not missing, f"no refusal or no cut within {TIMEOUT:g} s at ports {missing}"
-    ledger = SqlLedger(ledger_url)
-    try:
-        at = ledger.revocations()[format_serial(serial)].revoked_at.timestamp()
-    finally:
-        ledger.close()
+    at = ledger.revocations()[format_serial(serial)].revoked_at.timestamp()
     committed = at - wall_minus_monotonic
     return Run(started, committed, [o["refused"] for o in results], [o["cut"] for o in results])
 
@@ -186,9 +191,7 @@ async def one_sidecar(runs: int, poll: float, probe: float) -> list[Run]:
                 client = await rig.client(f"w{n}")
                 context = client.context(rig.root_pem)
                 assert await asyncio.to_thread(accepted, rig.port, context), "fresh cert refused"
-                run = await revoke_and_watch(
-                    rig.ledger.url, client.serial, [rig.port], context, probe
-                )
+                run = await revoke_and_watch(rig.ledger, client.serial, [rig.port], context, probe)
                 print(run.line(n + 1), flush=True)
                 out.append(run)
     finally:
@@ -238,7 +241,7 @@ def mesh_client(ca_dir: Path, address: str, service_account: str) -> tuple[ssl.S
 def mesh(services: int, runs: int, probe: float) -> list[Run]:
     """``runs`` revocations on a mesh of ``services`` (``probe`` s between attempts at each
     sidecar: ten sidecars probed every 0.02 s would load two cores with handshakes)."""
-    from meshtrust.ca.ledger import default_ledger_url
+    from meshtrust.ca.ledger import SqlLedger, default_ledger_url
     from tests.mesh_helpers import APP, running_mesh, write_mesh
 
     workdir = Path(tempfile.mkdtemp(prefix="rv-"))  # short: Unix socket paths live under it
@@ -260,6 +263,7 @@ def mesh(services: int, runs: int, probe: float) -> list[Run]:
             assert state.ca is not None
             print(f"{services}-service mesh up in {time.monotonic() - started:.1f} s", flush=True)
             ca_dir = Path(state.ca.ca_dir)
+            ledger = SqlLedger(default_ledger_url(ca_dir))
             ports = [state.service(name).inbound_port for name in names]
             for n in range(runs):
                 context, serial = mesh_client(ca_dir, state.ca.address, f"probe{n}")
@@ -267,8 +271,7 @@ def mesh(services: int, runs: int, probe: float) -> list[Run]:
                     lambda: all(accepted(port, context) for port in ports),  # noqa: B023
                     "every sidecar accepts the new certificate",
                 )
-                url = default_ledger_url(ca_dir)
-                run = asyncio.run(revoke_and_watch(url, serial, ports, context, probe))
+                run = asyncio.run(revoke_and_watch(ledger, serial, ports, context, probe))
                 print(run.line(n + 1), flush=True)
                 out.append(run)
     finally:
