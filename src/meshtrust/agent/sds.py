@@ -51,6 +51,9 @@ waiting on :meth:`SecretCache.wait_newer`; both feed the same :class:`SdsStream`
 calls on one event loop, so they never interleave), and one writer sends what it decides.
 Delta and Fetch answer UNIMPLEMENTED, as istio-agent's do. Stopping ends every stream with OK
 (Envoy reconnects to the next agent); a stream opened while stopping gets UNAVAILABLE.
+:meth:`SdsServer.wait_acknowledged` says when Envoy has ACKed a resource as a given
+generation has it (Envoy ACKs after applying): the sidecar waits for the ``ROOTCA`` carrying
+a new CRL before it drains connections (:mod:`meshtrust.agent.sidecar`).
 
 No key material is ever logged: log lines name resources, versions and serials only.
 """
