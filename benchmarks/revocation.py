@@ -8,7 +8,10 @@ Two set-ups, each measured over several runs, in one invocation:
    own), one workload's agent built as ``meshtrust agent --sidecar`` builds it (real CA
    client, real CRL stream) and its real Envoy sidecar in front of a small HTTP app.
 2. **A mesh** of ``--services`` services (``meshtrust up``: the CA process, an agent and a
-   real Envoy sidecar per service, STRICT mTLS, each service an upstream of the next).
+   real Envoy sidecar per service, STRICT mTLS, each service an upstream of the next and
+   calling it every ``--call-every`` s through the sidecars; none of them is revoked, so
+   every one of those calls should succeed while the sidecars drain, and the count of
+   failed ones is printed).
 
 Each run gets a fresh client certificate from the CA, checks that every sidecar accepts it,
 keeps one idle kept-alive mTLS connection (one request answered) to every sidecar, runs
@@ -238,21 +241,33 @@ def mesh_client(ca_dir: Path, address: str, service_account: str) -> tuple[ssl.S
     return context, x509.load_pem_x509_certificate(chain[0].encode()).serial_number
 
 
-def mesh(services: int, runs: int, probe: float) -> list[Run]:
+def app_calls(log: Path, skip: int) -> tuple[list[str], int]:
+    """The app's call lines after the first ``skip`` lines of its log, and the line count."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [line for line in lines[skip:] if " -> " in line], len(lines)
+
+
+def _ok(call: str) -> bool:
+    return ": 200 (" in call  # `s0 -> s1: 200 (s1 saw spiffe://...)`
+
+
+def mesh(services: int, runs: int, probe: float, call_every: float) -> tuple[list[Run], list[str]]:
     """``runs`` revocations on a mesh of ``services`` (``probe`` s between attempts at each
-    sidecar: ten sidecars probed every 0.02 s would load two cores with handshakes)."""
+    sidecar: ten sidecars probed every 0.02 s would load two cores with handshakes); also
+    every call the services made to each other during the runs."""
     from meshtrust.ca.ledger import SqlLedger, default_ledger_url
     from tests.mesh_helpers import APP, running_mesh, write_mesh
 
     workdir = Path(tempfile.mkdtemp(prefix="rv-"))  # short: Unix socket paths live under it
     out: list[Run] = []
+    calls: list[str] = []
     try:
         names = [f"s{i}" for i in range(services)]
         spec = [
             {
                 "name": name,
                 "command": ["python3", str(APP)],
-                "env": {"CALL_EVERY": "0"},
+                "env": {"CALL_EVERY": str(call_every)},
                 "upstreams": [{"service": names[(i + 1) % services]}],
             }
             for i, name in enumerate(names)
@@ -265,6 +280,15 @@ def mesh(services: int, runs: int, probe: float) -> list[Run]:
             ca_dir = Path(state.ca.ca_dir)
             ledger = SqlLedger(default_ledger_url(ca_dir))
             ports = [state.service(name).inbound_port for name in names]
+            logs = [Path(state.work_dir) / "logs" / f"{name}-app.log" for name in names]
+            until(
+                lambda: all(
+                    _ok(app_calls(log, 0)[0][-1:][0] if app_calls(log, 0)[0] else "")
+                    for log in logs
+                ),
+                "the services call each other",
+            )
+            skip = [app_calls(log, 0)[1] for log in logs]
             for n in range(runs):
                 context, serial = mesh_client(ca_dir, state.ca.address, f"probe{n}")
                 until(
@@ -274,9 +298,11 @@ def mesh(services: int, runs: int, probe: float) -> list[Run]:
                 run = asyncio.run(revoke_and_watch(ledger, serial, ports, context, probe))
                 print(run.line(n + 1), flush=True)
                 out.append(run)
+            for log, lines in zip(logs, skip, strict=True):
+                calls += app_calls(log, lines)[0]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return out
+    return out, calls
 
 
 def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -301,19 +327,25 @@ def main() -> None:
     parser.add_argument(
         "--mesh-probe", type=float, default=0.1, help="handshake attempts per sidecar (s)"
     )
+    parser.add_argument(
+        "--call-every", type=float, default=0.1, help="each service calls the next (s)"
+    )
     args = parser.parse_args()
     reports = []
     if args.runs:
         single = asyncio.run(one_sidecar(args.runs, args.poll, args.probe))
         reports.append(summary(f"one sidecar, {args.runs} runs (CA poll {args.poll:g} s):", single))
     if args.mesh_runs:
-        runs = mesh(args.services, args.mesh_runs, args.mesh_probe)
+        runs, calls = mesh(args.services, args.mesh_runs, args.mesh_probe, args.call_every)
+        failed = [call for call in calls if not _ok(call)]
         reports.append(
             summary(
                 f"{args.services}-service mesh (`meshtrust up`), {args.mesh_runs} runs, "
                 f"every sidecar:",
                 runs,
             )
+            + f"\n  calls between the services meanwhile (none revoked): {len(calls)}, "
+            f"failed: {len(failed)}" + "".join(f"\n    {call}" for call in failed[:10])
         )
     print(f"probe every {args.probe:g} s (one sidecar), {args.mesh_probe:g} s (mesh)")
     print("\n".join(reports))
