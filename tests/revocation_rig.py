@@ -2,16 +2,23 @@
 ``benchmarks/revocation.py``): the CA in this event loop (TLS, grpclib, SQLite ledger,
 revocations followed from the ledger, CRL stream), the agent built as ``meshtrust agent``
 builds it (real CA client, real CRL stream), Envoy's inbound mTLS listener fed by the
-agent's SDS, and clients with certificates from the CA doing real TLS handshakes."""
+agent's SDS, and clients with certificates from the CA doing real TLS handshakes.
+
+With ``sidecar=True`` the Envoy is the agent's own sidecar (``meshtrust agent --sidecar``:
+LDS file, drains on revocation, the Envoy options of a real sidecar) in front of a small
+HTTP/1.1 app; otherwise a minimal static mTLS listener (tests/envoy_helpers.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import http.client
+import http.server
+import select
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +68,7 @@ class Rig:
     ledger: SqlLedger
     revocations: Revocations
     agent: Agent
-    envoy: EnvoyProcess
+    envoy: EnvoyProcess | None  # None with the agent's sidecar (agent.sidecar.envoy)
     port: int
 
     @property
@@ -110,8 +117,59 @@ class Rig:
         return conn
 
 
+def closed_by_server(conn: http.client.HTTPConnection) -> bool:
+    """Whether the server has closed ``conn``, an idle kept-alive connection (EOF is
+    readable; nothing else may be, since no request is outstanding)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ssl.SSLWantReadError:  # a TLS record without data (a session ticket)
+        return False
+    except OSError:
+        return True
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the sidecar's inbound cluster expects
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("content-length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class _HelloServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # Envoy closing or resetting a pooled connection to the app is no error
+
+
+@contextlib.contextmanager
+def hello_app() -> Iterator[int]:
+    """A plain HTTP/1.1 app on 127.0.0.1 answering 200 "hello"; yields its port."""
+    server = _HelloServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @contextlib.asynccontextmanager
-async def revocation_rig(workdir: Path, poll: float = POLL_INTERVAL) -> AsyncIterator[Rig]:
+async def revocation_rig(
+    workdir: Path, poll: float = POLL_INTERVAL, *, sidecar: bool = False
+) -> AsyncIterator[Rig]:
     clock = SystemClock()
     ca_dir = workdir / "ca"
     init_ca_dir(ca_dir, TD, clock.now(), KeyType.EC_P256)
@@ -130,9 +188,16 @@ async def revocation_rig(workdir: Path, poll: float = POLL_INTERVAL) -> AsyncIte
     token = workdir / "backend.token"
     agent: Agent | None = None
     envoy: EnvoyProcess | None = None
+    app = contextlib.ExitStack()
     try:
         token.write_text(workload_token(ca_dir, "backend"))
         sds = workdir / "sds.sock"
+        port = free_port()
+        sidecar_file = None
+        if sidecar:
+            sidecar_file = workdir / "sidecar.yaml"
+            app_port = app.enter_context(hello_app())
+            sidecar_file.write_text(f"name: backend\napp_port: {app_port}\ninbound_port: {port}\n")
         agent = build_agent(
             AgentConfig(
                 ca_root=ca_dir / "root-cert.pem",
@@ -143,23 +208,27 @@ async def revocation_rig(workdir: Path, poll: float = POLL_INTERVAL) -> AsyncIte
                 service_account="backend",
                 sds_socket=sds,
                 status_listen=None,
+                sidecar=sidecar_file,
             )
         )
         await agent.start()
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(60):
             await agent.cache.wait_newer(0)
             while agent.cache.crl is None:  # the first CRL, before Envoy asks for ROOTCA
                 await asyncio.sleep(0.02)
-        port = free_port()
-        envoy = EnvoyProcess(sidecar_bootstrap(sds, port), workdir)
-        envoy.start()
-        await asyncio.to_thread(envoy.wait_ready, 60)
+            while agent.sidecar is not None and not agent.sidecar.live:
+                await asyncio.sleep(0.05)
+        if agent.sidecar is None:
+            envoy = EnvoyProcess(sidecar_bootstrap(sds, port), workdir)
+            envoy.start()
+            await asyncio.to_thread(envoy.wait_ready, 60)
         yield Rig(workdir, ca_dir, address, sql, revocations, agent, envoy, port)
     finally:
         if envoy is not None:
             envoy.stop()
         if agent is not None:
             await agent.stop()
+        app.close()
         await server.shutdown()
         await revocations.aclose()
         await ledger.aclose()

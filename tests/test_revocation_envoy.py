@@ -57,7 +57,9 @@ async def test_envoy_refuses_a_revoked_client_certificate_and_keeps_taking_good_
     crl = rig.agent.cache.crl
     assert crl is not None and crl.get_revoked_certificate_by_serial_number(bad.serial)
 
-    # Envoy checks at the handshake: a connection made before the revocation is not cut.
+    # Envoy checks at the handshake: a connection made before the revocation is not cut by
+    # Envoy itself (this static listener never drains; the agent's sidecar drains it:
+    # tests/test_revocation_drain.py).
     def still_served() -> int:
         held.request("GET", "/")
         response = held.getresponse()

@@ -425,7 +425,7 @@ def test_listener_problems_name_every_configured_listener_that_is_not_active() -
 def test_envoy_args() -> None:
     assert sidecar_envoy_args() == (
         "--drain-time-s",
-        "45",
+        "5",
         "--drain-strategy",
         "immediate",
         "--concurrency",

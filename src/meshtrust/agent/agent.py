@@ -286,6 +286,12 @@ class Agent:
                 await self.stop()
                 raise
             self._tasks.append(asyncio.create_task(self.sidecar.run()))
+            # A CRL revoking something new drains the inbound mTLS connections, once Envoy
+            # acknowledged it over SDS (docs/revocation.md).
+            sds = next((s for s in self._servers if isinstance(s, SdsServer)), None)
+            self._tasks.append(
+                asyncio.create_task(self.sidecar.follow_revocations(self.cache, sds))
+            )
         self.started = True
         log.info("agent for %s started (CA %s)", self.identity, ", ".join(cfg.ca_addresses))
 

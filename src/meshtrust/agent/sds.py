@@ -51,6 +51,9 @@ waiting on :meth:`SecretCache.wait_newer`; both feed the same :class:`SdsStream`
 calls on one event loop, so they never interleave), and one writer sends what it decides.
 Delta and Fetch answer UNIMPLEMENTED, as istio-agent's do. Stopping ends every stream with OK
 (Envoy reconnects to the next agent); a stream opened while stopping gets UNAVAILABLE.
+:meth:`SdsServer.wait_acknowledged` says when Envoy has ACKed a resource as a given
+generation has it (Envoy ACKs after applying): the sidecar waits for the ``ROOTCA`` carrying
+a new CRL before it drains connections (:mod:`meshtrust.agent.sidecar`).
 
 No key material is ever logged: log lines name resources, versions and serials only.
 """
@@ -378,6 +381,20 @@ class SdsStream:
             return None
         return self._push(secret, force=True, now=now)
 
+    def acknowledged(self, name: str, secret: WorkloadSecret) -> bool:
+        """Whether Envoy runs ``name`` as ``secret`` carries it, or from a newer generation,
+        as far as this stream tells: True when the stream does not carry ``name``; else
+        Envoy must have ACKed our latest response, and that response must have been built
+        from ``secret``'s generation or a later one, or carry the same content (a
+        ``ROOTCA`` stream is not woken by a rotation that kept roots and CRL)."""
+        if name not in self.names:
+            return True
+        if self.blocked or not self.last_nonce or self.acked_version != str(self._sent_generation):
+            return False
+        return self._sent_generation >= secret.generation or self._sent.get(name) == _fingerprint(
+            name, secret
+        )
+
     def on_secret(self, secret: WorkloadSecret, now: dt.datetime | None = None) -> SdsPush | None:
         """The cache has a new secret: return a response if it changes what Envoy asked for
         (``now`` as for :meth:`on_request`)."""
@@ -495,6 +512,7 @@ class SdsServer:
         self._streams_active = 0
         self._streams_total = 0
         self._queues: set[asyncio.Queue[object]] = set()
+        self._states: set[SdsStream] = set()
         self._tick = asyncio.Event()
 
     # -- lifecycle
@@ -584,6 +602,20 @@ class SdsServer:
                 tick = self._tick
                 await tick.wait()
 
+    async def wait_acknowledged(self, name: str, secret: WorkloadSecret, timeout: float) -> bool:
+        """Wait until every open stream carrying ``name`` has acknowledged it as ``secret``
+        has it, or newer (:meth:`SdsStream.acknowledged`): Envoy runs it then. True at once
+        when no stream carries it; False after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    tick = self._tick
+                    if all(state.acknowledged(name, secret) for state in self._states):
+                        return True
+                    await tick.wait()
+        except TimeoutError:
+            return False
+
     def _changed(self) -> None:
         self._tick.set()
         self._tick = asyncio.Event()
@@ -605,6 +637,7 @@ class SdsServer:
         state = SdsStream(nonces=self._next_nonce, counters=self.counters, peer=peer)
         queue: asyncio.Queue[object] = asyncio.Queue()
         self._queues.add(queue)
+        self._states.add(state)
         self._changed()
 
         def emit(push: SdsPush | None) -> None:
@@ -655,6 +688,7 @@ class SdsServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._queues.discard(queue)
+            self._states.discard(state)
             self._streams_active -= 1
             self._changed()
 

@@ -20,6 +20,16 @@ the injected clock:
   listener is down the listener file is written again now and then (with backoff), since
   Envoy retries a bind only when that file changes.
 
+Revocations reach open connections too (:meth:`EnvoySidecar.follow_revocations`). Envoy checks
+a peer's certificate against the CRL at the handshake only, so a caller whose certificate is
+revoked would keep a pooled connection. When a CRL revokes serials the sidecar had not seen
+revoked, it waits until Envoy has acknowledged that CRL over SDS (``ROOTCA``), then writes the
+inbound listener again with a new *revocation epoch* in the mTLS chain's metadata. To Envoy
+that is a filter-chain-only update: the mTLS chain's connections drain (the next HTTP response
+says ``connection: close``, HTTP/2 gets GOAWAY, whatever is still open when the drain time
+ends is closed) and their callers reconnect, to be checked against the new CRL. Callers that
+are not revoked lose no request; a revoked one is refused at its new handshake.
+
 Collaborators are constructor arguments (:class:`EnvoyLauncher`, :class:`PolicySource`, the
 clock), narrow protocols owned here: the agent's assembly passes the real ones
 (:class:`meshtrust.envoy.ProcessLauncher`, :class:`meshtrust.agent.build.PolicyFiles`), tests
@@ -34,6 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography import x509
+
+from meshtrust.agent.cache import WorkloadSecret
 from meshtrust.agent.rotation import backoff_delay
 from meshtrust.clock import Clock
 from meshtrust.envoy import ADMIN_SOCKET
@@ -48,7 +61,21 @@ from meshtrust.errors import EnvoyFailed, InvalidInput
 from meshtrust.policy import InboundPolicy, PolicySet, WorkloadRef
 from meshtrust.spiffe import SpiffeId
 
-__all__ = ["Envoy", "EnvoyLauncher", "EnvoySidecar", "PolicySource", "SidecarSettings"]
+__all__ = [
+    "REVOCATION_ACK_WAIT",
+    "Envoy",
+    "EnvoyLauncher",
+    "EnvoySidecar",
+    "PolicySource",
+    "RootAcknowledgements",
+    "SecretFeed",
+    "SidecarSettings",
+    "revoked_serials",
+]
+
+#: How long a revocation drain waits for Envoy to acknowledge the new CRL (SDS ``ROOTCA``)
+#: before draining anyway: draining first would let callers reconnect against the old CRL.
+REVOCATION_ACK_WAIT = 10.0
 
 log = logging.getLogger("meshtrust.agent")
 
@@ -99,6 +126,26 @@ class PolicySource(Protocol):
         ...
 
 
+class SecretFeed(Protocol):
+    """The agent's secret generations (:class:`meshtrust.agent.cache.SecretCache`)."""
+
+    async def wait_newer(self, generation: int) -> WorkloadSecret: ...
+
+
+class RootAcknowledgements(Protocol):
+    """Whether Envoy runs what SDS sent it (:class:`meshtrust.agent.sds.SdsServer`)."""
+
+    async def wait_acknowledged(self, name: str, secret: WorkloadSecret, timeout: float) -> bool:
+        """True once every SDS stream carrying ``name`` has acknowledged it as ``secret``
+        has it (or newer); False after ``timeout`` seconds."""
+        ...
+
+
+def revoked_serials(crl: x509.CertificateRevocationList | None) -> frozenset[int]:
+    """The serials ``crl`` revokes (none without a CRL)."""
+    return frozenset() if crl is None else frozenset(r.serial_number for r in crl)
+
+
 @dataclass(frozen=True)
 class SidecarSettings:
     config: SidecarConfig
@@ -140,6 +187,10 @@ class EnvoySidecar:
         self._bind_retries = 0
         self._next_bind_retry: float | None = None
         self.last_policy_error: str | None = None
+        #: Bumped by each CRL that revokes something new; in the mTLS chain's metadata.
+        self.revocation_epoch = 0
+        #: Revocation drains asked of Envoy (one per new LDS version written for them).
+        self.revocation_drains = 0
         # Compiled now, so a bad policy stops the agent before anything runs.
         self._initial_policy = self.compile_policy()
 
@@ -154,12 +205,22 @@ class EnvoySidecar:
             trust_domain=self.identity.trust_domain.name,
         )
 
+    def _listeners(self, policy: InboundPolicy) -> list[dict[str, Any]]:
+        return inbound_listeners(
+            self.settings.config, policy, revocation_epoch=self.revocation_epoch
+        )
+
+    def _lds_version(self, policy_version: int) -> str:
+        """``<policy version>``, then ``.r<epoch>`` once a revocation drained connections."""
+        epoch = f".r{self.revocation_epoch}" if self.revocation_epoch else ""
+        return f"{policy_version}{epoch}"
+
     def _apply(self, policy: InboundPolicy) -> None:
         version = self.policy_version + 1
-        listeners = inbound_listeners(self.settings.config, policy)
+        listeners = self._listeners(policy)
         try:
             self.lds_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_lds_file(self.lds_path, listeners, str(version))
+            write_lds_file(self.lds_path, listeners, self._lds_version(version))
         except OSError as exc:
             raise EnvoyFailed(f"cannot write Envoy's listener file {self.lds_path}: {exc}") from exc
         self.policy, self.policy_version = policy, version
@@ -265,15 +326,65 @@ class EnvoySidecar:
         if self._next_bind_retry is None or now >= self._next_bind_retry:
             if self._next_bind_retry is not None and self.policy is not None:
                 self._bind_retries += 1
-                version = f"{self.policy_version}.{self._bind_retries}"
+                version = f"{self._lds_version(self.policy_version)}.{self._bind_retries}"
                 try:
-                    write_lds_file(self.lds_path, inbound_listeners(s.config, self.policy), version)
+                    write_lds_file(self.lds_path, self._listeners(self.policy), version)
                 except OSError as exc:
                     log.error("cannot write Envoy's listener file %s: %s", self.lds_path, exc)
             delay = backoff_delay(
                 self._bind_retries, base=s.backoff_base, cap=s.backoff_cap, jitter=0.0
             )
             self._next_bind_retry = now + delay
+
+    # -- revocations
+
+    async def follow_revocations(
+        self, secrets: SecretFeed, acks: RootAcknowledgements | None = None
+    ) -> None:
+        """Drain the inbound mTLS connections whenever a CRL revokes a serial not revoked
+        before (see the module docstring), once Envoy holds that CRL (``acks``; at most
+        :data:`REVOCATION_ACK_WAIT` s). Runs until cancelled."""
+        seen, revoked = 0, frozenset[int]()
+        while True:
+            secret = await secrets.wait_newer(seen)
+            seen = secret.generation
+            current = revoked_serials(secret.crl)
+            added, revoked = current - revoked, current
+            if not added:
+                continue
+            if acks is not None and not await acks.wait_acknowledged(
+                "ROOTCA", secret, REVOCATION_ACK_WAIT
+            ):
+                log.warning(
+                    "Envoy for %s has not acknowledged the CRL after %.0fs; draining its "
+                    "inbound connections anyway",
+                    self.workload.name,
+                    REVOCATION_ACK_WAIT,
+                )
+            self.drain_for_revocation(len(added))
+
+    def drain_for_revocation(self, added: int) -> bool:
+        """Write the inbound listener with the next revocation epoch, so Envoy drains the
+        mTLS chain's connections. Returns whether the file was written (not before the
+        sidecar has started; an unwritable file is logged, and the next write carries the
+        epoch)."""
+        self.revocation_epoch += 1
+        if self.policy is None:
+            return False
+        version = self._lds_version(self.policy_version)
+        try:
+            write_lds_file(self.lds_path, self._listeners(self.policy), version)
+        except OSError as exc:
+            log.error("cannot write Envoy's listener file %s: %s", self.lds_path, exc)
+            return False
+        self.revocation_drains += 1
+        log.info(
+            "%d serial(s) newly revoked: draining %s's inbound mTLS connections (LDS %s)",
+            added,
+            self.workload.name,
+            version,
+        )
+        return True
 
     async def _restart(self, envoy: Envoy, attempt: int) -> int:
         """Start a dead Envoy again; returns the next backoff attempt number (0 after a

@@ -134,9 +134,12 @@ __all__ = [
 INBOUND_LISTENER = "inbound"
 LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
-#: How long connections on a replaced filter chain may finish their work (Istio's default
-#: drainDuration is 45 s). See :func:`sidecar_envoy_args`.
-DEFAULT_DRAIN_TIME_S = 45
+#: How long connections on a replaced filter chain may finish their work before Envoy
+#: closes them. Short, because a revocation drains the mTLS chain (:func:`inbound_listeners`)
+#: and a revoked caller's idle pooled connection lives until then; busy HTTP connections are
+#: drained gracefully long before (Istio's drainDuration is 45 s). See
+#: :func:`sidecar_envoy_args`.
+DEFAULT_DRAIN_TIME_S = 5
 #: Envoy worker threads per sidecar (Istio's default for sidecars).
 DEFAULT_CONCURRENCY = 2
 
@@ -694,9 +697,17 @@ def _loopback(port: int) -> dict[str, Any]:
 # --- the inbound listener (policy-dependent) ------------------------------------------------
 
 
-def inbound_listeners(config: SidecarConfig, policy: InboundPolicy) -> list[dict[str, Any]]:
+def inbound_listeners(
+    config: SidecarConfig, policy: InboundPolicy, *, revocation_epoch: int = 0
+) -> list[dict[str, Any]]:
     """The listeners to serve over LDS for ``policy``: the inbound listener on
     127.0.0.1:<inbound_port> (see the module docstring for each mode's filter chains).
+
+    ``revocation_epoch`` (counted by the agent, one per CRL that revoked something new) is
+    written into the mTLS chain's metadata: a new epoch is a new chain to Envoy, so it
+    drains the connections accepted on the old one and their callers reconnect, to be
+    checked against the CRL Envoy holds by then (see :func:`sidecar_envoy_args`). Nothing
+    else changes; plain-text chains and the listener itself are untouched.
 
     Raises :class:`ValueError` if an RBAC filter of ``policy`` is not of the workload's kind
     (network filters for ``tcp``, HTTP filters for ``http``): Envoy would refuse the
@@ -710,6 +721,10 @@ def inbound_listeners(config: SidecarConfig, policy: InboundPolicy) -> list[dict
     if mode in (MtlsMode.STRICT, MtlsMode.PERMISSIVE):
         tls_chain = _inbound_chain(config, rbac, tls=True)
         tls_chain["filter_chain_match"] = {"transport_protocol": "tls"}
+        if revocation_epoch:
+            tls_chain["metadata"] = {
+                "filter_metadata": {"meshtrust": {"revocation_epoch": revocation_epoch}}
+            }
         chains.append(tls_chain)
     if mode in (MtlsMode.PERMISSIVE, MtlsMode.DISABLE):
         plain_chain = _inbound_chain(config, rbac, tls=False)
