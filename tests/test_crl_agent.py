@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from meshtrust.agent import AgentConfig
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
-from meshtrust.agent.crl import CrlFollower, verify_crl
+from meshtrust.agent.crl import MAX_CRL_AGE, CrlFollower, stale_at, verify_crl
 from meshtrust.agent.issuance import TokenFile
 from meshtrust.agent.sds import secret_resource
 from meshtrust.agent.workload_api import x509_svid_response
@@ -175,6 +175,35 @@ async def test_the_crl_reaches_every_output_and_our_own_serial_renews_at_once(
         assert renewed.not_after > clock.now()
     finally:
         await agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_crl_not_renewed_for_three_hours_is_stale_long_before_its_next_update(
+    ca: CaFixture,
+) -> None:
+    """The CA's CRLs run as long as its longest certificate (so Envoy never holds an expired
+    one); what says the CA stopped re-signing (hourly) is the CRL's age."""
+    clock = FakeClock(T0)
+    cache = SecretCache()
+    leaf = badcerts.svid_leaf(ca.signer, WEB, now=T0)
+    await cache.publish(WorkloadSecret(WEB, leaf.key, tuple(leaf.chain), (ca.root,), T0))
+    follower = CrlFollower(
+        QueueCrlSource(), cache, TrustBundle(TD, (ca.root,)), clock, lambda: None
+    )
+    der = build_crl(ca.signer, RevocationState(1, {}), T0, dt.timedelta(days=90)).public_bytes(DER)
+    assert await follower.offer(der)
+    held = cache.crl
+    assert held is not None and stale_at(held) == T0 + MAX_CRL_AGE
+    task = asyncio.create_task(follower.watch_staleness())
+    try:
+        await clock.wait_for_sleepers(1)
+        await clock.advance(MAX_CRL_AGE.total_seconds() - 60)
+        assert not follower.stale(clock.now()) and follower.stale_alerts == 0
+        await clock.advance(120)
+        await async_until(lambda: follower.stale_alerts == 1, what="an old CRL alerted")
+        assert follower.stale(clock.now()) and cache.crl is held  # kept, revocations and all
+    finally:
+        task.cancel()
 
 
 @pytest.mark.asyncio

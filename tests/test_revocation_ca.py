@@ -189,7 +189,8 @@ async def test_the_crl_is_pushed_on_the_ca_port_signed_by_the_issuing_ca(
             > first.extensions.get_extension_for_class(number).value.crl_number
         )
         assert second.next_update_utc is not None and second.last_update_utc is not None
-        assert second.next_update_utc - second.last_update_utc == CRL_VALIDITY
+        # As long as the longest certificate (ca serve's --max-ttl, 90 days by default).
+        assert second.next_update_utc - second.last_update_utc == dt.timedelta(days=90)
 
 
 def test_crl_numbers_grow_with_the_revision_whoever_signs_and_when() -> None:
@@ -214,3 +215,15 @@ def test_build_crl_lists_each_revocation_and_leaves_out_an_unspecified_reason() 
     assert plain is not None and len(plain.extensions) == 0
     assert crl.get_revoked_certificate_by_serial_number(0x0B) is not None
     assert crl.next_update_utc == NOW + CRL_VALIDITY
+
+
+@pytest.mark.asyncio
+async def test_the_crl_outlives_every_certificate_the_ca_may_sign(ca_dir: Path) -> None:
+    """Envoy refuses every handshake against an expired CRL (tests/test_revocation_stale_crl.py):
+    so a CRL's nextUpdate lies at least the CA's maximum certificate lifetime ahead, and no
+    valid certificate ever meets an expired CRL however long the CA is away."""
+    async with serve(ca_dir) as ca:
+        crl = ca.revocations.publisher.crl
+        assert crl.next_update_utc is not None
+        lifetime = crl.next_update_utc - crl.last_update_utc
+        assert lifetime >= dt.timedelta(days=90)  # ca serve's default --max-ttl

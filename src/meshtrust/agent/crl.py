@@ -11,8 +11,10 @@ issuing CA this agent trusts, is past its ``nextUpdate`` or is older (lower CRLN
 the one held is refused: logged, counted, and the last good one stays. When the CRL lists
 the agent's own certificate, the rotator renews at once, authenticating with its token.
 
-A held CRL past its ``nextUpdate`` (the CA unreachable for :data:`~meshtrust.ca.crl.
-CRL_VALIDITY`) is reported as stale in the status; it does not stop rotation.
+A held CRL older than :data:`MAX_CRL_AGE` (three of the CA's hourly re-signings missed) or
+past its ``nextUpdate`` is reported as stale (status, metric, a log line); it is kept — its
+revocations stay enforced, and its ``nextUpdate`` outlasts every certificate it could
+matter for — and it does not stop rotation.
 """
 
 from __future__ import annotations
@@ -38,12 +40,35 @@ from meshtrust.config import parse_host_port
 from meshtrust.errors import CAUnavailable, InvalidCertificate, SvidVerificationError
 from meshtrust.pki import TrustBundle
 
-__all__ = ["CrlFollower", "CrlSource", "GrpcCrlSource", "crl_number", "verify_crl"]
+__all__ = [
+    "MAX_CRL_AGE",
+    "CrlFollower",
+    "CrlSource",
+    "GrpcCrlSource",
+    "crl_number",
+    "stale_at",
+    "verify_crl",
+]
 
 log = logging.getLogger("meshtrust.agent")
 
 #: The CA's CRL stream (:data:`meshtrust.ca.crl.WATCH_CRL`; the agent imports nothing of ca).
 WATCH_CRL = "/meshtrust.revocation.v1.CrlService/WatchCrl"
+
+
+#: A CRL older than this is stale even before its ``nextUpdate``: the CA re-signs every hour
+#: (:data:`meshtrust.ca.crl.RESIGN_PERIOD`), so three missed are an alert. Its ``nextUpdate``
+#: lies as far ahead as the longest certificate the CA may issue, so that Envoy, which
+#: refuses every handshake against an expired CRL, never meets one a valid certificate
+#: could still need; staleness is judged by age instead.
+MAX_CRL_AGE = dt.timedelta(hours=3)
+
+
+def stale_at(crl: x509.CertificateRevocationList) -> dt.datetime:
+    """When ``crl`` goes stale: :data:`MAX_CRL_AGE` after its ``thisUpdate``, or at its
+    ``nextUpdate`` if that is sooner."""
+    aged = crl.last_update_utc + MAX_CRL_AGE
+    return aged if crl.next_update_utc is None else min(aged, crl.next_update_utc)
 
 
 def crl_number(crl: x509.CertificateRevocationList) -> int:
@@ -182,10 +207,10 @@ class CrlFollower:
         warned: int | None = None
         while True:
             crl = self._cache.crl
-            if crl is None or crl.next_update_utc is None or crl_number(crl) == warned:
+            if crl is None or crl_number(crl) == warned:
                 await self._clock.sleep(60)
                 continue
-            left = (crl.next_update_utc - self._clock.now()).total_seconds()
+            left = (stale_at(crl) - self._clock.now()).total_seconds()
             if left > 0:
                 await self._clock.sleep(min(left, 60))
                 continue
@@ -194,13 +219,13 @@ class CrlFollower:
             log.error(
                 "CRL %x from the CA went stale at %s (no newer one received: %s); still using it",
                 warned,
-                f"{crl.next_update_utc:%Y-%m-%d %H:%M:%SZ}",
+                f"{stale_at(crl):%Y-%m-%d %H:%M:%SZ}",
                 self.last_error or "the CA sent none",
             )
 
     def stale(self, now: dt.datetime) -> bool:
         crl = self._cache.crl
-        return crl is not None and (crl.next_update_utc is None or crl.next_update_utc <= now)
+        return crl is not None and stale_at(crl) <= now
 
     async def run(self) -> None:
         """Follow ``CrlService/WatchCrl`` (the source given); the trust stream calls

@@ -43,7 +43,7 @@ from meshtrust.ca.cadir import (
     token_issuer_for,
 )
 from meshtrust.ca.config import CaServeConfig
-from meshtrust.ca.crl import CrlPublisher, CrlService
+from meshtrust.ca.crl import CRL_VALIDITY, CrlPublisher, CrlService
 from meshtrust.ca.join import JoinAuthenticator
 from meshtrust.ca.kube_authn import KubeAuthenticator, kube_authenticators
 from meshtrust.ca.ledger import (
@@ -292,7 +292,11 @@ def start_revocations(
     when the ledger is unreadable."""
     watch = RevocationWatch(source, clock, interval)
     watch.load()
-    publisher = CrlPublisher(prepared.material.signer, watch, clock)
+    # nextUpdate as far ahead as the longest certificate this CA may sign: Envoy refuses
+    # every handshake against an expired CRL, so a CRL must never expire before a valid
+    # certificate it covers (agents judge staleness by the CRL's age).
+    validity = max(CRL_VALIDITY, prepared.policy.max_ttl)
+    publisher = CrlPublisher(prepared.material.signer, watch, clock, validity=validity)
     tasks = [asyncio.create_task(watch.run()), asyncio.create_task(publisher.run())]
     crl_service = CrlService(publisher)
     if not isinstance(source, SqlLedger):
