@@ -401,10 +401,12 @@ def load_signing_material(
     key = load_slot_key(ca_dir, active)
     known = {_fp(c): c for r in slots.records for c in r.chain}
     roots = {_fp(c): c for c in (*bundle, *trusted_roots(slots))}
+    # A CA whose signing certificate is the root itself (the article's self-signed CA) has no
+    # intermediates: the root goes in the response's last element only, never in the chain.
     return SigningMaterial(
         generation=active.generation,
         signer=Signer(active.cert, key),
-        intermediates=active.chain,
+        intermediates=tuple(c for c in active.chain if _fp(c) not in roots),
         roots=tuple(roots.values()),
         known_intermediates=tuple(known.values()),
     )
