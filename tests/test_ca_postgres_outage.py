@@ -58,9 +58,13 @@ def test_postgresql_stopped_agents_keep_serving_and_renew_when_it_returns(
             assert status == 200 and "ledger" in body, body
 
             own.start()
-            until(lambda: len(agent.serials()) >= 2, 60, "renewed once the ledger is back")
+            # The files follow the log line "serial ... valid until" a moment later.
+            until(
+                lambda: _served(agent, work).serial_number != held.serial_number,
+                60,
+                "renewed once the ledger is back",
+            )
             renewed = _served(agent, work)
-            assert renewed.serial_number != held.serial_number
             assert agent.ready()
             log = agent.log()
         finally:

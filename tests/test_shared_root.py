@@ -94,7 +94,8 @@ def test_trust_domain_and_key_type_default_to_the_roots(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "trust domain cluster.local" in result.output
-    material = load_ca_dir(tmp_path / "c1", NOW)
+    # The CLI signs at the real time; NOW was read at collection, maybe minutes ago.
+    material = load_ca_dir(tmp_path / "c1", SystemClock().now())
     assert str(material.trust_domain_hint()) == "cluster.local"
     assert material.signer.cert.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
 
