@@ -4,8 +4,9 @@ endpoint and polling the other's, as real ``meshtrust ca serve`` processes.
 
 What is checked is what the CAs keep: each one's ledger holds the other's last good bundle
 (read here through :class:`~meshtrust.ca.federation.FederationStore`, as ``meshtrust bundle
-show`` does). West down for several refresh hints changes nothing at east; a new root added to
-west's versioned bundle (``meshtrust ca bundle add-root``, live) reaches east's ledger; a restarted east starts from the bundle it kept.
+show`` does). West down for several refresh hints changes nothing at east; a new root
+added to west's versioned bundle (``meshtrust ca bundle add-root``, live) reaches east's
+ledger; a restarted east starts from the bundle it kept.
 """
 
 from __future__ import annotations

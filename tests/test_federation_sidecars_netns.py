@@ -6,9 +6,10 @@ inside its host. Every hop is the product's: west's ledger -> west's bundle endp
 east's poller -> east's ledger -> east's trust stream -> east's agent -> SDS -> east's Envoy.
 
 Checked: east's web calls west's api through both sidecars, allowed by west's policy naming
-``east.test/ns/default/sa/web``; a ``west.test`` certificate signed by east's CA is refused
-by east's sidecar (a root vouches only for its own trust domain); a new root added to
-west's bundle (``meshtrust ca bundle add-root``) is accepted by east's sidecar; west's CA
+``east.test/ns/default/sa/web`` (another east identity is denied); a ``west.test``
+certificate signed by east's CA is refused by east's sidecar (a root vouches only for its
+own trust domain); a new root added to west's bundle (``meshtrust ca bundle add-root``) is
+accepted by east's sidecar; west's CA
 (its bundle endpoint) down for several refresh hints changes nothing for the calls.
 One pair of meshes for the module.
 """
@@ -46,6 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns]
 EAST, WEST = TrustDomain.parse("east.test"), TrustDomain.parse("west.test")
 EAST_WEB = SpiffeId.parse("spiffe://east.test/ns/default/sa/web")
 WEST_API = SpiffeId.parse("spiffe://west.test/ns/default/sa/api")
+EAST_OTHER = SpiffeId.parse("spiffe://east.test/ns/default/sa/other")
 WEST_OTHER = SpiffeId.parse("spiffe://west.test/ns/default/sa/other")
 INBOUND, OUTBOUND, APP = 15006, 15101, 8080
 HINT = 2  # seconds: the bundle endpoints' refresh hint
@@ -240,6 +242,21 @@ def test_east_web_calls_west_api_allowed_by_a_policy_naming_east_web(meshes: Mes
     code, body = meshes.call()
     assert code == 200
     assert f"URI={EAST_WEB}" in json.loads(body)["xfcc"][0]
+    # Another east identity, good under east's root (federated at west), straight to west's
+    # inbound port: the policy names only east's web.
+    east_ca = load_ca_dir(meshes.east.ca_dir, NOW)
+    cert, key = _leaf(east_ca.signer, east_ca.intermediates, EAST_OTHER)
+    (meshes.workdir / "other.pem").write_bytes(cert)
+    (meshes.workdir / "other-key.pem").write_bytes(key)
+    code, _ = meshes.east.curl(
+        "-k",
+        "--cert",
+        str(meshes.workdir / "other.pem"),
+        "--key",
+        str(meshes.workdir / "other-key.pem"),
+        f"https://{meshes.west.host.address}:{INBOUND}/",
+    )
+    assert code == 403
 
 
 def test_a_west_certificate_signed_by_easts_root_is_refused(meshes: Meshes) -> None:
