@@ -363,3 +363,60 @@ async def test_envoy_takes_each_trust_domain_only_from_its_own_root(
             assert TD.name == "example.org"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- trust-domain aliases in the agent's policy compilation ---------------------------------------
+
+ALIAS_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-api, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["old.test/ns/default/sa/api"]}}]
+"""
+
+
+@pytest.mark.parametrize("aliases", [(), (TrustDomain.parse("old.test"),)])
+def test_a_policy_naming_an_alias_matches_the_meshs_own_identities(
+    tmp_path: Path, aliases: tuple[TrustDomain, ...]
+) -> None:
+    from meshtrust.agent.sidecar import EnvoySidecar, SidecarSettings
+    from meshtrust.clock import FakeClock
+    from meshtrust.envoy.sidecar import SidecarConfig, inbound_listeners
+    from meshtrust.policy import load_policy_files
+    from tests.fake_envoy import FakeEnvoy, FakeLauncher, FakePolicies
+
+    (tmp_path / "policy.yaml").write_text(ALIAS_POLICY)
+    config = SidecarConfig(name="web", namespace="default", app_port=8080, inbound_port=15006)
+    clock = FakeClock(NOW)
+    sidecar = EnvoySidecar(
+        SidecarSettings(config=config, workdir=tmp_path, trust_domain_aliases=aliases),
+        SpiffeId.parse("spiffe://new.test/ns/default/sa/web"),
+        tmp_path / "sds.sock",
+        launcher=FakeLauncher(FakeEnvoy(clock)),
+        policies=FakePolicies(load_policy_files([tmp_path / "policy.yaml"])),
+        clock=clock,
+    )
+    rendered = json.dumps(inbound_listeners(config, sidecar.compile_policy()))
+    assert ("spiffe://new.test/ns/default/sa/api" in rendered) == bool(aliases)
+
+
+def test_aliases_come_from_the_config_file_and_the_flag(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meshtrust.agent.config import load_agent_settings
+    from meshtrust.cli import cli
+
+    (tmp_path / "agent.yaml").write_text("trust-domain-aliases: [old.test, older.test]\n")
+    assert load_agent_settings(tmp_path / "agent.yaml")["trust_domain_aliases"] == (
+        TrustDomain.parse("old.test"),
+        TrustDomain.parse("older.test"),
+    )
+    (tmp_path / "bad.yaml").write_text("trust-domain-aliases: [Not A Domain]\n")
+    result = CliRunner().invoke(cli, ["agent", "--config", str(tmp_path / "bad.yaml")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "bad.yaml:1" in result.output and "trust-domain-aliases[0]" in result.output
+    assert "--trust-domain-alias" in CliRunner().invoke(cli, ["agent", "--help"]).output
