@@ -1,41 +1,55 @@
-"""Federation benchmark: how long a change of west's bundle takes to reach east's CA.
+"""Federation benchmark: a change of west's bundle reaching east's sidecars, and the
+latency of a cross-mesh call through the sidecars.
 
 Two real CAs (``meshtrust ca serve`` processes, trust domains ``east.test`` and
 ``west.test`` with unrelated roots, on loopback) federate over ``https_spiffe`` bundle
 endpoints with a refresh hint of ``--refresh-hint`` seconds (5 by default, the issue's
-setting). ``--runs`` times, west is restarted with one more root in its ``root-cert.pem``
-(phase A+B of a root rotation). Measured: from the moment west's bundle endpoint first
-serves the new bundle (this script polls it every 20 ms with the same fetcher the CA uses)
-to the moment east's ledger holds it (polled every 20 ms) — the CA part of "a new root
-reaches east's sidecars"; the CA-to-agent delivery is not built yet. Expect about half a
-refresh hint on average and at most one hint plus a fetch. Also: the time of one fetch of a
-bundle document over TLS (median of ``--fetches``).
+setting); each mesh has one real ``meshtrust agent --sidecar`` with its real Envoy (east's
+``web`` with an upstream to west's ``api``; west's policy allows
+``east.test/ns/default/sa/web``), and one small Python app serves both.
 
-Run: ``.venv/bin/python benchmarks/federation.py`` (``--help`` for the settings).
+* **propagation**, ``--runs`` times: ``meshtrust ca bundle add-root`` adds a new root to
+  west's versioned bundle (phase A+B of a root rotation); measured from the moment the
+  command returns to the first TLS handshake east's sidecar accepts from a leaf signed by
+  that root (probed every 20 ms, a new connection each time). The path: west's ledger ->
+  west's bundle endpoint (its ledger poll, 1 s) -> east's poller (the refresh hint) ->
+  east's ledger -> east's trust stream (its poll, 1 s) -> east's agent -> SDS -> Envoy.
+  Each change comes at a random phase of east's poll cycle. Expect about half a hint plus
+  a second or two on average, at most a hint plus that.
+* **latency**: ``--requests`` sequential HTTP/1.1 requests on one kept-alive connection,
+  *direct* to the app and *meshed* (east's outbound port -> mTLS -> west's sidecar -> app);
+  p50/p99 and the difference, as ``benchmarks/multihost.py`` reports it (here on loopback
+  with a Python client, so the absolute figures are mostly Python's).
+
+Run: ``.venv/bin/python benchmarks/federation.py`` (``--help`` for the settings). Prints a
+report; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import datetime as dt
+import http.client
 import os
+import random
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from meshtrust.ca.cadir import init_ca_dir, load_ca_dir
-from meshtrust.ca.federation import FederationStore, fetch_bundle
+from meshtrust.ca import load_token_signing_key, mint_token, token_issuer_for
+from meshtrust.ca.cadir import init_ca_dir
 from meshtrust.ca.ledger import SqlLedger
 from meshtrust.clock import SystemClock
-from meshtrust.config.federation import EndpointProfile, FederatedTrustDomain
-from meshtrust.pki import certs_pem, generate_key, make_root
+from meshtrust.pki import certs_pem, generate_key, make_root, private_key_pem
+from meshtrust.pki.profile import LeafIssuer, Signer
 from meshtrust.spiffe import SpiffeId, TrustDomain
-from meshtrust.spiffe.bundle import SpiffeBundle
 
 EAST, WEST = TrustDomain.parse("east.test"), TrustDomain.parse("west.test")
 
@@ -59,8 +73,9 @@ class Ca:
     def configure(self, other: Ca, hint: float) -> None:
         bootstrap = self.directory / f"{other.td}.pem"
         bootstrap.write_bytes((other.ca_dir / "root-cert.pem").read_bytes())
+        self.listen = f"127.0.0.1:{free_port()}"
         (self.directory / "ca.yaml").write_text(
-            f"listen: 127.0.0.1:{free_port()}\nmetrics-listen: 127.0.0.1:{free_port()}\n"
+            f"listen: {self.listen}\nmetrics-listen: 127.0.0.1:{free_port()}\n"
             "workers: 1\nfederation:\n  bundleEndpoint:\n"
             f"    listen: 127.0.0.1:{self.endpoint_port}\n    refreshHint: {hint:g}s\n"
             "  federatesWith:\n"
@@ -97,86 +112,217 @@ class Ca:
             self.proc.wait(30)
             self.proc = None
 
-    def peer(self) -> FederatedTrustDomain:
-        return FederatedTrustDomain(
-            self.td,
-            f"https://127.0.0.1:{self.endpoint_port}/",
-            EndpointProfile.HTTPS_SPIFFE,
-            SpiffeId.parse(f"spiffe://{self.td}/meshtrust/bundle-endpoint"),
-        )
 
-    def bundle(self) -> SpiffeBundle:
-        return SpiffeBundle(self.td, load_ca_dir(self.ca_dir, SystemClock().now()).roots)
+APP_SCRIPT = """\
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed ACK
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", %d), H).serve_forever()
+"""
+
+POLICY_STRICT = (
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+    "metadata: {name: strict, namespace: default}\nspec: {mtls: {mode: STRICT}}\n"
+)
+POLICY_WEST = POLICY_STRICT + (
+    "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: api, namespace: default}\nspec:\n  selector: {matchLabels: {app: api}}\n"
+    "  action: ALLOW\n  rules:\n"
+    '  - from: [{source: {principals: ["east.test/ns/default/sa/web"]}}]\n'
+)
 
 
-async def served_sequence(ca: Ca, trusted: SpiffeBundle) -> int | None:
+def start_agent(ca: Ca, service_account: str, sidecar: str, policy: str) -> subprocess.Popen[bytes]:
+    d = ca.directory
+    key = load_token_signing_key(ca.ca_dir)
+    assert key is not None
+    token = mint_token(
+        key, token_issuer_for(ca.td), "default", service_account, SystemClock().now(),
+        dt.timedelta(hours=2),
+    )  # fmt: skip
+    (d / "token").write_text(token)
+    (d / "sidecar.yaml").write_text(sidecar)
+    (d / "policy.yaml").write_text(policy)
+    listen = ca.listen
+    log = (d / "agent.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshtrust",
+            "agent",
+            "--ca-address",
+            listen,
+            "--ca-root",
+            str(ca.ca_dir / "root-cert.pem"),
+            "--token-file",
+            str(d / "token"),
+            "--sds-socket",
+            str(d / "sds.sock"),
+            "--sidecar",
+            str(d / "sidecar.yaml"),
+            "--policy",
+            str(d / "policy.yaml"),
+            "--envoy-workdir",
+            str(d / "envoy"),
+            "--status-listen",
+            "off",
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    return proc
+
+
+def accepted(port: int, cert: Path, key: Path) -> bool:
+    """One new mTLS connection to a sidecar's inbound port and one request: 200?"""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(cert, key)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
     try:
-        return (await fetch_bundle(ca.peer(), trusted, timeout=2)).sequence
-    except Exception:
-        return None
+        conn.request("GET", "/")
+        return conn.getresponse().status == 200
+    except (OSError, ssl.SSLError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
-async def run(args: argparse.Namespace) -> None:
+def latencies(port: int, count: int) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    out = []
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            out.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"benchmark: {what} not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="fedbench-") as tmp:
         east, west = Ca(EAST, Path(tmp) / "east"), Ca(WEST, Path(tmp) / "west")
         east.configure(west, args.refresh_hint)
         west.configure(east, args.refresh_hint)
-        east.start()
-        west.start()
-        store = FederationStore(f"sqlite:///{east.ca_dir / 'ledger.db'}")
+        app_port, east_in, west_in, outbound = free_port(), free_port(), free_port(), free_port()
+        (Path(tmp) / "app.py").write_text(APP_SCRIPT % app_port)
+        app = [sys.executable, str(Path(tmp) / "app.py")]
+        procs = [subprocess.Popen(app, stderr=subprocess.DEVNULL)]
         try:
-            trusted = west.bundle()
-            deadline = time.monotonic() + 60
-            while await served_sequence(west, trusted) is None:
-                assert time.monotonic() < deadline, "west's endpoint did not come up"
-                await asyncio.sleep(0.05)
-            fetches = []
-            for _ in range(args.fetches):
-                start = time.perf_counter()
-                await fetch_bundle(west.peer(), trusted)
-                fetches.append(time.perf_counter() - start)
+            east.start()
+            west.start()
+            procs.append(
+                start_agent(
+                    west, "api", f"name: api\napp_port: {app_port}\ninbound_port: {west_in}\n",
+                    POLICY_WEST,
+                )
+            )  # fmt: skip
+            procs.append(
+                start_agent(
+                    east, "web",
+                    f"name: web\napp_port: {app_port}\ninbound_port: {east_in}\nupstreams:\n"
+                    f"- name: api\n  local_port: {outbound}\n  address: 127.0.0.1:{west_in}\n"
+                    "  spiffe_id: spiffe://west.test/ns/default/sa/api\n",
+                    POLICY_STRICT,
+                )
+            )  # fmt: skip
+            wait_for(lambda: _ok(outbound), "east's web calling west's api (federated)")
             delays = []
             for index in range(args.runs):
-                west.stop()
-                new_root = make_root(
-                    generate_key(), "west.test", SystemClock().now(), dt.timedelta(days=30)
+                key = generate_key()
+                root = make_root(key, "west.test", SystemClock().now(), dt.timedelta(days=30))
+                leaf_key = generate_key()
+                leaf = LeafIssuer(Signer(root, key)).issue(
+                    leaf_key.public_key(),
+                    SpiffeId.parse("spiffe://west.test/ns/default/sa/probe"),
+                    SystemClock().now(),
+                    dt.timedelta(hours=1),
                 )
-                roots_file = west.ca_dir / "root-cert.pem"
-                roots_file.write_bytes(roots_file.read_bytes() + certs_pem([new_root]))
-                want = index + 2
-                west.start()
-                while await served_sequence(west, trusted) != want:
-                    await asyncio.sleep(0.02)
-                served_at = time.monotonic()
-                while True:
-                    stored = store.load(WEST)
-                    if stored is not None and stored.bundle.sequence == want:
-                        break
-                    await asyncio.sleep(0.02)
-                delays.append(time.monotonic() - served_at)
-                trusted = west.bundle()
+                cert, keyfile = Path(tmp) / f"probe{index}.pem", Path(tmp) / f"probe{index}.key"
+                cert.write_bytes(certs_pem([leaf]))
+                keyfile.write_bytes(private_key_pem(leaf_key))
+                (Path(tmp) / "root.pem").write_bytes(certs_pem([root]))
+                assert not accepted(east_in, cert, keyfile)
+                # At a random phase of east's poll cycle: one run right after another would
+                # always land at the same point of it.
+                time.sleep(random.uniform(0, args.refresh_hint))
+                subprocess.run(
+                    [sys.executable, "-m", "meshtrust", "ca", "bundle", "add-root",
+                     str(Path(tmp) / "root.pem"), "--ca-dir", str(west.ca_dir)],
+                    check=True, capture_output=True, timeout=60,
+                )  # fmt: skip
+                changed = time.monotonic()
+                while not accepted(east_in, cert, keyfile):
+                    if time.monotonic() - changed > 120:
+                        raise SystemExit("benchmark: the new root never reached east's sidecar")
+                    time.sleep(0.02)
+                delays.append(time.monotonic() - changed)
                 print(f"run {index + 1}: {delays[-1]:.2f} s", flush=True)
+            direct = latencies(app_port, args.requests)
+            meshed = latencies(outbound, args.requests)
         finally:
-            store.close()
+            for proc in reversed(procs):
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(30)
             east.stop()
             west.stop()
     print(
-        f"propagation west bundle -> east's ledger (refresh hint {args.refresh_hint:g} s, "
-        f"{args.runs} runs): median {statistics.median(delays):.2f} s, "
+        f"propagation: west's new root -> accepted by east's sidecar (refresh hint "
+        f"{args.refresh_hint:g} s, {args.runs} runs): median {statistics.median(delays):.2f} s, "
         f"min {min(delays):.2f} s, max {max(delays):.2f} s"
     )
     print(
-        f"one bundle fetch over TLS (https_spiffe, loopback, {args.fetches} fetches): "
-        f"median {statistics.median(fetches) * 1000:.1f} ms"
+        f"cross-mesh call, {args.requests} sequential requests, 1 kept-alive connection: direct "
+        f"p50 {p(direct, 0.5):.3f} ms p99 {p(direct, 0.99):.3f} ms; through both sidecars "
+        f"p50 {p(meshed, 0.5):.3f} ms p99 {p(meshed, 0.99):.3f} ms; added p50 "
+        f"{p(meshed, 0.5) - p(direct, 0.5):.3f} ms, "
+        f"added p99 {p(meshed, 0.99) - p(direct, 0.99):.3f} ms"
     )
+
+
+def _ok(port: int) -> bool:
+    try:
+        return latencies(port, 1) != []
+    except (OSError, AssertionError, http.client.HTTPException):
+        return False
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="bundle changes to time")
     parser.add_argument("--refresh-hint", type=float, default=5.0, help="seconds")
-    parser.add_argument("--fetches", type=int, default=50, help="fetches to time")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--requests", type=int, default=2000, help="requests to time, each way")
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -467,21 +467,6 @@ async def test_trust_is_per_trust_domain_a_foreign_root_cannot_vouch(fed: Federa
     assert isinstance(east.roots[0], x509.Certificate)
 
 
-def test_store_publish_bumps_the_sequence_only_when_the_roots_change(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    SqlLedger(url).close()
-    store = FederationStore(url)
-    try:
-        a, b = make_ca("east.test").root, make_ca("east.test").root
-        assert store.publish(EAST, [a], NOW) == 1
-        assert store.publish(EAST, [a], NOW) == 1
-        assert store.publish(EAST, [a, b], NOW) == 2
-        assert store.publish(EAST, [b, a], NOW) == 2  # order aside
-        assert store.publish(EAST, [b], NOW) == 3
-    finally:
-        store.close()
-
-
 def test_bad_bootstrap_bundle_or_ca_file_stops_start_up(tmp_path: Path) -> None:
     from meshtrust.ca.federation import check_bootstrap_bundles
     from meshtrust.config.federation import FederationConfig

@@ -4,8 +4,9 @@ endpoint and polling the other's, as real ``meshtrust ca serve`` processes.
 
 What is checked is what the CAs keep: each one's ledger holds the other's last good bundle
 (read here through :class:`~meshtrust.ca.federation.FederationStore`, as ``meshtrust bundle
-show`` does). West down for several refresh hints changes nothing at east; a new root in
-west's bundle reaches east's ledger; a restarted east starts from the bundle it kept.
+show`` does). West down for several refresh hints changes nothing at east; a new root
+added to west's versioned bundle (``meshtrust ca bundle add-root``, live) reaches east's
+ledger; a restarted east starts from the bundle it kept.
 """
 
 from __future__ import annotations
@@ -190,12 +191,18 @@ def test_west_down_for_several_refreshes_changes_nothing_at_east(sides: tuple[Si
 
 def test_a_new_root_in_wests_bundle_reaches_east(sides: tuple[Side, Side]) -> None:
     east, west = sides
-    west.stop()
-    # West publishes a second root (phase A+B of a root rotation): root-cert.pem holds both.
+    if west.proc is None:  # the previous test stopped it
+        west.start()
+    # West adds a second root to its versioned bundle (phase A+B of a root rotation), while
+    # running: its bundle endpoint serves the new version, numbered by it.
     new_root = make_root(generate_key(), "west.test", NOW, dt.timedelta(days=30))
-    roots_file = west.ca_dir / "root-cert.pem"
-    roots_file.write_bytes(roots_file.read_bytes() + certs_pem([new_root]))
-    west.start()
+    (west.directory / "new-root.pem").write_bytes(certs_pem([new_root]))
+    added = subprocess.run(
+        [*MESHTRUST, "ca", "bundle", "add-root", str(west.directory / "new-root.pem"),
+         "--ca-dir", str(west.ca_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
     until(
         lambda: certs_pem([new_root]) in _roots_of(east.stored(WEST)),
         timeout=60,
@@ -203,4 +210,4 @@ def test_a_new_root_in_wests_bundle_reaches_east(sides: tuple[Side, Side]) -> No
     )
     stored = east.stored(WEST)
     assert stored is not None and stored.bundle.sequence == 2
-    assert _roots_of(stored) == west.roots()
+    assert _roots_of(stored) == west.roots() | {certs_pem([new_root])}

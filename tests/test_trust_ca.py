@@ -90,7 +90,7 @@ async def test_only_a_workload_certificate_opens_the_stream_and_reports_are_reco
     assert [bytes(r) for r in update.roots] == [
         c.public_bytes(serialization.Encoding.DER) for c in load_certs_pem(rig.root_pem)
     ]
-    assert update.crl and dict(update.federated) == {}  # reserved for federation
+    assert update.crl and dict(update.federated) == {}  # no federated bundle stored
     await async_until(lambda: _served(rig).get(str(web.spiffe_id)) == 0, what="web's report")
 
     now = dt.datetime.now(dt.UTC)

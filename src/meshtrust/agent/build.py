@@ -155,7 +155,10 @@ def build_sidecar(
         )
     return EnvoySidecar(
         SidecarSettings(
-            config=sidecar_config, workdir=workdir, root_namespace=config.root_namespace
+            config=sidecar_config,
+            workdir=workdir,
+            root_namespace=config.root_namespace,
+            trust_domain_aliases=config.trust_domain_aliases,
         ),
         identity,
         config.sds_socket,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -44,6 +45,8 @@ class WorkloadSecret:
     generation: int = 0
     crl: x509.CertificateRevocationList | None = None  # the CA's, verified
     bundle_version: int = 0  # the mesh bundle ``roots`` come from (0: the root file's)
+    # Federated trust domains' roots (agent/federated.py); never mixed into ``roots``.
+    federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = field(default_factory=dict)
     _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -136,6 +139,7 @@ class SecretCache:
         self._secret: WorkloadSecret | None = None
         self._crl: x509.CertificateRevocationList | None = None
         self._bundle: tuple[int, tuple[x509.Certificate, ...]] | None = None
+        self._federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = {}
         self._generation = 0
         self._changed = asyncio.Condition()
 
@@ -170,6 +174,27 @@ class SecretCache:
             self._changed.notify_all()
             return self._secret
 
+    @property
+    def federated(self) -> Mapping[TrustDomain, tuple[x509.Certificate, ...]]:
+        """The federated bundles held (verified by :mod:`meshtrust.agent.federated`)."""
+        return self._federated
+
+    async def publish_federated(
+        self, federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]]
+    ) -> WorkloadSecret | None:
+        """Hold ``federated`` and, when there is a secret, republish it carrying them as a
+        new generation; returns that secret."""
+        async with self._changed:
+            self._federated = dict(federated)
+            if self._secret is None:
+                return None
+            self._generation += 1
+            self._secret = dataclasses.replace(
+                self._secret, generation=self._generation, federated=self._federated
+            )
+            self._changed.notify_all()
+            return self._secret
+
     async def publish_crl(self, crl: x509.CertificateRevocationList) -> WorkloadSecret | None:
         """Hold ``crl`` (verified by the caller) and, when there is a secret, republish it
         carrying the CRL as a new generation; returns that secret."""
@@ -187,7 +212,9 @@ class SecretCache:
         wake every waiter."""
         async with self._changed:
             self._generation += 1
-            stamped = dataclasses.replace(secret, generation=self._generation, crl=self._crl)
+            stamped = dataclasses.replace(
+                secret, generation=self._generation, crl=self._crl, federated=self._federated
+            )
             if self._bundle is not None:
                 stamped = _with_bundle(stamped, self._bundle, self._generation)
             self._secret = stamped

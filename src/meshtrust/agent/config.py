@@ -53,6 +53,8 @@ class AgentConfig:
     sidecar: Path | None = None
     policy_files: tuple[Path, ...] = ()
     root_namespace: str = "istio-system"
+    # Istio's trustDomainAliases: principals of these trust domains are the mesh's own.
+    trust_domain_aliases: tuple[TrustDomain, ...] = ()
     envoy_workdir: Path | None = None
     # A join file (meshtrust join create): trust bundle, CA address and first token.
     join: Path | None = None
@@ -121,6 +123,11 @@ def _paths(value: object, field: str, base: Path) -> tuple[Path, ...]:
     return (as_path(value, field, base),)
 
 
+def _trust_domains(value: object, field: str, base: Path) -> tuple[TrustDomain, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(as_trust_domain(item, f"{field}[{i}]", base) for i, item in enumerate(items))
+
+
 _KEYS: dict[str, tuple[str, Converter]] = {
     "ca-address": ("ca_address", _addresses),
     "ca-root": ("ca_root", as_path),
@@ -140,6 +147,7 @@ _KEYS: dict[str, tuple[str, Converter]] = {
     "sidecar": ("sidecar", as_path),
     "policy": ("policy_files", _paths),
     "root-namespace": ("root_namespace", as_str),
+    "trust-domain-aliases": ("trust_domain_aliases", _trust_domains),
     "envoy-workdir": ("envoy_workdir", as_path),
     "join": ("join", as_path),
 }

@@ -1,9 +1,10 @@
 """Certificate files for everything that is not Envoy or a SPIFFE client (nginx, gRPC apps).
 
 ``cert-chain.pem``, ``key.pem`` (0600), ``root-cert.pem``, ``bundle.pem`` (the mesh's
-trust bundle: all its roots, which change during a root rotation) and ``crl.pem`` (the
+trust bundle: all its roots, which change during a root rotation), ``crl.pem`` (the
 CA's CRL, empty
-until the first arrives; a new CRL is a new generation) are replaced atomically on every
+until the first arrives; a new CRL is a new generation) and ``federated/<td>.pem`` (each
+federated trust domain's roots, :mod:`meshtrust.agent.federated`) are replaced atomically on every
 rotation, the way kubelet updates a Secret volume: each generation is written in full into
 a fresh hidden directory, then one ``rename()`` swaps the ``..data`` symlink to it. The
 visible names are symlinks through ``..data``, so every open sees a complete file
@@ -27,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from meshtrust.agent.cache import WorkloadSecret
+from meshtrust.agent.federated import FEDERATED, write_federated_dir
 from meshtrust.errors import ConfigError
 from meshtrust.fileio import Fsync, ensure_private_dir, fsync_directory
 
@@ -72,6 +74,8 @@ class CertificateFiles:
         self._write(gen_dir / "bundle.pem", secret.roots_pem(), 0o644)
         # An empty crl.pem until the first CRL arrives: the link is always there to read.
         self._write(gen_dir / "crl.pem", secret.crl_pem() or b"", 0o644)
+        # federated/<td>.pem: each federated trust domain's roots (agent/federated.py).
+        write_federated_dir(gen_dir / FEDERATED, secret.federated, self._write)
         fsync_directory(gen_dir, self._fsync)
 
         previous = os.readlink(d / DATA) if (d / DATA).is_symlink() else None
@@ -79,7 +83,7 @@ class CertificateFiles:
         tmp_link.unlink(missing_ok=True)
         os.symlink(gen_dir.name, tmp_link)
         os.replace(tmp_link, d / DATA)  # the one atomic switch
-        for name in NAMES:
+        for name in (*NAMES, FEDERATED):
             link = d / name
             target = f"{DATA}/{name}"
             if link.is_symlink() and os.readlink(link) == target:

@@ -79,6 +79,7 @@ from grpclib.server import Stream
 
 from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.federated import federated_der, spiffe_validation_context
 from meshtrust.agent.grpc_server import GrpcMethod, UnixGrpcServer
 from meshtrust.agent.handout import Refusal, handout
 from meshtrust.agent.uds import PrivateSocket
@@ -142,6 +143,8 @@ class _SdsProto:
     DiscoveryResponse: Any
     DeltaDiscoveryRequest: Any
     DeltaDiscoveryResponse: Any
+    TypedExtensionConfig: Any
+    SpiffeValidatorConfig: Any
 
 
 def _load_sds_proto() -> _SdsProto:
@@ -164,6 +167,8 @@ def _load_sds_proto() -> _SdsProto:
         DiscoveryResponse=message(f"{discovery}.DiscoveryResponse"),
         DeltaDiscoveryRequest=message(f"{discovery}.DeltaDiscoveryRequest"),
         DeltaDiscoveryResponse=message(f"{discovery}.DeltaDiscoveryResponse"),
+        TypedExtensionConfig=message("envoy.config.core.v3.TypedExtensionConfig"),
+        SpiffeValidatorConfig=message(f"{_TLS}.SPIFFECertValidatorConfig"),
     )
 
 
@@ -189,6 +194,8 @@ def secret_resource(name: str, secret: WorkloadSecret) -> Any:
         context = _PROTO.CertificateValidationContext(
             trusted_ca=_PROTO.DataSource(inline_bytes=secret.roots_pem()),
         )
+        if secret.federated:  # one root set per trust domain (agent/federated.py)
+            context = spiffe_validation_context(_PROTO, secret)
         crl = secret.crl_pem()
         if crl is not None:
             # The CRL is the issuing CA's, for leaves: only the leaf is checked against it.
@@ -211,6 +218,7 @@ def _fingerprint(name: str, secret: WorkloadSecret) -> bytes:
         digest.update(secret.roots_pem())
         digest.update(b"\0")
         digest.update(secret.crl_der() or b"")
+        digest.update(b"".join(federated_der(secret.federated).values()))
     return digest.digest()
 
 

@@ -59,7 +59,7 @@ from meshtrust.envoy.sidecar import (
 )
 from meshtrust.errors import EnvoyFailed, InvalidInput
 from meshtrust.policy import InboundPolicy, PolicySet, WorkloadRef
-from meshtrust.spiffe import SpiffeId
+from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
     "REVOCATION_ACK_WAIT",
@@ -151,6 +151,7 @@ class SidecarSettings:
     config: SidecarConfig
     workdir: Path
     root_namespace: str = "istio-system"
+    trust_domain_aliases: tuple[TrustDomain, ...] = ()  # Istio's trustDomainAliases
     poll: float = 1.0
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
@@ -203,6 +204,7 @@ class EnvoySidecar:
             self.workload,
             root_namespace=self.settings.root_namespace,
             trust_domain=self.identity.trust_domain.name,
+            trust_domain_aliases=self.settings.trust_domain_aliases,
         )
 
     def _listeners(self, policy: InboundPolicy) -> list[dict[str, Any]]:

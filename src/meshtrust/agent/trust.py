@@ -26,8 +26,8 @@ import contextlib
 import datetime as dt
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -38,6 +38,7 @@ from grpclib.encoding.proto import ProtoCodec
 
 from meshtrust.agent.cache import SecretCache
 from meshtrust.agent.crl import CrlFollower, crl_number
+from meshtrust.agent.federated import FederatedIntake
 from meshtrust.agent.rotation import backoff_delay
 from meshtrust.caapi.client import client_ssl_context
 from meshtrust.caapi.trust import trust_pb2
@@ -68,6 +69,7 @@ class TrustUpdate:
     bundle_version: int
     roots: tuple[bytes, ...]  # DER
     crl: bytes  # DER, or empty: unchanged
+    federated: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)  # name -> DERs
 
 
 def verify_bundle(
@@ -184,7 +186,12 @@ class GrpcTrustSource:
                 )
                 self._stream = stream
                 while (message := await stream.recv_message()) is not None:
-                    yield TrustUpdate(message.bundle_version, tuple(message.roots), message.crl)
+                    yield TrustUpdate(
+                        message.bundle_version,
+                        tuple(message.roots),
+                        message.crl,
+                        {td: tuple(b.roots) for td, b in message.federated.items()},
+                    )
                 self._stream = None
                 # The CA ended it (its status is raised on leaving the block): end ours too,
                 # or grpclib calls it a protocol error and hides the CA's reason.
@@ -230,6 +237,7 @@ class TrustFollower:
         self._handed_on = handed_on
         self._initial_roots = initial_roots
         self._on_roots = on_roots
+        self.federated = FederatedIntake(cache)  # federated trust domains' bundles
         self._rng = rng or random.Random()
         self.accepted = 0
         self.refused = 0
@@ -259,6 +267,7 @@ class TrustFollower:
         """Verify and hand on one update; True when a new bundle version is now served."""
         if update.crl:
             await self._crl.offer(update.crl)
+        await self.federated.offer(update.federated, self._clock.now())
         held = self._cache.bundle
         if held is not None and held[0] == update.bundle_version:
             try:

@@ -60,6 +60,7 @@ from grpclib.server import Stream
 
 from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.federated import federated_der
 from meshtrust.agent.grpc_server import UnixGrpcServer
 from meshtrust.agent.handout import HandoutGate, Refusal
 from meshtrust.agent.uds import PrivateSocket
@@ -157,8 +158,8 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
     """The ``X509SVIDResponse`` for ``secret``, or None when it cannot make a complete one.
 
     The SVID is the DER leaf and intermediates concatenated, its key PKCS#8 DER, its bundle
-    the DER roots concatenated; ``crl`` the CA's CRL (DER) when the agent holds one; no
-    federated bundles.
+    the DER roots concatenated; ``crl`` the CA's CRL (DER) when the agent holds one;
+    ``federated_bundles`` the federated trust domains' roots, keyed ``spiffe://<td>``.
     """
     if not secret.chain or not secret.roots:
         return None
@@ -169,12 +170,16 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
         bundle=secret.roots_der(),
     )
     crl = secret.crl_der()
-    return _PROTO.X509SVIDResponse(svids=[svid], crl=[crl] if crl is not None else [])
+    return _PROTO.X509SVIDResponse(
+        svids=[svid],
+        crl=[crl] if crl is not None else [],
+        federated_bundles=federated_der(secret.federated),
+    )
 
 
 def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
-    """The ``X509BundlesResponse`` for ``secret``'s trust domain (and the CA's CRL, when
-    held), or None without roots.
+    """The ``X509BundlesResponse`` for ``secret``'s trust domain and the federated ones (and
+    the CA's CRL, when held), or None without roots.
 
     Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://example.org``) as the
     standard says and SPIRE does; py-spiffe and go-spiffe accept that and the bare name.
@@ -183,7 +188,11 @@ def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
         return None
     crl = secret.crl_der()
     return _PROTO.X509BundlesResponse(
-        bundles={secret.trust_domain.id_string(): secret.roots_der()},
+        # The own trust domain's and every federated one's (SPIFFE Workload API).
+        bundles={
+            **federated_der(secret.federated),
+            secret.trust_domain.id_string(): secret.roots_der(),
+        },
         crl=[crl] if crl is not None else [],
     )
 
@@ -335,7 +344,7 @@ class WorkloadApiServer:
         self._open_streams += 1
         try:
             generation = 0
-            sent: tuple[bytes, bytes | None] | None = None  # the roots and the CRL sent
+            sent: tuple[object, ...] | None = None  # the roots, CRL and federated roots sent
             while True:
                 secret = await self._next_secret(generation)
                 generation = secret.generation
@@ -344,9 +353,10 @@ class WorkloadApiServer:
                     _refuse_or_skip(decision, sent is not None, "FetchX509Bundles", generation)
                     continue
                 response = x509_bundles_response(secret)
-                if response is None or (secret.roots_der(), secret.crl_der()) == sent:
-                    continue  # no roots, or the same roots and CRL as last time
-                sent = (secret.roots_der(), secret.crl_der())
+                content = (secret.roots_der(), secret.crl_der(), federated_der(secret.federated))
+                if response is None or content == sent:
+                    continue  # no roots, or the same bundles and CRL as last time
+                sent = content
                 log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
                 await stream.send_message(response)
         finally:

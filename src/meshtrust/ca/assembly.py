@@ -44,6 +44,7 @@ from meshtrust.ca.cadir import (
 )
 from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.crl import CRL_VALIDITY, CrlPublisher, CrlService
+from meshtrust.ca.federated_push import FederatedWatch
 from meshtrust.ca.join import JoinAuthenticator
 from meshtrust.ca.kube_authn import KubeAuthenticator, kube_authenticators
 from meshtrust.ca.ledger import (
@@ -315,8 +316,13 @@ def start_revocations(
         material.intermediates,
         revoked_at,
     )
-    trust = TrustService(bundles, publisher, recorder, authenticator, clock, crl_service)
+    federated = FederatedWatch(source.engine, prepared.policy.trust_domain, clock)
+    federated.load()  # the first update carries them
+    trust = TrustService(
+        bundles, publisher, recorder, authenticator, clock, crl_service, federated
+    )
     tasks += [asyncio.create_task(bundles.run()), asyncio.create_task(recorder.run())]
+    tasks.append(asyncio.create_task(federated.run()))
     return Revocations(watch, publisher, trust, tasks)
 
 

@@ -1,5 +1,5 @@
 """SPIFFE federation, the CA's side: fetch the bundles of federated trust domains, keep the
-last good one of each in the ledger, and number the CA's own published bundle.
+last good one of each in the ledger, and serve the mesh's own versioned bundle.
 
 Theory of operation. For each ``federatesWith`` entry a poller fetches the bundle document
 from the entry's bundle endpoint, then sleeps for the refresh hint of the last good bundle
@@ -38,7 +38,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from meshtrust.ca.bundle_endpoint import BundleEndpoint
 from meshtrust.ca.cadir import CaMaterial
-from meshtrust.ca.schema import federated_bundles, published_bundle
+from meshtrust.ca.schema import federated_bundles
+from meshtrust.ca.trust import BundleWatch, TrustLedger
 from meshtrust.clock import Clock
 from meshtrust.config.federation import (
     DEFAULT_REFRESH_HINT,
@@ -147,9 +148,9 @@ class StoredBundle:
 
 
 class FederationStore:
-    """The federated bundles and the published bundle's sequence, in the ledger's tables
-    (migration 5). Opens its own connection pool on the ledger URL; the ledger must have
-    been opened (migrated) by :class:`~meshtrust.ca.ledger.SqlLedger` first."""
+    """The federated bundles, in the ledger's table (migration 5). Opens its own connection
+    pool on the ledger URL; the ledger must have been opened (migrated) by
+    :class:`~meshtrust.ca.ledger.SqlLedger` first."""
 
     def __init__(self, url: str) -> None:
         try:
@@ -163,35 +164,9 @@ class FederationStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    def publish(
-        self, trust_domain: TrustDomain, roots: Sequence[x509.Certificate], now: dt.datetime
-    ) -> int:
-        """The ``spiffe_sequence`` of the CA's bundle ``roots``: the one recorded when the
-        roots are those last published, else one more (recorded). Replicas agree."""
-        digest = authorities_digest(roots)
-        table = published_bundle
-        try:
-            with self._engine.begin() as conn:
-                row = conn.execute(
-                    sa.select(table.c.digest, table.c.sequence).where(
-                        table.c.trust_domain == trust_domain.name
-                    )
-                ).first()
-                if row is not None and row.digest == digest:
-                    return int(row.sequence)
-                sequence = 1 if row is None else int(row.sequence) + 1
-                values = {"digest": digest, "sequence": sequence, "updated_at": now}
-                if row is None:
-                    conn.execute(table.insert().values(trust_domain=trust_domain.name, **values))
-                else:
-                    conn.execute(
-                        table.update()
-                        .where(table.c.trust_domain == trust_domain.name)
-                        .values(**values)
-                    )
-                return sequence
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger write failed: {exc.__class__.__name__}") from exc
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     def save(self, bundle: SpiffeBundle, source: str, now: dt.datetime) -> None:
         """Record ``bundle`` as the last good bundle of its trust domain."""
@@ -639,11 +614,19 @@ class FederationRuntime:
         self.poller = poller
         self._clock = clock
         self._upkeep: asyncio.Task[None] | None = None
+        #: The mesh's versioned bundle the endpoint serves (followed while it runs).
+        self.own_bundle: BundleWatch | None = None
+        self._follow: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         if self.endpoint is not None:
             await self.endpoint.start()
             self._upkeep = asyncio.create_task(self._renew_svid())
+            if self.own_bundle is not None:
+                self._follow = [
+                    asyncio.create_task(self.own_bundle.run()),
+                    asyncio.create_task(serve_own_bundle(self.own_bundle, self.endpoint)),
+                ]
         self.poller.start()
 
     async def _renew_svid(self) -> None:
@@ -656,6 +639,9 @@ class FederationRuntime:
                 log.warning("bundle endpoint SVID not renewed: %s", exc)
 
     async def aclose(self) -> None:
+        for task in self._follow:
+            task.cancel()
+        await asyncio.gather(*self._follow, return_exceptions=True)
         if self._upkeep is not None:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -664,6 +650,20 @@ class FederationRuntime:
         if self.endpoint is not None:
             await self.endpoint.aclose()
         self.store.close()
+
+
+async def serve_own_bundle(watch: BundleWatch, endpoint: BundleEndpoint) -> None:
+    """Serve each new version of the mesh's bundle at ``endpoint`` (a root rotation A ->
+    A+B -> B reaches federated peers as it happens), numbered by its version."""
+    while True:
+        version = watch.bundle.version
+        await watch.wait_newer(version)
+        endpoint.set_bundle(watch.bundle.roots, watch.bundle.version)
+        log.info(
+            "bundle endpoint serves bundle version %d (%d root(s))",
+            watch.bundle.version,
+            len(watch.bundle.roots),
+        )
 
 
 def check_bootstrap_bundles(config: FederationConfig | None) -> None:
@@ -685,7 +685,7 @@ def build_federation(
     clock: Clock,
 ) -> FederationRuntime:
     """Read what federation needs from disk and the ledger (bootstrap bundles, the stored
-    bundles, the published sequence) and build, not start, its pieces.
+    bundles, the mesh's versioned bundle) and build, not start, its pieces.
 
     Raises :class:`InvalidBundle` / :class:`BundleFetchError` for a bad bootstrap bundle
     (naming the file), :class:`ConfigError` for an unusable endpoint certificate, and
@@ -706,9 +706,14 @@ def build_federation(
     store = FederationStore(ledger_url)
     try:
         endpoint = None
+        own = None
         if config.bundle_endpoint is not None:
-            sequence = store.publish(trust_domain, material.roots, now)
-            endpoint = BundleEndpoint(config.bundle_endpoint, material, trust_domain, sequence, now)
+            # The mesh's versioned bundle (ca/trust.py), its version as spiffe_sequence.
+            own = TrustLedger(store.engine).initialise(material.roots, now)
+            endpoint = BundleEndpoint(
+                config.bundle_endpoint, material, trust_domain, own.version, now
+            )
+            endpoint.set_bundle(own.roots, own.version)
         refresh = (
             config.bundle_endpoint.refresh_hint if config.bundle_endpoint else DEFAULT_REFRESH_HINT
         )
@@ -718,4 +723,7 @@ def build_federation(
     except BaseException:
         store.close()
         raise
-    return FederationRuntime(store, endpoint, poller, clock)
+    runtime = FederationRuntime(store, endpoint, poller, clock)
+    if endpoint is not None and own is not None:
+        runtime.own_bundle = BundleWatch(TrustLedger(store.engine), own, clock)
+    return runtime

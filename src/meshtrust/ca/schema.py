@@ -163,8 +163,10 @@ federated_bundles = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-#: The CA's own published bundle (migration 5): its digest and ``spiffe_sequence``, bumped
-#: whenever the set of roots changes, so readers see a new sequence for a new bundle.
+#: The CA's own published bundle (migration 5): its digest and ``spiffe_sequence``. No
+#: longer read or written: the bundle endpoint serves the versioned ``trust_bundles`` (its
+#: version is the ``spiffe_sequence``). Kept because ledgers made since migration 5 have it
+#: and migrations only add.
 published_bundle = sa.Table(
     "published_bundle",
     metadata,

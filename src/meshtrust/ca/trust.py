@@ -13,7 +13,8 @@ Distribution. Agents keep one bidirectional stream open on the CA port,
 ``proto/meshtrust/caapi/trust/trust.proto``), authenticated by the workload's certificate
 (mTLS; a caller without a valid, unrevoked SVID is refused ``UNAUTHENTICATED``). Each
 ``TrustUpdate`` is whole: bundle version, root DERs, the CRL (:mod:`meshtrust.ca.crl`) and
-a ``federated`` map reserved for federation (empty today). The CA sends one at once and
+the ``federated`` map (every federated trust domain's last good bundle from the ledger,
+:mod:`meshtrust.ca.federated_push`). The CA sends one at once and
 another on every bundle or CRL change. The agent sends a ``TrustReport`` first and after it
 has handed each change on: the bundle version it *serves*. The CA records it per identity
 with the time (:class:`ServedRecorder`, batched: one transaction per flush whatever the
@@ -51,6 +52,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from meshtrust.ca.authn import ClientCertAuthenticator
 from meshtrust.ca.crl import CrlPublisher, CrlService
+from meshtrust.ca.federated_push import EMPTY as EMPTY_FEDERATED
+from meshtrust.ca.federated_push import FederatedWatch, federated_field
 from meshtrust.ca.schema import audit, trust_bundles, trust_served
 from meshtrust.caapi.trust import trust_pb2
 from meshtrust.clock import Clock
@@ -458,15 +461,17 @@ class TrustService:
         authenticator: ClientCertAuthenticator,
         clock: Clock,
         crl_service: CrlService | None = None,
+        federated: FederatedWatch | None = None,
     ) -> None:
+        self._federated = federated  # federated bundles (ca/federated_push.py), or none
         self._crl_service = crl_service  # served beside, for agents of earlier releases
         self._bundles = bundles
         self._crls = crls
         self._recorder = recorder
         self._authenticator = authenticator
         self._clock = clock
-        # The update for (bundle version, CRL number), built once for every stream.
-        self._update: tuple[tuple[int, int], trust_pb2.TrustUpdate] | None = None
+        # The update for (bundle version, CRL number, federated digest), built once.
+        self._update: tuple[tuple[int, int, str], trust_pb2.TrustUpdate] | None = None
 
     def __mapping__(self) -> dict[str, Handler]:
         older = self._crl_service.__mapping__() if self._crl_service is not None else {}
@@ -505,10 +510,14 @@ class TrustService:
                 await reader
 
     def _update_for(self, bundle: MeshBundle, number: int, der: bytes) -> trust_pb2.TrustUpdate:
-        key = (bundle.version, number)
+        held = self._federated.held if self._federated is not None else EMPTY_FEDERATED
+        key = (bundle.version, number, held.digest)
         if self._update is None or self._update[0] != key:
             made = trust_pb2.TrustUpdate(
-                bundle_version=bundle.version, roots=bundle.roots_der, crl=der
+                bundle_version=bundle.version,
+                roots=bundle.roots_der,
+                crl=der,
+                federated=federated_field(held),
             )
             self._update = (key, made)
         return self._update[1]
@@ -520,22 +529,27 @@ class TrustService:
     async def _send_updates(
         self, stream: Stream[Any, Any], held_crl: str, reader: asyncio.Future[None]
     ) -> None:
-        sent: tuple[int, int] | None = None
+        sent: tuple[int, int, str] | None = None
         while not reader.done():
             bundle, number, der = self._bundles.bundle, self._crls.number, self._crls.der
-            if sent != (bundle.version, number):
+            federated = self._federated.held if self._federated is not None else EMPTY_FEDERATED
+            if sent != (bundle.version, number, federated.digest):
                 if sent is None and format(number, "x") == held_crl:  # it has this CRL
                     update = trust_pb2.TrustUpdate(
-                        bundle_version=bundle.version, roots=bundle.roots_der
+                        bundle_version=bundle.version,
+                        roots=bundle.roots_der,
+                        federated=federated_field(federated),
                     )
                 else:
                     update = self._update_for(bundle, number, der)
                 await stream.send_message(update)
-                sent = (bundle.version, number)
+                sent = (bundle.version, number, federated.digest)
             changes = [
                 asyncio.ensure_future(self._bundles.wait_newer(bundle.version)),
                 asyncio.ensure_future(self._crls.wait_newer(number)),
             ]
+            if self._federated is not None:
+                changes.append(asyncio.ensure_future(self._federated.wait_newer(federated.digest)))
             try:
                 await asyncio.wait([*changes, reader], return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -104,6 +104,13 @@ __all__ = ["agent"]
     "--root-namespace", help="Namespace whose policies apply mesh-wide.  [default: istio-system]"
 )
 @click.option(
+    "--trust-domain-alias",
+    "trust_domain_aliases",
+    multiple=True,
+    help="A former or other name of this mesh's trust domain (Istio's trustDomainAliases): "
+    "AuthorizationPolicy principals naming it match the mesh's own identities. Repeatable.",
+)
+@click.option(
     "--envoy-workdir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Where the sidecar's generated Envoy files and log go.  [default: beside the SDS socket]",
@@ -139,6 +146,8 @@ def agent(config_file: Path | None, **flags: Any) -> None:
             value = value[0]  # one address, as a config file or mesh plan writes it
         if key == "trust_domain":
             value = as_trust_domain(value, "--trust-domain", Path())
+        elif key == "trust_domain_aliases":
+            value = tuple(as_trust_domain(v, "--trust-domain-alias", Path()) for v in value)
         elif key == "key_type":
             value = KeyType(value)
         settings[key] = value

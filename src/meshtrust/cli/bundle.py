@@ -43,6 +43,10 @@ _FORMAT = click.option(
 def bundle() -> None:
     """The CA's trust bundle and the bundles of federated trust domains.
 
+    `bundle show` prints the mesh's own bundle; `bundle list|set|delete` handle the
+    bundles of *other* trust domains (SPIFFE federation). To change the mesh's own roots
+    (a root rotation), use `meshtrust ca bundle add-root|remove-root`.
+
     \b
     Static federation, without bundle endpoints:
       east$ meshtrust bundle show --format spiffe > east.json
@@ -82,12 +86,16 @@ def _emit(found: SpiffeBundle, fmt: str) -> None:
 @_CA_DIR
 @_LEDGER
 def show(fmt: str, ca_dir: Path, ledger: str | None) -> None:
-    """Print this CA's own trust bundle (what its bundle endpoint serves).
+    """Print this CA's own trust bundle: the mesh's versioned bundle, what its bundle
+    endpoint serves (as `spire-server bundle show`).
 
-    The sequence is the one the CA publishes (from the ledger, when there is one). Give
-    the output to another trust domain's `meshtrust bundle set`, or as its bootstrapBundle.
+    With a ledger it is the ledger's current bundle version (the roots `meshtrust ca bundle
+    add-root|remove-root` change during a root rotation), and the version is the
+    spiffe_sequence; before the CA first served, the CA directory's roots. Give the output
+    to another trust domain's `meshtrust bundle set`, or as its bootstrapBundle.
     """
     from meshtrust.ca.cadir import load_ca_dir
+    from meshtrust.ca.trust import TrustLedger
     from meshtrust.config.federation import DEFAULT_REFRESH_HINT
     from meshtrust.spiffe.bundle import SpiffeBundle
 
@@ -96,14 +104,16 @@ def show(fmt: str, ca_dir: Path, ledger: str | None) -> None:
     td = material.trust_domain_hint()
     if td is None:
         raise ConfigError(f"cannot tell the trust domain of the CA in {ca_dir} from its O")
-    sequence = None
+    roots, sequence = material.roots, None
     if ledger is not None or (ca_dir / "ledger.db").exists():
         store = _store(ledger, ca_dir)
         try:
-            sequence = store.publish(td, material.roots, now)
+            current = TrustLedger(store.engine).current()
         finally:
             store.close()
-    _emit(SpiffeBundle(td, material.roots, sequence, DEFAULT_REFRESH_HINT), fmt)
+        if current is not None:
+            roots, sequence = current.roots, current.version
+    _emit(SpiffeBundle(td, roots, sequence, DEFAULT_REFRESH_HINT), fmt)
 
 
 @bundle.command("list")

@@ -151,7 +151,12 @@ def rotation_status(ledger: str | None, ca_dir: Path, output: str) -> None:
 
 @click.group("bundle")
 def bundle() -> None:
-    """Change the mesh's trust bundle (the roots every agent trusts)."""
+    """Change the mesh's trust bundle (the roots every agent trusts).
+
+    This is the mesh's *own* bundle, versioned in the ledger (root rotation); its bundle
+    endpoint serves each new version to federated trust domains. `meshtrust bundle show`
+    prints it; `meshtrust bundle list|set|delete` handle other trust domains' bundles.
+    """
 
 
 def _actor(actor: str | None) -> str:
