@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from grpclib.client import Channel, Stream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality
 from grpclib.encoding.proto import ProtoCodec
 
 from meshtrust.agent.cache import SecretCache
-from meshtrust.agent.crl import CrlFollower, crl_number
+from meshtrust.agent.crl import CrlFollower, crl_number, trusted_issuers
 from meshtrust.agent.rotation import backoff_delay
 from meshtrust.caapi.client import client_ssl_context
 from meshtrust.caapi.trust import trust_pb2
@@ -68,6 +69,8 @@ class TrustUpdate:
     bundle_version: int
     roots: tuple[bytes, ...]  # DER
     crl: bytes  # DER, or empty: unchanged
+    crls: tuple[bytes, ...] = ()  # every live issuing CA's CRL, DER
+    crl_issuers: tuple[bytes, ...] = ()  # their certificates, DER; the active one's first
 
 
 def verify_bundle(
@@ -120,6 +123,24 @@ def verify_bundle(
                 f"trust bundle version {version} has other roots than the version {version} held"
             )
     return tuple(roots)
+
+
+def _root_of(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The root of ``roots`` that the top of ``chain`` is issued by, or None."""
+    top = chain[-1]
+    for root in roots:
+        if top == root:
+            return root
+        if top.issuer != root.subject:
+            continue
+        try:
+            top.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return root
+    return None
 
 
 class TrustSource(Protocol):
@@ -184,7 +205,13 @@ class GrpcTrustSource:
                 )
                 self._stream = stream
                 while (message := await stream.recv_message()) is not None:
-                    yield TrustUpdate(message.bundle_version, tuple(message.roots), message.crl)
+                    yield TrustUpdate(
+                        message.bundle_version,
+                        tuple(message.roots),
+                        message.crl,
+                        tuple(message.crls),
+                        tuple(message.crl_issuers),
+                    )
                 self._stream = None
                 # The CA ended it (its status is raised on leaving the block): end ours too,
                 # or grpclib calls it a protocol error and hides the CA's reason.
@@ -235,6 +262,7 @@ class TrustFollower:
         self.refused = 0
         self.serving = 0
         self.last_error: str | None = None
+        self._moved_to: x509.Certificate | None = None
 
     async def run(self) -> None:
         await self._cache.wait_newer(0)  # the stream is authenticated by our certificate
@@ -258,7 +286,8 @@ class TrustFollower:
     async def offer(self, update: TrustUpdate) -> bool:
         """Verify and hand on one update; True when a new bundle version is now served."""
         if update.crl:
-            await self._crl.offer(update.crl)
+            await self._crl.offer(update.crl, update.crls, update.crl_issuers)
+            self._reissue_for_new_root(update)
         held = self._cache.bundle
         if held is not None and held[0] == update.bundle_version:
             try:
@@ -299,6 +328,35 @@ class TrustFollower:
                 return False
         self.serving = update.bundle_version
         return True
+
+    def _reissue_for_new_root(self, update: TrustUpdate) -> None:
+        """Root rotation, phase 2: the CA's active issuer (the first of ``crl_issuers``)
+        chains to another root than our certificate does: re-issue now, so the whole mesh
+        moves to the new root at once instead of at each workload's next renewal. (An
+        intermediate rotation under the same root changes nothing here.)"""
+        secret = self._cache.current
+        if secret is None or not update.crl_issuers:
+            return
+        try:
+            active = x509.load_der_x509_certificate(update.crl_issuers[0])
+        except ValueError:
+            return
+        if active in secret.chain[1:]:
+            return
+        bundle = self._cache.bundle
+        roots = bundle[1] if bundle is not None else self._initial_roots
+        if not trusted_issuers([update.crl_issuers[0]], roots):
+            return  # not chaining to a root we trust (yet): nothing to move to
+        ours = _root_of(secret.chain, roots)
+        theirs = _root_of((active,), roots)
+        if ours is None or theirs is None or ours == theirs or self._moved_to == theirs:
+            return
+        self._moved_to = theirs
+        log.warning(
+            "the CA signs under another root now (%s); re-issuing our certificate now",
+            theirs.subject.rfc4514_string(),
+        )
+        self._renew()
 
     def _refuse(self, exc: SvidVerificationError) -> None:
         self.refused += 1

@@ -157,7 +157,7 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
     """The ``X509SVIDResponse`` for ``secret``, or None when it cannot make a complete one.
 
     The SVID is the DER leaf and intermediates concatenated, its key PKCS#8 DER, its bundle
-    the DER roots concatenated; ``crl`` the CA's CRL (DER) when the agent holds one; no
+    the DER roots concatenated; ``crl`` every issuing CA's CRL (DER) the agent holds; no
     federated bundles.
     """
     if not secret.chain or not secret.roots:
@@ -168,8 +168,7 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
         x509_svid_key=secret.key_der(),
         bundle=secret.roots_der(),
     )
-    crl = secret.crl_der()
-    return _PROTO.X509SVIDResponse(svids=[svid], crl=[crl] if crl is not None else [])
+    return _PROTO.X509SVIDResponse(svids=[svid], crl=list(secret.crls_der()))
 
 
 def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
@@ -181,10 +180,9 @@ def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
     """
     if not secret.roots:
         return None
-    crl = secret.crl_der()
     return _PROTO.X509BundlesResponse(
         bundles={secret.trust_domain.id_string(): secret.roots_der()},
-        crl=[crl] if crl is not None else [],
+        crl=list(secret.crls_der()),
     )
 
 
@@ -335,7 +333,7 @@ class WorkloadApiServer:
         self._open_streams += 1
         try:
             generation = 0
-            sent: tuple[bytes, bytes | None] | None = None  # the roots and the CRL sent
+            sent: tuple[bytes, tuple[bytes, ...]] | None = None  # the roots and the CRLs sent
             while True:
                 secret = await self._next_secret(generation)
                 generation = secret.generation
@@ -344,9 +342,9 @@ class WorkloadApiServer:
                     _refuse_or_skip(decision, sent is not None, "FetchX509Bundles", generation)
                     continue
                 response = x509_bundles_response(secret)
-                if response is None or (secret.roots_der(), secret.crl_der()) == sent:
+                if response is None or (secret.roots_der(), secret.crls_der()) == sent:
                     continue  # no roots, or the same roots and CRL as last time
-                sent = (secret.roots_der(), secret.crl_der())
+                sent = (secret.roots_der(), secret.crls_der())
                 log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
                 await stream.send_message(response)
         finally:
