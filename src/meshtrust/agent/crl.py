@@ -108,6 +108,13 @@ def _aki(crl: x509.CertificateRevocationList) -> bytes | None:
         return None
 
 
+def _ski(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
 def trusted_issuers(
     ders: Sequence[bytes], roots: Sequence[x509.Certificate]
 ) -> list[x509.Certificate]:
@@ -299,6 +306,7 @@ class CrlFollower:
             log.error("refusing a CRL, keeping the last good one: %s", exc)
             return False
         held = {(c.issuer, _aki(c)): c for c in self._cache.crls}
+        known = {_ski(c) for c in issuers}
         more: list[x509.CertificateRevocationList] = []
         for other in others:
             if other == der:
@@ -306,6 +314,8 @@ class CrlFollower:
             try:
                 found = x509.load_der_x509_crl(other)
                 key = (found.issuer, _aki(found))
+                if key[1] is not None and key[1] not in known:
+                    continue  # an issuer not under our roots (the old root's, after it left)
                 if key == (crl.issuer, _aki(crl)) or key in {(m.issuer, _aki(m)) for m in more}:
                     continue
                 more.append(verify_crl(other, issuers, held.get(key), now))
