@@ -32,7 +32,14 @@ from meshtrust.ca.trust import ServedReport, TrustLedger
 from meshtrust.cli import cli
 from meshtrust.clock import SystemClock
 from meshtrust.errors import InvalidInput
-from meshtrust.pki import KeyType, Signer, certs_pem, format_serial, generate_key
+from meshtrust.pki import (
+    KeyType,
+    Signer,
+    certs_pem,
+    format_serial,
+    generate_key,
+    load_certs_pem,
+)
 from meshtrust.pki.profile import LeafIssuer
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
@@ -152,6 +159,9 @@ def test_each_phase_is_one_idempotent_step_and_knows_who_is_behind(rig: Rig) -> 
     rec = rig.rotation.enter(rotations.current())  # type: ignore[arg-type]
     active = SlotLedger(rig.sql.engine).slots().active
     assert active is not None and active.generation == rec.generation
+    # Agents that start later verify the CA (now under B) from the root file: it holds B too.
+    assert load_certs_pem((rig.ca_dir / "root-cert.pem").read_bytes()) == [rig.root_a, root_b.cert]
+    assert load_ca_dir(rig.ca_dir, rig.now).roots == (rig.root_a, root_b.cert)
     old_signer = Signer(
         load_ca_dir(rig.ca_dir, rig.now).signer.cert, load_ca_dir(rig.ca_dir, rig.now).signer.key
     )

@@ -452,6 +452,7 @@ class RootRotation:
                 values["target_version"] = bundle.version
         elif rec.phase is Phase.SIGN:
             assert rec.generation is not None
+            self._add_to_root_file(rec.new_root)
             slots = self.slots.slots()
             if slots.active is None or slots.active.generation != rec.generation:
                 if not self.slots.activate(rec.generation, now, self.driver):
@@ -482,6 +483,28 @@ class RootRotation:
             self.rotations.update(rec.id, now, self.driver, **values)
             return dataclasses.replace(rec, **values)  # type: ignore[arg-type]
         return rec
+
+    def _add_to_root_file(self, root: x509.Certificate) -> None:
+        """Add the new root to the CA directory's root file (``root-cert.pem``, or ``ca.crt``
+        in the TLS layout): what `meshtrust up` hands agents that start later. From phase
+        2 on the CA's port certificate chains to the new root, so an agent starting from
+        the old root alone could not verify it. The old root stays in the file: the CA
+        directory's own ``ca-cert.pem`` chains to it."""
+        path = self._ca_dir / "root-cert.pem"
+        if not path.exists() and (self._ca_dir / "ca.crt").exists():
+            path = self._ca_dir / "ca.crt"
+        try:
+            roots = load_certs_pem(path.read_bytes(), source=str(path))
+            if root in roots:
+                return
+            write_file_atomic(path, certs_pem([*roots, root]), 0o644)
+        except (OSError, InvalidCertificate) as exc:  # a read-only secret mount
+            self._say(
+                f"warning: cannot add the new root to {path} ({exc}); agents started from "
+                "that file will not verify the CA until it holds the new root"
+            )
+            return
+        self._say(f"added the new root to {path} (for agents that start later)")
 
     def _prepare(self, rec: RotationRecord, now: dt.datetime) -> int:
         """Record the signing CA under the new root as PREPARED (a PREPARED successor under
