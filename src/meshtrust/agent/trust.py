@@ -58,6 +58,10 @@ log = logging.getLogger("meshtrust.agent")
 
 #: How long a new bundle may take to reach every output (files) before it is reported served.
 HANDED_ON_WAIT = 30.0
+#: Root rotation: re-issues until our certificate chains to the new root, and the pause
+#: before each retry (a CA process follows a new signing slot within a second).
+MOVE_ATTEMPTS = 20
+MOVE_RETRY = 1.0
 #: The CA's trust stream (:data:`meshtrust.ca.trust.WATCH_TRUST`).
 WATCH_TRUST = "/meshtrust.trust.v1.TrustService/WatchTrust"
 
@@ -263,8 +267,17 @@ class TrustFollower:
         self.serving = 0
         self.last_error: str | None = None
         self._moved_to: x509.Certificate | None = None
+        self._confirming: asyncio.Future[None] | None = None
+        self._last_leaf: x509.Certificate | None = None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._confirming is not None:
+                self._confirming.cancel()
+
+    async def _run(self) -> None:
         await self._cache.wait_newer(0)  # the stream is authenticated by our certificate
         attempt = 0
         while True:
@@ -357,6 +370,28 @@ class TrustFollower:
             theirs.subject.rfc4514_string(),
         )
         self._renew()
+        self._last_leaf = secret.leaf
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.ensure_future(self._confirm_move(secret.generation))
+
+    async def _confirm_move(self, generation: int) -> None:
+        """Renew again until our certificate chains to the root the CA moved to: the CA
+        replica (or worker) that answers the renewal may not have followed the new signing
+        slot yet (each follows the ledger within a second)."""
+        for _ in range(MOVE_ATTEMPTS):
+            secret = await self._cache.wait_newer(generation)
+            generation = secret.generation
+            target = self._moved_to
+            bundle = self._cache.bundle
+            roots = bundle[1] if bundle is not None else self._initial_roots
+            if target is None or _root_of(secret.chain, roots) == target:
+                return
+            if secret.leaf == self._last_leaf:
+                continue  # the same certificate re-published (a bundle or CRL change)
+            self._last_leaf = secret.leaf
+            await self._clock.sleep(MOVE_RETRY)
+            log.warning("our new certificate still chains to the old root; re-issuing again")
+            self._renew()
 
     def _refuse(self, exc: SvidVerificationError) -> None:
         self.refused += 1
