@@ -4,15 +4,22 @@ verifies each against issuers that chain to its roots and hands all of them on (
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import random
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshtrust.agent import AgentConfig
+from meshtrust.agent.agent import Agent
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.crl import CrlFollower, trusted_issuers
+from meshtrust.agent.issuance import TokenFile
 from meshtrust.agent.sds import secret_resource
+from meshtrust.agent.trust import TrustUpdate
 from meshtrust.agent.workload_api import x509_svid_response
 from meshtrust.ca.crl import CrlPublisher
 from meshtrust.ca.revocation import Revocation, RevocationState
@@ -28,6 +35,9 @@ from meshtrust.pki import (
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from tests import badcerts
 from tests.badcerts import CaFixture
+from tests.test_crl_agent import RecordingCa
+from tests.test_trust import QueueTrustSource
+from tests.waiting import async_until
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 TD = TrustDomain("example.org")
@@ -42,8 +52,6 @@ class _Watch:
         self.state = state
 
     def subscribe(self) -> object:
-        import asyncio
-
         return asyncio.Queue()
 
 
@@ -140,3 +148,69 @@ async def test_a_revoked_leaf_is_found_in_its_own_issuers_crl(ca: CaFixture) -> 
     assert await follower.offer(publisher.ders[0], publisher.ders, publisher.issuer_ders)
     secret = cache.current
     assert secret is not None and secret.revoked and renewals == [1]
+
+
+@pytest.mark.asyncio
+async def test_the_agent_reissues_until_its_certificate_chains_to_the_new_root(
+    ca: CaFixture, tmp_path: Path
+) -> None:
+    """Root rotation phase 2: the stream's active issuer (first of ``crl_issuers``) chains
+    to another root than our certificate: re-issue at once; a renewal answered by a CA
+    process still signing under the old root is retried until the certificate moves."""
+    from meshtrust.ca.crl import build_crl
+
+    ca_b = badcerts.make_ca(TD, now=T0 - dt.timedelta(days=1))
+    token = tmp_path / "token"
+    token.write_text("a-token")
+    config = AgentConfig(
+        ca_root=tmp_path / "root.pem",
+        trust_domain=TD,
+        namespace="default",
+        service_account="web",
+        sds_socket=None,
+        workload_socket=None,
+        output_dir=tmp_path / "certs",
+        status_listen=None,
+    )
+    clock = FakeClock(T0)
+    signer, stream = RecordingCa(clock, ca), QueueTrustSource()
+    agent = Agent(
+        config,
+        identity=WEB,
+        anchors=TrustBundle(TD, (ca.root,)),
+        source=signer,
+        token=TokenFile(token),
+        clock=clock,
+        rng=random.Random(1),
+        trust_source=stream,
+    )
+    roots = (ca.root.public_bytes(DER), ca_b.root.public_bytes(DER))
+    await agent.start()
+    try:
+        await agent.cache.wait_newer(0)
+        await stream.queue.put(TrustUpdate(1, roots, b""))
+        await async_until(lambda: stream.reports[-1] == 1, what="A+B served")
+        await async_until(lambda: len(signer.calls) == 2, what="re-issued on the root change")
+        crl_a = build_crl(ca.signer, RevocationState(1, {}), T0).public_bytes(DER)
+        crl_b = build_crl(ca_b.signer, RevocationState(1, {}), T0).public_bytes(DER)
+        issuers = (ca_b.signer.cert.public_bytes(DER), ca.signer.cert.public_bytes(DER))
+        # The CA now signs under B (its first issuer), but this renewal is answered under A.
+        await stream.queue.put(TrustUpdate(2, roots, crl_b, (crl_b, crl_a), issuers))
+        await async_until(lambda: len(signer.calls) == 3, what="re-issued for the new root")
+        assert len(agent.cache.crls) == 2
+        current = agent.cache.current
+        assert current is not None and current.chain[1] == ca.signer.cert
+        signer.ca = ca_b  # the CA process has followed the slot
+        for _ in range(50):
+            await clock.advance(0.5)
+            current = agent.cache.current
+            if current is not None and current.chain[1] == ca_b.signer.cert:
+                break
+            await asyncio.sleep(0.01)
+        assert current is not None and current.chain[1] == ca_b.signer.cert
+        calls = len(signer.calls)
+        await clock.advance(5)
+        await asyncio.sleep(0.05)
+        assert len(signer.calls) == calls  # moved: no more re-issues
+    finally:
+        await agent.stop()
