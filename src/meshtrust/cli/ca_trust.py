@@ -285,8 +285,9 @@ def remove_root_command(
 ) -> None:
     """Remove the root with this SHA-256 FINGERPRINT (a unique prefix will do) from the bundle.
 
-    Refused when it is the last root, or when the CA's active signing certificate (in
-    --ca-dir) chains to it: sign under the new root first. `meshtrust ca rotation status`
+    Refused when it is the last root, or when the CA's active signing certificate (the
+    ledger's active signing slot, else --ca-dir's) chains to it: sign under the new root
+    first. `meshtrust ca rotation status`
     lists the fingerprints. Phase 3 of a root rotation (see docs/rotation.md).
     """
     from meshtrust.ca.cadir import load_ca_dir
@@ -297,7 +298,11 @@ def remove_root_command(
     sql = _open(ledger, ca_dir)
     try:
         current = _current(sql)
-        roots, removed = remove_root(current.roots, fingerprint_text, material.intermediates)
+        from meshtrust.ca.signing import SlotLedger
+
+        active = SlotLedger(sql.engine).slots().active  # the signer in use (after rotations)
+        signer_chain = active.chain if active is not None else material.intermediates
+        roots, removed = remove_root(current.roots, fingerprint_text, signer_chain)
         made = TrustLedger(sql.engine).set_roots(
             roots,
             now,
