@@ -53,11 +53,14 @@ def invoke(*args: str) -> Result:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path) -> None:
+    """A CA directory, its ledger (SQLite, or ``url``) with bundle version 1 and the signing
+    slots bootstrapped, as `ca serve` leaves them; and a rotation driver."""
+
+    def __init__(self, tmp_path: Path, url: str | None = None) -> None:
         self.now = SystemClock().now()
         self.ca_dir = tmp_path / "ca"
         init_ca_dir(self.ca_dir, TD, self.now)
-        self.sql = SqlLedger(f"sqlite:///{self.ca_dir / 'ledger.db'}")
+        self.sql = SqlLedger(url or f"sqlite:///{self.ca_dir / 'ledger.db'}")
         material = load_ca_dir(self.ca_dir, self.now)
         self.root_a = material.roots[0]
         self.watch = SigningWatch(
