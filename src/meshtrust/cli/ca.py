@@ -341,20 +341,20 @@ def certs_list(
     if output != "table":
         emit(
             [
-                {
-                    "serial": r.serial,
-                    "spiffe_id": r.spiffe_id,
-                    "not_before": r.not_before.isoformat(),
-                    "not_after": r.not_after.isoformat(),
-                    "key_type": r.key_type,
-                    "requester": r.requester,
-                    "authenticator": r.authenticator,
-                    "issued_at": r.issued_at.isoformat(),
-                    "expired": r.not_after <= now,
-                    "revoked": _revocation_json(revoked.get(r.serial)),
-                }
-                for r in records
-            ],
+                    {
+                        "serial": r.serial,
+                        "spiffe_id": r.spiffe_id,
+                        "not_before": r.not_before.isoformat(),
+                        "not_after": r.not_after.isoformat(),
+                        "key_type": r.key_type,
+                        "requester": r.requester,
+                        "authenticator": r.authenticator,
+                        "issued_at": r.issued_at.isoformat(),
+                        "expired": r.not_after <= now,
+                        "revoked": _revocation_json(revoked.get(r.serial)),
+                    }
+                    for r in records
+                ],
             output,
         )
         return
