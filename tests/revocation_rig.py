@@ -28,7 +28,13 @@ from meshtrust.agent import AgentConfig
 from meshtrust.agent.agent import Agent
 from meshtrust.agent.build import build_agent
 from meshtrust.ca import init_ca_dir
-from meshtrust.ca.assembly import Revocations, build_authority, prepare_ca, start_revocations
+from meshtrust.ca.assembly import (
+    Revocations,
+    build_authority,
+    prepare_ca,
+    start_revocations,
+    start_signing,
+)
 from meshtrust.ca.config import CaServeConfig
 from meshtrust.ca.ledger import GroupCommitLedger, SqlLedger
 from meshtrust.ca.metrics import CaMetrics
@@ -168,8 +174,9 @@ def hello_app() -> Iterator[int]:
 
 @contextlib.asynccontextmanager
 async def revocation_rig(
-    workdir: Path, poll: float = POLL_INTERVAL, *, sidecar: bool = False
+    workdir: Path, poll: float = POLL_INTERVAL, *, sidecar: bool = False, signing: bool = False
 ) -> AsyncIterator[Rig]:
+    """``signing``: the CA follows the ledger's signing slots (one CRL per live slot)."""
     clock = SystemClock()
     ca_dir = workdir / "ca"
     init_ca_dir(ca_dir, TD, clock.now(), KeyType.EC_P256)
@@ -178,9 +185,16 @@ async def revocation_rig(
     )
     sql = SqlLedger(prepared.ledger_url)
     ledger = GroupCommitLedger(sql)
-    revocations = start_revocations(prepared, sql, clock, interval=poll)
+    slots = start_signing(prepared, sql, clock) if signing else None
+    revocations = start_revocations(
+        prepared, sql, clock, interval=poll, signing=slots.watch if slots else None
+    )
     metrics = CaMetrics(TextRegistry())
-    service = CaGrpcService(build_authority(prepared, clock, ledger, metrics, revocations.watch))
+    service = CaGrpcService(
+        build_authority(
+            prepared, clock, ledger, metrics, revocations.watch, slots.watch if slots else None
+        )
+    )
     sock = bind_listener("127.0.0.1", 0, what="rig")
     address = f"127.0.0.1:{sock.getsockname()[1]}"
     server = GrpcServer([service, revocations.service])
@@ -230,6 +244,8 @@ async def revocation_rig(
             await agent.stop()
         app.close()
         await server.shutdown()
+        if slots is not None:
+            await slots.aclose()
         await revocations.aclose()
         await ledger.aclose()
         sql.close()

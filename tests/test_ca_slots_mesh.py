@@ -2,7 +2,10 @@
 Envoy sidecars, STRICT mTLS) with short lifetimes: an intermediate of 90 s (prepared at 45 s,
 active at 75 s) and workload certificates of 20 s. ``a`` calls ``b`` (HTTP) and ``t`` (TCP:
 a new mTLS handshake per call) in a loop throughout: no call fails across the activation,
-and every sidecar ends up serving a chain through the new intermediate."""
+and every sidecar ends up serving a chain through the new intermediate. The successor has a
+fresh key (the default): the CA publishes one CRL per live slot, the prepared one's before
+its activation, and every sidecar holds both CRLs (Envoy finds a leaf's CRL by its issuer's
+name and key; with only the old CRL it would refuse every new leaf)."""
 
 from __future__ import annotations
 
@@ -57,6 +60,32 @@ def _served_chain(mesh: object, service: str) -> list[x509.Certificate]:
         chain = secret["secret"]["tls_certificate"]["certificate_chain"]["inline_bytes"]
         return x509.load_pem_x509_certificates(base64.b64decode(chain))
     return []
+
+
+def _ski(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+
+
+def _crl_issuer_keys(mesh: object, service: str) -> set[bytes]:
+    """The key identifiers of the issuers of the CRLs ``service``'s Envoy holds in its
+    ``ROOTCA`` validation context (one PEM, several CRLs)."""
+    admin = agent_status(mesh, service)["envoy"]["admin"]  # type: ignore[arg-type]
+    status, body = EnvoyAdmin.at(admin).get(
+        "/config_dump?resource=dynamic_active_secrets", timeout=5
+    )
+    assert status == 200, body
+    out: set[bytes] = set()
+    for secret in json.loads(body)["configs"]:
+        context = secret.get("secret", {}).get("validation_context")
+        if not context or "crl" not in context:
+            continue
+        pem = base64.b64decode(context["crl"]["inline_bytes"])
+        for block in pem.split(b"-----END X509 CRL-----")[:-1]:
+            crl = x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n")
+            aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+            if aki.key_identifier is not None:
+                out.add(aki.key_identifier)
+    return out
 
 
 class Caller(threading.Thread):
@@ -122,6 +151,14 @@ def test_intermediate_rotation_under_load_fails_no_call(tmp_path: Path) -> None:
             )
             new = slots.slots().active
             assert new is not None
+            assert new.cert.public_key() != first.cert.public_key()  # a fresh key
+            for service in ("a", "b", "t"):
+                until(
+                    lambda s=service: _crl_issuer_keys(mesh, s)  # type: ignore[misc]
+                    >= {_ski(first.cert), _ski(new.cert)},
+                    timeout=30,
+                    what=f"{service}'s Envoy holds the CRLs of both intermediates",
+                )
             # Every sidecar moves to the new chain at its next renewal (20 s certificates).
             for service in ("a", "b", "t"):
                 assert caller.failures == [], caller.failures[:10]

@@ -5,7 +5,8 @@ A :class:`WorkloadSecret` is immutable; the cache swaps whole secrets and bumps 
 number, so a reader always sees a key with its own certificate. Servers wait for the next
 generation with :meth:`SecretCache.wait_newer` instead of polling.
 
-The CA's CRL travels with the secret: the cache holds the last verified one
+The CA's CRLs (one per live issuing CA) travel with the secret: the cache holds the last
+verified ones
 (:meth:`SecretCache.publish_crl`, from :mod:`meshtrust.agent.crl`) and stamps it on every
 secret it publishes, so a new CRL is a new generation that SDS (``ROOTCA``), the Workload API
 and the files pick up like a rotation, and a rotation never drops the CRL.
@@ -43,7 +44,11 @@ class WorkloadSecret:
     roots: tuple[x509.Certificate, ...]
     received_at: dt.datetime
     generation: int = 0
-    crl: x509.CertificateRevocationList | None = None  # the CA's, verified
+    crl: x509.CertificateRevocationList | None = None  # the active issuing CA's, verified
+    #: The CRLs of the other live issuing CAs (prepared and old signing slots, the other
+    #: root's intermediate during a root rotation), verified: Envoy needs the CRL of every
+    #: issuer whose leaves it may see.
+    other_crls: tuple[x509.CertificateRevocationList, ...] = ()
     bundle_version: int = 0  # the mesh bundle ``roots`` come from (0: the root file's)
     # Federated trust domains' roots (agent/federated.py); never mixed into ``roots``.
     federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = field(default_factory=dict)
@@ -69,20 +74,34 @@ class WorkloadSecret:
         return now >= self.not_after
 
     @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """Every CRL this secret carries, the active issuer's first."""
+        return () if self.crl is None else (self.crl, *self.other_crls)
+
+    @property
     def revoked(self) -> bool:
-        """Whether the CRL this secret carries lists its own leaf."""
-        return (
-            self.crl is not None
-            and self.crl.get_revoked_certificate_by_serial_number(self.leaf.serial_number)
-            is not None
+        """Whether a CRL this secret carries from its leaf's issuer lists its own leaf."""
+        serial = self.leaf.serial_number
+        return any(
+            c.issuer == self.leaf.issuer
+            and c.get_revoked_certificate_by_serial_number(serial) is not None
+            for c in self.crls
         )
 
-    # The CRL is not cached in ``_pem``: a secret re-stamped with a new CRL shares that dict.
+    # The CRLs are not cached in ``_pem``: a secret re-stamped with new CRLs shares that dict.
     def crl_pem(self) -> bytes | None:
-        return None if self.crl is None else self.crl.public_bytes(serialization.Encoding.PEM)
+        """Every CRL, PEM, concatenated (Envoy's ``crl`` and ``crl.pem`` may hold several)."""
+        if self.crl is None:
+            return None
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.crls)
 
     def crl_der(self) -> bytes | None:
+        """The active issuer's CRL, DER."""
         return None if self.crl is None else self.crl.public_bytes(serialization.Encoding.DER)
+
+    def crls_der(self) -> tuple[bytes, ...]:
+        """Every CRL, DER, one per element (Workload API ``X509SVIDResponse.crl``)."""
+        return tuple(c.public_bytes(serialization.Encoding.DER) for c in self.crls)
 
     # PEM/DER renderings, computed once per secret.
     def chain_pem(self) -> bytes:
@@ -138,6 +157,7 @@ class SecretCache:
     def __init__(self) -> None:
         self._secret: WorkloadSecret | None = None
         self._crl: x509.CertificateRevocationList | None = None
+        self._other_crls: tuple[x509.CertificateRevocationList, ...] = ()
         self._bundle: tuple[int, tuple[x509.Certificate, ...]] | None = None
         self._federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = {}
         self._generation = 0
@@ -153,7 +173,13 @@ class SecretCache:
 
     @property
     def crl(self) -> x509.CertificateRevocationList | None:
+        """The active issuing CA's CRL held."""
         return self._crl
+
+    @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """Every CRL held, the active issuer's first."""
+        return () if self._crl is None else (self._crl, *self._other_crls)
 
     @property
     def bundle(self) -> tuple[int, tuple[x509.Certificate, ...]] | None:
@@ -195,15 +221,22 @@ class SecretCache:
             self._changed.notify_all()
             return self._secret
 
-    async def publish_crl(self, crl: x509.CertificateRevocationList) -> WorkloadSecret | None:
-        """Hold ``crl`` (verified by the caller) and, when there is a secret, republish it
-        carrying the CRL as a new generation; returns that secret."""
+    async def publish_crl(
+        self,
+        crl: x509.CertificateRevocationList,
+        others: tuple[x509.CertificateRevocationList, ...] = (),
+    ) -> WorkloadSecret | None:
+        """Hold ``crl`` (the active issuer's) and ``others`` (the other live issuers'), all
+        verified by the caller, and, when there is a secret, republish it carrying them as a
+        new generation; returns that secret."""
         async with self._changed:
-            self._crl = crl
+            self._crl, self._other_crls = crl, others
             if self._secret is None:
                 return None
             self._generation += 1
-            self._secret = dataclasses.replace(self._secret, generation=self._generation, crl=crl)
+            self._secret = dataclasses.replace(
+                self._secret, generation=self._generation, crl=crl, other_crls=others
+            )
             self._changed.notify_all()
             return self._secret
 
@@ -213,7 +246,11 @@ class SecretCache:
         async with self._changed:
             self._generation += 1
             stamped = dataclasses.replace(
-                secret, generation=self._generation, crl=self._crl, federated=self._federated
+                secret,
+                generation=self._generation,
+                crl=self._crl,
+                other_crls=self._other_crls,
+                federated=self._federated,
             )
             if self._bundle is not None:
                 stamped = _with_bundle(stamped, self._bundle, self._generation)

@@ -1,6 +1,7 @@
 """Following the CA's CRL: received over the CA port, verified, handed to every output.
 
-Theory of operation. The CRL arrives on the trust stream (:mod:`meshtrust.agent.trust`,
+Theory of operation. The CRLs (one per live issuing CA: Envoy looks a leaf's CRL up by its
+issuer's name and key) arrive on the trust stream (:mod:`meshtrust.agent.trust`,
 which hands each one to :meth:`CrlFollower.offer`; ``GrpcCrlSource`` and :meth:`CrlFollower.
 run` follow the older ``CrlService/WatchCrl`` stream, which the CA still serves). Every CRL
 goes through
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from google.protobuf import wrappers_pb2
 from grpclib.client import Channel
 from grpclib.config import Configuration
@@ -47,6 +49,7 @@ __all__ = [
     "GrpcCrlSource",
     "crl_number",
     "stale_at",
+    "trusted_issuers",
     "verify_crl",
 ]
 
@@ -113,6 +116,54 @@ def verify_crl(
             f"CRL {crl_number(crl):x} is older than the one held ({crl_number(held):x})"
         )
     return crl
+
+
+def _aki(crl: x509.CertificateRevocationList) -> bytes | None:
+    try:
+        return crl.extensions.get_extension_for_class(
+            x509.AuthorityKeyIdentifier
+        ).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _ski(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def trusted_issuers(
+    ders: Sequence[bytes], roots: Sequence[x509.Certificate]
+) -> list[x509.Certificate]:
+    """The CA certificates among ``ders`` that chain to one of ``roots`` (directly, or
+    through another of them); the others are left out."""
+    pending: list[x509.Certificate] = []
+    for der in ders:
+        try:
+            pending.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            continue
+    good: list[x509.Certificate] = []
+    anchors = list(roots)
+    progress = True
+    while pending and progress:
+        progress = False
+        for cert in list(pending):
+            for parent in anchors:
+                if cert.issuer != parent.subject:
+                    continue
+                try:
+                    cert.verify_directly_issued_by(parent)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                good.append(cert)
+                anchors.append(cert)
+                pending.remove(cert)
+                progress = True
+                break
+    return good
 
 
 class CrlSource(Protocol):
@@ -249,23 +300,57 @@ class CrlFollower:
             attempt += 1
             await self._clock.sleep(delay)
 
-    async def offer(self, der: bytes) -> bool:
-        """Verify and hand on one CRL; True when it was accepted."""
+    async def offer(
+        self, der: bytes, others: Sequence[bytes] = (), issuer_ders: Sequence[bytes] = ()
+    ) -> bool:
+        """Verify and hand on the active issuer's CRL ``der`` with the other live issuers'
+        (``others``; the CA sends one per issuing CA, signed by that CA, whose certificates
+        are ``issuer_ders``: each is used only once it chains to a root we trust). True when
+        ``der`` was accepted; another issuer's CRL that fails is left out (logged,
+        counted)."""
         secret = self._cache.current
         bundle = self._cache.bundle
         roots = bundle[1] if bundle is not None else self._anchors.roots
-        issuers = [*(secret.chain[1:] if secret is not None else ()), *roots]
+        issuers = [
+            *(secret.chain[1:] if secret is not None else ()),
+            *roots,
+            *trusted_issuers(issuer_ders, roots),
+        ]
+        now = self._clock.now()
         try:
-            crl = verify_crl(der, issuers, self._cache.crl, self._clock.now())
+            crl = verify_crl(der, issuers, self._cache.crl, now)
         except (InvalidCertificate, SvidVerificationError) as exc:
             self.refused += 1
             self.last_error = str(exc)
             log.error("refusing a CRL, keeping the last good one: %s", exc)
             return False
+        held = {(c.issuer, _aki(c)): c for c in self._cache.crls}
+        known = {_ski(c) for c in issuers}
+        more: list[x509.CertificateRevocationList] = []
+        for other in others:
+            if other == der:
+                continue
+            try:
+                found = x509.load_der_x509_crl(other)
+                key = (found.issuer, _aki(found))
+                if key[1] is not None and key[1] not in known:
+                    continue  # an issuer not under our roots (the old root's, after it left)
+                if key == (crl.issuer, _aki(crl)) or key in {(m.issuer, _aki(m)) for m in more}:
+                    continue
+                more.append(verify_crl(other, issuers, held.get(key), now))
+            except (ValueError, InvalidCertificate, SvidVerificationError) as exc:
+                self.refused += 1
+                self.last_error = str(exc)
+                log.error("refusing the CRL of another issuing CA: %s", exc)
         self.accepted += 1
         self.last_error = None
-        published = await self._cache.publish_crl(crl)
-        log.info("CRL %x: %d revoked certificates", crl_number(crl), len(crl))
+        published = await self._cache.publish_crl(crl, tuple(more))
+        log.info(
+            "CRL %x: %d revoked certificates (%d issuing CA(s))",
+            crl_number(crl),
+            len(crl),
+            1 + len(more),
+        )
         if published is not None and published.revoked:
             log.warning(
                 "our certificate %s is revoked; renewing now with the token",

@@ -198,7 +198,8 @@ def secret_resource(name: str, secret: WorkloadSecret) -> Any:
             context = spiffe_validation_context(_PROTO, secret)
         crl = secret.crl_pem()
         if crl is not None:
-            # The CRL is the issuing CA's, for leaves: only the leaf is checked against it.
+            # One CRL per live issuing CA, in one PEM (Envoy finds a leaf's by its issuer's
+            # name and key). They are for leaves: only the leaf is checked against them.
             # Otherwise Envoy wants a CRL for every CA in the chain, the root included, which
             # a plugged-in CA (no root key) cannot sign; CAs are revoked by rotating them.
             context.crl.inline_bytes = crl
@@ -217,7 +218,7 @@ def _fingerprint(name: str, secret: WorkloadSecret) -> bytes:
     else:
         digest.update(secret.roots_pem())
         digest.update(b"\0")
-        digest.update(secret.crl_der() or b"")
+        digest.update(secret.crl_pem() or b"")
         digest.update(b"".join(federated_der(secret.federated).values()))
     return digest.digest()
 

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from grpclib.client import Channel, Stream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality
 from grpclib.encoding.proto import ProtoCodec
 
 from meshtrust.agent.cache import SecretCache
-from meshtrust.agent.crl import CrlFollower, crl_number
+from meshtrust.agent.crl import CrlFollower, crl_number, trusted_issuers
 from meshtrust.agent.federated import FederatedIntake
 from meshtrust.agent.rotation import backoff_delay
 from meshtrust.caapi.client import client_ssl_context
@@ -58,6 +59,10 @@ log = logging.getLogger("meshtrust.agent")
 
 #: How long a new bundle may take to reach every output (files) before it is reported served.
 HANDED_ON_WAIT = 30.0
+#: Root rotation: re-issues until our certificate chains to the new root, and the pause
+#: before each retry (a CA process follows a new signing slot within a second).
+MOVE_ATTEMPTS = 20
+MOVE_RETRY = 1.0
 #: The CA's trust stream (:data:`meshtrust.ca.trust.WATCH_TRUST`).
 WATCH_TRUST = "/meshtrust.trust.v1.TrustService/WatchTrust"
 
@@ -69,6 +74,8 @@ class TrustUpdate:
     bundle_version: int
     roots: tuple[bytes, ...]  # DER
     crl: bytes  # DER, or empty: unchanged
+    crls: tuple[bytes, ...] = ()  # every live issuing CA's CRL, DER
+    crl_issuers: tuple[bytes, ...] = ()  # their certificates, DER; the active one's first
     federated: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)  # name -> DERs
 
 
@@ -122,6 +129,24 @@ def verify_bundle(
                 f"trust bundle version {version} has other roots than the version {version} held"
             )
     return tuple(roots)
+
+
+def _root_of(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The root of ``roots`` that the top of ``chain`` is issued by, or None."""
+    top = chain[-1]
+    for root in roots:
+        if top == root:
+            return root
+        if top.issuer != root.subject:
+            continue
+        try:
+            top.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return root
+    return None
 
 
 class TrustSource(Protocol):
@@ -190,6 +215,8 @@ class GrpcTrustSource:
                         message.bundle_version,
                         tuple(message.roots),
                         message.crl,
+                        tuple(message.crls),
+                        tuple(message.crl_issuers),
                         {td: tuple(b.roots) for td, b in message.federated.items()},
                     )
                 self._stream = None
@@ -243,8 +270,18 @@ class TrustFollower:
         self.refused = 0
         self.serving = 0
         self.last_error: str | None = None
+        self._moved_to: x509.Certificate | None = None
+        self._confirming: asyncio.Future[None] | None = None
+        self._last_leaf: x509.Certificate | None = None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._confirming is not None:
+                self._confirming.cancel()
+
+    async def _run(self) -> None:
         await self._cache.wait_newer(0)  # the stream is authenticated by our certificate
         attempt = 0
         while True:
@@ -266,7 +303,8 @@ class TrustFollower:
     async def offer(self, update: TrustUpdate) -> bool:
         """Verify and hand on one update; True when a new bundle version is now served."""
         if update.crl:
-            await self._crl.offer(update.crl)
+            await self._crl.offer(update.crl, update.crls, update.crl_issuers)
+            self._reissue_for_new_root(update)
         await self.federated.offer(update.federated, self._clock.now())
         held = self._cache.bundle
         if held is not None and held[0] == update.bundle_version:
@@ -308,6 +346,57 @@ class TrustFollower:
                 return False
         self.serving = update.bundle_version
         return True
+
+    def _reissue_for_new_root(self, update: TrustUpdate) -> None:
+        """Root rotation, phase 2: the CA's active issuer (the first of ``crl_issuers``)
+        chains to another root than our certificate does: re-issue now, so the whole mesh
+        moves to the new root at once instead of at each workload's next renewal. (An
+        intermediate rotation under the same root changes nothing here.)"""
+        secret = self._cache.current
+        if secret is None or not update.crl_issuers:
+            return
+        try:
+            active = x509.load_der_x509_certificate(update.crl_issuers[0])
+        except ValueError:
+            return
+        if active in secret.chain[1:]:
+            return
+        bundle = self._cache.bundle
+        roots = bundle[1] if bundle is not None else self._initial_roots
+        if not trusted_issuers([update.crl_issuers[0]], roots):
+            return  # not chaining to a root we trust (yet): nothing to move to
+        ours = _root_of(secret.chain, roots)
+        theirs = _root_of((active,), roots)
+        if ours is None or theirs is None or ours == theirs or self._moved_to == theirs:
+            return
+        self._moved_to = theirs
+        log.warning(
+            "the CA signs under another root now (%s); re-issuing our certificate now",
+            theirs.subject.rfc4514_string(),
+        )
+        self._renew()
+        self._last_leaf = secret.leaf
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.ensure_future(self._confirm_move(secret.generation))
+
+    async def _confirm_move(self, generation: int) -> None:
+        """Renew again until our certificate chains to the root the CA moved to: the CA
+        replica (or worker) that answers the renewal may not have followed the new signing
+        slot yet (each follows the ledger within a second)."""
+        for _ in range(MOVE_ATTEMPTS):
+            secret = await self._cache.wait_newer(generation)
+            generation = secret.generation
+            target = self._moved_to
+            bundle = self._cache.bundle
+            roots = bundle[1] if bundle is not None else self._initial_roots
+            if target is None or _root_of(secret.chain, roots) == target:
+                return
+            if secret.leaf == self._last_leaf:
+                continue  # the same certificate re-published (a bundle or CRL change)
+            self._last_leaf = secret.leaf
+            await self._clock.sleep(MOVE_RETRY)
+            log.warning("our new certificate still chains to the old root; re-issuing again")
+            self._renew()
 
     def _refuse(self, exc: SvidVerificationError) -> None:
         self.refused += 1

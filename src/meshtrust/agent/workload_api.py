@@ -158,7 +158,7 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
     """The ``X509SVIDResponse`` for ``secret``, or None when it cannot make a complete one.
 
     The SVID is the DER leaf and intermediates concatenated, its key PKCS#8 DER, its bundle
-    the DER roots concatenated; ``crl`` the CA's CRL (DER) when the agent holds one;
+    the DER roots concatenated; ``crl`` every issuing CA's CRL (DER) the agent holds;
     ``federated_bundles`` the federated trust domains' roots, keyed ``spiffe://<td>``.
     """
     if not secret.chain or not secret.roots:
@@ -169,10 +169,9 @@ def x509_svid_response(secret: WorkloadSecret) -> X509SVIDResponse | None:
         x509_svid_key=secret.key_der(),
         bundle=secret.roots_der(),
     )
-    crl = secret.crl_der()
     return _PROTO.X509SVIDResponse(
         svids=[svid],
-        crl=[crl] if crl is not None else [],
+        crl=list(secret.crls_der()),
         federated_bundles=federated_der(secret.federated),
     )
 
@@ -186,14 +185,13 @@ def x509_bundles_response(secret: WorkloadSecret) -> X509BundlesResponse | None:
     """
     if not secret.roots:
         return None
-    crl = secret.crl_der()
     return _PROTO.X509BundlesResponse(
         # The own trust domain's and every federated one's (SPIFFE Workload API).
         bundles={
             **federated_der(secret.federated),
             secret.trust_domain.id_string(): secret.roots_der(),
         },
-        crl=[crl] if crl is not None else [],
+        crl=list(secret.crls_der()),
     )
 
 
@@ -353,9 +351,9 @@ class WorkloadApiServer:
                     _refuse_or_skip(decision, sent is not None, "FetchX509Bundles", generation)
                     continue
                 response = x509_bundles_response(secret)
-                content = (secret.roots_der(), secret.crl_der(), federated_der(secret.federated))
+                content = (secret.roots_der(), secret.crls_der(), federated_der(secret.federated))
                 if response is None or content == sent:
-                    continue  # no roots, or the same bundles and CRL as last time
+                    continue  # no roots, or the same bundles and CRLs as last time
                 sent = content
                 log.debug("Workload API: sending X.509 bundle (generation %d)", generation)
                 await stream.send_message(response)

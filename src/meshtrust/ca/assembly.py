@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
     uvloop = None  # type: ignore[assignment]
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshtrust.ca.authn import (
     ClientCertAuthenticator,
@@ -66,18 +67,21 @@ from meshtrust.ca.signing import (
     SlotLedger,
     chain_expiry_warning,
 )
-from meshtrust.ca.trust import BundleWatch, ServedRecorder, TrustLedger, TrustService
+from meshtrust.ca.trust import BundleWatch, ServedRecorder, TrustLedger, TrustService, chains_to
 from meshtrust.clock import Clock, SystemClock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CADirectoryError, ConfigError, LedgerError
+from meshtrust.fileio import load_cert_chain_pem
 from meshtrust.metrics_text import TextRegistry
 from meshtrust.pki import (
     KeyType,
     PrivateKey,
     Signer,
     TrustBundle,
+    certs_pem,
     generate_key,
     make_serving_cert,
+    private_key_pem,
 )
 from meshtrust.status_http import StatusHttpServer
 
@@ -92,6 +96,7 @@ __all__ = [
     "Revocations",
     "Signing",
     "build_authority",
+    "follow_signing_tls",
     "open_books",
     "prepare_ca",
     "run_loop",
@@ -132,11 +137,63 @@ class PreparedCa:
     #: The root's signer when the CA directory holds ``root-key.pem``: the CA then rotates
     #: its own intermediate (:mod:`meshtrust.ca.signing`).
     root_signer: Signer | None = None
+    server_names: list[str] = field(default_factory=list)
 
     def ssl_context(self) -> ssl.SSLContext:
         return server_ssl_context(
             self.serving_chain, self.serving_key, self.material.root_bundle_pem
         )
+
+
+def _serving_chain(
+    root_signer: Signer | None,
+    material: CaMaterial | SigningMaterial,
+    key: PrivateKey,
+    names: Sequence[str],
+    now: dt.datetime,
+) -> list[x509.Certificate]:
+    """The CA port's certificate chain. Signed by the root when the CA holds the root the
+    active signer chains to: the intermediate may live minutes (rotation), the serving
+    certificate must not expire with it. Otherwise (plugged-in, or after a root rotation to
+    a root whose key is elsewhere) by the active signer, expiring with it at the latest."""
+    intermediates = list(material.intermediates)
+    if root_signer is not None and chains_to(
+        intermediates or [material.signer.cert], root_signer.cert
+    ):
+        return [make_serving_cert(root_signer, key, names, now, SERVING_CERT_TTL)]
+    ttl = min(SERVING_CERT_TTL, material.signer.cert.not_valid_after_utc - now)
+    return [make_serving_cert(material.signer, key, names, now, ttl), *intermediates]
+
+
+def _signed_by(chain: Sequence[x509.Certificate]) -> tuple[bytes, ...]:
+    return tuple(c.public_bytes(Encoding.DER) for c in chain[1:]) or (
+        chain[0].issuer.public_bytes(),
+    )
+
+
+def follow_signing_tls(
+    prepared: PreparedCa, ctx: ssl.SSLContext, signing: SigningWatch, clock: Clock
+) -> None:
+    """Keep the CA port's TLS in step with the signing slots (root rotation): client
+    certificates chaining to a new root are accepted (its roots are added to ``ctx``'s
+    store) and, once the active signer chains to a root this CA does not hold the key of,
+    the serving certificate is re-made under the active signer, so agents that trust only
+    the new root still verify the CA. New handshakes use the new material."""
+    held = [_signed_by(prepared.serving_chain)]
+
+    def changed() -> None:
+        current = signing.current()
+        ctx.load_verify_locations(cadata=certs_pem(current.roots).decode())
+        chain = _serving_chain(
+            prepared.root_signer, current, prepared.serving_key, prepared.server_names, clock.now()
+        )
+        if _signed_by(chain) == held[0]:
+            return
+        held[0] = _signed_by(chain)
+        load_cert_chain_pem(ctx, certs_pem(chain), private_key_pem(prepared.serving_key))
+        log.info("CA port certificate re-made, issued by %s", chain[0].issuer.rfc4514_string())
+
+    signing.on_slots_changed(changed)
 
 
 def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
@@ -186,18 +243,16 @@ def prepare_ca(config: CaServeConfig, clock: Clock) -> PreparedCa:
     names = list(dict.fromkeys([*ISTIOD_SERVER_NAMES, *config.server_names]))
     if host not in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost") and host not in names:
         names.append(host)
-    # Signed by the root when the CA holds it: the intermediate may live minutes (rotation),
-    # the serving certificate must not expire with it.
-    serving_signer = root_signer or material.signer
-    serving = make_serving_cert(serving_signer, serving_key, names, now, SERVING_CERT_TTL)
+    serving_chain = _serving_chain(root_signer, material, serving_key, names, now)
     return PreparedCa(
         config=config,
         material=material,
         policy=CaPolicy(td, config.default_ttl, config.max_ttl),
         issuers=issuers,
         ledger_url=ledger_url,
-        serving_chain=[serving] if root_signer else [serving, *material.intermediates],
+        serving_chain=serving_chain,
         serving_key=serving_key,
+        server_names=names,
         remote=remote,
         own_issuer=own_issuer,
         root_signer=root_signer,
@@ -285,25 +340,45 @@ def start_revocations(
     source: RevocationSource,
     clock: Clock,
     interval: float = POLL_INTERVAL,
+    signing: SigningWatch | None = None,
 ) -> Revocations:
     """Read the revocations now (so the first request is judged by them) and keep following
     the ledger; sign the first CRL. On a :class:`SqlLedger`, also the trust stream
     (:mod:`meshtrust.ca.trust`): the ledger's bundle, version 1 from the CA directory's roots
     when there is none yet, followed and pushed with the CRL. Raises :class:`LedgerError`
-    when the ledger is unreadable."""
+    when the ledger is unreadable. With ``signing``, one CRL per live signing slot, re-signed
+    when the slots change."""
     watch = RevocationWatch(source, clock, interval)
     watch.load()
     # nextUpdate as far ahead as the longest certificate this CA may sign: Envoy refuses
     # every handshake against an expired CRL, so a CRL must never expire before a valid
     # certificate it covers (agents judge staleness by the CRL's age).
-    validity = max(CRL_VALIDITY, prepared.policy.max_ttl)
-    publisher = CrlPublisher(prepared.material.signer, watch, clock, validity=validity)
+    publisher = CrlPublisher(
+        prepared.material.signer,
+        watch,
+        clock,
+        validity=max(CRL_VALIDITY, prepared.policy.max_ttl),
+        issuers=signing.issuers if signing is not None else None,
+    )
+    if signing is not None:
+        signing.on_slots_changed(publisher.refresh)
     tasks = [asyncio.create_task(watch.run()), asyncio.create_task(publisher.run())]
     crl_service = CrlService(publisher)
     if not isinstance(source, SqlLedger):
         return Revocations(watch, publisher, crl_service, tasks)
     ledger = TrustLedger(source.engine)
-    bundles = BundleWatch(ledger, ledger.initialise(prepared.material.roots, clock.now()), clock)
+
+    async def before_change() -> None:  # a slot written before the bundle: its CRL first
+        if signing is not None:
+            await signing.poll_once()
+        await publisher.publish_now()
+
+    bundles = BundleWatch(
+        ledger,
+        ledger.initialise(prepared.material.roots, clock.now()),
+        clock,
+        before_change=before_change,
+    )
     recorder = ServedRecorder(ledger, clock)
     material = prepared.material
 
@@ -311,11 +386,14 @@ def start_revocations(
         found = watch.state.revocation(serial)
         return found.revoked_at if found is not None else None
 
-    authenticator = ClientCertAuthenticator(
-        TrustBundle(prepared.policy.trust_domain, material.roots),
-        material.intermediates,
-        revoked_at,
-    )
+    def authenticator() -> ClientCertAuthenticator:
+        current = signing.current() if signing is not None else None
+        return ClientCertAuthenticator(
+            TrustBundle(prepared.policy.trust_domain, current.roots if current else material.roots),
+            current.known_intermediates if current else material.intermediates,
+            revoked_at,
+        )
+
     federated = FederatedWatch(source.engine, prepared.policy.trust_domain, clock)
     federated.load()  # the first update carries them
     trust = TrustService(

@@ -1,4 +1,8 @@
-"""The CA's certificate revocation list: built, re-signed, and pushed to agents.
+"""The CA's certificate revocation lists: built, re-signed, and pushed to agents.
+
+One CRL per live issuing CA (every signing slot: active, prepared, old), each signed by that
+CA's key: Envoy and ``openssl -crl_check`` look a leaf's CRL up by its issuer's name and
+key, so a new intermediate needs its own CRL in every sidecar before its first leaf.
 
 Theory of operation. :func:`build_crl` is pure: an X.509 v2 CRL of a
 :class:`~meshtrust.ca.revocation.RevocationState`, signed by the issuing CA (the key that
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -110,8 +115,28 @@ def number_of(crl: x509.CertificateRevocationList) -> int:
     return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
+#: Every live issuing CA: its signer and its chain (signing CA first), the active one first.
+Issuers = Callable[[], Sequence[tuple[Signer, Sequence[x509.Certificate]]]]
+
+
+def _issuer_key(signer: Signer) -> tuple[bytes, bytes]:
+    public = signer.cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return signer.cert.subject.public_bytes(), public
+
+
 class CrlPublisher:
-    """Holds the current signed CRL; re-signs it on a new revision and every period."""
+    """Holds the current signed CRLs, one per live issuing CA; re-signs them on a new
+    revision, when the issuing CAs change (:meth:`refresh`) and every period.
+
+    :attr:`crl`/:attr:`der` are the active issuer's (what ``WatchCrl`` serves to agents of
+    earlier releases); :attr:`ders` every issuer's, active first, and :attr:`issuer_ders`
+    their certificates, for the trust stream. Envoy finds a leaf's CRL by its issuer's name
+    *and* key, so each issuer needs its own: a prepared signing CA's CRL is published from
+    the moment the slot exists, before its first leaf. Issuers with the same name and key
+    (a successor that kept the key) share one CRL. All CRLs of one signing have the same
+    CRLNumber."""
 
     def __init__(
         self,
@@ -120,24 +145,63 @@ class CrlPublisher:
         clock: Clock,
         resign: dt.timedelta = RESIGN_PERIOD,
         validity: dt.timedelta = CRL_VALIDITY,
+        issuers: Issuers | None = None,
     ) -> None:
         self._signer = signer
+        self._issuers = issuers
         self._watch = watch
         self._clock = clock
         self._resign = resign
         self._validity = validity
         self._changed = asyncio.Condition()
+        self._refresh = asyncio.Event()
         self._updates = watch.subscribe()
-        self.crl = build_crl(signer, watch.state, clock.now(), validity)
-        self.der = self.crl.public_bytes(_DER)
+        self.crl, self.der, self.ders, self.issuer_ders = self._sign(watch.state)
         self.number = number_of(self.crl)
 
+    def _live(self) -> list[tuple[Signer, Sequence[x509.Certificate]]]:
+        found = list(self._issuers()) if self._issuers is not None else []
+        if not found:
+            found = [(self._signer, (self._signer.cert,))]
+        seen: set[tuple[bytes, bytes]] = set()
+        out = []
+        for signer, chain in found:
+            key = _issuer_key(signer)
+            if key not in seen:
+                seen.add(key)
+                out.append((signer, chain))
+        return out
+
+    def _sign(
+        self, state: RevocationState
+    ) -> tuple[x509.CertificateRevocationList, bytes, tuple[bytes, ...], tuple[bytes, ...]]:
+        now = self._clock.now()
+        live = self._live()
+        crls = [build_crl(signer, state, now, self._validity) for signer, _ in live]
+        certs: dict[bytes, None] = {}
+        for _, chain in live:
+            for cert in chain:
+                certs.setdefault(cert.public_bytes(_DER))
+        ders = tuple(c.public_bytes(_DER) for c in crls)
+        return crls[0], ders[0], ders, tuple(certs)
+
+    def refresh(self) -> None:
+        """The issuing CAs changed: re-sign now (from the event loop)."""
+        self._refresh.set()
+
+    async def publish_now(self) -> None:
+        """Re-sign at once with the issuers and revocations known now."""
+        await self._publish(self._watch.state)
+
     async def _publish(self, state: RevocationState) -> None:
-        crl = build_crl(self._signer, state, self._clock.now(), self._validity)
+        crl, der, ders, issuer_ders = self._sign(state)
         async with self._changed:
-            self.crl, self.der, self.number = crl, crl.public_bytes(_DER), number_of(crl)
+            self.crl, self.der, self.number = crl, der, number_of(crl)
+            self.ders, self.issuer_ders = ders, issuer_ders
             self._changed.notify_all()
-        log.info("CRL %x signed: %d revoked", self.number, len(state.revoked))
+        log.info(
+            "CRL %x signed by %d issuer(s): %d revoked", self.number, len(ders), len(state.revoked)
+        )
 
     async def wait_newer(self, number: int) -> None:
         """Return once the current CRL's number is not ``number``."""
@@ -149,10 +213,13 @@ class CrlPublisher:
         while True:
             update = asyncio.ensure_future(self._updates.get())
             sleep = asyncio.ensure_future(self._clock.sleep(self._resign.total_seconds()))
+            refresh = asyncio.ensure_future(self._refresh.wait())
             try:
-                await asyncio.wait((update, sleep), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((update, sleep, refresh), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 sleep.cancel()
+                refresh.cancel()
+                self._refresh.clear()
                 if not update.done():
                     update.cancel()
             state = update.result() if update.done() and not update.cancelled() else None

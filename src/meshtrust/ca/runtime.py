@@ -13,6 +13,7 @@ import socket
 from meshtrust.ca.assembly import (
     PreparedCa,
     build_authority,
+    follow_signing_tls,
     open_books,
     prepare_ca,
     run_loop,
@@ -40,8 +41,8 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
     config = prepared.config
     books = open_books(prepared)
     sql, ledger, registry, metrics = books.sql, books.ledger, books.registry, books.metrics
-    revocations = start_revocations(prepared, sql, clock)
     signing = start_signing(prepared, sql, clock)
+    revocations = start_revocations(prepared, sql, clock, signing=signing.watch)
     authority = build_authority(prepared, clock, ledger, metrics, revocations.watch, signing.watch)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
@@ -59,10 +60,12 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
         loop.add_signal_handler(sig, stop.set)
     books.started(prepared, clock, workers=1)
     try:
+        tls = prepared.ssl_context()
+        follow_signing_tls(prepared, tls, signing.watch, clock)  # root rotation
         await serve_until_stopped(
             service,
             sock,
-            prepared.ssl_context(),
+            tls,
             stop,
             config.drain_grace.total_seconds(),
             also=(revocations.service,),

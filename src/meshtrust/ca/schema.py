@@ -48,6 +48,7 @@ __all__ = [
     "migrate",
     "published_bundle",
     "revocations",
+    "root_rotations",
     "schema_version",
     "signing_slots",
     "trust_bundles",
@@ -176,6 +177,26 @@ published_bundle = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Migration 6: root rotations, their phase and the lease of the command driving them
+# (:mod:`meshtrust.ca.rootrotation`). Independent of 5 (federation).
+root_rotations = sa.Table(
+    "root_rotations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("phase", sa.Integer, nullable=False),
+    sa.Column("old_roots_pem", sa.Text, nullable=False),
+    sa.Column("new_root_pem", sa.Text, nullable=False),
+    sa.Column("chain_pem", sa.Text, nullable=False),  # a plugged-in signing CA, or ""
+    sa.Column("key_file", sa.String(255), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=True),
+    sa.Column("target_version", sa.Integer, nullable=True),
+    sa.Column("excluded", sa.Text, nullable=False),  # identities --force went on without
+    sa.Column("driver", sa.String(512), nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 schema_table = sa.Table(
     "meshtrust_schema",
     sa.MetaData(),
@@ -219,12 +240,17 @@ def _v5_federated_bundles(conn: Connection) -> None:
     published_bundle.create(conn, checkfirst=True)
 
 
+def _v6_root_rotations(conn: Connection) -> None:
+    root_rotations.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "certificates and audit", _v1_certificates_and_audit),
     Migration(2, "revocations and blocks", _v2_revocations_and_blocks),
     Migration(3, "signing CA slots", _v3_signing_slots),
     Migration(4, "trust bundle versions and what agents serve", _v4_trust_bundle),
     Migration(5, "federated bundles", _v5_federated_bundles),
+    Migration(6, "root rotations and their phase", _v6_root_rotations),
 )
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
 

@@ -30,18 +30,16 @@ directory's own ``ca-cert.pem``), and sits in one slot::
   activated: the CA keeps signing with the active one, and a prepared slot that cannot be
   loaded is retired so a fresh one is prepared.
 
-Why successors keep the key (by default). Revocation is a CRL signed by the issuing CA, and
-Envoy checks a peer's leaf against the CRL of *its* issuer: a leaf whose issuer has no CRL
-in the sidecar's list is refused ("unable to get certificate CRL", as ``openssl verify
--crl_check`` says too). Agents hold one CRL, from the CA they know. A successor with a new
-key would need its own CRL in every sidecar before its first leaf is issued; until CRLs are
-distributed per issuer, a new key would refuse handshakes from the activation until every
-agent held the new CRL (measured on a live mesh: ``tests/test_ca_slots_mesh.py``). So a
-successor is a new certificate for the active key, with the same name: the CRL signed by
-either verifies leaves of both, and nothing changes for any peer. (Istio's self-signed CA
-rotates its root keeping the key, for the same reason: old leaves stay valid.)
-``fresh_keys=True`` gives each successor a new key, as SPIRE does; :func:`switch_to_root`
-always does (a new root is a new issuer anyway).
+Why each successor has a new key, and one CRL per slot. Revocation is a CRL signed by the
+issuing CA, and Envoy (like ``openssl verify -crl_check``) looks a peer leaf's CRL up by its
+issuer's name *and* key: a leaf whose issuer has no CRL in the sidecar's list is refused
+("unable to get certificate CRL"). So the CA publishes one CRL per live slot (active,
+prepared, old), each signed by that slot's key (:meth:`SigningWatch.issuers`,
+:class:`~meshtrust.ca.crl.CrlPublisher`), and agents hand all of them to Envoy: a prepared
+successor's CRL reaches every sidecar from the moment the slot exists, long before its
+activation (a sixth of the lifetime before it at least), and the old one's stays while its
+leaves live. Each successor therefore gets a fresh key, as in SPIRE (``fresh_keys=False``
+re-certifies the active key instead, as releases before per-slot CRLs did).
 
 :func:`switch_to_root` is the entry point for root rotation: it makes an intermediate under a
 new root (or a given plugged-in intermediate) ACTIVE for every replica at once.
@@ -53,6 +51,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import hashlib
 import logging
 import os
 import secrets
@@ -362,6 +361,10 @@ def _slots_from_rows(
 
 def _gen(record: SlotRecord) -> int:
     return record.generation
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _fp(cert: x509.Certificate) -> bytes:
@@ -702,11 +705,11 @@ class SigningWatch:
         bundle: Sequence[x509.Certificate] = (),
         interval: float = POLL_INTERVAL,
         actor: str = "meshtrust ca serve",
-        fresh_keys: bool = False,
+        fresh_keys: bool = True,
     ) -> None:
-        """``fresh_keys``: give each successor a new key (SPIRE). By default a successor
-        re-certifies the active key under the same name (see "Why successors keep the key"
-        in the module docstring)."""
+        """``fresh_keys``: give each successor a new key (SPIRE; the default, see "Why each
+        successor has a new key" in the module docstring); False re-certifies the active key
+        under the same name."""
         self._store = store
         self._fresh_keys = fresh_keys
         self._bundle = tuple(bundle)
@@ -723,10 +726,37 @@ class SigningWatch:
         self._failing = False
         self._reported: set[str] = set()
         self._changed = asyncio.Event()
+        self._keys: dict[int, PrivateKey] = {}
+        self._rotated_roots: dict[bytes, Signer] = {}
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def can_prepare(self) -> bool:
-        return self._root is not None
+        return self._root_for_active() is not None
+
+    def _root_for_active(self) -> Signer | None:
+        """The root signer the ACTIVE slot chains to, if this CA holds its key: the CA
+        directory's ``root-key.pem``, or after a root rotation to a generated root its
+        ``root-key-<fingerprint>.pem`` (:mod:`meshtrust.ca.rootrotation`)."""
+        active = self.slots.active
+        if self._root is None:
+            return None  # a plugged-in CA never prepares
+        if active is None or self._root.cert in active.roots:
+            return self._root
+        for root in active.roots:
+            found = self._rotated_roots.get(_fp(root))
+            if found is None:
+                path = self._ca_dir / f"root-key-{hashlib.sha256(_der(root)).hexdigest()[:16]}.pem"
+                try:
+                    key = load_private_key_pem(path.read_bytes(), source=str(path))
+                except (OSError, InvalidCertificate):
+                    continue
+                if key.public_key() != root.public_key():
+                    continue
+                found = Signer(root, key)
+                self._rotated_roots[_fp(root)] = found
+            return found
+        return None
 
     def load(self, initial: CaMaterial) -> SigningMaterial:
         """At start (synchronously, before serving): record the CA directory's signer as
@@ -745,6 +775,33 @@ class SigningWatch:
         assert self.material is not None, "SigningWatch.load() first"
         return self.material
 
+    def on_slots_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (in the event loop) after each poll that found the slots
+        changed: a slot prepared, activated or retired, here or by another replica."""
+        self._listeners.append(listener)
+
+    def issuers(self) -> tuple[tuple[Signer, tuple[x509.Certificate, ...]], ...]:
+        """Every live issuing CA (ACTIVE first, then PREPARED, then OLD): its signer (key
+        read from the CA directory once per generation) and its chain. The CRL publisher
+        signs one CRL with each. A slot whose key cannot be read is left out (logged once)."""
+        out: list[tuple[Signer, tuple[x509.Certificate, ...]]] = []
+        for record in (self.slots.active, self.slots.prepared, *self.slots.old):
+            if record is None:
+                continue
+            key = self._keys.get(record.generation)
+            if key is None:
+                try:
+                    key = load_slot_key(self._ca_dir, record)
+                except SlotError as exc:
+                    self._report_once(f"crl-{record.generation}", f"{exc}; no CRL for it")
+                    continue
+                self._keys[record.generation] = key
+            out.append((Signer(record.cert, key), record.chain))
+        live = {r.generation for r in self.slots.records}
+        for generation in [g for g in self._keys if g not in live]:
+            del self._keys[generation]
+        return tuple(out)
+
     async def wait_changed(self) -> None:
         """Return at the next change of :attr:`material`."""
         self._changed.clear()
@@ -754,6 +811,7 @@ class SigningWatch:
         """Read the slots, apply what is due, follow the ACTIVE one. True when the signer
         changed."""
         now = self._clock.now()
+        before = self.slots.revision
         try:
             revision = await asyncio.to_thread(self._store.revision)
             if revision != self.slots.revision:
@@ -767,7 +825,11 @@ class SigningWatch:
         self._failing = False
         self._report_problems()
         self._check_chain(now)
-        return self._follow()
+        switched = self._follow()
+        if self.slots.revision != before:
+            for listener in self._listeners:
+                listener()
+        return switched
 
     def _follow(self) -> bool:
         active = self.slots.active
@@ -860,14 +922,15 @@ class SigningWatch:
             return self._store.retire(generation, now, self._actor, str(exc))
 
     def _make(self, generation: int) -> NewSlot:
-        assert self._root is not None and self.slots.active is not None
+        root = self._root_for_active()
+        assert root is not None and self.slots.active is not None
         active = self.slots.active
         now = self._clock.now()
         if self._fresh_keys:
             key = generate_key(key_type_of(active.cert))
         else:
             key = load_slot_key(self._ca_dir, active)  # SlotError: nothing is prepared
-        cert = make_intermediate(key, self._root, self._trust_domain, now, active.lifetime)
+        cert = make_intermediate(key, root, self._trust_domain, now, active.lifetime)
         try:
             key_file = write_slot_key(self._ca_dir, generation, key)
         except OSError as exc:  # a read-only CA directory (a Kubernetes secret mount)
@@ -875,7 +938,7 @@ class SigningWatch:
                 f"cannot prepare signing CA generation {generation}: cannot write its key "
                 f"in {self._ca_dir}: {exc.strerror}; the intermediate will not be rotated"
             ) from exc
-        return NewSlot((cert,), (self._root.cert,), key_file, now)
+        return NewSlot((cert,), (root.cert,), key_file, now)
 
     def _undo(self, new: NewSlot) -> None:
         remove_slot_key(self._ca_dir, new.key_file)
@@ -937,9 +1000,10 @@ async def switch_to_root(
     :data:`POLL_INTERVAL`; workloads move to it at their next renewal (root rotation's
     phase 2 makes agents renew at once on the bundle change).
 
-    The new intermediate is a new CRL issuer: until CRLs are published per live slot
-    (module docstring), sidecars holding only the previous issuer's CRL refuse its leaves,
-    so root rotation must distribute its CRL before calling this.
+    The new intermediate is a new CRL issuer: its CRL reaches agents once CA processes see
+    the slot (:meth:`SigningWatch.issuers`); leaves it signs before a sidecar holds that CRL
+    are refused there, so root rotation first records the slot as PREPARED
+    (:func:`prepare_under_root`) and activates it once every agent serves its CRL.
 
     Raises :class:`SlotError` when the arguments do not make a usable signer (key not
     matching, chain not ending at one of ``roots``, expired) and :class:`LedgerError` when

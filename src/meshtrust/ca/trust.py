@@ -12,8 +12,9 @@ Distribution. Agents keep one bidirectional stream open on the CA port,
 ``meshtrust.trust.v1.TrustService/WatchTrust`` (:class:`TrustService`, proto in
 ``proto/meshtrust/caapi/trust/trust.proto``), authenticated by the workload's certificate
 (mTLS; a caller without a valid, unrevoked SVID is refused ``UNAUTHENTICATED``). Each
-``TrustUpdate`` is whole: bundle version, root DERs, the CRL (:mod:`meshtrust.ca.crl`) and
-the ``federated`` map (every federated trust domain's last good bundle from the ledger,
+``TrustUpdate`` is whole: bundle version, root DERs, the CRLs (:mod:`meshtrust.ca.crl`: one
+per live issuing CA, with those CAs' certificates) and the ``federated`` map (every
+federated trust domain's last good bundle from the ledger,
 :mod:`meshtrust.ca.federated_push`). The CA sends one at once and
 another on every bundle or CRL change. The agent sends a ``TrustReport`` first and after it
 has handed each change on: the bundle version it *serves*. The CA records it per identity
@@ -35,7 +36,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -375,10 +376,15 @@ class BundleWatch:
         initial: MeshBundle,
         clock: Clock,
         interval: float = POLL_INTERVAL,
+        before_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``before_change``: awaited before a new version is handed out (the CA re-reads
+        its signing slots and re-signs its CRLs there, so a version written after a slot
+        change reaches agents with that slot's CRL: root rotation relies on it)."""
         self._ledger = ledger
         self._clock = clock
         self._interval = interval
+        self._before_change = before_change
         self.bundle = initial
         self._changed = asyncio.Condition()
         self._failing = False
@@ -406,6 +412,11 @@ class BundleWatch:
         self._failing = False
         if found is None or found.version < self.bundle.version:
             return False
+        if self._before_change is not None:
+            try:
+                await self._before_change()
+            except MeshTrustError as exc:
+                log.error("before trust bundle version %d: %s", found.version, exc)
         async with self._changed:
             self.bundle = found
             self._changed.notify_all()
@@ -458,11 +469,13 @@ class TrustService:
         bundles: BundleWatch,
         crls: CrlPublisher,
         recorder: ServedRecorder,
-        authenticator: ClientCertAuthenticator,
+        authenticator: ClientCertAuthenticator | Callable[[], ClientCertAuthenticator],
         clock: Clock,
         crl_service: CrlService | None = None,
         federated: FederatedWatch | None = None,
     ) -> None:
+        """``authenticator``: or a function giving the current one (the signing CAs, and so
+        the chains a workload certificate may have, change with rotations)."""
         self._federated = federated  # federated bundles (ca/federated_push.py), or none
         self._crl_service = crl_service  # served beside, for agents of earlier releases
         self._bundles = bundles
@@ -489,7 +502,10 @@ class TrustService:
         der = peer_cert_der(stream)
         if der is None:
             raise AuthenticationError("the trust stream needs the workload's certificate (mTLS)")
-        caller = self._authenticator.authenticate(der, self._clock.now())
+        authenticator = self._authenticator
+        if not isinstance(authenticator, ClientCertAuthenticator):
+            authenticator = authenticator()
+        caller = authenticator.authenticate(der, self._clock.now())
         return str(caller.identity), caller.subject.removeprefix("serial ")
 
     async def watch_trust(self, stream: Stream[Any, Any]) -> None:
@@ -518,6 +534,8 @@ class TrustService:
                 roots=bundle.roots_der,
                 crl=der,
                 federated=federated_field(held),
+                crls=self._crls.ders,
+                crl_issuers=self._crls.issuer_ders,
             )
             self._update = (key, made)
         return self._update[1]

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from meshtrust.ca.assembly import (
     PreparedCa,
     build_authority,
+    follow_signing_tls,
     open_books,
     run_loop,
     serve_until_stopped,
@@ -172,8 +173,8 @@ async def _worker_main(
     # Each worker follows revocations and the trust bundle in the ledger itself (the supervisor
     # writes certificates; the worker writes only the bundle versions its agents report).
     revocation_ledger = SqlLedger(prepared.ledger_url)
-    revocations = start_revocations(prepared, revocation_ledger, clock)
     signing = start_signing(prepared, revocation_ledger, clock)  # each worker follows slots
+    revocations = start_revocations(prepared, revocation_ledger, clock, signing=signing.watch)
     authority = build_authority(prepared, clock, ledger, metrics, revocations.watch, signing.watch)
     service = CaGrpcService(authority)
     stop = asyncio.Event()
@@ -203,10 +204,12 @@ async def _worker_main(
     acks = asyncio.create_task(read_acks())
     flusher = asyncio.create_task(metrics.run())
     _send(writer, ("hello", index, os.getpid()))
+    tls = prepared.ssl_context()
+    follow_signing_tls(prepared, tls, signing.watch, clock)  # root rotation
     await serve_until_stopped(
         service,
         sock,
-        prepared.ssl_context(),
+        tls,
         stop,
         prepared.config.drain_grace.total_seconds(),
         also=(revocations.service,),

@@ -467,3 +467,6 @@ from meshtrust.cli.ca_trust import bundle, rotation  # noqa: E402
 
 ca.add_command(rotation)
 ca.add_command(bundle)
+from meshtrust.cli.ca_rootrot import rotate_root  # noqa: E402
+
+ca.add_command(rotate_root)

@@ -95,7 +95,8 @@ def rotation() -> None:
 @_CA_DIR_OPTION
 @_OUTPUT_OPTION
 def rotation_status(ledger: str | None, ca_dir: Path, output: str) -> None:
-    """Show the trust bundle's version and roots, and the workloads that are behind.
+    """Show the trust bundle's version and roots, the workloads that are behind, and the
+    root rotation's phase with the workloads behind that phase.
 
     Every agent reports on its trust stream the bundle version it serves (to Envoy, the
     Workload API and its files); a workload serving an older version than the current one
@@ -111,6 +112,7 @@ def rotation_status(ledger: str | None, ca_dir: Path, output: str) -> None:
         from meshtrust.ca.trust import TrustLedger
 
         served = TrustLedger(sql.engine).served()
+        rotation_doc = _rotation_json(sql, now)
     finally:
         sql.close()
     late = behind(current.version, served)
@@ -123,6 +125,7 @@ def rotation_status(ledger: str | None, ca_dir: Path, output: str) -> None:
                 "why": current.why,
                 "roots": [_root_json(r) for r in current.roots],
             },
+            "root_rotation": rotation_doc,
             "workloads": len(served),
             "behind": [_served_json(r, now) for r in late],
             "current": [_served_json(r, now) for r in served if r.version >= current.version],
@@ -146,6 +149,57 @@ def rotation_status(ledger: str | None, ca_dir: Path, output: str) -> None:
             table.add_row(
                 report.spiffe_id, str(report.version), f"{report.last_seen:%Y-%m-%d %H:%M:%SZ}"
             )
+        console.print(table)
+    if rotation_doc is not None:
+        _print_rotation(rotation_doc, console)
+
+
+def _rotation_json(sql: SqlLedger, now: dt.datetime) -> dict[str, object] | None:
+    """The newest root rotation (phase, driver, who is behind its phase), or None."""
+    from meshtrust.ca.rootrotation import Phase, RootRotation
+    from meshtrust.ca.trust import fingerprint
+
+    rotation = RootRotation(sql.engine, Path("."), SystemClock(), trust_domain="", driver="")
+    rec = rotation.rotations.current()
+    if rec is None:
+        return None
+    late = (
+        rotation.behind(rec)
+        if rec.phase is not Phase.DONE
+        and (rec.phase is Phase.SIGN or rec.target_version is not None)
+        else []
+    )
+    return {
+        "id": rec.id,
+        "phase": rec.phase.name.lower(),
+        "phase_label": rec.phase.label,
+        "new_root": fingerprint(rec.new_root),
+        "started_at": rec.started_at.isoformat(),
+        "driver": rec.driver,
+        "driver_alive": rec.lease_live(now),
+        "forced_without": list(rec.excluded),
+        "behind": [{"spiffe_id": b.spiffe_id, "why": b.why} for b in late],
+    }
+
+
+def _print_rotation(doc: dict[str, Any], console: Console) -> None:
+    click.echo(
+        f"root rotation {doc['id']} to root {str(doc['new_root'])[:16]}…: phase "
+        f"{doc['phase_label']}"
+        + (
+            ""
+            if doc["phase"] == "done"
+            else f" (driven by {doc['driver']}"
+            + ("" if doc["driver_alive"] else ", not running: re-run `meshtrust ca rotate-root`")
+            + ")"
+        )
+    )
+    if doc["forced_without"]:
+        click.echo("  --force went on without: " + ", ".join(doc["forced_without"]))
+    if doc["behind"]:
+        table = Table("BEHIND THIS PHASE", "WHY", box=None)
+        for b in doc["behind"]:
+            table.add_row(b["spiffe_id"], b["why"])
         console.print(table)
 
 
@@ -236,8 +290,9 @@ def remove_root_command(
 ) -> None:
     """Remove the root with this SHA-256 FINGERPRINT (a unique prefix will do) from the bundle.
 
-    Refused when it is the last root, or when the CA's active signing certificate (in
-    --ca-dir) chains to it: sign under the new root first. `meshtrust ca rotation status`
+    Refused when it is the last root, or when the CA's active signing certificate (the
+    ledger's active signing slot, else --ca-dir's) chains to it: sign under the new root
+    first. `meshtrust ca rotation status`
     lists the fingerprints. Phase 3 of a root rotation (see docs/rotation.md).
     """
     from meshtrust.ca.cadir import load_ca_dir
@@ -248,7 +303,11 @@ def remove_root_command(
     sql = _open(ledger, ca_dir)
     try:
         current = _current(sql)
-        roots, removed = remove_root(current.roots, fingerprint_text, material.intermediates)
+        from meshtrust.ca.signing import SlotLedger
+
+        active = SlotLedger(sql.engine).slots().active  # the signer in use (after rotations)
+        signer_chain = active.chain if active is not None else material.intermediates
+        roots, removed = remove_root(current.roots, fingerprint_text, signer_chain)
         made = TrustLedger(sql.engine).set_roots(
             roots,
             now,

@@ -87,13 +87,18 @@ def _ca_key_usage() -> x509.KeyUsage:
 
 
 def make_root(
-    key: PrivateKey, trust_domain: str, now: dt.datetime, lifetime: dt.timedelta
+    key: PrivateKey,
+    trust_domain: str,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+    common_name: str | None = None,
 ) -> x509.Certificate:
     """A self-signed root: O = trust domain, CA=true, keyCertSign+cRLSign."""
+    cn = common_name or f"meshtrust root CA ({trust_domain})"
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"meshtrust root CA ({trust_domain})"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
         ]
     )
     return (

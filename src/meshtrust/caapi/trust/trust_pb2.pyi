@@ -109,10 +109,14 @@ class TrustUpdate(_message.Message):
     ROOTS_FIELD_NUMBER: _builtins.int
     CRL_FIELD_NUMBER: _builtins.int
     FEDERATED_FIELD_NUMBER: _builtins.int
+    CRLS_FIELD_NUMBER: _builtins.int
+    CRL_ISSUERS_FIELD_NUMBER: _builtins.int
     bundle_version: _builtins.int
     """The mesh bundle's version; it only grows."""
     crl: _builtins.bytes
-    """The issuing CA's CRL, DER (X.509 v2, signed), or empty."""
+    """The active issuing CA's CRL, DER (X.509 v2, signed), or empty (kept for agents of
+    earlier releases; `crls` holds it too).
+    """
     @_builtins.property
     def roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The roots the mesh trusts, DER, one per element; never empty."""
@@ -123,6 +127,20 @@ class TrustUpdate(_message.Message):
         never the mesh's own. Sent whole in every update, like the roots.
         """
 
+    @_builtins.property
+    def crls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """One CRL per live issuing CA (every active, prepared and old signing slot), each signed
+        by that CA's key, DER; empty with `crl` when the agent holds this CRL number already.
+        Envoy looks a leaf's CRL up by its issuer's name and key: a new intermediate needs its
+        own CRL in every sidecar before its first leaf is seen.
+        """
+
+    @_builtins.property
+    def crl_issuers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The certificates of the CAs that signed `crls` (DER, each issued by a root of `roots`
+        or by another of these), so an agent can verify a CRL of an issuer it has not met yet.
+        """
+
     def __init__(
         self,
         *,
@@ -130,10 +148,12 @@ class TrustUpdate(_message.Message):
         roots: _abc.Iterable[_builtins.bytes] | None = ...,
         crl: _builtins.bytes = ...,
         federated: _abc.Mapping[_builtins.str, Global___FederatedBundle] | None = ...,
+        crls: _abc.Iterable[_builtins.bytes] | None = ...,
+        crl_issuers: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_version", b"bundle_version", "crl", b"crl", "federated", b"federated", "roots", b"roots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_version", b"bundle_version", "crl", b"crl", "crl_issuers", b"crl_issuers", "crls", b"crls", "federated", b"federated", "roots", b"roots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
