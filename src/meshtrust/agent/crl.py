@@ -40,6 +40,7 @@ from meshtrust.caapi.client import client_ssl_context
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CAUnavailable, InvalidCertificate, SvidVerificationError
+from meshtrust.grpclib_compat import raise_if_cancelling
 from meshtrust.pki import TrustBundle
 
 __all__ = [
@@ -221,6 +222,7 @@ class GrpcCrlSource:
                 while (message := await stream.recv_message()) is not None:
                     yield message.value
         except Exception as exc:  # OSError, TLS, grpclib's GRPCError, StreamTerminatedError
+            raise_if_cancelling()
             self._next = (self._next + 1) % len(self.addresses)
             raise CAUnavailable(f"CRL stream from {address}: {exc}") from None
         finally:

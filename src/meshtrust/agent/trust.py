@@ -46,6 +46,7 @@ from meshtrust.caapi.trust import trust_pb2
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CAUnavailable, SvidVerificationError
+from meshtrust.grpclib_compat import raise_if_cancelling
 
 __all__ = [
     "GrpcTrustSource",
@@ -225,6 +226,7 @@ class GrpcTrustSource:
                 with contextlib.suppress(Exception):
                     await stream.end()
         except Exception as exc:  # OSError, TLS, grpclib's GRPCError, StreamTerminatedError
+            raise_if_cancelling()
             self._next = (self._next + 1) % len(self.addresses)
             raise CAUnavailable(f"trust stream from {address}: {exc}") from None
         finally:
