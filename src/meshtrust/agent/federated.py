@@ -189,10 +189,11 @@ FEDERATED = "federated"
 def write_federated_dir(
     directory: Path, federated: FederatedRoots, write: Callable[[Path, bytes, int], None]
 ) -> None:
-    """Create ``directory`` (0755) with ``<td>.pem`` per federated trust domain (its roots,
-    PEM; empty when it has none), each written by ``write(path, data, mode)``."""
-    directory.mkdir(mode=0o755)
-    directory.chmod(0o755)
+    """Create ``directory`` (0700, as every directory meshtrust makes; the files in it are
+    public certificates, 0644) with ``<td>.pem`` per federated trust domain (its roots, PEM;
+    empty when it has none), each written by ``write(path, data, mode)``."""
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o700)
     for td, roots in sorted_items(federated):
         write(directory / f"{td.name}.pem", federated_pem(roots), 0o644)
 
