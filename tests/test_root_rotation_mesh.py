@@ -126,11 +126,6 @@ def openssl_verifies(leaf_chain: Path, roots: list[x509.Certificate], tmp: Path)
     return done.returncode == 0
 
 
-@pytest.mark.skip(
-    reason="KNOWN BROKEN since the federation branch merged (session 4): after the CA is "
-    "SIGKILLed and restarted in phase 1, the restarted CA pushes no further trust updates and "
-    "every workload stays behind in phase 2; passed 5/5 on its own branch. Issue #12 stays open."
-)
 def test_root_rotation_of_a_live_mesh_fails_no_call(tmp_path: Path) -> None:
     path = write_mesh(
         tmp_path,

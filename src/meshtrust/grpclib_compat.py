@@ -47,25 +47,11 @@ __all__ = [
     "abort",
     "goaway_and_close",
     "peer_cert_der",
-    "raise_if_cancelling",
     "recv_request",
     "transport_of",
 ]
 
 _Req = TypeVar("_Req")
-
-
-def raise_if_cancelling() -> None:
-    """Raise :class:`asyncio.CancelledError` when the current task is being cancelled.
-
-    Call it first in an ``except Exception`` around a grpclib call: cancelled while it
-    connects or closes a stream, grpclib may raise an error of its own (connection lost,
-    stream terminated) instead of the CancelledError, and a retry loop that turns that into
-    "CA unavailable, retry later" would then never end — an agent that cannot be stopped
-    (seen: ``Agent.stop()`` waiting forever on the trust stream's follower)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class MalformedRequest(Exception):

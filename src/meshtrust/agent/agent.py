@@ -371,6 +371,13 @@ class Agent:
     async def stop(self) -> None:
         """Stop rotating, close the sockets (removing them) and the status port."""
         self.started = False
+        # Cancelled inside grpclib, a follower may get grpclib's error instead of the
+        # CancelledError; the flags make its retry loop end rather than reconnect.
+        self.rotator.stopping = True
+        if self.trust is not None:
+            self.trust.stopping = True
+        if self.crl is not None:
+            self.crl.stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -40,7 +40,6 @@ from meshtrust.caapi.client import client_ssl_context
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CAUnavailable, InvalidCertificate, SvidVerificationError
-from meshtrust.grpclib_compat import raise_if_cancelling
 from meshtrust.pki import TrustBundle
 
 __all__ = [
@@ -222,7 +221,6 @@ class GrpcCrlSource:
                 while (message := await stream.recv_message()) is not None:
                     yield message.value
         except Exception as exc:  # OSError, TLS, grpclib's GRPCError, StreamTerminatedError
-            raise_if_cancelling()
             self._next = (self._next + 1) % len(self.addresses)
             raise CAUnavailable(f"CRL stream from {address}: {exc}") from None
         finally:
@@ -252,6 +250,9 @@ class CrlFollower:
         self.refused = 0
         self.stale_alerts = 0
         self.last_error: str | None = None
+        #: Set by :meth:`Agent.stop` before it cancels the task (grpclib may turn the
+        #: cancellation into its own error, which would read as "reconnect").
+        self.stopping = False
 
     async def watch_staleness(self) -> None:
         """Forever: at the held CRL's ``nextUpdate``, if no newer one came, log an error (once
@@ -296,6 +297,8 @@ class CrlFollower:
                     attempt = 0
                     await self.offer(der)
             except CAUnavailable as exc:
+                if self.stopping:  # grpclib may turn the cancellation into its own error
+                    return
                 self.last_error = str(exc)
                 log.warning("CRL stream lost (%s); reconnecting", exc)
             delay = backoff_delay(attempt, 0.5, 30.0, rand=self._rng.uniform(-1, 1))

@@ -80,6 +80,8 @@ class Rotator:
         self.last_error: str | None = None
         self._expired_reported = False
         self._renew_requested = False
+        #: Set by :meth:`Agent.stop` before it cancels the task.
+        self.stopping = False
         self._sleeping_in: asyncio.Task[None] | None = None  # the run task, while it sleeps
 
     def renew_now(self) -> None:
@@ -134,6 +136,8 @@ class Rotator:
             try:
                 secret = await self._issue_once(current)
             except MeshTrustError as exc:
+                if self.stopping:  # grpclib may turn the cancellation into its own error
+                    return
                 self.last_error = str(exc)
                 self._metrics.rotation(ok=False)
                 self._move(SlotEvent.FAILED)

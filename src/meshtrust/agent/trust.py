@@ -46,7 +46,6 @@ from meshtrust.caapi.trust import trust_pb2
 from meshtrust.clock import Clock
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CAUnavailable, SvidVerificationError
-from meshtrust.grpclib_compat import raise_if_cancelling
 
 __all__ = [
     "GrpcTrustSource",
@@ -226,7 +225,6 @@ class GrpcTrustSource:
                 with contextlib.suppress(Exception):
                     await stream.end()
         except Exception as exc:  # OSError, TLS, grpclib's GRPCError, StreamTerminatedError
-            raise_if_cancelling()
             self._next = (self._next + 1) % len(self.addresses)
             raise CAUnavailable(f"trust stream from {address}: {exc}") from None
         finally:
@@ -271,6 +269,8 @@ class TrustFollower:
         self.accepted = 0
         self.refused = 0
         self.serving = 0
+        #: Set by :meth:`Agent.stop` before it cancels the task (see :meth:`_run`).
+        self.stopping = False
         self.last_error: str | None = None
         self._moved_to: x509.Certificate | None = None
         self._confirming: asyncio.Future[None] | None = None
@@ -296,6 +296,8 @@ class TrustFollower:
                     if await self.offer(update):
                         await self._source.report(self.serving)
             except CAUnavailable as exc:
+                if self.stopping:  # grpclib may turn the cancellation into its own error
+                    return
                 self.last_error = str(exc)
                 log.warning("trust stream lost (%s); reconnecting", exc)
             delay = backoff_delay(attempt, 0.5, 30.0, rand=self._rng.uniform(-1, 1))

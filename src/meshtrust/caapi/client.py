@@ -33,7 +33,6 @@ from meshtrust.caapi.statuses import error_for_status
 from meshtrust.config import parse_host_port
 from meshtrust.errors import CAUnavailable, ConfigError, InvalidCertificate, MeshTrustError
 from meshtrust.fileio import load_cert_chain_pem
-from meshtrust.grpclib_compat import raise_if_cancelling
 
 __all__ = ["CaClient", "Resolver", "client_ssl_context", "system_resolver"]
 
@@ -207,7 +206,6 @@ class CaClient:
             error = error_for_status("UNAVAILABLE", detail, where)
             raise _TryFailed(FailureKind.TLS, error, detail) from None
         except Exception as exc:  # connection refused, reset, lost; HTTP/2: not usable
-            raise_if_cancelling()
             detail = _describe(exc)
             error = error_for_status("UNAVAILABLE", detail, where)
             raise _TryFailed(FailureKind.CONNECTION, error, detail) from None
