@@ -13,6 +13,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -505,12 +507,32 @@ def _private_sqlite_files(database: str | None) -> None:
         raise LedgerError(f"cannot create the ledger {path}: {exc.strerror}") from exc
 
 
+_WAL_SWITCH_SECONDS = 10.0
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """Connection setup: the busy timeout first, so that what follows waits for a lock
+    instead of failing; then WAL mode. Switching a fresh database to WAL needs its
+    exclusive lock, and SQLite answers SQLITE_BUSY at once, without calling the busy
+    handler, when two connections want it together (its deadlock avoidance: the CA's
+    workers starting at the same moment hit this), so the switch is retried for a while."""
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # every commit reaches the disk
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+    try:
+        cur.execute("PRAGMA busy_timeout=10000")
+        deadline = time.monotonic() + _WAL_SWITCH_SECONDS
+        delay = 0.005
+        while True:
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        cur.execute("PRAGMA synchronous=FULL")  # every commit reaches the disk
+    finally:
+        cur.close()
 
 
 class GroupCommitLedger:
