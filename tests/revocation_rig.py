@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import http.server
 import select
+import socket
 import ssl
 import tempfile
 import threading
@@ -97,11 +98,13 @@ class Rig:
         leaf = x509.load_pem_x509_certificate(chain[0].encode())
         return Client(identity, leaf.serial_number, directory)
 
-    def accepted(self, client: Client) -> bool:
-        """A new mTLS connection presenting ``client``'s certificate, and one request on it:
-        True for 200, False when Envoy refuses the handshake (blocking; call in a thread)."""
-        conn = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=client.context(self.root_pem), timeout=10
+    def accepted(self, client: Client, *, sni: str | None = None) -> bool:
+        """A new mTLS connection presenting ``client``'s certificate (with SNI ``sni``, as a
+        sidecar calling another trust domain sends it), and one request on it: True for
+        200, False when Envoy refuses the handshake or closes the connection (blocking;
+        call in a thread)."""
+        conn = _Connection(
+            "127.0.0.1", self.port, sni, context=client.context(self.root_pem), timeout=10
         )
         try:
             conn.request("GET", "/")
@@ -121,6 +124,22 @@ class Rig:
         response.read()
         assert response.status == 200
         return conn
+
+
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to ``address`` that sends SNI ``sni`` (none when None)."""
+
+    def __init__(
+        self, address: str, port: int, sni: str | None, *, context: ssl.SSLContext, timeout: float
+    ) -> None:
+        super().__init__(sni or address, port, context=context, timeout=timeout)
+        self._address, self._sni = address, sni
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            sock, server_hostname=self._sni
+        )
 
 
 def closed_by_server(conn: http.client.HTTPConnection) -> bool:

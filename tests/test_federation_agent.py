@@ -1,12 +1,13 @@
 """Federated bundles in the agent: what it accepts from the trust stream
 (:func:`~meshtrust.agent.federated.verify_federated`), and what it serves as one generation:
 the Workload API to real py-spiffe and go-spiffe clients, ``federated/<td>.pem``, and SDS
-``ROOTCA`` with Envoy's SPIFFE validator. The CA's side (the ledger's bundles on the trust
-stream, end to end with a real agent) is at the end."""
+``ROOTCA:<td>`` per trust domain (envoy/trust_domains.py). The CA's side (the ledger's
+bundles on the trust stream, end to end with a real agent) is at the end."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -20,17 +21,18 @@ import pytest
 import pytest_asyncio
 import spiffe
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from meshtrust.agent.cache import SecretCache
 from meshtrust.agent.federated import FederatedIntake, verify_federated
 from meshtrust.agent.files import CertificateFiles
-from meshtrust.agent.sds import _PROTO, ROOT_SECRET, secret_resource
+from meshtrust.agent.sds import ROOT_SECRET, is_known_secret, secret_resource
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.ca.cadir import load_ca_dir
 from meshtrust.ca.federated_push import FederatedWatch, federated_field, read_federated
 from meshtrust.ca.federation import FederationStore
 from meshtrust.clock import SystemClock
+from meshtrust.envoy.trust_domains import peer_sni
 from meshtrust.pki import format_serial, generate_key, make_root
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from meshtrust.spiffe.bundle import SpiffeBundle
@@ -198,24 +200,51 @@ async def test_the_files_hold_one_pem_per_federated_trust_domain(
     assert list((tmp_path / "certs" / "federated").iterdir()) == []
 
 
+def _context(name: str, secret: object) -> tuple[list[x509.Certificate], bytes]:
+    context = secret_resource(name, secret).validation_context  # type: ignore[arg-type]
+    assert not context.HasField("custom_validator_config")  # Envoy's default validator
+    roots = x509.load_pem_x509_certificates(context.trusted_ca.inline_bytes)
+    return roots, context.crl.inline_bytes
+
+
 @pytest.mark.asyncio
-async def test_rootca_uses_the_spiffe_validator_with_one_entry_per_trust_domain(
+async def test_each_trust_domain_has_its_own_validation_context_and_only_the_meshs_has_its_crl(
     served: tuple[SecretCache, Path], east: CaFixture, west: CaFixture
 ) -> None:
     cache, _ = served
     secret = cache.current
-    assert secret is not None
-    context = secret_resource(ROOT_SECRET, secret).validation_context
-    assert not context.HasField("trusted_ca")  # no root vouches for every trust domain
-    extension = context.custom_validator_config
-    assert extension.name == "envoy.tls.cert_validator.spiffe"
-    config = _PROTO.SpiffeValidatorConfig()
-    assert extension.typed_config.Unpack(config)
-    entries = {
-        e.name: x509.load_pem_x509_certificates(e.trust_bundle.inline_bytes)
-        for e in config.trust_domains
-    }
-    assert entries == {"east.test": [east.root], "west.test": [west.root]}
+    assert secret is not None and secret.trust_domain == EAST
+    crl = east_crl(east)
+    secret = dataclasses.replace(secret, crl=crl)
+    own_roots, own_crl = _context(ROOT_SECRET, secret)
+    assert own_roots == [east.root]  # never a federated root: it would vouch for east.test
+    assert x509.load_pem_x509_crl(own_crl) == crl
+    # West's callers: west's roots only, and never east's CRL (Envoy would refuse a west
+    # leaf whose issuer has no CRL there).
+    assert _context("ROOTCA:west.test", secret) == ([west.root], b"")
+    # Another trust domain under east's roots (a shared root): east's roots, no CRL.
+    assert _context("ROOTCA:other.test", secret) == ([east.root], b"")
+    assert _context("ROOTCA:peer", secret) == ([east.root], b"")
+    assert _context("ROOTCA:east.test", secret) == ([east.root], own_crl)
+    # A federated trust domain held without roots trusts nobody (empty roots would be
+    # "verify nothing" to Envoy).
+    empty = dataclasses.replace(secret, federated={WEST: ()})
+    (nobody,), _ = _context("ROOTCA:west.test", empty)
+    assert nobody not in (east.root, west.root)
+    for name in ("ROOTCA:", "ROOTCA:Bad_TD", "ROOTCA:west.test:x", "other"):
+        assert not is_known_secret(name)
+        with pytest.raises(ValueError):
+            secret_resource(name, secret)
+
+
+def east_crl(ca: CaFixture) -> x509.CertificateRevocationList:
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.signer.cert.subject)
+        .last_update(NOW)
+        .next_update(NOW + dt.timedelta(hours=1))
+        .sign(ca.signer.key, hashes.SHA256())
+    )
 
 
 # --- the CA's side --------------------------------------------------------------------------------
@@ -298,18 +327,21 @@ def _leaf_client(directory: Path, leaf: Leaf, identity: SpiffeId) -> Client:
 
 @pytest.mark.slow
 @pytest.mark.asyncio
-async def test_envoy_takes_each_trust_domain_only_from_its_own_root(
+async def test_envoy_takes_each_trust_domain_only_from_its_own_root_and_keeps_the_crl(
     west: CaFixture,
 ) -> None:
-    """A real agent and its real Envoy (tests/revocation_rig.py, trust domain example.org).
-    Once west.test's bundle is stored at the CA, Envoy accepts west's workloads, refuses a
-    west.test certificate signed by the mesh's own CA; the CRL is not applied meanwhile
-    (Envoy's SPIFFE validator ignores it), and is again once the bundle is deleted."""
+    """A real agent and its real sidecar Envoy (tests/revocation_rig.py, trust domain
+    example.org). Once west.test's bundle is stored at the CA, Envoy accepts west's workloads
+    (calling with SNI ``west.test.peer.meshtrust``, as a sidecar does), and refuses a
+    west.test certificate signed by the mesh's own CA whichever SNI it sends. A revoked
+    certificate of the mesh is refused while the federated bundle is held, whichever SNI it
+    sends: the mesh chain has the CRL, the others refuse the mesh's trust domain."""
     from tests.revocation_rig import TD, revocation_rig
 
+    west_sni, own_sni = peer_sni(WEST), peer_sni(TD)
     workdir = Path(tempfile.mkdtemp(prefix="fedenv-"))
     try:
-        async with revocation_rig(workdir, poll=0.2) as rig:
+        async with revocation_rig(workdir, poll=0.2, sidecar=True) as rig:
             now = SystemClock().now()
             west_id = SpiffeId.for_workload(WEST, "default", "web")
             west_web = _leaf_client(
@@ -318,48 +350,52 @@ async def test_envoy_takes_each_trust_domain_only_from_its_own_root(
             own = load_ca_dir(rig.ca_dir, now)
             forged = _leaf_client(workdir / "f", svid_leaf(own.signer, west_id, now=now), west_id)
             revoked, good = await rig.client("web"), await rig.client("api")
-            assert not await asyncio.to_thread(rig.accepted, west_web)  # not federated yet
-            # Before: ROOTCA is a plain trusted_ca, and the mesh's root vouches for any ID it
-            # signed, west.test's too (only a policy would stop it).
-            assert await asyncio.to_thread(rig.accepted, forged)
+
+            def accepted(client: Client, sni: str | None = None) -> Callable[[], bool]:
+                return lambda: rig.accepted(client, sni=sni)
+
+            async def check(client: Client, sni: str | None, want: bool) -> None:
+                got = await asyncio.to_thread(accepted(client, sni))
+                assert got is want, f"{client.spiffe_id} with SNI {sni}: {got}, wanted {want}"
+
+            await check(west_web, west_sni, False)  # not federated yet
+            # Before: the mesh's root vouches for any ID it signed, west.test's too (a
+            # shared root; only a policy would stop it).
+            await check(forged, None, True)
+            await check(good, None, True)
 
             store = FederationStore(rig.ledger.url)
             try:
                 store.save(SpiffeBundle(WEST, (west.root,), sequence=1), "static: t", now)
             finally:
                 store.close()
-            await _until_threaded(lambda: rig.accepted(west_web), "Envoy accepts west's web")
-            assert not await asyncio.to_thread(rig.accepted, forged)
-            assert await asyncio.to_thread(rig.accepted, good)
-            assert await asyncio.to_thread(rig.accepted, revoked)
+            await _until_threaded(accepted(west_web, west_sni), "Envoy accepts west's web")
+            assert rig.agent.sidecar is not None and rig.agent.sidecar.federated == (WEST,)
+            await check(west_web, None, False)  # the mesh chain: the mesh's roots only
+            await check(west_web, own_sni, False)
+            for sni in (None, west_sni, own_sni, "other.test.peer.meshtrust"):
+                await check(forged, sni, False)
+            await check(good, None, True)
+            await check(revoked, None, True)
 
             rig.ledger.revoke_serial(
                 format_serial(revoked.serial), x509.ReasonFlags.key_compromise, "t", "", now
             )
-            await async_until(
-                lambda: (
-                    (crl := rig.agent.cache.crl) is not None
-                    and crl.get_revoked_certificate_by_serial_number(revoked.serial) is not None
-                ),
-                timeout=30,
-                what="the CRL listing it in the agent",
-            )
-            # The known gap (docs/federation.md "Revocation"): Envoy's SPIFFE validator does
-            # not read the CRL that ROOTCA still carries, so with federated bundles held a
-            # revoked certificate of the mesh's own trust domain is still accepted by Envoy.
-            # When this starts failing, Envoy honours it: update the docs.
-            assert await asyncio.to_thread(rig.accepted, revoked)
-            assert await asyncio.to_thread(rig.accepted, good)
-            assert await asyncio.to_thread(rig.accepted, west_web)
-            # Dropping the federated bundle brings back the plain ROOTCA, and the CRL with it.
+            await _until_threaded(lambda: not rig.accepted(revoked), "the revoked one refused")
+            for sni in (west_sni, own_sni, "other.test.peer.meshtrust", "api.example.org"):
+                await check(revoked, sni, False)
+            await check(good, None, True)
+            await check(good, "api.example.org", True)  # any other SNI: the mesh chain
+            await check(west_web, west_sni, True)
+
             store = FederationStore(rig.ledger.url)
             try:
                 store.delete(WEST)
             finally:
                 store.close()
-            await _until_threaded(lambda: not rig.accepted(revoked), "the revoked one refused")
-            assert not await asyncio.to_thread(rig.accepted, west_web)
-            assert await asyncio.to_thread(rig.accepted, good)
+            await _until_threaded(lambda: not rig.accepted(west_web, sni=west_sni), "west gone")
+            await check(revoked, None, False)
+            await check(good, None, True)
             assert TD.name == "example.org"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from meshtrust.envoy import sidecar
 from meshtrust.envoy.sidecar import (
     INBOUND_LISTENER,
+    PeerDomains,
     SidecarConfig,
     Upstream,
     app_cluster_name,
@@ -49,7 +50,7 @@ from meshtrust.envoy.sidecar import (
 from meshtrust.errors import ConfigError
 from meshtrust.policy import load_policy_files
 from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
-from meshtrust.spiffe import SpiffeId
+from meshtrust.spiffe import SpiffeId, TrustDomain
 
 API_ID = SpiffeId.parse("spiffe://example.org/ns/default/sa/api")
 DB_ID = SpiffeId.parse("spiffe://example.org/ns/data/sa/db")
@@ -655,3 +656,115 @@ def test_policies_compiled_by_the_policy_package_fit_the_listener(
         else:
             names = [f.name for f in chain.filters]
             assert names == ["envoy.filters.network.rbac"] * 2 + ["envoy.filters.network.tcp_proxy"]
+
+
+# --- peers of other trust domains: one chain each, chosen by SNI (envoy/trust_domains.py) ----
+
+OWN = TrustDomain.parse("example.org")
+WEST = TrustDomain.parse("west.test")
+OLD = TrustDomain.parse("old.example")
+
+
+def _denied_prefixes(chain: dict[str, Any]) -> list[str]:
+    first = chain["filters"][0]
+    if first["name"] != "envoy.filters.network.rbac":
+        return []
+    rules = first["typed_config"]["rules"]
+    assert rules["action"] == "DENY"
+    return [
+        p["authenticated"]["principal_name"]["prefix"]
+        for p in rules["policies"]["foreign-trust-domain"]["principals"]
+    ]
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+def test_the_inbound_listener_has_a_chain_per_kind_of_peer(protocol: Protocol) -> None:
+    peers = PeerDomains(OWN, aliases=(OLD,), federated=(WEST, OLD, OWN))
+    assert peers.federated == (WEST,)  # the mesh's own and its aliases are never federated
+    (listener,) = inbound_listeners(
+        config(protocol), InboundPolicy(MtlsMode.PERMISSIVE), peers=peers, revocation_epoch=2
+    )
+    as_listener(listener)  # Envoy's own schema takes it
+    chains = {c["name"]: c for c in listener["filter_chains"]}
+    assert list(chains) == ["tls", "tls-west.test", "tls-peer", "plaintext"]
+    sds = {
+        name: c["transport_socket"]["typed_config"]["common_tls_context"]
+        for name, c in chains.items()
+        if "transport_socket" in c
+    }
+    # The mesh's chain: any SNI but the peer ones, ROOTCA (the CRLs), no federated caller.
+    assert chains["tls"]["filter_chain_match"] == {"transport_protocol": "tls"}
+    assert sds["tls"]["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+    assert _denied_prefixes(chains["tls"]) == ["spiffe://west.test/"]
+    # West's callers: west's roots, and a west.test URI SAN.
+    assert chains["tls-west.test"]["filter_chain_match"]["server_names"] == [
+        "west.test.peer.meshtrust"
+    ]
+    combined = sds["tls-west.test"]["combined_validation_context"]
+    assert combined["validation_context_sds_secret_config"]["name"] == "ROOTCA:west.test"
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"prefix": "spiffe://west.test/"}}
+    ]
+    assert _denied_prefixes(chains["tls-west.test"]) == []
+    # Other trust domains under the mesh's roots: never the mesh's own, an alias or west.
+    assert chains["tls-peer"]["filter_chain_match"]["server_names"] == ["*.peer.meshtrust"]
+    assert sds["tls-peer"]["validation_context_sds_secret_config"]["name"] == "ROOTCA:peer"
+    assert _denied_prefixes(chains["tls-peer"]) == [
+        "spiffe://example.org/",
+        "spiffe://old.example/",
+        "spiffe://west.test/",
+    ]
+    # A revocation drains every TLS chain.
+    for name in ("tls", "tls-west.test", "tls-peer"):
+        assert chains[name]["metadata"]["filter_metadata"]["meshtrust"]["revocation_epoch"] == 2
+
+
+def test_without_federated_bundles_the_mesh_chain_denies_nobody() -> None:
+    (listener,) = inbound_listeners(
+        config(), InboundPolicy(MtlsMode.STRICT), peers=PeerDomains(OWN)
+    )
+    chains = {c["name"]: c for c in listener["filter_chains"]}
+    assert list(chains) == ["tls", "tls-peer"]
+    assert _denied_prefixes(chains["tls"]) == []
+
+
+def test_an_upstream_of_another_trust_domain_is_called_with_the_peer_sni() -> None:
+    west_api = SpiffeId.parse("spiffe://west.test/ns/default/sa/api")
+    alias_api = SpiffeId.parse("spiffe://old.example/ns/default/sa/api")
+    cfg = SidecarConfig(
+        name="web",
+        app_port=8080,
+        inbound_port=15006,
+        upstreams=(
+            Upstream("api", 15101, "127.0.0.1:16006", API_ID),
+            Upstream("west", 15102, "198.18.0.2:15006", west_api),
+            Upstream("old", 15103, "127.0.0.1:16007", alias_api),
+        ),
+    )
+    made = sidecar_bootstrap(
+        cfg,
+        sds_socket=Path("/run/sds.sock"),
+        lds_path=Path("/run/lds/listeners.json"),
+        node_id="sidecar~127.0.0.1~web.default~default.svc",
+        admin_socket=Path("/run/admin.sock"),
+        peers=PeerDomains(OWN, aliases=(OLD,)),
+    )
+    json_format.ParseDict(made, bootstrap_pb2.Bootstrap())
+    tls = {
+        c["name"]: c["transport_socket"]["typed_config"]
+        for c in made["static_resources"]["clusters"]
+        if "transport_socket" in c
+    }
+    roots = {
+        name: t["common_tls_context"]["combined_validation_context"][
+            "validation_context_sds_secret_config"
+        ]["name"]
+        for name, t in tls.items()
+    }
+    assert roots == {
+        "outbound|api": "ROOTCA",
+        "outbound|west": "ROOTCA:west.test",
+        "outbound|old": "ROOTCA",  # an alias is the mesh's own
+    }
+    assert tls["outbound|west"]["sni"] == "example.org.peer.meshtrust"
+    assert "sni" not in tls["outbound|api"] and "sni" not in tls["outbound|old"]

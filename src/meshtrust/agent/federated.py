@@ -16,28 +16,30 @@ A refused trust domain keeps the bundle held for it before (logged, counted); a 
 domain the CA no longer sends is dropped (``bundle delete``, or federation ended). When
 the result differs from what is held, :meth:`SecretCache.publish_federated` makes it one
 new generation: the Workload API's ``federated_bundles`` (and ``X509BundlesResponse``),
-``federated/<td>.pem`` and SDS ``ROOTCA``, which then uses Envoy's SPIFFE certificate
-validator with one ``trust_domains`` entry per trust domain (:func:`rootca_validator`).
+``federated/<td>.pem`` and SDS ``ROOTCA:<td>``, the validation context of the sidecar's
+filter chain for callers of that trust domain (:mod:`meshtrust.envoy.trust_domains`).
 
 Revocation. Envoy's ``envoy.tls.cert_validator.spiffe`` does not read the ``crl`` of the
-validation context (REFERENCE.md): with federated bundles held, ``ROOTCA`` still carries
-the mesh CA's CRL, and a revoked leaf of the mesh's own trust domain is refused by the
-check the agent's SDS adds for it (see docs/federation.md "Revocation").
+validation context (REFERENCE.md), so it is not used: each trust domain is validated by
+Envoy's default validator in its own filter chain, and ``ROOTCA`` (the mesh's own) keeps
+the mesh CA's CRLs whatever federated bundles are held.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from meshtrust.agent.cache import SecretCache, WorkloadSecret
+from meshtrust.agent.cache import SecretCache
 from meshtrust.errors import MeshTrustError, SvidVerificationError
 from meshtrust.pki import certs_pem
 from meshtrust.spiffe import TrustDomain
@@ -48,10 +50,9 @@ __all__ = [
     "FederatedIntake",
     "FederatedRoots",
     "FederatedVerdict",
-    "SPIFFE_VALIDATOR",
     "federated_der",
     "federated_pem",
-    "spiffe_validation_context",
+    "nobody_root",
     "verify_federated",
     "write_federated_dir",
 ]
@@ -198,32 +199,22 @@ def write_federated_dir(
         write(directory / f"{td.name}.pem", federated_pem(roots), 0o644)
 
 
-#: Envoy's SPIFFE certificate validator and its config type (the SDS proto subset).
-SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
-_SPIFFE_CONFIG_TYPE = (
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
-)
-
-
-def spiffe_validation_context(proto: Any, secret: WorkloadSecret) -> Any:
-    """SDS ``ROOTCA``'s ``CertificateValidationContext`` with federated bundles held:
-    Envoy's SPIFFE validator, one ``trust_domains`` entry for the mesh's own trust domain
-    (its roots) and one per federated trust domain that has roots (one without any trusts
-    nobody), so a root vouches only for its own trust domain. ``proto`` is the SDS message
-    set of :mod:`meshtrust.agent.sds`. The CA's CRL stays in the context (module docstring,
-    "Revocation")."""
-    bundles = {secret.trust_domain: secret.roots, **secret.federated}
-    config = proto.SpiffeValidatorConfig()
-    for td, roots in sorted_items(bundles):
-        if roots:
-            entry = config.trust_domains.add(name=td.name)
-            entry.trust_bundle.inline_bytes = certs_pem(roots)
-    extension = proto.TypedExtensionConfig(name=SPIFFE_VALIDATOR)
-    extension.typed_config.Pack(config, type_url_prefix="type.googleapis.com/")
-    assert extension.typed_config.type_url == _SPIFFE_CONFIG_TYPE
-    context = proto.CertificateValidationContext(custom_validator_config=extension)
-    crl = secret.crl_pem()
-    if crl is not None:
-        context.crl.inline_bytes = crl
-        context.only_verify_leaf_cert_crl = True
-    return context
+@functools.cache
+def nobody_root() -> x509.Certificate:
+    """A CA certificate whose key was dropped the moment it was made: the roots of a
+    validation context that must trust nobody (a federated trust domain held without
+    roots). Envoy would read empty roots as "verify nothing"."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshtrust: trusts nobody")])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=36500))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )

@@ -7,7 +7,10 @@ here) and names what it wants in each ``DiscoveryRequest``. We answer from the a
 :class:`~meshtrust.agent.cache.SecretCache`. Two resources exist, as in istio-agent:
 
 * ``default`` -- ``Secret.tls_certificate``: leaf + intermediates + roots, and the private key;
-* ``ROOTCA``  -- ``Secret.validation_context.trusted_ca``: the trusted roots.
+* ``ROOTCA``  -- ``Secret.validation_context.trusted_ca``: the trusted roots, and the CRLs;
+* ``ROOTCA:<td>`` and ``ROOTCA:peer`` -- the validation contexts for peers of another trust
+  domain (:mod:`meshtrust.envoy.trust_domains`): a federated trust domain's roots (never
+  the mesh's), or for any other trust domain the mesh's roots without the mesh's CRLs.
 
 What to send is decided by :class:`SdsStream`, a small socket-free state machine fed with two
 kinds of events, and nothing else:
@@ -40,7 +43,7 @@ nothing is pushed to an open stream when its certificate expires.
 When the cache changes, every stream that asked for a name whose content changed gets a
 response (a stream holding only ``ROOTCA`` is not woken by a leaf rotation that kept the
 roots). A response carries every requested resource we have -- with one name per stream, that
-is the one Envoy asked for. Names other than ``default`` and ``ROOTCA`` are never answered and
+is the one Envoy asked for. Other names (see :func:`is_known_secret`) are never answered and
 never break a stream (logged once per stream at info). ``version_info`` is the cache
 generation the response was built from; nonces are unique per response.
 
@@ -79,12 +82,18 @@ from grpclib.server import Stream
 
 from meshtrust._proto import read_descriptor
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
-from meshtrust.agent.federated import federated_der, spiffe_validation_context
+from meshtrust.agent.federated import nobody_root
 from meshtrust.agent.grpc_server import GrpcMethod, UnixGrpcServer
 from meshtrust.agent.handout import Refusal, handout
 from meshtrust.agent.uds import PrivateSocket
 from meshtrust.clock import Clock, SystemClock
+from meshtrust.envoy.trust_domains import (
+    PEER_ROOT_SECRET,
+    ROOT_SECRET,
+    trust_domain_of_root_secret,
+)
 from meshtrust.grpclib_compat import MalformedRequest, UnsupportedCompression, recv_request
+from meshtrust.pki import certs_pem
 
 __all__ = [
     "DEFAULT_SECRET",
@@ -96,6 +105,7 @@ __all__ = [
     "SdsServer",
     "SdsStats",
     "SdsStream",
+    "is_known_secret",
     "secret_resource",
 ]
 
@@ -103,10 +113,14 @@ log = logging.getLogger("meshtrust.agent")
 
 #: The workload's certificate chain and key (istio-agent's name).
 DEFAULT_SECRET = "default"
-#: The trusted roots (istio-agent's name).
-ROOT_SECRET = "ROOTCA"
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-KNOWN_SECRETS = frozenset({DEFAULT_SECRET, ROOT_SECRET})
+KNOWN_SECRETS = frozenset({DEFAULT_SECRET, ROOT_SECRET, PEER_ROOT_SECRET})
+
+
+def is_known_secret(name: str) -> bool:
+    """Whether SDS serves ``name``: ``default``, ``ROOTCA``, ``ROOTCA:peer`` or
+    ``ROOTCA:<trust domain>``."""
+    return name in KNOWN_SECRETS or trust_domain_of_root_secret(name) is not None
 #: The gRPC service (envoy/service/secret/v3/sds.proto).
 SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 
@@ -180,7 +194,7 @@ _PROTO = _load_sds_proto()
 
 def secret_resource(name: str, secret: WorkloadSecret) -> Any:
     """The ``envoy.extensions.transport_sockets.tls.v3.Secret`` named ``name`` built from
-    ``secret``. Raises :class:`ValueError` for a name other than ``default`` and ``ROOTCA``."""
+    ``secret``. Raises :class:`ValueError` for a name :func:`is_known_secret` refuses."""
     if name == DEFAULT_SECRET:
         return _PROTO.Secret(
             name=name,
@@ -190,13 +204,11 @@ def secret_resource(name: str, secret: WorkloadSecret) -> Any:
                 private_key=_PROTO.DataSource(inline_bytes=secret.key_pem()),
             ),
         )
-    if name == ROOT_SECRET:
+    roots, crl = _validation(name, secret)
+    if roots is not None:
         context = _PROTO.CertificateValidationContext(
-            trusted_ca=_PROTO.DataSource(inline_bytes=secret.roots_pem()),
+            trusted_ca=_PROTO.DataSource(inline_bytes=roots),
         )
-        if secret.federated:  # one root set per trust domain (agent/federated.py)
-            context = spiffe_validation_context(_PROTO, secret)
-        crl = secret.crl_pem()
         if crl is not None:
             # One CRL per live issuing CA, in one PEM (Envoy finds a leaf's by its issuer's
             # name and key). They are for leaves: only the leaf is checked against them.
@@ -205,7 +217,26 @@ def secret_resource(name: str, secret: WorkloadSecret) -> Any:
             context.crl.inline_bytes = crl
             context.only_verify_leaf_cert_crl = True
         return _PROTO.Secret(name=name, validation_context=context)
-    raise ValueError(f"no secret named {name!r}; only {DEFAULT_SECRET!r} and {ROOT_SECRET!r}")
+    raise ValueError(f"no secret named {name!r}; only {DEFAULT_SECRET!r} and {ROOT_SECRET!r}[:td]")
+
+
+def _validation(name: str, secret: WorkloadSecret) -> tuple[bytes | None, bytes | None]:
+    """The roots (PEM) and CRLs (PEM or None) of validation context ``name``; (None, None)
+    when ``name`` is not one. A validation context never has empty roots: Envoy would then
+    verify nothing. A federated trust domain held without roots trusts nobody."""
+    if name == ROOT_SECRET:
+        return secret.roots_pem(), secret.crl_pem()
+    if name == PEER_ROOT_SECRET:
+        return secret.roots_pem(), None
+    td = trust_domain_of_root_secret(name)
+    if td is None:
+        return None, None
+    if td == secret.trust_domain:
+        return secret.roots_pem(), secret.crl_pem()
+    if td in secret.federated:
+        federated = secret.federated[td]
+        return (certs_pem(federated) if federated else certs_pem((nobody_root(),))), None
+    return secret.roots_pem(), None  # another trust domain under the mesh's roots
 
 
 def _fingerprint(name: str, secret: WorkloadSecret) -> bytes:
@@ -216,10 +247,10 @@ def _fingerprint(name: str, secret: WorkloadSecret) -> bytes:
         digest.update(b"\0")
         digest.update(secret.key_pem())
     else:
-        digest.update(secret.roots_pem())
+        roots, crl = _validation(name, secret)
+        digest.update(roots or b"")
         digest.update(b"\0")
-        digest.update(secret.crl_pem() or b"")
-        digest.update(b"".join(federated_der(secret.federated).values()))
+        digest.update(crl or b"")
     return digest.digest()
 
 
@@ -437,7 +468,7 @@ class SdsStream:
         self, secret: WorkloadSecret, *, force: bool, now: dt.datetime | None
     ) -> SdsPush | None:
         wanted = [
-            n for n in self.names if n in KNOWN_SECRETS and not self._withheld(n, secret, now)
+            n for n in self.names if is_known_secret(n) and not self._withheld(n, secret, now)
         ]
         if not wanted:
             return None
@@ -463,14 +494,14 @@ class SdsStream:
 
     def _note_unknown(self, names: tuple[str, ...]) -> None:
         for name in names:
-            if name not in KNOWN_SECRETS and name not in self._logged_unknown:
+            if not is_known_secret(name) and name not in self._logged_unknown:
                 self._logged_unknown.add(name)
                 self.counters.unknown_names += 1
                 log.info(
-                    "SDS: %s asked for unknown secret %r; only %s are served",
+                    "SDS: %s asked for unknown secret %r; only %s and ROOTCA:<td> are served",
                     self._peer,
                     name,
-                    " and ".join(sorted(KNOWN_SECRETS)),
+                    ", ".join(sorted(KNOWN_SECRETS)),
                 )
 
 

@@ -39,7 +39,7 @@ pass fakes and run supervision on a fake clock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +51,7 @@ from meshtrust.agent.rotation import backoff_delay
 from meshtrust.clock import Clock
 from meshtrust.envoy import ADMIN_SOCKET
 from meshtrust.envoy.sidecar import (
+    PeerDomains,
     SidecarConfig,
     inbound_listeners,
     listener_problems,
@@ -192,6 +193,10 @@ class EnvoySidecar:
         self.revocation_epoch = 0
         #: Revocation drains asked of Envoy (one per new LDS version written for them).
         self.revocation_drains = 0
+        #: The federated trust domains whose bundles the agent holds: one inbound filter
+        #: chain each (envoy/trust_domains.py).
+        self.federated: tuple[TrustDomain, ...] = ()
+        self.federated_updates = 0
         # Compiled now, so a bad policy stops the agent before anything runs.
         self._initial_policy = self.compile_policy()
 
@@ -207,15 +212,28 @@ class EnvoySidecar:
             trust_domain_aliases=self.settings.trust_domain_aliases,
         )
 
+    @property
+    def peers(self) -> PeerDomains:
+        """The trust domains this sidecar's peers may be of (its own, its aliases, the
+        federated ones its agent holds)."""
+        return PeerDomains(
+            self.identity.trust_domain, self.settings.trust_domain_aliases, self.federated
+        )
+
     def _listeners(self, policy: InboundPolicy) -> list[dict[str, Any]]:
         return inbound_listeners(
-            self.settings.config, policy, revocation_epoch=self.revocation_epoch
+            self.settings.config,
+            policy,
+            revocation_epoch=self.revocation_epoch,
+            peers=self.peers,
         )
 
     def _lds_version(self, policy_version: int) -> str:
-        """``<policy version>``, then ``.r<epoch>`` once a revocation drained connections."""
+        """``<policy version>``, then ``.r<epoch>`` once a revocation drained connections and
+        ``.f<n>`` once the federated trust domains changed."""
         epoch = f".r{self.revocation_epoch}" if self.revocation_epoch else ""
-        return f"{policy_version}{epoch}"
+        federated = f".f{self.federated_updates}" if self.federated_updates else ""
+        return f"{policy_version}{epoch}{federated}"
 
     def _apply(self, policy: InboundPolicy) -> None:
         version = self.policy_version + 1
@@ -256,6 +274,7 @@ class EnvoySidecar:
             lds_path=self.lds_path,
             node_id=f"sidecar~127.0.0.1~{cfg.name}.{cfg.namespace}~{cfg.namespace}.svc",
             admin_socket=self.admin_socket,
+            peers=self.peers,
         )
 
     @property
@@ -350,6 +369,7 @@ class EnvoySidecar:
         while True:
             secret = await secrets.wait_newer(seen)
             seen = secret.generation
+            self.follow_federated(secret.federated)
             current = revoked_serials(secret.crl)
             added, revoked = current - revoked, current
             if not added:
@@ -364,6 +384,31 @@ class EnvoySidecar:
                     REVOCATION_ACK_WAIT,
                 )
             self.drain_for_revocation(len(added))
+
+    def follow_federated(self, federated: Iterable[TrustDomain]) -> bool:
+        """Hold the trust domains of ``federated``; when they changed, write the inbound
+        listener again (a chain comes or goes; the others keep their connections). Returns
+        whether the file was written."""
+        tds = tuple(sorted(set(federated), key=lambda t: t.name))
+        if tds == self.federated:
+            return False
+        self.federated = tds
+        if self.policy is None:
+            return False  # start() writes the listener with them
+        self.federated_updates += 1
+        version = self._lds_version(self.policy_version)
+        try:
+            write_lds_file(self.lds_path, self._listeners(self.policy), version)
+        except OSError as exc:
+            log.error("cannot write Envoy's listener file %s: %s", self.lds_path, exc)
+            return False
+        log.info(
+            "federated trust domains for %s: %s (LDS %s)",
+            self.workload.name,
+            ", ".join(td.name for td in tds) or "none",
+            version,
+        )
+        return True
 
     def drain_for_revocation(self, added: int) -> bool:
         """Write the inbound listener with the next revocation epoch, so Envoy drains the

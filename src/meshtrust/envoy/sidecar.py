@@ -104,16 +104,26 @@ from meshtrust.config import (
     parse_host_port,
 )
 from meshtrust.envoy.bootstrap import admin, node, sds_cluster, sds_secret_config
+from meshtrust.envoy.trust_domains import (
+    PEER_ROOT_SECRET,
+    PEER_SNI_SUFFIX,
+    ROOT_SECRET,
+    PeerDomains,
+    deny_trust_domains_filter,
+    peer_root_secret,
+    peer_sni,
+)
 from meshtrust.errors import ConfigError
 from meshtrust.fileio import Fsync, write_file_atomic
 from meshtrust.policy.model import InboundPolicy, MtlsMode, Protocol, WorkloadRef
-from meshtrust.spiffe import SpiffeId
+from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_DRAIN_TIME_S",
     "INBOUND_LISTENER",
     "LISTENER_TYPE_URL",
+    "PeerDomains",
     "SidecarConfig",
     "Upstream",
     "app_cluster_name",
@@ -501,8 +511,14 @@ def sidecar_bootstrap(
     lds_path: Path,
     node_id: str,
     admin_socket: Path,
+    peers: PeerDomains | None = None,
 ) -> dict[str, Any]:
     """The Envoy v3 bootstrap of ``config``'s sidecar (see the module docstring).
+
+    ``peers`` names the workload's own trust domain (and its aliases): an upstream of
+    another trust domain is then called with the peer SNI and validated with that trust
+    domain's SDS context (:mod:`meshtrust.envoy.trust_domains`). Without it every upstream
+    is validated with ``ROOTCA``.
 
     ``lds_path`` is the file :func:`write_lds_file` maintains; it must exist before Envoy
     starts, and Envoy reloads it whenever a file is renamed into its directory -- give it a
@@ -512,7 +528,7 @@ def sidecar_bootstrap(
     """
     lds = Path(os.path.abspath(lds_path))
     clusters = [sds_cluster(sds_socket), _app_cluster(config)]
-    clusters += [_outbound_cluster(u, tls_params(config)) for u in config.upstreams]
+    clusters += [_outbound_cluster(u, tls_params(config), peers) for u in config.upstreams]
     return {
         "node": node(node_id, f"{config.name}.{config.namespace}"),
         "admin": admin(Path(os.path.abspath(admin_socket))),
@@ -583,9 +599,14 @@ def _app_cluster(config: SidecarConfig) -> dict[str, Any]:
     return cluster
 
 
-def _outbound_cluster(upstream: Upstream, params: Mapping[str, Any]) -> dict[str, Any]:
+def _outbound_cluster(
+    upstream: Upstream, params: Mapping[str, Any], peers: PeerDomains | None
+) -> dict[str, Any]:
     name = outbound_cluster_name(upstream)
     is_ip = _is_ip(upstream.host)
+    upstream_td = upstream.spiffe_id.trust_domain
+    foreign = peers is not None and not peers.is_own(upstream_td)
+    roots = peer_root_secret(upstream_td) if foreign else ROOT_SECRET
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if is_ip else "STRICT_DNS",
@@ -618,12 +639,17 @@ def _outbound_cluster(upstream: Upstream, params: Mapping[str, Any]) -> dict[str
                                 }
                             ]
                         },
-                        "validation_context_sds_secret_config": sds_secret_config("ROOTCA"),
+                        "validation_context_sds_secret_config": sds_secret_config(roots),
                     },
                 },
             },
         },
     }
+    if foreign:
+        assert peers is not None
+        # Tells the peer's inbound listener which trust domain this caller is of, so it
+        # validates it by that trust domain's roots and CRLs (envoy/trust_domains.py).
+        cluster["transport_socket"]["typed_config"]["sni"] = peer_sni(peers.own)
     if not is_ip:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if upstream.protocol is Protocol.HTTP:
@@ -698,10 +724,20 @@ def _loopback(port: int) -> dict[str, Any]:
 
 
 def inbound_listeners(
-    config: SidecarConfig, policy: InboundPolicy, *, revocation_epoch: int = 0
+    config: SidecarConfig,
+    policy: InboundPolicy,
+    *,
+    revocation_epoch: int = 0,
+    peers: PeerDomains | None = None,
 ) -> list[dict[str, Any]]:
     """The listeners to serve over LDS for ``policy``: the inbound listener on
     127.0.0.1:<inbound_port> (see the module docstring for each mode's filter chains).
+
+    With ``peers``, the TLS chain is one chain per kind of peer, chosen by the SNI the
+    caller sends (:mod:`meshtrust.envoy.trust_domains`): the mesh's own (no peer SNI), each
+    federated trust domain's, and other trust domains under the mesh's roots. A change of
+    ``peers.federated`` adds or removes chains and leaves the others, and their
+    connections, alone.
 
     ``revocation_epoch`` (counted by the agent, one per CRL that revoked something new) is
     written into the mTLS chain's metadata: a new epoch is a new chain to Envoy, so it
@@ -719,13 +755,12 @@ def inbound_listeners(
     mode = MtlsMode(policy.mode)
     chains: list[dict[str, Any]] = []
     if mode in (MtlsMode.STRICT, MtlsMode.PERMISSIVE):
-        tls_chain = _inbound_chain(config, rbac, tls=True)
-        tls_chain["filter_chain_match"] = {"transport_protocol": "tls"}
-        if revocation_epoch:
-            tls_chain["metadata"] = {
-                "filter_metadata": {"meshtrust": {"revocation_epoch": revocation_epoch}}
-            }
-        chains.append(tls_chain)
+        for tls_chain in _tls_chains(config, rbac, peers):
+            if revocation_epoch:
+                tls_chain["metadata"] = {
+                    "filter_metadata": {"meshtrust": {"revocation_epoch": revocation_epoch}}
+                }
+            chains.append(tls_chain)
     if mode in (MtlsMode.PERMISSIVE, MtlsMode.DISABLE):
         plain_chain = _inbound_chain(config, rbac, tls=False)
         if mode is MtlsMode.PERMISSIVE:
@@ -755,9 +790,64 @@ def inbound_listeners(
     return [listener]
 
 
+def _tls_chains(
+    config: SidecarConfig, rbac: tuple[Mapping[str, Any], ...], peers: PeerDomains | None
+) -> list[dict[str, Any]]:
+    """The inbound TLS chains: one without ``peers``; with them, the mesh's chain, one per
+    federated trust domain and one for other trust domains under the mesh's roots."""
+    prefix = inbound_stat_prefix(config)
+    mesh = _inbound_chain(
+        config,
+        rbac,
+        tls=True,
+        name="tls",
+        deny=peers.federated if peers is not None else (),
+        deny_prefix=f"{prefix}_federated_td",
+    )
+    mesh["filter_chain_match"] = {"transport_protocol": "tls"}
+    if peers is None:
+        return [mesh]
+    chains = [mesh]
+    for td in peers.federated:
+        chain = _inbound_chain(
+            config, rbac, tls=True, name=f"tls-{td.name}", roots=peer_root_secret(td), only=td
+        )
+        chain["filter_chain_match"] = {
+            "transport_protocol": "tls",
+            "server_names": [peer_sni(td)],
+        }
+        chains.append(chain)
+    shared = _inbound_chain(
+        config,
+        rbac,
+        tls=True,
+        name="tls-peer",
+        roots=PEER_ROOT_SECRET,
+        deny=(peers.own, *peers.aliases, *peers.federated),
+        deny_prefix=f"{prefix}_peer_td",
+    )
+    shared["filter_chain_match"] = {
+        "transport_protocol": "tls",
+        "server_names": [f"*.{PEER_SNI_SUFFIX}"],
+    }
+    chains.append(shared)
+    return chains
+
+
 def _inbound_chain(
-    config: SidecarConfig, rbac: tuple[Mapping[str, Any], ...], *, tls: bool
+    config: SidecarConfig,
+    rbac: tuple[Mapping[str, Any], ...],
+    *,
+    tls: bool,
+    name: str | None = None,
+    roots: str = ROOT_SECRET,
+    only: TrustDomain | None = None,
+    deny: Sequence[TrustDomain] = (),
+    deny_prefix: str = "",
 ) -> dict[str, Any]:
+    """One inbound chain. A TLS chain validates the caller with SDS ``roots``; ``only``
+    adds that the caller's URI SAN must be in that trust domain, ``deny`` a network RBAC
+    filter (first of all) closing connections of callers in those trust domains."""
     prefix = inbound_stat_prefix(config)
     cluster = app_cluster_name(config)
     if config.protocol is Protocol.HTTP:
@@ -765,13 +855,26 @@ def _inbound_chain(
         filters = [_hcm(prefix, cluster, filters=rbac, xfcc=xfcc)]
     else:
         filters = [*(dict(f) for f in rbac), _tcp_proxy(prefix, cluster)]
-    chain: dict[str, Any] = {"name": "tls" if tls else "plaintext", "filters": filters}
+    if deny:
+        filters.insert(0, deny_trust_domains_filter(deny, stat_prefix=f"{deny_prefix}."))
+    default_name = "tls" if tls else "plaintext"
+    chain: dict[str, Any] = {"name": name or default_name, "filters": filters}
     if tls:
         common: dict[str, Any] = {
             "tls_params": tls_params(config),
             "tls_certificate_sds_secret_configs": [sds_secret_config("default")],
-            "validation_context_sds_secret_config": sds_secret_config("ROOTCA"),
         }
+        if only is None:
+            common["validation_context_sds_secret_config"] = sds_secret_config(roots)
+        else:
+            common["combined_validation_context"] = {
+                "default_validation_context": {
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"prefix": f"spiffe://{only.name}/"}}
+                    ]
+                },
+                "validation_context_sds_secret_config": sds_secret_config(roots),
+            }
         chain["transport_socket"] = {
             "name": _TLS_SOCKET,
             "typed_config": {

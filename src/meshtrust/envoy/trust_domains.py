@@ -7,21 +7,139 @@ per trust domain and accepts a peer only if its chain leads to the bundle of the
 domain its SPIFFE ID names. These functions build that ``CertificateValidationContext``,
 for a listener's or a cluster's TLS context, or for an SDS validation-context secret.
 
-Envoy's SPIFFE validator ignores ``crl`` (REFERENCE.md): revocation for federated peers has
-to come another way.
+Envoy's SPIFFE validator ignores ``crl`` (REFERENCE.md), so the sidecars do not use it:
+they validate each peer trust domain with Envoy's default validator, which honours CRLs, in
+its own filter chain, chosen by the SNI the calling sidecar sends (:class:`PeerDomains`).
+
+Peer trust domains by SNI
+-------------------------
+A sidecar calling an upstream of another trust domain sends SNI ``<own td>.peer.meshtrust``
+(:func:`peer_sni`) and validates the upstream with SDS ``ROOTCA:<upstream td>``
+(:func:`peer_root_secret`). The inbound listener has, for its TLS chains:
+
+* the mesh chain (no SNI, or any other SNI): SDS ``ROOTCA`` -- the mesh's roots and CRLs.
+  When federated bundles are held, a network RBAC filter first closes connections whose
+  peer names a federated trust domain: the mesh's roots never vouch for those.
+* one chain per federated trust domain B (SNI ``B.peer.meshtrust``): SDS ``ROOTCA:B`` --
+  B's roots and the CRLs B's CA publishes, and the peer's URI SAN must be in B.
+* one chain for other trust domains under the mesh's roots (shared root; SNI
+  ``*.peer.meshtrust``): SDS ``ROOTCA:peer`` -- the mesh's roots, no CRL (the mesh does not
+  hold the CRLs of another mesh's CA, and Envoy refuses a leaf whose issuer has no CRL once
+  it has any); an RBAC filter closes connections naming the mesh's own trust domain, its
+  aliases or a federated one, so a revoked certificate of the mesh cannot pass here.
+
+A certificate is thus checked against a CRL whenever its issuer publishes one to the mesh,
+whichever chain the caller picks by its SNI.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshtrust.errors import InvalidSpiffeId
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["SPIFFE_VALIDATOR", "spiffe_validation_context"]
+__all__ = [
+    "PEER_ROOT_SECRET",
+    "PEER_SNI_SUFFIX",
+    "PeerDomains",
+    "ROOT_SECRET",
+    "SPIFFE_VALIDATOR",
+    "deny_trust_domains_filter",
+    "peer_root_secret",
+    "peer_sni",
+    "spiffe_validation_context",
+    "trust_domain_of_root_secret",
+]
+
+#: SDS name of the mesh's own validation context (roots + CRLs), as istio-agent names it.
+ROOT_SECRET = "ROOTCA"
+#: SDS name of the validation context for other trust domains under the mesh's roots.
+PEER_ROOT_SECRET = "ROOTCA:peer"
+#: The SNI a calling sidecar sends is ``<its trust domain>.`` + this.
+PEER_SNI_SUFFIX = "peer.meshtrust"
+
+
+def peer_sni(caller: TrustDomain) -> str:
+    """The SNI a sidecar of ``caller`` sends to an upstream of another trust domain."""
+    return f"{caller.name}.{PEER_SNI_SUFFIX}"
+
+
+def peer_root_secret(td: TrustDomain) -> str:
+    """SDS name of the validation context for peers of ``td`` (``ROOTCA:<td>``)."""
+    return f"{ROOT_SECRET}:{td.name}"
+
+
+def trust_domain_of_root_secret(name: str) -> TrustDomain | None:
+    """The trust domain a ``ROOTCA:<td>`` name is for; None for any other name (``ROOTCA``,
+    :data:`PEER_ROOT_SECRET`, or a name that is not a trust domain)."""
+    prefix = f"{ROOT_SECRET}:"
+    if not name.startswith(prefix) or name == PEER_ROOT_SECRET:
+        return None
+    try:
+        return TrustDomain.parse(name[len(prefix) :])
+    except InvalidSpiffeId:
+        return None
+
+
+@dataclass(frozen=True)
+class PeerDomains:
+    """Who a sidecar's peers may be: its own trust domain, that domain's aliases (treated as
+    its own), and the federated trust domains whose bundles its agent holds."""
+
+    own: TrustDomain
+    aliases: tuple[TrustDomain, ...] = ()
+    federated: tuple[TrustDomain, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aliases", _unique(self.aliases))
+        mine = {self.own, *self.aliases}
+        object.__setattr__(
+            self, "federated", _unique(td for td in self.federated if td not in mine)
+        )
+
+    def is_own(self, td: TrustDomain) -> bool:
+        return td == self.own or td in self.aliases
+
+
+def _unique(tds: Iterable[TrustDomain]) -> tuple[TrustDomain, ...]:
+    return tuple(sorted(set(tds), key=lambda t: t.name))
+
+
+_NETWORK_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+
+
+def deny_trust_domains_filter(
+    tds: Sequence[TrustDomain], *, stat_prefix: str
+) -> dict[str, Any]:
+    """A network RBAC filter that closes a connection whose peer's URI SAN is in one of
+    ``tds`` (raises :class:`ValueError` for none)."""
+    if not tds:
+        raise ValueError("a trust-domain deny filter needs at least one trust domain")
+    principals = [
+        {"authenticated": {"principal_name": {"prefix": f"spiffe://{td.name}/"}}} for td in tds
+    ]
+    return {
+        "name": "envoy.filters.network.rbac",
+        "typed_config": {
+            "@type": _NETWORK_RBAC,
+            "stat_prefix": stat_prefix,
+            "rules": {
+                "action": "DENY",
+                "policies": {
+                    "foreign-trust-domain": {
+                        "permissions": [{"any": True}],
+                        "principals": principals,
+                    }
+                },
+            },
+        },
+    }
 
 SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
 _CONFIG_TYPE = (
