@@ -724,6 +724,8 @@ class SigningWatch:
         self.warning: ChainWarning | None = None
         self._warned_level = 0
         self._failing = False
+        #: Polls of :meth:`run` that raised (and were retried at the next one).
+        self.failed_polls = 0
         self._reported: set[str] = set()
         self._changed = asyncio.Event()
         self._keys: dict[int, PrivateKey] = {}
@@ -966,6 +968,9 @@ class SigningWatch:
         self._warned_level = level
 
     async def run(self) -> None:
+        """Poll every ``interval`` until cancelled. A poll that fails in any way is logged
+        (once per distinct error), counted in :attr:`failed_polls` and retried at the next
+        poll, the current signer kept meanwhile."""
         while True:
             await self._clock.sleep(self._interval)
             try:
@@ -973,7 +978,19 @@ class SigningWatch:
             except (MeshTrustError, OSError) as exc:
                 # As SPIRE's rotator: a failed step is logged and retried at the next poll;
                 # it must not end the task that keeps this process's signer current.
+                self.failed_polls += 1
                 self._report_once(f"poll-{exc}", f"signing slots: {exc}")
+            except Exception as exc:  # a bug, or a library error not mapped to ours
+                # Not ours, so not known to be free of detail: the type and message only (no
+                # locals, no key material), the traceback at DEBUG for whoever debugs it.
+                self.failed_polls += 1
+                log.debug("signing slots: unexpected error in a poll", exc_info=exc)
+                self._report_once(
+                    f"poll-{type(exc).__name__}-{exc}",
+                    f"signing slots: unexpected {type(exc).__name__}: {exc}; keeping generation "
+                    f"{self.material.generation if self.material else 0}, retrying every "
+                    f"{self._interval:g}s",
+                )
 
 
 async def switch_to_root(
