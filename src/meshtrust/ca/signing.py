@@ -174,6 +174,13 @@ class SlotRecord:
     def lifetime(self) -> dt.timedelta:
         return self.not_after - self.issued_at
 
+    @property
+    def chain_not_after(self) -> dt.datetime:
+        """When the chain stops verifying: the earliest NotAfter of its certificates (an
+        intermediate above the signing CA may expire first). What the chain-expiry warning
+        (:func:`chain_expiry_warning`) is about."""
+        return min(c.not_valid_after_utc for c in self.chain)
+
 
 @dataclass(frozen=True, slots=True)
 class Slots:
@@ -242,15 +249,27 @@ class ChainWarning:
     left: dt.timedelta
 
     @property
-    def message(self) -> str:
+    def summary(self) -> str:
+        """When the chain expires, how soon, and the level's name."""
         days = self.left.total_seconds() / 86400
         what = ("", "notice", "warning", "critical")[self.level]
         return (
             f"signing CA chain expires at {self.not_after:%Y-%m-%d %H:%M:%SZ} "
-            f"({days:.1f} days left, {what}): this CA has no root key and cannot rotate its "
-            "intermediate itself; put a renewed plugged-in CA in the CA directory (or run "
-            "`meshtrust ca rotate-root`) before then"
+            f"({days:.1f} days left, {what})"
         )
+
+    @property
+    def advice(self) -> str:
+        """What to do about it."""
+        return (
+            "this CA has no root key and cannot rotate its intermediate itself; put a renewed "
+            "plugged-in CA in the CA directory (or run `meshtrust ca rotate-root`) before then"
+        )
+
+    @property
+    def message(self) -> str:
+        """The whole warning, as the CA logs it and `meshtrust ca slots` shows it."""
+        return f"{self.summary}: {self.advice}"
 
 
 def chain_expiry_warning(
@@ -960,8 +979,7 @@ class SigningWatch:
         if self.can_prepare or active is None:
             self.warning = None
             return
-        not_after = min(c.not_valid_after_utc for c in active.chain)
-        self.warning = chain_expiry_warning(active.issued_at, not_after, now)
+        self.warning = chain_expiry_warning(active.issued_at, active.chain_not_after, now)
         level = self.warning.level if self.warning is not None else 0
         if self.warning is not None and level > self._warned_level:
             log.warning("%s", self.warning.message)
