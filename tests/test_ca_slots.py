@@ -4,6 +4,7 @@ time, the ledger's slot table on SQLite (two replicas racing), bad slots, switch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import stat
 import subprocess
@@ -390,6 +391,67 @@ async def test_switch_to_root_makes_a_new_root_active_everywhere(tmp_path: Path)
     (third_file,) = ca_dir.glob("signing-key-3-*")
     assert load_private_key_pem(third_file.read_bytes()).public_key() == inter_key.public_key()
     sql.close()
+
+
+class _FailsOnce(SlotLedger):
+    """The slots' ledger, whose next revision() raises ``error`` once (then works)."""
+
+    def __init__(self, engine: sa.Engine, error: Exception) -> None:
+        super().__init__(engine)
+        self.error: Exception | None = error
+
+    def revision(self) -> int:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        return super().revision()
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_error_in_a_poll_is_logged_and_the_watch_follows_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca_dir, sql = _ca(tmp_path)
+    clock = FakeClock(T0 + DAY)
+    material = load_ca_dir(ca_dir, clock.now())
+    watch = SigningWatch(
+        _FailsOnce(sql.engine, RuntimeError("injected fault")),
+        ca_dir,
+        clock,
+        trust_domain=TD.name,
+        root=load_root_signer(ca_dir, material.roots),
+        interval=1.0,
+    )
+    watch.load(material)
+    task = asyncio.create_task(watch.run())
+    try:
+        await clock.wait_for_sleepers()
+        await clock.advance(1.0)  # the first poll raises RuntimeError
+        await clock.wait_for_sleepers()  # asleep again: the poll (in threads) is over
+        assert not task.done(), task
+        assert watch.failed_polls == 1
+        assert "signing slots: unexpected RuntimeError: injected fault" in caplog.text
+        assert "keeping generation 1" in caplog.text
+        # Another replica switches the signer; the next poll of this one follows.
+        new_key = generate_key(KeyType.EC_P256)
+        new_root = make_root(new_key, TD.name, clock.now(), dt.timedelta(days=3650))
+        generation = await switch_to_root(
+            SlotLedger(sql.engine),
+            ca_dir,
+            clock.now(),
+            trust_domain=TD.name,
+            root=Signer(new_root, new_key),
+        )
+        await clock.advance(1.0)
+        await clock.wait_for_sleepers()
+        assert watch.current().generation == generation == 2
+        watch.current().signer.cert.verify_directly_issued_by(new_root)
+        assert watch.failed_polls == 1 and not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sql.close()
 
 
 def test_a_restarted_ca_signs_with_the_active_slot_not_ca_cert_pem(tmp_path: Path) -> None:

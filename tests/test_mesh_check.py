@@ -12,16 +12,19 @@ from typing import Any
 
 import pytest
 
+from meshtrust.ca.signing import chain_expiry_warning
 from meshtrust.mesh.certs_monitor import CertObservation, judge_expiry
 from meshtrust.mesh.check import (
     CHECKS,
     CaObservation,
+    ChainObservation,
     MeshCheck,
     Observation,
     Verdict,
     caught_mid_rotation,
     check_agent,
     check_app,
+    check_ca_chain,
     check_certificate,
     check_chain,
     check_envoy,
@@ -592,8 +595,16 @@ def test_why_an_admin_socket_does_not_answer(tmp_path: Path) -> None:
 
 # --- the mesh-wide walk: the CA's steps ------------------------------------------------------
 
+DAY = dt.timedelta(days=1)
+# A plugged-in CA's 90-day intermediate, made a day before NOW.
+CHAIN = ChainObservation(generation=1, issued_at=NOW - DAY, not_after=NOW + 89 * DAY, rotates=False)
 CA_GOOD = CaObservation(
-    mesh=MESH, alive=True, ready=True, roots=(CA.root,), roots_where="/c/root-cert.pem"
+    mesh=MESH,
+    alive=True,
+    ready=True,
+    roots=(CA.root,),
+    roots_where="/c/root-cert.pem",
+    chain=CHAIN,
 )
 ROOT_END = CA.root.not_valid_after_utc
 
@@ -614,13 +625,71 @@ def test_ca_checks(
     change: dict[str, Any], now: dt.datetime, verdicts: tuple[str, str], words: list[str]
 ) -> None:
     steps = judge_ca(dataclasses.replace(CA_GOOD, **change), now)
-    assert [s.id for s in steps] == ["ca", "root"]
-    assert tuple(s.verdict for s in steps) == verdicts
-    text = " ".join(f"{s.detail} {s.hint or ''}" for s in steps)
+    assert [s.id for s in steps] == ["ca", "root", "signing-chain"]
+    assert tuple(s.verdict for s in steps[:2]) == verdicts  # the chain: test_ca_chain_step
+    text = " ".join(f"{s.detail} {s.hint or ''}" for s in steps[:2])
     for word in words:
         assert word in text
     for s in steps:
         assert (s.hint is not None) == (s.verdict in (Verdict.WARN, Verdict.FAIL))
+
+
+@pytest.mark.parametrize(
+    ("change", "days", "verdict", "words"),
+    [
+        ({}, 0, "PASS", ["89d left", "generation 1, NotAfter 2030-03-31T00:00:00Z",
+                         "a plugged-in CA (no root key): this step warns from 2030-03-01"]),
+        ({}, 44, "PASS", ["45d left"]),
+        ({}, 58.9, "PASS", ["30d"]),  # 30 days before NotAfter (SPIRE's cap): level 1
+        ({}, 60, "WARN", ["signing CA chain expires at 2030-03-31 00:00:00Z (29.0 days left, "
+                          "notice)", "no root key", "`meshtrust ca rotate-root`"]),
+        ({}, 84, "WARN", ["5.0 days left, warning"]),
+        ({}, 88.5, "WARN", ["0.5 days left, critical"]),
+        ({}, 90, "FAIL", ["EXPIRED 1d ago", "do not verify", "put a renewed plugged-in CA"]),
+        ({"rotates": True}, 84, "PASS", ["the CA rotates it", "a successor from 2030-03-01"]),
+        ({"rotates": True}, 90, "FAIL", ["EXPIRED", "is it running?",
+                                         "`meshtrust ca slots --ca-dir /c`"]),
+    ],
+)  # fmt: skip
+def test_ca_chain_step(change: dict[str, Any], days: float, verdict: str, words: list[str]) -> None:
+    obs = dataclasses.replace(CA_GOOD, chain=dataclasses.replace(CHAIN, **change))
+    step = check_ca_chain(obs, NOW + days * DAY)
+    assert (step.id, step.title, step.verdict) == ("signing-chain", "signing CA chain", verdict)
+    text = f"{step.detail} {step.hint or ''}"
+    for word in words:
+        assert word in text, text
+    assert (step.hint is not None) == (step.verdict in (Verdict.WARN, Verdict.FAIL))
+
+
+def test_the_chain_step_warns_exactly_when_the_ca_does() -> None:
+    """The same decision as the CA's log line, gauge and `ca slots --check`, at every hour of
+    the chain's life: WARN (or, past NotAfter, FAIL) iff chain_expiry_warning says so."""
+    for hour in range(0, 92 * 24, 7):
+        now = NOW - DAY + dt.timedelta(hours=hour)
+        warning = chain_expiry_warning(CHAIN.issued_at, CHAIN.not_after, now)
+        step = check_ca_chain(CA_GOOD, now)
+        if now >= CHAIN.not_after:
+            assert step.verdict == Verdict.FAIL
+        elif warning is None:
+            assert step.verdict == Verdict.PASS
+        else:
+            assert (step.verdict, step.detail, step.hint) == (
+                Verdict.WARN,
+                warning.summary,
+                warning.advice,
+            )
+            assert warning.message == f"{step.detail}: {step.hint}"
+
+
+def test_the_chain_step_without_a_chain() -> None:
+    broken = dataclasses.replace(CA_GOOD, chain=None, chain_error="cannot read signing slots: X")
+    step = check_ca_chain(broken, NOW)
+    assert step.verdict == Verdict.WARN and "cannot read signing slots: X" in step.detail
+    assert step.hint is not None and "meshtrust ca slots --ca-dir /c" in step.hint
+    elsewhere = dataclasses.replace(CA_GOOD, chain=None, chain_missing="the CA runs elsewhere")
+    assert check_ca_chain(elsewhere, NOW) == check_ca_chain(elsewhere, NOW + 90 * DAY)
+    assert check_ca_chain(elsewhere, NOW).verdict == Verdict.SKIP
+    assert check_ca_chain(elsewhere, NOW).detail == "the CA runs elsewhere"
 
 
 def test_ca_on_another_host_is_judged_by_its_address() -> None:

@@ -174,6 +174,13 @@ class SlotRecord:
     def lifetime(self) -> dt.timedelta:
         return self.not_after - self.issued_at
 
+    @property
+    def chain_not_after(self) -> dt.datetime:
+        """When the chain stops verifying: the earliest NotAfter of its certificates (an
+        intermediate above the signing CA may expire first). What the chain-expiry warning
+        (:func:`chain_expiry_warning`) is about."""
+        return min(c.not_valid_after_utc for c in self.chain)
+
 
 @dataclass(frozen=True, slots=True)
 class Slots:
@@ -242,15 +249,27 @@ class ChainWarning:
     left: dt.timedelta
 
     @property
-    def message(self) -> str:
+    def summary(self) -> str:
+        """When the chain expires, how soon, and the level's name."""
         days = self.left.total_seconds() / 86400
         what = ("", "notice", "warning", "critical")[self.level]
         return (
             f"signing CA chain expires at {self.not_after:%Y-%m-%d %H:%M:%SZ} "
-            f"({days:.1f} days left, {what}): this CA has no root key and cannot rotate its "
-            "intermediate itself; put a renewed plugged-in CA in the CA directory (or run "
-            "`meshtrust ca rotate-root`) before then"
+            f"({days:.1f} days left, {what})"
         )
+
+    @property
+    def advice(self) -> str:
+        """What to do about it."""
+        return (
+            "this CA has no root key and cannot rotate its intermediate itself; put a renewed "
+            "plugged-in CA in the CA directory (or run `meshtrust ca rotate-root`) before then"
+        )
+
+    @property
+    def message(self) -> str:
+        """The whole warning, as the CA logs it and `meshtrust ca slots` shows it."""
+        return f"{self.summary}: {self.advice}"
 
 
 def chain_expiry_warning(
@@ -724,6 +743,8 @@ class SigningWatch:
         self.warning: ChainWarning | None = None
         self._warned_level = 0
         self._failing = False
+        #: Polls of :meth:`run` that raised (and were retried at the next one).
+        self.failed_polls = 0
         self._reported: set[str] = set()
         self._changed = asyncio.Event()
         self._keys: dict[int, PrivateKey] = {}
@@ -958,14 +979,16 @@ class SigningWatch:
         if self.can_prepare or active is None:
             self.warning = None
             return
-        not_after = min(c.not_valid_after_utc for c in active.chain)
-        self.warning = chain_expiry_warning(active.issued_at, not_after, now)
+        self.warning = chain_expiry_warning(active.issued_at, active.chain_not_after, now)
         level = self.warning.level if self.warning is not None else 0
         if self.warning is not None and level > self._warned_level:
             log.warning("%s", self.warning.message)
         self._warned_level = level
 
     async def run(self) -> None:
+        """Poll every ``interval`` until cancelled. A poll that fails in any way is logged
+        (once per distinct error), counted in :attr:`failed_polls` and retried at the next
+        poll, the current signer kept meanwhile."""
         while True:
             await self._clock.sleep(self._interval)
             try:
@@ -973,7 +996,19 @@ class SigningWatch:
             except (MeshTrustError, OSError) as exc:
                 # As SPIRE's rotator: a failed step is logged and retried at the next poll;
                 # it must not end the task that keeps this process's signer current.
+                self.failed_polls += 1
                 self._report_once(f"poll-{exc}", f"signing slots: {exc}")
+            except Exception as exc:  # a bug, or a library error not mapped to ours
+                # Not ours, so not known to be free of detail: the type and message only (no
+                # locals, no key material), the traceback at DEBUG for whoever debugs it.
+                self.failed_polls += 1
+                log.debug("signing slots: unexpected error in a poll", exc_info=exc)
+                self._report_once(
+                    f"poll-{type(exc).__name__}-{exc}",
+                    f"signing slots: unexpected {type(exc).__name__}: {exc}; keeping generation "
+                    f"{self.material.generation if self.material else 0}, retrying every "
+                    f"{self._interval:g}s",
+                )
 
 
 async def switch_to_root(

@@ -60,8 +60,8 @@ def slots(ledger: str | None, ca_dir: Path, as_json: bool, check: bool) -> None:
     holds_root = (ca_dir / "root-key.pem").exists()
     warning = None
     if found.active is not None and not holds_root:
-        not_after = min(c.not_valid_after_utc for c in found.active.chain)
-        warning = chain_expiry_warning(found.active.issued_at, not_after, now)
+        chain = found.active
+        warning = chain_expiry_warning(chain.issued_at, chain.chain_not_after, now)
 
     def row(r: SlotRecord) -> dict[str, object]:
         return {

@@ -129,6 +129,8 @@ def check(workload: str | None, mesh_file: Path | None, host: str | None, output
     \b
       CA running               (whole mesh) the CA process runs and says ready
       mesh root valid          (whole mesh) the root is valid; WARN within 30 days of expiry
+      signing CA chain         (whole mesh, on the CA's host) not expired; a CA without the
+                               root key WARNs as its chain nears expiry (as `ca slots --check`)
       agent running            the agent process answers
       app running              the app process is alive and listens (if the mesh runs one)
       Envoy live               the sidecar runs and its admin API answers

@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
+from meshtrust.ca.signing import chain_expiry_warning, preparation_time
 from meshtrust.clock import SystemClock
 from meshtrust.durations import format_duration
 from meshtrust.errors import MeshTrustError
@@ -50,6 +51,7 @@ __all__ = [
     "CA_CHECKS",
     "CHECKS",
     "CaObservation",
+    "ChainObservation",
     "MeshCheck",
     "WARN_FRACTION",
     "CheckStep",
@@ -634,6 +636,18 @@ ROOT_WARN_WITHIN = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True)
+class ChainObservation:
+    """The CA's active signing chain, as the ledger's signing slots say: what the CA's
+    chain-expiry warning (log line, gauge ``meshtrust_ca_chain_expiry_warning``, ``ca slots
+    --check``) is computed from."""
+
+    generation: int
+    issued_at: dt.datetime  # when the intermediate was made (slot lifetimes start here)
+    not_after: dt.datetime  # the earliest NotAfter of the chain
+    rotates: bool  # the CA directory holds root-key.pem: the CA rotates the intermediate
+
+
+@dataclass(frozen=True)
 class CaObservation:
     """What is true of the mesh's CA, read once by :func:`observe_ca`."""
 
@@ -642,6 +656,9 @@ class CaObservation:
     ready: bool | None  # its /ready said 200; None where it cannot be asked (another host)
     roots: tuple[x509.Certificate, ...] | None
     roots_where: str
+    chain: ChainObservation | None = None  # None: see chain_error, else chain_missing
+    chain_missing: str = "not observed"  # why there is no chain to judge
+    chain_error: str | None = None  # the ledger could not be read: the error
 
 
 def observe_ca(state: MeshState) -> CaObservation:
@@ -649,12 +666,48 @@ def observe_ca(state: MeshState) -> CaObservation:
     ready = None
     if state.ca is not None:
         ready = fetch(f"http://{state.ca.metrics}/ready") is not None
+    chain, missing, error = observe_signing_chain(state)
     return CaObservation(
         mesh=state,
         alive=ca_up(state),
         ready=ready,
         roots=tuple(roots) if roots is not None else None,
         roots_where=where,
+        chain=chain,
+        chain_missing=missing,
+        chain_error=error,
+    )
+
+
+def observe_signing_chain(state: MeshState) -> tuple[ChainObservation | None, str, str | None]:
+    """The active signing slot, read from the CA's ledger as ``ca slots`` reads it, and
+    whether the CA holds the root key: (chain, why none, ledger error). Only on the CA's
+    host; the ledger is not created when it is not there."""
+    if state.ca is None:
+        return None, "the CA runs on another host: `meshtrust check` there judges its chain", None
+    from meshtrust.ca.ledger import SqlLedger, default_ledger_url
+    from meshtrust.ca.signing import SlotLedger
+
+    ca_dir = Path(state.ca.ca_dir)
+    if not (ca_dir / "ledger.db").exists():
+        return None, f"no ledger at {ca_dir / 'ledger.db'}: the CA has not started yet", None
+    try:
+        sql = SqlLedger(default_ledger_url(ca_dir))
+    except MeshTrustError as exc:
+        return None, "", str(exc)
+    try:
+        active = SlotLedger(sql.engine).slots().active
+    except MeshTrustError as exc:
+        return None, "", str(exc)
+    finally:
+        sql.close()
+    if active is None:
+        return None, "the ledger records no active signing CA yet", None
+    rotates = (ca_dir / "root-key.pem").exists()
+    return (
+        ChainObservation(active.generation, active.issued_at, active.chain_not_after, rotates),
+        "",
+        None,
     )
 
 
@@ -723,10 +776,53 @@ def check_ca_root(obs: CaObservation, now: dt.datetime) -> CheckStep:
     return CheckStep(*step, Verdict.PASS, detail)
 
 
+def check_ca_chain(obs: CaObservation, now: dt.datetime) -> CheckStep:
+    """The signing CA chain's expiry: a CA without the root key cannot rotate its
+    intermediate and warns as it nears expiry, by the same :func:`chain_expiry_warning` as
+    its log line, its gauge and ``ca slots --check``; a CA with it rotates the intermediate
+    itself (:mod:`meshtrust.ca.signing`) and passes unless the chain has expired."""
+    step = "signing-chain", "signing CA chain"
+    slots_hint = f"`meshtrust ca slots --ca-dir {obs.mesh.ca.ca_dir}`" if obs.mesh.ca else ""
+    if obs.chain_error is not None:
+        return CheckStep(
+            *step,
+            Verdict.WARN,
+            f"cannot read the signing slots: {obs.chain_error}",
+            f"is the ledger intact? {slots_hint} reads the same slots",
+        )
+    chain = obs.chain
+    if chain is None:
+        return CheckStep(*step, Verdict.SKIP, obs.chain_missing)
+    left = chain.not_after - now
+    expires = f"generation {chain.generation}, NotAfter {format_timestamp(chain.not_after)}"
+    warning = None if chain.rotates else chain_expiry_warning(chain.issued_at, chain.not_after, now)
+    if left <= dt.timedelta(0):
+        return CheckStep(
+            *step,
+            Verdict.FAIL,
+            f"the signing CA chain ({expires}) EXPIRED {_duration(-left.total_seconds())} ago: "
+            "certificates the CA issues do not verify",
+            warning.advice
+            if warning is not None
+            else f"the CA rotates it itself: is it running? {slots_hint} shows the slots",
+        )
+    if warning is not None:
+        return CheckStep(*step, Verdict.WARN, warning.summary, warning.advice)
+    due = format_timestamp(preparation_time(chain.issued_at, chain.not_after))
+    how = (
+        f"the CA rotates it (root-key.pem in the CA directory), a successor from {due}"
+        if chain.rotates
+        else f"a plugged-in CA (no root key): this step warns from {due}"
+    )
+    return CheckStep(
+        *step, Verdict.PASS, f"{_duration(left.total_seconds())} left ({expires}); {how}"
+    )
+
+
 CaCheck = Callable[[CaObservation, dt.datetime], CheckStep]
 
 #: The CA's part of the mesh-wide walk, in order.
-CA_CHECKS: tuple[CaCheck, ...] = (check_ca_running, check_ca_root)
+CA_CHECKS: tuple[CaCheck, ...] = (check_ca_running, check_ca_root, check_ca_chain)
 
 
 @dataclass(frozen=True)
