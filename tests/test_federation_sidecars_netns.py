@@ -33,6 +33,7 @@ import pytest
 from meshtrust.ca import init_ca_dir, load_token_signing_key, mint_token, token_issuer_for
 from meshtrust.ca.cadir import load_ca_dir
 from meshtrust.clock import SystemClock
+from meshtrust.envoy.trust_domains import peer_sni
 from meshtrust.pki import certs_pem, generate_key, make_root, private_key_pem
 from meshtrust.pki.profile import LeafIssuer, Signer
 from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -163,20 +164,26 @@ class Meshes:
         """East's app calls west's api through east's sidecar (its outbound port)."""
         return self.east.curl(f"http://127.0.0.1:{OUTBOUND}/from-east")
 
-    def present(self, leaf_pem: bytes, key_pem: bytes, name: str) -> int:
-        """West's host connects straight to east's inbound port with this certificate."""
+    def present(
+        self, leaf_pem: bytes, key_pem: bytes, name: str, sni: str | None = peer_sni(WEST)
+    ) -> int:
+        """West's host connects straight to east's inbound port with this certificate,
+        sending SNI ``sni`` (by default what west's sidecars send; None: no SNI)."""
         cert, key = self.workdir / f"{name}.pem", self.workdir / f"{name}-key.pem"
         cert.write_bytes(leaf_pem)
         key.write_bytes(key_pem)
         code, _ = self.west.curl(
-            "-k",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            f"https://{self.east.host.address}:{INBOUND}/",
-        )
+            "-k", "--cert", str(cert), "--key", str(key),
+            *_with_sni(self.east.host.address, sni),
+        )  # fmt: skip
         return code
+
+
+def _with_sni(address: str, sni: str | None) -> tuple[str, ...]:
+    """curl arguments for https://<address>:INBOUND/ with SNI ``sni`` (none when None)."""
+    if sni is None:
+        return (f"https://{address}:{INBOUND}/",)
+    return ("--connect-to", f"{sni}:{INBOUND}:{address}:{INBOUND}", f"https://{sni}:{INBOUND}/")
 
 
 def _leaf(signer: Signer, chain: tuple[object, ...], identity: SpiffeId) -> tuple[bytes, bytes]:
@@ -254,7 +261,7 @@ def test_east_web_calls_west_api_allowed_by_a_policy_naming_east_web(meshes: Mes
         str(meshes.workdir / "other.pem"),
         "--key",
         str(meshes.workdir / "other-key.pem"),
-        f"https://{meshes.west.host.address}:{INBOUND}/",
+        *_with_sni(meshes.west.host.address, peer_sni(EAST)),  # as east's sidecars send it
     )
     assert code == 403
 
@@ -265,9 +272,13 @@ def test_a_west_certificate_signed_by_easts_root_is_refused(meshes: Meshes) -> N
     # West's own certificate for another workload: accepted by east's sidecar (STRICT only).
     good = _leaf(west_ca.signer, west_ca.intermediates, WEST_OTHER)
     assert meshes.present(*good, name="good") == 200
-    # The same identity signed by east's CA: east's root does not vouch for west.test.
+    # Without the peer SNI it lands in the chain of east's own trust domain: refused.
+    assert meshes.present(*good, name="good", sni=None) == 0
+    # The same identity signed by east's CA: east's root does not vouch for west.test,
+    # whichever chain the caller picks.
     forged = _leaf(east_ca.signer, east_ca.intermediates, WEST_OTHER)
-    assert meshes.present(*forged, name="forged") == 0  # the handshake is refused
+    for sni in (peer_sni(WEST), None, peer_sni(EAST), "other.test.peer.meshtrust"):
+        assert meshes.present(*forged, name="forged", sni=sni) == 0, sni
 
 
 def test_a_new_root_in_wests_bundle_reaches_easts_sidecar(meshes: Meshes) -> None:
