@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.sds import SdsServer
@@ -30,6 +32,7 @@ from meshtrust.ca.shared_root import init_ca_dir_under_root, init_root_dir
 from meshtrust.clock import SystemClock
 from meshtrust.envoy import EnvoyProcess, envoy_binary
 from meshtrust.envoy.sidecar import (
+    PeerDomains,
     SidecarConfig,
     Upstream,
     inbound_listeners,
@@ -37,6 +40,7 @@ from meshtrust.envoy.sidecar import (
     sidecar_envoy_args,
     write_lds_file,
 )
+from meshtrust.envoy.trust_domains import peer_sni
 from meshtrust.pki import generate_key
 from meshtrust.pki.profile import LeafIssuer
 from meshtrust.policy import load_policy_files
@@ -77,6 +81,16 @@ def _leaf(material: CaMaterial, identity: SpiffeId) -> Leaf:
     return Leaf(cert, key, material.intermediates)
 
 
+def _crl(material: CaMaterial) -> x509.CertificateRevocationList:
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(material.signer.cert.subject)
+        .last_update(NOW)
+        .next_update(NOW + dt.timedelta(hours=1))
+        .sign(material.signer.key, hashes.SHA256())
+    )
+
+
 class Hosts:
     def __init__(self, workdir: Path, east: Host, west: Host, stack: contextlib.AsyncExitStack):
         self.workdir, self.east, self.west, self.stack = workdir, east, west, stack
@@ -106,20 +120,26 @@ class Hosts:
         (directory / "lds").mkdir(parents=True)
         leaf = _leaf(material, identity)
         cache = SecretCache()
+        # Each mesh's own CRL, as its CA publishes one; the other mesh's callers go to the
+        # peer chain (ROOTCA:peer) by the SNI its sidecars send.
         await cache.publish(
-            WorkloadSecret(identity, leaf.key, tuple(leaf.chain), material.roots, NOW)
+            WorkloadSecret(
+                identity, leaf.key, tuple(leaf.chain), material.roots, NOW, crl=_crl(material)
+            )
         )
+        peers = PeerDomains(identity.trust_domain)
         sds = SdsServer(cache, directory / "sds.sock")
         await sds.start()
         self.stack.push_async_callback(sds.stop)
         lds_path = directory / "lds" / "listeners.json"
-        write_lds_file(lds_path, inbound_listeners(config, policy), "1")
+        write_lds_file(lds_path, inbound_listeners(config, policy, peers=peers), "1")
         bootstrap = sidecar_bootstrap(
             config,
             sds_socket=sds.socket_path,
             lds_path=lds_path,
             node_id=f"sidecar~{host.address}~{config.name}.{config.namespace}~local",
             admin_socket=directory / "admin.sock",
+            peers=peers,
         )
         envoy = EnvoyProcess(
             bootstrap,
@@ -195,7 +215,9 @@ async def test_east_web_calls_west_api_across_hosts_and_west_policy_decides(host
     (hosts.workdir / "other.pem").write_bytes(other.chain_pem)
     (hosts.workdir / "other-key.pem").write_bytes(other.key_pem)
     cert, key = str(hosts.workdir / "other.pem"), str(hosts.workdir / "other-key.pem")
+    sni = peer_sni(EAST_OTHER.trust_domain)  # what east's sidecars send to another domain
     code, _ = hosts.curl(
-        east, "-k", "--cert", cert, "--key", key, f"https://{west.address}:{INBOUND}/"
-    )
+        east, "-k", "--cert", cert, "--key", key,
+        "--connect-to", f"{sni}:{INBOUND}:{west.address}:{INBOUND}", f"https://{sni}:{INBOUND}/",
+    )  # fmt: skip
     assert code == 403
