@@ -407,7 +407,9 @@ def upstream_denied(mesh: _Mesh) -> Iterator[Finding]:
                 yield Finding(code, f"Service {svc.name}", message, config.path, line)
 
 
-def _upstream_problem(mesh: _Mesh, svc: ServiceSpec, callee: ServiceSpec) -> tuple[str, str] | None:
+def _upstream_problem(
+    mesh: _Mesh, svc: ServiceSpec, callee: ServiceSpec
+) -> tuple[str, str] | None:
     """The code and message for ``svc`` calling ``callee``, or None when it is allowed."""
     inbound = mesh.inbound(callee)
     decision = inbound.decide(str(svc.spiffe_id))
