@@ -246,7 +246,10 @@ class Inbound:
 def inbound_of(config: MeshConfig, policies: PolicySet, svc: ServiceSpec) -> Inbound:
     """The mode and RBAC filters ``svc``'s sidecar would run (the policy package compiles)."""
     compiled = policies.inbound_for(
-        workload_ref(svc), root_namespace=config.root_namespace, trust_domain=config.trust_domain
+        workload_ref(svc),
+        root_namespace=config.root_namespace,
+        trust_domain=config.trust_domain,
+        trust_domain_aliases=config.trust_domain_aliases,
     )
     return Inbound(compiled.mode, tuple(compiled.rbac_filters))
 

@@ -372,9 +372,10 @@ def _principal_trust_domain(principal: str) -> str | None:
 
 
 def unknown_trust_domain(mesh: _Mesh) -> Iterator[Finding]:
-    """MT0301: a principal of a trust domain no identity of this mesh has."""
+    """MT0301: a principal of a trust domain no identity of this mesh has (the mesh's own,
+    ``cluster.local`` and the mesh's ``trustDomainAliases`` stand for its identities)."""
     own = mesh.config.trust_domain.name
-    known = {own, CLUSTER_LOCAL}
+    known = {own, CLUSTER_LOCAL, *(alias.name for alias in mesh.config.trust_domain_aliases)}
     for policy in mesh.policies.authorization_policies:
         for r, rule in enumerate(policy.rules):
             for s, source in enumerate(rule.sources):
@@ -389,7 +390,8 @@ def unknown_trust_domain(mesh: _Mesh) -> Iterator[Finding]:
                                 "MT0301", policy,
                                 f"spec.rules[{r}].from[{s}].source.{key}: {value!r} is of trust "
                                 f"domain {td!r}, but the mesh's is {own!r} (cluster.local "
-                                "also means the mesh's): no identity of this mesh matches it",
+                                "and trustDomainAliases also mean the mesh's): no identity of "
+                                "this mesh matches it",
                             )  # fmt: skip
 
 

@@ -21,7 +21,13 @@ Example (paths are relative to the file)::
         upstreams:
           - service: other            # a service of this file
             localPort: 19001          # app -> 127.0.0.1:19001 -> mTLS -> other's sidecar
-    policies: [policies.yaml]         # Istio YAML: PeerAuthentication, AuthorizationPolicy
+          - host: api.west.test       # or: a host of a ServiceEntry in the policy files
+            port: 443                 #   its ServiceEntry port (required with host)
+            localPort: 19002          #   app -> 127.0.0.1:19002 -> mTLS -> the endpoint
+            name: west-api            #   optional; default the host, dots as dashes
+    policies: [policies.yaml]         # Istio YAML: PeerAuthentication, AuthorizationPolicy,
+                                      # ServiceEntry, DestinationRule
+    trustDomainAliases: [old.test]    # Istio's meshConfig.trustDomainAliases (default none)
     dashboard:
       listen: 127.0.0.1:20001         # the web dashboard of `up` (default; loopback only)
 
@@ -49,6 +55,15 @@ use), a duplicate service, an upstream to a service that is not in the file, two
 port, a ``workDir`` or ``ca.dir`` that cannot be a directory, a bad policy; with ``hosts``: a
 duplicate host name or address, a ``ca.host`` missing or unknown, a service without a
 ``host`` or ``inboundPort`` or on an unknown host (ports must differ only per host).
+
+An upstream naming a ``host`` (services of another mesh) is resolved here, against the
+ServiceEntry and DestinationRule objects of the policy files
+(:meth:`~meshtrust.policy.PolicySet.remote_service`): the endpoint to dial and the one
+identity to accept. It is refused, at the upstream's line, when no ServiceEntry has the
+host or the port, when its DestinationRule is not ISTIO_MUTUAL, when there is no identity
+to expect or several (the sidecar checks one), when the entry has several endpoints (the
+sidecar dials one) or the DestinationRule sets ``sni`` (the sidecar sends none yet). A
+``trustDomainAliases`` entry must be a trust domain, not the mesh's own, and not repeated.
 """
 
 from __future__ import annotations
@@ -82,13 +97,15 @@ from meshtrust.config import (
 )
 from meshtrust.config.federation import FederationConfig, check_federation
 from meshtrust.errors import InvalidSpiffeId
-from meshtrust.policy import Protocol, load_policy_files
+from meshtrust.policy import PolicySet, Protocol, load_policy_files
+from meshtrust.policy.networking import RemoteService, UnknownHost
 from meshtrust.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
     "TLS_VERSIONS",
     "HostSpec",
     "MeshConfig",
+    "RemoteUpstreamSpec",
     "ServiceSpec",
     "UpstreamSpec",
     "check_loopback_listen",
@@ -109,6 +126,7 @@ _TOP = {
     "meshMTLS",
     "dashboard",
     "federation",
+    "trustDomainAliases",
 }
 _CA = {"listen", "dir", "host"}
 _DASHBOARD = {"listen"}
@@ -133,7 +151,18 @@ _SERVICE = {
     "certTTL",
     "rotationRatio",
 }
-_UPSTREAM = {"service", "localPort"}
+_UPSTREAM = {"service", "localPort", "host", "port", "name"}
+#: What the sidecar speaks to a ServiceEntry port, by the port's protocol: HTTP parsed (a
+#: pool of mTLS connections, 503 on failure), the others passed on as bytes (the app's own
+#: TLS, if it speaks HTTPS, travels inside the sidecars' mTLS).
+_SE_PROTOCOL = {
+    "HTTP": Protocol.HTTP,
+    "HTTP2": Protocol.HTTP,
+    "GRPC": Protocol.HTTP,
+    "HTTPS": Protocol.TCP,
+    "TLS": Protocol.TCP,
+    "TCP": Protocol.TCP,
+}
 
 
 def host_port(host: str, port: int) -> str:
@@ -154,6 +183,22 @@ class UpstreamSpec:
 
 
 @dataclass(frozen=True)
+class RemoteUpstreamSpec:
+    """An upstream naming a host of a ServiceEntry (a service of another mesh), resolved
+    against the policy files when the mesh file was loaded."""
+
+    name: str  # the sidecar's upstream name: cluster outbound|<name>, UPSTREAM_<NAME>
+    host: str  # the ServiceEntry host, as the mesh file names it
+    port: int  # the ServiceEntry port
+    local_port: int
+    address: str  # HOST:PORT the sidecar dials (the endpoint's)
+    spiffe_id: SpiffeId  # the one identity the sidecar accepts there
+    protocol: Protocol
+    index: int  # its place in the service's ``upstreams`` list (for messages)
+    entry: str = ""  # "ServiceEntry ns/name (file:line)", for messages
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     namespace: str
@@ -169,6 +214,15 @@ class ServiceSpec:
     host: str | None = None
     cert_ttl: dt.timedelta | None = None  # None: the mesh's certTTL
     rotation_ratio: float | None = None  # None: the agent's default (0.5)
+    # Upstreams naming a ServiceEntry host; ``upstreams`` are the mesh file's own services.
+    remote_upstreams: tuple[RemoteUpstreamSpec, ...] = ()
+
+    @property
+    def upstream_names(self) -> tuple[str, ...]:
+        """Every upstream's name in the sidecar (local services, then remote ones)."""
+        return tuple(u.service for u in self.upstreams) + tuple(
+            u.name for u in self.remote_upstreams
+        )
 
 
 @dataclass(frozen=True)
@@ -188,6 +242,8 @@ class MeshConfig:
     dashboard_listen: str | None = None  # None: the dashboard's default port, or any free one
     # SPIFFE federation of the mesh's CA (docs/federation.md); None: none.
     federation: FederationConfig | None = None
+    # Istio's trustDomainAliases: principals naming them are the mesh's own.
+    trust_domain_aliases: tuple[TrustDomain, ...] = ()
 
     @property
     def ca_port(self) -> int:
@@ -275,11 +331,9 @@ def load_mesh_config(path: Path) -> MeshConfig:
     """Read and check ``path``; raises ConfigError/PolicyError naming file, line and field."""
     raw = load_yaml_mapping(path)
     try:
-        config = _mesh(raw, path)
-    except ConfigError as exc:
+        return _mesh(raw, path)
+    except ConfigError as exc:  # a PolicyError keeps its own file and line
         raise exc.located(path, line_for(raw, exc.field)) from None
-    load_policy_files(list(config.policy_files))  # a bad policy refuses the mesh before start
-    return config
 
 
 def _mesh(doc: LineMap, path: Path) -> MeshConfig:
@@ -306,10 +360,21 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
     ca_dir = check_path(ca_raw["dir"], "ca.dir", base) if "dir" in ca_raw else default_ca_dir
     check_directory_location(ca_dir, "ca.dir")
 
+    policies_raw = _list(raw.get("policies"), "policies")
+    policy_files = tuple(check_path(p, f"policies[{i}]", base) for i, p in enumerate(policies_raw))
+    for i, p in enumerate(policy_files):
+        if not p.is_file():
+            raise ConfigError(f"policy file {p} does not exist", field=f"policies[{i}]")
+    # A bad policy refuses the mesh before start; ServiceEntries resolve remote upstreams.
+    policies = load_policy_files(list(policy_files))
+    aliases = _aliases(raw.get("trustDomainAliases"), td)
+
     services_raw = _list(raw.get("services"), "services")
     if not services_raw:
         raise ConfigError("expected a non-empty list of services", field="services")
-    services = [_service(item, f"services[{i}]", td) for i, item in enumerate(services_raw)]
+    services = [
+        _service(item, f"services[{i}]", td, policies) for i, item in enumerate(services_raw)
+    ]
     _check_services(services)
     _check_placement(services, hosts)
     for host in [None] if not hosts else [h.name for h in hosts]:
@@ -321,12 +386,6 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         if raw.get("federation") is not None
         else None
     )
-
-    policies_raw = _list(raw.get("policies"), "policies")
-    policy_files = tuple(check_path(p, f"policies[{i}]", base) for i, p in enumerate(policies_raw))
-    for i, p in enumerate(policy_files):
-        if not p.is_file():
-            raise ConfigError(f"policy file {p} does not exist", field=f"policies[{i}]")
     return MeshConfig(
         path=path.resolve(),
         trust_domain=td,
@@ -342,7 +401,24 @@ def _mesh(doc: LineMap, path: Path) -> MeshConfig:
         min_tls_version=min_tls,
         dashboard_listen=dashboard,
         federation=federation,
+        trust_domain_aliases=aliases,
     )
+
+
+def _aliases(value: object, own: TrustDomain) -> tuple[TrustDomain, ...]:
+    """``trustDomainAliases``: trust domains, none the mesh's own, none twice."""
+    out: list[TrustDomain] = []
+    for i, item in enumerate(_list(value, "trustDomainAliases")):
+        field = f"trustDomainAliases[{i}]"
+        alias = check_trust_domain(item, field)
+        if alias == own:
+            raise ConfigError(
+                f"{alias} is the mesh's own trust domain (trustDomain), not an alias", field=field
+            )
+        if alias in out:
+            raise ConfigError(f"{alias} is listed twice", field=field)
+        out.append(alias)
+    return tuple(out)
 
 
 def _dashboard_listen(raw: Mapping[str, object]) -> str | None:
@@ -477,6 +553,18 @@ def _check_services(services: list[ServiceSpec]) -> None:
                 raise ConfigError(f"no service {up.service!r} in this file", field=field)
             if up.service == svc.name:
                 raise ConfigError("a service cannot be its own upstream", field=field)
+        seen: dict[str, str] = {}
+        for up in svc.upstreams:
+            seen.setdefault(up.service, up.service)
+        for remote in svc.remote_upstreams:
+            field = f"services[{i}].upstreams[{remote.index}]"
+            if remote.name in seen:
+                raise ConfigError(
+                    f"upstream name {remote.name!r} is also the upstream {seen[remote.name]!r}"
+                    " (give this one another name)",
+                    field=f"{field}.name",
+                )
+            seen[remote.name] = remote.host
 
 
 def _check_ports(services: list[ServiceSpec], ca_port: int | None, host: str | None) -> None:
@@ -491,6 +579,10 @@ def _check_ports(services: list[ServiceSpec], ca_port: int | None, host: str | N
         claims += [
             (u.local_port, f"services[{i}].upstreams[{j}].localPort")
             for j, u in enumerate(svc.upstreams)
+        ]
+        claims += [
+            (u.local_port, f"services[{i}].upstreams[{u.index}].localPort")
+            for u in svc.remote_upstreams
         ]
         for port, field in claims:
             if port in ports:
@@ -545,7 +637,124 @@ def _cert_settings(
     return ttl, ratio
 
 
-def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
+def _upstreams(
+    value: object, field: str, td: TrustDomain, policies: PolicySet
+) -> tuple[list[UpstreamSpec], list[RemoteUpstreamSpec]]:
+    """A service's ``upstreams``: services of this file, and ServiceEntry hosts (resolved)."""
+    local: list[UpstreamSpec] = []
+    remote: list[RemoteUpstreamSpec] = []
+    for j, up in enumerate(_list(value, field)):
+        uk = f"{field}[{j}]"
+        u = _mapping(up, uk, _UPSTREAM)
+        if "localPort" not in u:
+            raise ConfigError("missing required key 'localPort'", field=uk)
+        local_port = check_port(u["localPort"], f"{uk}.localPort")
+        if "service" in u and "host" in u:
+            raise ConfigError(
+                "give either service (a service of this file) or host (a ServiceEntry host), "
+                "not both",
+                field=f"{uk}.host",
+            )
+        if "host" in u:
+            remote.append(_remote_upstream(u, uk, j, local_port, td, policies))
+            continue
+        if "service" not in u:
+            raise ConfigError(
+                "missing required key 'service' (or 'host', for a ServiceEntry host)", field=uk
+            )
+        for key in ("port", "name"):
+            if key in u:
+                raise ConfigError(
+                    f"{key} is for an upstream naming a ServiceEntry host (host:), "
+                    "not a service of this file",
+                    field=f"{uk}.{key}",
+                )
+        local.append(
+            UpstreamSpec(
+                service=check_dns_label(u["service"], f"{uk}.service"), local_port=local_port
+            )
+        )
+    return local, remote
+
+
+def _remote_upstream(
+    u: Mapping[str, object],
+    uk: str,
+    index: int,
+    local_port: int,
+    td: TrustDomain,
+    policies: PolicySet,
+) -> RemoteUpstreamSpec:
+    """An upstream naming a ServiceEntry host, resolved: where to dial, whom to accept."""
+    host = check_dns_subdomain(u["host"], f"{uk}.host")
+    if "port" not in u:
+        raise ConfigError("missing required key 'port' (the ServiceEntry port)", field=uk)
+    port = check_port(u["port"], f"{uk}.port")
+    if "name" in u:
+        name = check_dns_label(u["name"], f"{uk}.name")
+    else:
+        name = host.replace(".", "-")
+        try:
+            check_dns_label(name, f"{uk}.host")
+        except ConfigError:
+            raise ConfigError(
+                f"{host} does not make an upstream name ({name!r} is not a DNS label of at "
+                "most 63 characters): give the upstream a name",
+                field=f"{uk}.host",
+            ) from None
+    try:
+        resolved = policies.remote_service(host, port, td)
+    except UnknownHost as exc:
+        field = f"{uk}.port" if "no port" in str(exc) else f"{uk}.host"
+        raise ConfigError(f"{exc} (in the policy files)", field=field) from None
+    except InvalidSpiffeId as exc:
+        raise ConfigError(f"{host}: {exc}", field=f"{uk}.host") from None
+    return _remote_spec(resolved, uk, name=name, local_port=local_port, index=index)
+
+
+def _remote_spec(
+    resolved: RemoteService, uk: str, *, name: str, local_port: int, index: int
+) -> RemoteUpstreamSpec:
+    entry = resolved.entry
+    where = entry.obj + (
+        f" ({entry.file}" + (f":{entry.line}" if entry.line else "") + ")" if entry.file else ""
+    )
+    if len(resolved.addresses) != 1:
+        listed = ", ".join(host_port(a, p) for a, p in resolved.addresses)
+        raise ConfigError(
+            f"{where} has {len(resolved.addresses)} endpoints ({listed}); an upstream dials "
+            "one endpoint: give this host an entry of its own with one endpoint",
+            field=f"{uk}.host",
+        )
+    if len(resolved.expected) != 1:
+        names = ", ".join(str(i) for i in resolved.expected)
+        raise ConfigError(
+            f"{resolved.host} expects {len(resolved.expected)} identities ({names}); the "
+            "sidecar accepts one identity per upstream: name one in subjectAltNames",
+            field=f"{uk}.host",
+        )
+    if resolved.sni is not None:
+        raise ConfigError(
+            f"the DestinationRule for {resolved.host} sets tls.sni ({resolved.sni}), which "
+            "meshtrust's sidecars do not send yet: remove it",
+            field=f"{uk}.host",
+        )
+    port = next(p for p in entry.ports if p.number == resolved.port)
+    ((address, target),) = resolved.addresses
+    return RemoteUpstreamSpec(
+        name=name,
+        host=resolved.host,
+        port=resolved.port,
+        local_port=local_port,
+        address=host_port(address, target),
+        spiffe_id=resolved.expected[0],
+        protocol=_SE_PROTOCOL.get(port.protocol, Protocol.TCP),
+        index=index,
+        entry=where,
+    )
+
+
+def _service(item: object, field: str, td: TrustDomain, policies: PolicySet) -> ServiceSpec:
     raw = _mapping(item, field, _SERVICE)
     if "name" not in raw:
         raise ConfigError("missing required key 'name'", field=field)
@@ -572,20 +781,7 @@ def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
         check_port(raw["inboundPort"], f"{field}.inboundPort") if "inboundPort" in raw else None
     )
     command = check_string_list(raw["command"], f"{field}.command") if "command" in raw else None
-    upstreams = []
-    ups_raw = _list(raw.get("upstreams"), f"{field}.upstreams")
-    for j, up in enumerate(ups_raw):
-        uk = f"{field}.upstreams[{j}]"
-        u = _mapping(up, uk, _UPSTREAM)
-        for key in ("service", "localPort"):
-            if key not in u:
-                raise ConfigError(f"missing required key {key!r}", field=uk)
-        upstreams.append(
-            UpstreamSpec(
-                service=check_dns_label(u["service"], f"{uk}.service"),
-                local_port=check_port(u["localPort"], f"{uk}.localPort"),
-            )
-        )
+    upstreams, remote = _upstreams(raw.get("upstreams"), f"{field}.upstreams", td, policies)
     ttl, ratio = _cert_settings(raw, field)
     host = check_dns_label(raw["host"], f"{field}.host") if "host" in raw else None
     return ServiceSpec(
@@ -601,6 +797,7 @@ def _service(item: object, field: str, td: TrustDomain) -> ServiceSpec:
         inbound_port=inbound,
         command=command,
         upstreams=tuple(upstreams),
+        remote_upstreams=tuple(remote),
         env=dict(_env_items(raw.get("env"), f"{field}.env")),
         spiffe_id=spiffe_id,
     )

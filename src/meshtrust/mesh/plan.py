@@ -22,6 +22,13 @@ socket, agent status and outbound listeners stay on the host's loopback. On the 
 launcher mints each agent's first credential from the CA directory (``credentials ==
 "mint"``); on the others they come from a join file (``"join"``) or were put in place by
 hand: a token per service and the trust bundle (``"provisioned"``).
+
+An upstream naming a ServiceEntry host (a service of another mesh) was resolved when the
+mesh file was loaded (:class:`~meshtrust.mesh.config.RemoteUpstreamSpec`): its sidecar
+upstream dials the entry's endpoint and accepts only the identity the DestinationRule's
+``subjectAltNames`` (else the entry's service account) names. The mesh's
+``trustDomainAliases`` go to every agent (``trust-domain-aliases``), which compiles its
+sidecar's policies with them.
 """
 
 from __future__ import annotations
@@ -209,6 +216,8 @@ def fixed_ports(config: MeshConfig, host: str | None = None) -> dict[int, str]:
             fixed[svc.inbound_port] = f"service {svc.name} inboundPort"
         for up in svc.upstreams:
             fixed[up.local_port] = f"service {svc.name} upstream {up.service} localPort"
+        for remote in svc.remote_upstreams:
+            fixed[remote.local_port] = f"service {svc.name} upstream {remote.host} localPort"
     return fixed
 
 
@@ -311,6 +320,16 @@ def _sidecar_yaml(config: MeshConfig, svc: ServiceSpec, inbound: Mapping[str, in
                 "protocol": config.service(up.service).protocol.value,
             }
             for up in svc.upstreams
+        ]
+        + [
+            {
+                "name": remote.name,
+                "local_port": remote.local_port,
+                "address": remote.address,
+                "spiffe_id": str(remote.spiffe_id),
+                "protocol": remote.protocol.value,
+            }
+            for remote in svc.remote_upstreams
         ],
     }
     return yaml.safe_dump(sidecar, sort_keys=False)
@@ -337,6 +356,8 @@ def _agent_yaml(
         "root-namespace": config.root_namespace,
         "policy": [str(p) for p in config.policy_files],
     }
+    if config.trust_domain_aliases:
+        settings["trust-domain-aliases"] = [td.name for td in config.trust_domain_aliases]
     if svc.rotation_ratio is not None:
         settings["rotation-ratio"] = svc.rotation_ratio
     return yaml.safe_dump(settings, sort_keys=False)
@@ -363,8 +384,8 @@ def _app_process(
         "SPIFFE_ENDPOINT_SOCKET": f"unix://{workload_socket}",
         "PYTHONUNBUFFERED": "1",
     }
-    for up in svc.upstreams:
-        env[f"UPSTREAM_{up.service.upper().replace('-', '_')}"] = f"127.0.0.1:{up.local_port}"
+    for name, port in _upstream_ports(svc).items():
+        env[f"UPSTREAM_{name.upper().replace('-', '_')}"] = f"127.0.0.1:{port}"
     return ProcessPlan(
         key=f"{svc.name}-app",
         what=f"the app of {svc.name}",
@@ -373,6 +394,13 @@ def _app_process(
         cwd=config.path.parent,
         env=env,
     )
+
+
+def _upstream_ports(svc: ServiceSpec) -> dict[str, int]:
+    """Each upstream's name in the sidecar and its local port (services, then remote)."""
+    ports = {up.service: up.local_port for up in svc.upstreams}
+    ports.update({remote.name: remote.local_port for remote in svc.remote_upstreams})
+    return ports
 
 
 def _service_plan(
@@ -555,7 +583,7 @@ def _service_state(svc: ServicePlan, pids: Mapping[str, int]) -> ServiceState:
         envoy_workdir=str(svc.envoy_workdir),
         agent_log=str(svc.agent.log),
         app_log=str(svc.app.log) if svc.app is not None else None,
-        upstreams={up.service: up.local_port for up in svc.spec.upstreams},
+        upstreams=_upstream_ports(svc.spec),
     )
 
 
