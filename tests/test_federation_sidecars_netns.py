@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from meshtrust.ca import init_ca_dir, load_token_signing_key, mint_token, token_issuer_for
 from meshtrust.ca.cadir import load_ca_dir
@@ -279,6 +280,54 @@ def test_a_west_certificate_signed_by_easts_root_is_refused(meshes: Meshes) -> N
     forged = _leaf(east_ca.signer, east_ca.intermediates, WEST_OTHER)
     for sni in (peer_sni(WEST), None, peer_sni(EAST), "other.test.peer.meshtrust"):
         assert meshes.present(*forged, name="forged", sni=sni) == 0, sni
+
+
+def test_a_certificate_revoked_at_west_is_refused_by_easts_sidecar(meshes: Meshes) -> None:
+    """West's CRLs travel with its bundle (the document's meshtrust_revocation member):
+    west's bundle endpoint -> east's poller -> east's ledger and trust stream -> east's
+    agent -> SDS ROOTCA:west.test -> east's Envoy."""
+    until(lambda: meshes.call()[0] == 200, timeout=120, what="the meshes federate")
+    west = meshes.west
+    key = load_token_signing_key(west.ca_dir)
+    assert key is not None
+    token = mint_token(key, token_issuer_for(WEST), "default", "other", NOW, dt.timedelta(hours=1))
+    (west.directory / "other.token").write_text(token)
+    out = west.directory / "other-cert"
+    done = west.host.run(
+        [*MESHTRUST, "cert", "request", "--ca-address", "127.0.0.1:15012",
+         "--ca-root", str(west.ca_dir / "root-cert.pem"),
+         "--token-file", str(west.directory / "other.token"),
+         "--spiffe-id", str(WEST_OTHER), "--out-dir", str(out)],
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    chain, key_pem = (out / "cert-chain.pem").read_bytes(), (out / "key.pem").read_bytes()
+    assert meshes.present(chain, key_pem, name="issued") == 200
+    serial = format(x509.load_pem_x509_certificate(chain).serial_number, "x")
+    revoked = subprocess.run(
+        [*MESHTRUST, "ca", "revoke", "--serial", serial, "--reason", "keyCompromise",
+         "--ca-dir", str(west.ca_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert revoked.returncode == 0, revoked.stderr
+    started = time.monotonic()
+    until(
+        lambda: meshes.present(chain, key_pem, name="issued") == 0,
+        timeout=60,
+        what=f"east's sidecar refuses the revoked west certificate\n{meshes.east.log('agent')}",
+    )
+    print(f"revoked at west, refused by east's sidecar {time.monotonic() - started:.1f} s later")
+    # Whichever chain it picks.
+    for sni in (None, peer_sni(EAST), "other.test.peer.meshtrust"):
+        assert meshes.present(chain, key_pem, name="issued", sni=sni) == 0, sni
+    good = _leaf(*_west_signer(meshes), WEST_OTHER)  # not revoked, same issuer
+    assert meshes.present(*good, name="good") == 200
+    assert meshes.call()[0] == 200
+
+
+def _west_signer(meshes: Meshes) -> tuple[Signer, tuple[object, ...]]:
+    material = load_ca_dir(meshes.west.ca_dir, NOW)
+    return material.signer, material.intermediates
 
 
 def test_a_new_root_in_wests_bundle_reaches_easts_sidecar(meshes: Meshes) -> None:

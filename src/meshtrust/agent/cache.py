@@ -52,6 +52,10 @@ class WorkloadSecret:
     bundle_version: int = 0  # the mesh bundle ``roots`` come from (0: the root file's)
     # Federated trust domains' roots (agent/federated.py); never mixed into ``roots``.
     federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    #: The CRLs federated trust domains' CAs publish with their bundles (verified).
+    federated_crls: Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]] = field(
+        default_factory=dict
+    )
     _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -160,6 +164,7 @@ class SecretCache:
         self._other_crls: tuple[x509.CertificateRevocationList, ...] = ()
         self._bundle: tuple[int, tuple[x509.Certificate, ...]] | None = None
         self._federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = {}
+        self._federated_crls: Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]] = {}
         self._generation = 0
         self._changed = asyncio.Condition()
 
@@ -205,18 +210,29 @@ class SecretCache:
         """The federated bundles held (verified by :mod:`meshtrust.agent.federated`)."""
         return self._federated
 
+    @property
+    def federated_crls(self) -> Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]]:
+        """The federated trust domains' CRLs held (verified)."""
+        return self._federated_crls
+
     async def publish_federated(
-        self, federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]]
+        self,
+        federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]],
+        crls: Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]] | None = None,
     ) -> WorkloadSecret | None:
         """Hold ``federated`` and, when there is a secret, republish it carrying them as a
         new generation; returns that secret."""
         async with self._changed:
             self._federated = dict(federated)
+            self._federated_crls = {td: c for td, c in (crls or {}).items() if td in federated}
             if self._secret is None:
                 return None
             self._generation += 1
             self._secret = dataclasses.replace(
-                self._secret, generation=self._generation, federated=self._federated
+                self._secret,
+                generation=self._generation,
+                federated=self._federated,
+                federated_crls=self._federated_crls,
             )
             self._changed.notify_all()
             return self._secret
@@ -251,6 +267,7 @@ class SecretCache:
                 crl=self._crl,
                 other_crls=self._other_crls,
                 federated=self._federated,
+                federated_crls=self._federated_crls,
             )
             if self._bundle is not None:
                 stamped = _with_bundle(stamped, self._bundle, self._generation)

@@ -22,7 +22,11 @@ filter chain for callers of that trust domain (:mod:`meshtrust.envoy.trust_domai
 Revocation. Envoy's ``envoy.tls.cert_validator.spiffe`` does not read the ``crl`` of the
 validation context (REFERENCE.md), so it is not used: each trust domain is validated by
 Envoy's default validator in its own filter chain, and ``ROOTCA`` (the mesh's own) keeps
-the mesh CA's CRLs whatever federated bundles are held.
+the mesh CA's CRLs whatever federated bundles are held. A federated trust domain whose CA
+publishes CRLs with its bundle (a meshtrust CA does) gets them in ``ROOTCA:<td>``, each
+checked against its issuer and the issuer against the bundle; they are enforced only while
+every root of the bundle has a CRL issuer under it (Envoy refuses a leaf whose issuer has
+no CRL once it holds any), and one past its nextUpdate is left out.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import datetime as dt
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -43,7 +48,12 @@ from meshtrust.agent.cache import SecretCache
 from meshtrust.errors import MeshTrustError, SvidVerificationError
 from meshtrust.pki import certs_pem
 from meshtrust.spiffe import TrustDomain
-from meshtrust.spiffe.bundle import SpiffeBundle, bundle_document, parse_bundle_document
+from meshtrust.spiffe.bundle import (
+    SpiffeBundle,
+    bundle_document,
+    check_revocation,
+    parse_bundle_document,
+)
 
 __all__ = [
     "FEDERATED",
@@ -64,12 +74,68 @@ FederatedRoots = Mapping[TrustDomain, tuple[x509.Certificate, ...]]
 _DER = serialization.Encoding.DER
 
 
+#: Trust domain -> the CRLs its CA publishes with its bundle (verified).
+FederatedCrls = Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]]
+#: What the CA sends per trust domain besides the roots: (CRLs, their issuers), DER.
+SentRevocation = Mapping[str, tuple[Sequence[bytes], Sequence[bytes]]]
+
+
 @dataclass(frozen=True)
 class FederatedVerdict:
     """What to hold after one update, and what was refused (one message per trust domain)."""
 
     held: dict[TrustDomain, tuple[x509.Certificate, ...]]
     refused: tuple[str, ...]
+    crls: dict[TrustDomain, tuple[x509.CertificateRevocationList, ...]] = field(
+        default_factory=dict
+    )
+
+
+def _crls(
+    td: TrustDomain,
+    roots: Sequence[x509.Certificate],
+    sent: tuple[Sequence[bytes], Sequence[bytes]] | None,
+    now: dt.datetime,
+) -> tuple[x509.CertificateRevocationList, ...]:
+    """The CRLs sent for ``td``, each signed by a sent issuer that chains to ``roots``
+    (:func:`~meshtrust.spiffe.bundle.check_revocation`); one past its nextUpdate is left
+    out (Envoy would refuse every leaf of its issuer). Raises :class:`SvidVerificationError`."""
+    if sent is None:
+        return ()
+    crl_ders, issuer_ders = sent
+    try:
+        issuers, crls = check_revocation(td, roots, issuer_ders, crl_ders)
+    except MeshTrustError as exc:
+        raise SvidVerificationError(f"its CRLs: {exc}") from None
+    if not all(any(_under(i, root, issuers) for i in issuers) for root in roots):
+        # Envoy refuses a leaf whose issuer has no CRL once it holds any: a root with no
+        # CRL issuer under it (a new root whose CA has not published yet, or a CA outside
+        # meshtrust) would make every leaf under it refused. Not enforced until covered.
+        return ()
+    return tuple(c for c in crls if c.next_update_utc is None or c.next_update_utc > now)
+
+
+def _under(
+    cert: x509.Certificate, root: x509.Certificate, issuers: Sequence[x509.Certificate]
+) -> bool:
+    """Whether ``cert`` chains to ``root`` through ``issuers`` (checked acyclic already)."""
+    seen: set[bytes] = set()
+    while True:
+        if cert == root or _issued_by(cert, root):
+            return True
+        parent = next((i for i in issuers if i != cert and _issued_by(cert, i)), None)
+        if parent is None or (key := parent.public_bytes(_DER)) in seen:
+            return False
+        seen.add(key)
+        cert = parent
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _roots(
@@ -102,11 +168,15 @@ def verify_federated(
     own: TrustDomain,
     held: FederatedRoots,
     now: dt.datetime,
+    revocation: SentRevocation | None = None,
+    held_crls: FederatedCrls | None = None,
 ) -> FederatedVerdict:
-    """The federated bundles to hold after the CA sent ``sent`` (name -> DER roots), given
-    those ``held``: each trust domain checked alone (module docstring); a refused one keeps
-    its held bundle (or stays absent)."""
+    """The federated bundles to hold after the CA sent ``sent`` (name -> DER roots) and
+    ``revocation`` (name -> its CRLs and their issuers), given those ``held``: each trust
+    domain checked alone (module docstring); a refused one keeps its held bundle and CRLs
+    (or stays absent)."""
     out: dict[TrustDomain, tuple[x509.Certificate, ...]] = {}
+    crls: dict[TrustDomain, tuple[x509.CertificateRevocationList, ...]] = {}
     refused: list[str] = []
     for name in sorted(sent):
         try:
@@ -121,12 +191,17 @@ def verify_federated(
             )
             continue
         try:
-            out[td] = _roots(td, sent[name], now)
+            roots = _roots(td, sent[name], now)
+            crls[td] = _crls(td, roots, (revocation or {}).get(name), now)
+            out[td] = roots
         except SvidVerificationError as exc:
             refused.append(f"federated bundle of {td}: {exc}")
+            crls.pop(td, None)
             if td in held:
                 out[td] = tuple(held[td])
-    return FederatedVerdict(out, tuple(refused))
+                if held_crls and td in held_crls:
+                    crls[td] = held_crls[td]
+    return FederatedVerdict(out, tuple(refused), {td: c for td, c in crls.items() if c})
 
 
 def same_roots(a: FederatedRoots, b: FederatedRoots) -> bool:
@@ -155,26 +230,51 @@ class FederatedIntake:
         self._problems: tuple[str, ...] = ()
         self.refused = 0
 
-    async def offer(self, sent: Mapping[str, Sequence[bytes]], now: dt.datetime) -> bool:
+    async def offer(
+        self,
+        sent: Mapping[str, Sequence[bytes]],
+        now: dt.datetime,
+        revocation: SentRevocation | None = None,
+    ) -> bool:
         """True when the federated bundles served changed (a new generation)."""
         secret = self._cache.current
         if secret is None:  # the follower starts after the first certificate
             return False
-        verdict = verify_federated(sent, secret.trust_domain, self._cache.federated, now)
+        verdict = verify_federated(
+            sent,
+            secret.trust_domain,
+            self._cache.federated,
+            now,
+            revocation,
+            self._cache.federated_crls,
+        )
         if verdict.refused:
             self.refused += 1
             if verdict.refused != self._problems:
                 for problem in verdict.refused:
                     log.error("refusing %s; keeping the last good one", problem)
         self._problems = verdict.refused
-        if same_roots(verdict.held, self._cache.federated):
+        if same_roots(verdict.held, self._cache.federated) and _same_crls(
+            verdict.crls, self._cache.federated_crls
+        ):
             return False
-        await self._cache.publish_federated(verdict.held)
+        await self._cache.publish_federated(verdict.held, verdict.crls)
         log.info(
             "federated bundles: %s",
-            ", ".join(f"{td} ({len(r)} root(s))" for td, r in sorted_items(verdict.held)) or "none",
+            ", ".join(
+                f"{td} ({len(r)} root(s), {len(verdict.crls.get(td, ()))} CRL(s))"
+                for td, r in sorted_items(verdict.held)
+            )
+            or "none",
         )
         return True
+
+
+def _same_crls(a: FederatedCrls, b: FederatedCrls) -> bool:
+    def ders(m: FederatedCrls) -> dict[TrustDomain, tuple[bytes, ...]]:
+        return {td: tuple(c.public_bytes(_DER) for c in crls) for td, crls in m.items()}
+
+    return ders(a) == ders(b)
 
 
 def sorted_items(

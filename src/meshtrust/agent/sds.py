@@ -10,7 +10,8 @@ here) and names what it wants in each ``DiscoveryRequest``. We answer from the a
 * ``ROOTCA``  -- ``Secret.validation_context.trusted_ca``: the trusted roots, and the CRLs;
 * ``ROOTCA:<td>`` and ``ROOTCA:peer`` -- the validation contexts for peers of another trust
   domain (:mod:`meshtrust.envoy.trust_domains`): a federated trust domain's roots (never
-  the mesh's), or for any other trust domain the mesh's roots without the mesh's CRLs.
+  the mesh's) and the CRLs its CA publishes with its bundle, or for any other trust domain
+  the mesh's roots without the mesh's CRLs.
 
 What to send is decided by :class:`SdsStream`, a small socket-free state machine fed with two
 kinds of events, and nothing else:
@@ -74,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from grpclib import GRPCError, Status
@@ -235,7 +237,11 @@ def _validation(name: str, secret: WorkloadSecret) -> tuple[bytes | None, bytes 
         return secret.roots_pem(), secret.crl_pem()
     if td in secret.federated:
         federated = secret.federated[td]
-        return (certs_pem(federated) if federated else certs_pem((nobody_root(),))), None
+        if not federated:
+            return certs_pem((nobody_root(),)), None
+        crls = secret.federated_crls.get(td, ())
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls)
+        return certs_pem(federated), pem or None
     return secret.roots_pem(), None  # another trust domain under the mesh's roots
 
 

@@ -58,6 +58,7 @@ from meshtrust.envoy.sidecar import (
     sidecar_bootstrap,
     write_lds_file,
 )
+from meshtrust.envoy.trust_domains import peer_root_secret
 from meshtrust.errors import EnvoyFailed, InvalidInput
 from meshtrust.policy import InboundPolicy, PolicySet, WorkloadRef
 from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -370,12 +371,15 @@ class EnvoySidecar:
             secret = await secrets.wait_newer(seen)
             seen = secret.generation
             self.follow_federated(secret.federated)
-            current = revoked_serials(secret.crl)
+            current = revoked_serials(secret.crl).union(
+                *(revoked_serials(c) for crls in secret.federated_crls.values() for c in crls)
+            )
             added, revoked = current - revoked, current
             if not added:
                 continue
-            if acks is not None and not await acks.wait_acknowledged(
-                "ROOTCA", secret, REVOCATION_ACK_WAIT
+            names = ["ROOTCA", *(peer_root_secret(td) for td in secret.federated_crls)]
+            if acks is not None and not all(
+                [await acks.wait_acknowledged(n, secret, REVOCATION_ACK_WAIT) for n in names]
             ):
                 log.warning(
                     "Envoy for %s has not acknowledged the CRL after %.0fs; draining its "

@@ -77,6 +77,10 @@ class TrustUpdate:
     crls: tuple[bytes, ...] = ()  # every live issuing CA's CRL, DER
     crl_issuers: tuple[bytes, ...] = ()  # their certificates, DER; the active one's first
     federated: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)  # name -> DERs
+    #: name -> (its CRLs, their issuers), DER: what its CA publishes with its bundle.
+    federated_revocation: Mapping[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = field(
+        default_factory=dict
+    )
 
 
 def verify_bundle(
@@ -218,6 +222,11 @@ class GrpcTrustSource:
                         tuple(message.crls),
                         tuple(message.crl_issuers),
                         {td: tuple(b.roots) for td, b in message.federated.items()},
+                        {
+                            td: (tuple(b.crls), tuple(b.crl_issuers))
+                            for td, b in message.federated.items()
+                            if b.crls
+                        },
                     )
                 self._stream = None
                 # The CA ended it (its status is raised on leaving the block): end ours too,
@@ -309,7 +318,9 @@ class TrustFollower:
         if update.crl:
             await self._crl.offer(update.crl, update.crls, update.crl_issuers)
             self._reissue_for_new_root(update)
-        await self.federated.offer(update.federated, self._clock.now())
+        await self.federated.offer(
+            update.federated, self._clock.now(), update.federated_revocation
+        )
         held = self._cache.bundle
         if held is not None and held[0] == update.bundle_version:
             try:

@@ -566,10 +566,14 @@ def start_status(
 
 
 async def start_federation(
-    prepared: PreparedCa, clock: Clock, registry: TextRegistry
+    prepared: PreparedCa,
+    clock: Clock,
+    registry: TextRegistry,
+    crls: CrlPublisher | None = None,
 ) -> FederationRuntime | None:
     """The bundle endpoint and the federated-bundle poller, when ``federation`` is set
-    (one per CA process that serves: the single process, or the workers' supervisor)."""
+    (one per CA process that serves: the single process, or the workers' supervisor).
+    ``crls``: the process's CRL publisher, whose CRLs the bundle endpoint serves too."""
     if prepared.config.federation is None:
         return None
     from meshtrust.ca.federation import build_federation
@@ -582,6 +586,7 @@ async def start_federation(
         clock,
     )
     registry.register(runtime.poller.metrics)
+    runtime.own_crls = crls
     await runtime.start()
     return runtime
 

@@ -68,17 +68,32 @@ class BundleEndpoint:
         else:
             self.renew_svid(now)
         self._document = b""
+        self._crls: tuple[x509.CertificateRevocationList, ...] = ()
+        self._crl_issuers: tuple[x509.Certificate, ...] = ()
         self.set_bundle(material.roots, sequence)
         self._server: asyncio.Server | None = None
         self.port = 0
 
     def set_bundle(self, roots: Sequence[x509.Certificate], sequence: int) -> None:
         """Serve ``roots`` as the bundle, numbered ``sequence``, from now on."""
+        self._roots, self._sequence = tuple(roots), sequence
+        self._render()
+
+    def set_revocation(self, crl_ders: Sequence[bytes], issuer_ders: Sequence[bytes]) -> None:
+        """Serve these CRLs (DER, one per live issuer) and their issuers with the bundle
+        (:data:`~meshtrust.spiffe.bundle.REVOCATION_MEMBER`) from now on."""
+        self._crls = tuple(x509.load_der_x509_crl(d) for d in crl_ders)
+        self._crl_issuers = tuple(x509.load_der_x509_certificate(d) for d in issuer_ders)
+        self._render()
+
+    def _render(self) -> None:
         bundle = SpiffeBundle(
             self._td,
-            tuple(roots),
-            sequence=sequence,
+            self._roots,
+            sequence=self._sequence,
             refresh_hint=self.config.refresh_hint,
+            crls=self._crls,
+            crl_issuers=self._crl_issuers,
         )
         self._document = bundle_document(bundle)
 

@@ -67,6 +67,11 @@ class FederatedSet:
                     hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).digest()
                 )
             digest.update(b"\1")
+            ders = [c.public_bytes(serialization.Encoding.DER) for c in bundle.crls]
+            ders += [c.public_bytes(serialization.Encoding.DER) for c in bundle.crl_issuers]
+            for item in ders:  # a revocation at the peer changes only these
+                digest.update(hashlib.sha256(item).digest())
+            digest.update(b"\2")
         return FederatedSet(dict(bundles), digest.hexdigest())
 
 
@@ -102,6 +107,8 @@ def federated_field(held: FederatedSet) -> dict[str, trust_pb2.FederatedBundle]:
         td.name: trust_pb2.FederatedBundle(
             roots=[r.public_bytes(der) for r in bundle.x509_authorities],
             sequence=bundle.sequence or 0,
+            crls=[c.public_bytes(der) for c in bundle.crls],
+            crl_issuers=[c.public_bytes(der) for c in bundle.crl_issuers],
         )
         for td, bundle in held.bundles.items()
     }

@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from meshtrust.ca.bundle_endpoint import BundleEndpoint
 from meshtrust.ca.cadir import CaMaterial
+from meshtrust.ca.crl import CrlPublisher
 from meshtrust.ca.schema import federated_bundles
 from meshtrust.ca.trust import BundleWatch, TrustLedger
 from meshtrust.clock import Clock
@@ -104,13 +105,15 @@ def poll_delay(last_good: SpiffeBundle | None, default: dt.timedelta) -> dt.time
 
 
 def bundle_changed(old: SpiffeBundle | None, new: SpiffeBundle) -> bool:
-    """True if ``new`` differs from ``old`` in what it trusts, its sequence or its hint."""
+    """True if ``new`` differs from ``old`` in what it trusts, its sequence, its hint or
+    its CRLs (a revocation at the peer changes only those)."""
     if old is None:
         return True
     return (
         not old.same_authorities(new)
         or old.sequence != new.sequence
         or old.refresh_hint != new.refresh_hint
+        or not old.same_revocation(new)
     )
 
 
@@ -555,10 +558,11 @@ class FederationPoller:
         self._metrics.fetched(td, "ok", now)
         self._metrics.updated(td, new.sequence)
         log.info(
-            "federated bundle of %s: sequence %s, %d authorities, refresh hint %s",
+            "federated bundle of %s: sequence %s, %d authorities, %d CRL(s), refresh hint %s",
             td,
             new.sequence,
             len(new.x509_authorities),
+            len(new.crls),
             new.refresh_hint,
         )
         if self._on_change is not None:
@@ -616,6 +620,8 @@ class FederationRuntime:
         self._upkeep: asyncio.Task[None] | None = None
         #: The mesh's versioned bundle the endpoint serves (followed while it runs).
         self.own_bundle: BundleWatch | None = None
+        #: The CA's CRLs the endpoint serves with it (followed while it runs).
+        self.own_crls: CrlPublisher | None = None
         self._follow: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -627,6 +633,10 @@ class FederationRuntime:
                     asyncio.create_task(self.own_bundle.run()),
                     asyncio.create_task(serve_own_bundle(self.own_bundle, self.endpoint)),
                 ]
+            if self.own_crls is not None:
+                self._follow.append(
+                    asyncio.create_task(serve_own_crls(self.own_crls, self.endpoint))
+                )
         self.poller.start()
 
     async def _renew_svid(self) -> None:
@@ -650,6 +660,14 @@ class FederationRuntime:
         if self.endpoint is not None:
             await self.endpoint.aclose()
         self.store.close()
+
+
+async def serve_own_crls(crls: CrlPublisher, endpoint: BundleEndpoint) -> None:
+    """Serve each CRL set the CA signs (one CRL per live issuer, with the issuers) in the
+    bundle document's revocation member, for federated meshes' sidecars."""
+    while True:
+        endpoint.set_revocation(crls.ders, crls.issuer_ders)
+        await crls.wait_newer(crls.number)
 
 
 async def serve_own_bundle(watch: BundleWatch, endpoint: BundleEndpoint) -> None:

@@ -54,7 +54,7 @@ async def serve_in_process(prepared: PreparedCa, sock: socket.socket, clock: Clo
         ),
     )
     probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
-    federation = await start_federation(prepared, clock, registry)
+    federation = await start_federation(prepared, clock, registry, revocations.publisher)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

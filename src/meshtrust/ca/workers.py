@@ -279,7 +279,16 @@ async def _supervise(
 
     status = start_status(config, registry, ready)
     probe = asyncio.create_task(probe_ledger(books.health, sql, clock))
-    federation = await start_federation(prepared, clock, registry)
+    # The bundle endpoint serves the CRLs too: the supervisor signs its own (the same
+    # revocations and issuers as every worker's, from the ledger).
+    endpoint = prepared.config.federation and prepared.config.federation.bundle_endpoint
+    crl_side = None
+    if endpoint:
+        signing = start_signing(prepared, sql, clock)
+        crl_side = (signing, start_revocations(prepared, sql, clock, signing=signing.watch))
+    federation = await start_federation(
+        prepared, clock, registry, crl_side[1].publisher if crl_side else None
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -353,6 +362,9 @@ async def _supervise(
     probe.cancel()
     if federation is not None:
         await federation.aclose()
+    if crl_side is not None:
+        await crl_side[0].aclose()
+        await crl_side[1].aclose()
     await ledger.aclose()
     sql.close()
     if status is not None:

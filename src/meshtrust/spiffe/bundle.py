@@ -14,6 +14,18 @@ so), and nothing in the document may name another trust domain. ``jwt-svid`` key
 than :data:`MAX_DOCUMENT_BYTES` is refused before it is parsed. An empty ``keys`` list is a
 valid bundle: every authority of that trust domain is revoked.
 
+Revocation (not in the standard; JWK Set members a reader does not know are ignored, RFC
+7517 section 5, so go-spiffe and py-spiffe read the document as before). meshtrust's CAs add
+the CRLs of their live issuing CAs, for federated meshes' sidecars to check leaves against::
+
+    "meshtrust_revocation": {"issuers": ["<base64 DER CA certificate>", ...],
+                             "crls": ["<base64 DER CRL>", ...]}
+
+Each issuer must be a CA certificate of the trust domain that chains to an authority of the
+bundle (through other listed issuers at most); each CRL must be signed by a listed issuer
+(its name and key), one per issuer. At most :data:`MAX_REVOCATION_ITEMS` of each. A
+violation refuses the whole document, as any other.
+
 Pure functions: no files, sockets or clocks. Errors are :class:`InvalidBundle` with one
 message naming where in the document the problem is.
 """
@@ -29,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -37,9 +50,12 @@ from meshtrust.spiffe.ids import SpiffeId, TrustDomain
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
+    "MAX_REVOCATION_ITEMS",
+    "REVOCATION_MEMBER",
     "InvalidBundle",
     "SpiffeBundle",
     "bundle_document",
+    "check_revocation",
     "parse_bundle_document",
 ]
 
@@ -48,6 +64,9 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 _MAX_UINT64 = 2**64 - 1
 _X509_SVID = "x509-svid"
 _JWT_SVID = "jwt-svid"
+#: The document member carrying CRLs (module docstring), and its list bounds.
+REVOCATION_MEMBER = "meshtrust_revocation"
+MAX_REVOCATION_ITEMS = 32
 _CURVES = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48), "secp521r1": ("P-521", 66)}
 
 
@@ -65,6 +84,15 @@ class SpiffeBundle:
     sequence: int | None = None
     refresh_hint: dt.timedelta | None = None
     jwt_authorities: tuple[Mapping[str, Any], ...] = field(default=())
+    #: The CRLs of the trust domain's live issuing CAs, and those CAs (module docstring).
+    crls: tuple[x509.CertificateRevocationList, ...] = field(default=())
+    crl_issuers: tuple[x509.Certificate, ...] = field(default=())
+
+    def same_revocation(self, other: SpiffeBundle) -> bool:
+        """True if both bundles carry the same CRLs and CRL issuers."""
+        return _crl_ders(self.crls) == _crl_ders(other.crls) and _der_set(
+            self.crl_issuers
+        ) == _der_set(other.crl_issuers)
 
     def same_authorities(self, other: SpiffeBundle) -> bool:
         """True if both bundles trust the same X.509 authorities (order aside)."""
@@ -73,6 +101,10 @@ class SpiffeBundle:
 
 def _der_set(certs: Sequence[x509.Certificate]) -> frozenset[bytes]:
     return frozenset(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+def _crl_ders(crls: Sequence[x509.CertificateRevocationList]) -> frozenset[bytes]:
+    return frozenset(c.public_bytes(serialization.Encoding.DER) for c in crls)
 
 
 def _b64url_uint(value: int, length: int | None = None) -> str:
@@ -118,6 +150,12 @@ def bundle_document(bundle: SpiffeBundle) -> bytes:
     if bundle.refresh_hint is not None:
         doc["spiffe_refresh_hint"] = int(bundle.refresh_hint.total_seconds())
     doc["keys"] = keys
+    if bundle.crls or bundle.crl_issuers:
+        enc = serialization.Encoding.DER
+        doc[REVOCATION_MEMBER] = {
+            "issuers": [base64.b64encode(c.public_bytes(enc)).decode() for c in bundle.crl_issuers],
+            "crls": [base64.b64encode(c.public_bytes(enc)).decode() for c in bundle.crls],
+        }
     return json.dumps(doc, indent=2).encode() + b"\n"
 
 
@@ -205,13 +243,124 @@ def _parse(doc: Any, trust_domain: TrustDomain) -> SpiffeBundle:
                 raise InvalidBundle(f"{where}: a jwt-svid key needs a 'kid'")
             jwt.append(dict(key))
         # Any other use: the standard says to ignore the whole key.
+    roots = tuple(authorities.values())
+    issuers, crls = _revocation(doc.get(REVOCATION_MEMBER), trust_domain, roots)
     return SpiffeBundle(
         trust_domain=trust_domain,
-        x509_authorities=tuple(authorities.values()),
+        x509_authorities=roots,
         sequence=sequence,
         refresh_hint=dt.timedelta(seconds=hint) if hint is not None else None,
         jwt_authorities=tuple(jwt),
+        crls=crls,
+        crl_issuers=issuers,
     )
+
+
+def _b64_list(value: Any, where: str) -> list[bytes]:
+    if not isinstance(value, list):
+        raise InvalidBundle(f"{where} must be a list of base64 DER strings")
+    if len(value) > MAX_REVOCATION_ITEMS:
+        raise InvalidBundle(f"{where} has {len(value)} items; at most {MAX_REVOCATION_ITEMS}")
+    out = []
+    for index, text in enumerate(value):
+        try:
+            if not isinstance(text, str):
+                raise ValueError("not a string")
+            out.append(base64.b64decode(text, validate=True))
+        except (ValueError, binascii.Error) as exc:
+            raise InvalidBundle(f"{where}[{index}]: not base64 ({exc})") from None
+    return out
+
+
+def _revocation(
+    member: Any, trust_domain: TrustDomain, roots: Sequence[x509.Certificate]
+) -> tuple[tuple[x509.Certificate, ...], tuple[x509.CertificateRevocationList, ...]]:
+    """The issuers and CRLs of the revocation member (module docstring); () without one."""
+    if member is None:
+        return (), ()
+    where = REVOCATION_MEMBER
+    if not isinstance(member, dict):
+        raise InvalidBundle(f"{where} must be an object with 'issuers' and 'crls'")
+    return check_revocation(
+        trust_domain,
+        roots,
+        _b64_list(member.get("issuers", []), f"{where}.issuers"),
+        _b64_list(member.get("crls", []), f"{where}.crls"),
+    )
+
+
+def check_revocation(
+    trust_domain: TrustDomain,
+    roots: Sequence[x509.Certificate],
+    issuer_ders: Sequence[bytes],
+    crl_ders: Sequence[bytes],
+) -> tuple[tuple[x509.Certificate, ...], tuple[x509.CertificateRevocationList, ...]]:
+    """The CRL issuers and CRLs of ``trust_domain`` (DER), checked as the module docstring
+    says against the bundle's ``roots``. Raises :class:`InvalidBundle` naming the item."""
+    where = REVOCATION_MEMBER
+    for what, items in (("issuers", issuer_ders), ("crls", crl_ders)):
+        if len(items) > MAX_REVOCATION_ITEMS:
+            raise InvalidBundle(
+                f"{where}.{what} has {len(items)} items; at most {MAX_REVOCATION_ITEMS}"
+            )
+    issuers: list[x509.Certificate] = []
+    for index, der in enumerate(issuer_ders):
+        at = f"{where}.issuers[{index}]"
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        except ValueError as exc:
+            raise InvalidBundle(f"{at}: not a DER certificate ({exc})") from None
+        if not is_ca:
+            raise InvalidBundle(f"{at}: not a CA certificate")
+        _check_trust_domain(cert, trust_domain, at.removesuffix(".x5c[0]"))
+        issuers.append(cert)
+    # Every issuer must chain to a root of the bundle, through other issuers at most.
+    trusted = list(roots)
+    pending = list(enumerate(issuers))
+    while pending:
+        rest = [(i, c) for i, c in pending if not any(_issued_by(c, t) for t in trusted)]
+        if len(rest) == len(pending):
+            index = rest[0][0]
+            raise InvalidBundle(
+                f"{where}.issuers[{index}]: not issued by an authority of the bundle"
+            )
+        trusted += [c for i, c in pending if (i, c) not in rest]
+        pending = rest
+    crls: list[x509.CertificateRevocationList] = []
+    seen: set[bytes] = set()
+    for index, der in enumerate(crl_ders):
+        at = f"{where}.crls[{index}]"
+        try:
+            crl = x509.load_der_x509_crl(der)
+        except ValueError as exc:
+            raise InvalidBundle(f"{at}: not a DER CRL ({exc})") from None
+        signer = next(
+            (
+                c
+                for c in issuers
+                if c.subject == crl.issuer and crl.is_signature_valid(c.public_key())  # type: ignore[arg-type]
+            ),
+            None,
+        )
+        if signer is None:
+            raise InvalidBundle(f"{at}: not signed by one of the listed issuers")
+        key = signer.public_bytes(serialization.Encoding.DER)
+        if key in seen:
+            raise InvalidBundle(f"{at}: a second CRL of one issuer")
+        seen.add(key)
+        crls.append(crl)
+    return tuple(issuers), tuple(crls)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _x509_authority(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!meshtrust/caapi/trust/trust.proto\x12\x12meshtrust.trust.v1\"2\n\x0f\x46\x65\x64\x65ratedBundle\x12\r\n\x05roots\x18\x01 \x03(\x0c\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"8\n\x0bTrustReport\x12\x17\n\x0fserving_version\x18\x01 \x01(\x04\x12\x10\n\x08held_crl\x18\x02 \x01(\t\"\xfe\x01\n\x0bTrustUpdate\x12\x16\n\x0e\x62undle_version\x18\x01 \x01(\x04\x12\r\n\x05roots\x18\x02 \x03(\x0c\x12\x0b\n\x03\x63rl\x18\x03 \x01(\x0c\x12\x41\n\tfederated\x18\x04 \x03(\x0b\x32..meshtrust.trust.v1.TrustUpdate.FederatedEntry\x12\x0c\n\x04\x63rls\x18\x05 \x03(\x0c\x12\x13\n\x0b\x63rl_issuers\x18\x06 \x03(\x0c\x1aU\n\x0e\x46\x65\x64\x65ratedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.meshtrust.trust.v1.FederatedBundle:\x02\x38\x01\x32\x62\n\x0cTrustService\x12R\n\nWatchTrust\x12\x1f.meshtrust.trust.v1.TrustReport\x1a\x1f.meshtrust.trust.v1.TrustUpdate(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!meshtrust/caapi/trust/trust.proto\x12\x12meshtrust.trust.v1\"U\n\x0f\x46\x65\x64\x65ratedBundle\x12\r\n\x05roots\x18\x01 \x03(\x0c\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0c\n\x04\x63rls\x18\x03 \x03(\x0c\x12\x13\n\x0b\x63rl_issuers\x18\x04 \x03(\x0c\"8\n\x0bTrustReport\x12\x17\n\x0fserving_version\x18\x01 \x01(\x04\x12\x10\n\x08held_crl\x18\x02 \x01(\t\"\xfe\x01\n\x0bTrustUpdate\x12\x16\n\x0e\x62undle_version\x18\x01 \x01(\x04\x12\r\n\x05roots\x18\x02 \x03(\x0c\x12\x0b\n\x03\x63rl\x18\x03 \x01(\x0c\x12\x41\n\tfederated\x18\x04 \x03(\x0b\x32..meshtrust.trust.v1.TrustUpdate.FederatedEntry\x12\x0c\n\x04\x63rls\x18\x05 \x03(\x0c\x12\x13\n\x0b\x63rl_issuers\x18\x06 \x03(\x0c\x1aU\n\x0e\x46\x65\x64\x65ratedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.meshtrust.trust.v1.FederatedBundle:\x02\x38\x01\x32\x62\n\x0cTrustService\x12R\n\nWatchTrust\x12\x1f.meshtrust.trust.v1.TrustReport\x1a\x1f.meshtrust.trust.v1.TrustUpdate(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUSTUPDATE_FEDERATEDENTRY']._loaded_options = None
   _globals['_TRUSTUPDATE_FEDERATEDENTRY']._serialized_options = b'8\001'
   _globals['_FEDERATEDBUNDLE']._serialized_start=57
-  _globals['_FEDERATEDBUNDLE']._serialized_end=107
-  _globals['_TRUSTREPORT']._serialized_start=109
-  _globals['_TRUSTREPORT']._serialized_end=165
-  _globals['_TRUSTUPDATE']._serialized_start=168
-  _globals['_TRUSTUPDATE']._serialized_end=422
-  _globals['_TRUSTUPDATE_FEDERATEDENTRY']._serialized_start=337
-  _globals['_TRUSTUPDATE_FEDERATEDENTRY']._serialized_end=422
-  _globals['_TRUSTSERVICE']._serialized_start=424
-  _globals['_TRUSTSERVICE']._serialized_end=522
+  _globals['_FEDERATEDBUNDLE']._serialized_end=142
+  _globals['_TRUSTREPORT']._serialized_start=144
+  _globals['_TRUSTREPORT']._serialized_end=200
+  _globals['_TRUSTUPDATE']._serialized_start=203
+  _globals['_TRUSTUPDATE']._serialized_end=457
+  _globals['_TRUSTUPDATE_FEDERATEDENTRY']._serialized_start=372
+  _globals['_TRUSTUPDATE_FEDERATEDENTRY']._serialized_end=457
+  _globals['_TRUSTSERVICE']._serialized_start=459
+  _globals['_TRUSTSERVICE']._serialized_end=557
 # @@protoc_insertion_point(module_scope)

@@ -30,21 +30,33 @@ class FederatedBundle(_message.Message):
 
     ROOTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CRLS_FIELD_NUMBER: _builtins.int
+    CRL_ISSUERS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The bundle's spiffe_sequence at its bundle endpoint."""
     @_builtins.property
     def roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """X.509 roots of that trust domain, DER, one per element."""
 
+    @_builtins.property
+    def crls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The CRLs that trust domain's CA publishes with its bundle (one per live issuing CA,
+        DER), and those issuing CAs (DER), as the CA verified them; empty when it publishes none.
+        """
+
+    @_builtins.property
+    def crl_issuers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         roots: _abc.Iterable[_builtins.bytes] | None = ...,
         sequence: _builtins.int = ...,
+        crls: _abc.Iterable[_builtins.bytes] | None = ...,
+        crl_issuers: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["roots", b"roots", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_issuers", b"crl_issuers", "crls", b"crls", "roots", b"roots", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
