@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -283,3 +283,59 @@ def test_cli_refuses_bad_root_dirs_and_status_shows_the_phase(rig: Rig, tmp_path
     assert "phase 1/3 publish bundle A+B" in text.output and "BEHIND THIS PHASE" in text.output
     result = invoke("ca", "rotate-root", "--ca-dir", ca, "--root-dir", str(given))
     assert result.exit_code == 2 and "without --root-dir to resume" in result.output
+
+
+class _CountingClock(SystemClock):
+    """The system's time; a sleep is written into ``events``, runs ``tick`` and returns."""
+
+    def __init__(self, events: list[str], tick: Callable[[], None]) -> None:
+        self.events, self.tick = events, tick
+
+    async def sleep(self, seconds: float) -> None:
+        self.events.append(f"sleep {seconds}")
+        self.tick()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_min_phase_holds_each_phase_after_every_workload_is_through(rig: Rig) -> None:
+    """--min-phase: federated meshes poll this CA's bundle endpoint at its refresh hint,
+    which no report of this mesh shows; each phase then lasts at least that long."""
+    events: list[str] = []
+    root_b = generate_root(rig.ca_dir, TD.name, rig.now, KeyType.EC_P256)
+
+    def web_keeps_up() -> None:  # between two polls of the driver
+        current = rotation.rotations.current()
+        if current is not None and current.target_version is not None:
+            rig.serve(current.target_version, WEB)
+        if current is not None and current.phase is Phase.SIGN:
+            slots = SlotLedger(rig.sql.engine).slots()
+            if slots.active is not None and slots.active.roots == (root_b.cert,):
+                key = load_slot_key(rig.ca_dir, slots.active)
+                rig.issue(WEB, Signer(slots.active.cert, key), SystemClock().now())
+
+    rotation = RootRotation(
+        rig.sql.engine,
+        rig.ca_dir,
+        _CountingClock(events, web_keeps_up),
+        trust_domain=TD.name,
+        driver="min-phase",
+        say=events.append,
+    )
+    rig.serve(1, WEB)
+    done = await run_rotation(rotation, new_root=root_b, timeout=60, min_phase=5.0)
+    assert done.phase is Phase.DONE
+    holds = [i for i, e in enumerate(events) if "(--min-phase)" in e]
+    assert len(holds) == 4, events  # PUBLISH, PREPARE, SIGN, DROP
+    for start in holds:
+        end = next(i for i in range(start, len(events)) if events[i].startswith("phase "))
+        polls = [e for e in events[start:end] if e.startswith("sleep ")]
+        assert polls, events[start:end]
+    # Each phase lasted at least 5 s of 0.5 s polls, counting its wait for workloads.
+    starts = [i for i, e in enumerate(events) if e.startswith("phase ") and "waiting" in e]
+    for start in starts:
+        end = next(
+            (i for i in range(start + 1, len(events)) if events[i].startswith("phase ")),
+            len(events),
+        )
+        assert sum(e.startswith("sleep ") for e in events[start:end]) >= 10

@@ -584,13 +584,16 @@ class RootRotation:
         *,
         force: bool = False,
         timeout: float | None = None,
+        min_phase: float = 0.0,
     ) -> RotationRecord:
         """Run ``rec`` from its phase to DONE. ``force``: the workloads behind the current
         phase when this call starts waiting are left out of the rest of the rotation (named,
-        recorded). Raises :class:`RotationWaiting` (message naming who is behind) when a phase
-        waited ``timeout`` seconds: the phase stays in the ledger, a re-run resumes it."""
+        recorded). ``min_phase``: seconds each phase lasts at least (for federated meshes'
+        pollers, which this mesh cannot see). Raises :class:`RotationWaiting` (message
+        naming who is behind) when a phase waited ``timeout`` seconds: the phase stays in
+        the ledger, a re-run resumes it."""
         try:
-            return await self._drive(rec, force=force, timeout=timeout)
+            return await self._drive(rec, force=force, timeout=timeout, min_phase=min_phase)
         except BaseException:
             # Stopped (waited too long, interrupted, the ledger failed): the lease goes at
             # once, so `rotation status` says nobody drives it and a re-run may resume.
@@ -599,7 +602,7 @@ class RootRotation:
             raise
 
     async def _drive(
-        self, rec: RotationRecord, *, force: bool, timeout: float | None
+        self, rec: RotationRecord, *, force: bool, timeout: float | None, min_phase: float
     ) -> RotationRecord:
         forced = not force
         while rec.phase is not Phase.DONE:
@@ -607,13 +610,24 @@ class RootRotation:
             self._say(f"phase {rec.phase.label}: waiting for every workload")
             waited = 0.0
             last_report = ""
+            holding = False
             while True:
                 now = self._clock.now()
                 if not await asyncio.to_thread(self.rotations.take_lease, rec.id, self.driver, now):
                     raise LedgerError("another command took this root rotation over")
                 late = await asyncio.to_thread(self.behind, rec)
-                if not late:
+                if not late and waited >= min_phase:
                     break
+                if not late:
+                    if not holding:
+                        holding = True
+                        self._say(
+                            f"  every workload is through; holding the phase "
+                            f"{min_phase - waited:.0f} s more (--min-phase)"
+                        )
+                    await self._clock.sleep(POLL)
+                    waited += POLL
+                    continue
                 if not forced:
                     forced = True
                     names = "\n".join(sorted({*rec.excluded, *(b.spiffe_id for b in late)}))
@@ -671,6 +685,7 @@ async def run_rotation(
     root_cert: x509.Certificate | None = None,
     force: bool = False,
     timeout: float | None = None,
+    min_phase: float = 0.0,
 ) -> RotationRecord:
     """Start a rotation (or resume the one recorded whose lease is stale) and drive it to
     DONE. A new one needs ``new_root`` (generated, its key in the CA dir) or a plugged-in
@@ -693,7 +708,7 @@ async def run_rotation(
             )
         if not rotation.rotations.take_lease(rec.id, rotation.driver, now):
             raise InvalidInput("a root rotation is already running (its lease was just taken)")
-        return await rotation.drive(rec, force=force, timeout=timeout)
+        return await rotation.drive(rec, force=force, timeout=timeout, min_phase=min_phase)
     bundle = rotation._bundle()
     if new_root is not None:
         cert, key_file = new_root.cert, f"root-key-{fingerprint(new_root.cert)[:16]}.pem"
@@ -710,4 +725,4 @@ async def run_rotation(
     if active is not None and chains_to(active.chain, cert):
         raise InvalidInput("the active signing CA chains to that root already")
     rec = rotation.rotations.start(bundle.roots, cert, rec_chain, key_file, now, rotation.driver)
-    return await rotation.drive(rec, force=force, timeout=timeout)
+    return await rotation.drive(rec, force=force, timeout=timeout, min_phase=min_phase)

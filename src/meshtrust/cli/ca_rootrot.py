@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 import click
 
+from meshtrust.cli.options import DURATION
 from meshtrust.clock import SystemClock
 from meshtrust.errors import CADirectoryError, InvalidInput
 
@@ -38,6 +40,17 @@ __all__ = ["rotate_root"]
     "(exit status 1) naming them, and the phase stays in the ledger: run it again to "
     "resume.",
 )
+@click.option(
+    "--min-phase",
+    type=DURATION,
+    default="0s",
+    show_default=True,
+    help="Hold each phase at least this long, even once every workload of this mesh is "
+    "through it: federated meshes fetch this CA's bundle (and its CRLs) only at its "
+    "bundle endpoint's refreshHint, and refuse leaves of the new root until they have. "
+    "When other meshes federate with this one, give twice the refreshHint (e.g. 10m for "
+    "the default 5m).",
+)
 @click.option("--trust-domain", help="The trust domain (default: the CA directory's root's O).")
 @click.option("--ledger", help="SQLAlchemy URL of the ledger (default: the CA dir's ledger.db).")
 @click.option(
@@ -51,6 +64,7 @@ def rotate_root(
     root_dir: Path | None,
     force: bool,
     timeout: float,
+    min_phase: dt.timedelta,
     trust_domain: str | None,
     ledger: str | None,
     ca_dir: Path,
@@ -123,7 +137,13 @@ def rotate_root(
                 f"{ca_dir / ('root-key-' + fingerprint(signer.cert)[:16] + '.pem')})"
             )
         done = asyncio.run(
-            run_rotation(rotation, force=force, timeout=timeout, **kwargs)  # type: ignore[arg-type]
+            run_rotation(
+                rotation,
+                force=force,
+                timeout=timeout,
+                min_phase=min_phase.total_seconds(),
+                **kwargs,  # type: ignore[arg-type]
+            )
         )
         click.echo(
             f"root rotation {done.id} done: the mesh trusts only root {fingerprint(done.new_root)}"
