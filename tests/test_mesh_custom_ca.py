@@ -113,7 +113,7 @@ def test_a_mesh_runs_on_the_articles_ca(tmp_path: Path) -> None:
 
         # Envoy trusts peers against the article's root, and `check` walks the chain to it.
         secrets = _json(meshtrust("proxy-config", "secret", "web", "--json", home=home))
-        assert [r["serial_number"] for r in secrets if r["type"] == "CA"] == [
+        assert [r["serial_number"] for r in secrets if r["resource_name"] == "ROOTCA"] == [
             format_serial(root.serial_number)
         ]
         check = meshtrust("check", "web", "--json", home=home)

@@ -89,8 +89,11 @@ def test_proxy_config_secret_shows_what_envoy_serves(live: tuple[MeshState, Path
         before = int(agent_status(state, name)["serial"], 16)
         rows = run_json("proxy-config", "secret", name, "--mesh", path)
         after = int(agent_status(state, name)["serial"], 16)
-        assert [r["resource_name"] for r in rows] == ["default", "ROOTCA"]
-        leaf, root = rows
+        # ROOTCA:peer: the validation context of the chain for other trust domains under
+        # the mesh's roots (envoy/trust_domains.py), the same roots without the CRLs.
+        assert [r["resource_name"] for r in rows] == ["default", "ROOTCA", "ROOTCA:peer"]
+        leaf, root, peer = rows
+        assert peer["serial_number"] == root["serial_number"]
         assert leaf["type"] == "Cert Chain" and root["type"] == "CA"
         assert leaf["status"] == root["status"] == "ACTIVE"
         assert leaf["valid_cert"] is True and root["valid_cert"] is True
@@ -213,7 +216,7 @@ def test_an_expired_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         )
 
         rows = run_json("proxy-config", "secret", "a", "--mesh", path)
-        leaf, root = rows
+        leaf, root, _ = rows
         assert leaf["resource_name"] == "default" and leaf["valid_cert"] is False
         assert int(leaf["serial_number"], 16) == int(agent_status(state, "a")["serial"], 16)
         assert root["resource_name"] == "ROOTCA" and root["valid_cert"] is True

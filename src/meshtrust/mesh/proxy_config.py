@@ -209,7 +209,8 @@ def secret_rows(active: Any, warming: Any, certs_json: Any, now: dt.datetime) ->
         rows += _rows_for_secret(config, "ACTIVE", certs_json, now)
     for config in _dump_configs(warming):
         rows += _rows_for_secret(config, "WARMING", certs_json, now)
-    return rows
+    # Envoy's order varies: the certificate first, then the validation contexts by name.
+    return sorted(rows, key=lambda r: (r.resource_name != "default", r.resource_name))
 
 
 def proxy_secrets(
