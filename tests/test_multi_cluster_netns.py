@@ -6,7 +6,8 @@ included, their CAs intermediates of one offline root (``meshtrust ca root init`
 multi-cluster-mtls.yaml (an upstream naming ``api.external.com:443``); west's
 AuthorizationPolicy lets east's web in and refuses east's other, whose certificate is just
 as good (same root). The other way, west's reports calls east's web through the ServiceEntry
-of west-policies.yaml (``web.east.internal:16080``), which east-policies.yaml lets in.
+of west-policies.yaml (``web.east.internal:16080``); east has no AuthorizationPolicy (STRICT
+mTLS only).
 
 Every probe runs inside a host (``ip netns exec``): each host's loopback is its own.
 
@@ -159,7 +160,7 @@ def test_easts_web_calls_wests_api_through_the_service_entry(meshes: Meshes) -> 
 
 def test_wests_reports_calls_easts_web_the_other_way(meshes: Meshes) -> None:
     # west's reports app -> its sidecar's port for web.east.internal -> mTLS to 198.18.0.1:16080
-    # (east's web sidecar: SNI west.test.peer.meshtrust, east's policy lets reports in).
+    # (east's web sidecar, which takes it on its peer chain by SNI west.test.peer.meshtrust).
     body = meshes.call_until(REPORTS_APP, 200, host="west", upstream="web")
     assert f"reports -> web: 200 (web saw {WEST_REPORTS})" in body, body
 
