@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,10 +121,13 @@ def copy_example(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_meshes(directory: Path) -> Iterator[Meshes]:
+def running_meshes(
+    directory: Path, before_up: Callable[[Meshes], None] | None = None
+) -> Iterator[Meshes]:
     """The example in ``directory`` (a :func:`copy_example`) up on hosts east and west: the
-    offline root and one intermediate per mesh, as its README says, then one ``meshtrust up``
-    per host; both brought down at the end."""
+    offline root and one intermediate per mesh, as its README says (then ``before_up``, to
+    change the CA directories), then one ``meshtrust up`` per host; both brought down at the
+    end."""
     with network(["east", "west"]) as net:
         m = Meshes(net, directory)
         for args in (
@@ -134,6 +137,8 @@ def running_meshes(directory: Path) -> Iterator[Meshes]:
         ):
             code, out = m.cli("east", *args)
             assert code == 0, out
+        if before_up is not None:
+            before_up(m)
         try:
             for mesh in ("west", "east"):
                 code, out = m.cli(mesh, "up", f"{mesh}.yaml", "--host", mesh, "--detach")

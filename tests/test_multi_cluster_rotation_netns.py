@@ -14,10 +14,8 @@ gets a new certificate about every 5 s. Two loads run at once, a new connection 
 While they run, each side's workloads rotate several times (seen in both CAs' ledgers and in
 ``meshtrust status``), and not one request fails.
 
-Not here: an intermediate rotation of one CA during the load. ``ca init --root`` makes a
-365-day intermediate and the CA dir of a shared-root mesh holds no root key (it stays in the
-offline root's directory), so ``ca serve`` never rotates it; tests/test_ca_slots_mesh.py
-drives the slots of a mesh with its own root.
+An intermediate rotation of one CA during such a load:
+tests/test_multi_cluster_ca_rotation_netns.py.
 """
 
 from __future__ import annotations
@@ -79,7 +77,7 @@ print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:10]}))
 """
 
 
-def _short_lived(directory: Path) -> Path:
+def short_lived(directory: Path) -> Path:
     for mesh in ("east", "west"):
         path = directory / f"{mesh}.yaml"
         text = path.read_text()
@@ -91,7 +89,7 @@ def _short_lived(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meshes]:
-    directory = _short_lived(copy_example(tmp_path_factory.mktemp("mcrot")))
+    directory = short_lived(copy_example(tmp_path_factory.mktemp("mcrot")))
     with running_meshes(directory) as m:
         yield m
 
@@ -107,16 +105,20 @@ def _ledger_serials(meshes: Meshes, mesh: str) -> dict[str, set[str]]:
     return out
 
 
-def _start_load(meshes: Meshes, host: str, port: int) -> subprocess.Popen[bytes]:
+def start_load(
+    meshes: Meshes, host: str, port: int, seconds: float = LOAD_SECONDS
+) -> subprocess.Popen[bytes]:
+    """:data:`LOAD` on ``host`` through its sidecar port ``port`` for ``seconds``."""
     return meshes.net[host].popen(
-        [sys.executable, "-c", LOAD, str(port), str(LOAD_SECONDS)],
+        [sys.executable, "-c", LOAD, str(port), str(seconds)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
 
 
-def _result(proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    out, err = proc.communicate(timeout=LOAD_SECONDS + 120)
+def load_result(proc: subprocess.Popen[bytes], seconds: float = LOAD_SECONDS) -> dict[str, object]:
+    """What a :func:`start_load` counted: ok, failed, the first errors."""
+    out, err = proc.communicate(timeout=seconds + 120)
     assert proc.returncode == 0, err.decode(errors="replace")
     result: dict[str, object] = json.loads(out)
     return result
@@ -136,10 +138,10 @@ def test_both_meshes_rotate_under_load_in_both_directions_and_no_request_fails(
     ledger_before = {mesh: _ledger_serials(meshes, mesh) for mesh in ("east", "west")}
 
     loads = {
-        "east -> west": _start_load(meshes, "east", EAST_TO_API),
-        "west -> east": _start_load(meshes, "west", WEST_TO_WEB),
+        "east -> west": start_load(meshes, "east", EAST_TO_API),
+        "west -> east": start_load(meshes, "west", WEST_TO_WEB),
     }
-    results = {name: _result(proc) for name, proc in loads.items()}
+    results = {name: load_result(proc) for name, proc in loads.items()}
 
     status_after = {w: meshes.service(*w) for w in workloads}
     ledger_after = {mesh: _ledger_serials(meshes, mesh) for mesh in ("east", "west")}
