@@ -201,10 +201,12 @@ def test_a_bad_remote_upstream_names_the_mesh_files_line_and_field(
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        # Two endpoints: the sidecar dials one.
+        # Endpoints mixing an IP and a DNS name: one cluster is STATIC or STRICT_DNS.
         (
-            "{address: 198.18.0.2}\n  - {address: 198.18.0.3}",
-            "has 2 endpoints (198.18.0.2:16080, 198.18.0.3:16080)",
+            "{address: 198.18.0.2}\n  - {address: west-gw.example}",
+            "p.yaml:6)'s endpoints: west-gw.example:16080 is a DNS name and address "
+            "(198.18.0.2:16080) an IP address: the endpoints of one upstream are all IP "
+            "addresses or all DNS names",
         ),
         # Two identities: the sidecar checks one.
         (
@@ -219,8 +221,9 @@ def test_a_service_entry_the_sidecar_cannot_follow_is_refused_at_the_upstream(
     tmp_path: Path, change: str, problem: str
 ) -> None:
     policies = POLICIES
-    if change.startswith("{address"):
+    if change.startswith("{address"):  # resolution DNS: STATIC would refuse the DNS name
         policies = policies.replace("{address: 198.18.0.2}", change)
+        policies = policies.replace("resolution: STATIC", "resolution: DNS")
     elif change.startswith("subjectAltNames"):
         policies = policies.replace(f'subjectAltNames: ["{WEST_API}"]', change)
     elif change.startswith("mode"):

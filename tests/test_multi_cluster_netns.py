@@ -5,7 +5,9 @@ included, their CAs intermediates of one offline root (``meshtrust ca root init`
 --root``). East's web calls west's api through the ServiceEntry of the seed's
 multi-cluster-mtls.yaml (an upstream naming ``api.external.com:443``); west's
 AuthorizationPolicy lets east's web in and refuses east's other, whose certificate is just
-as good (same root).
+as good (same root). The other way, west's reports calls east's web through the ServiceEntry
+of west-policies.yaml (``web.east.internal:16080``); east has no AuthorizationPolicy (STRICT
+mTLS only).
 
 Every probe runs inside a host (``ip netns exec``): each host's loopback is its own.
 
@@ -23,9 +25,10 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +40,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 REPO = Path(__file__).resolve().parent.parent
 EAST_WEB = "spiffe://east.test/ns/default/sa/web"
+WEST_REPORTS = "spiffe://west.test/ns/default/sa/reports"
 WEB_APP, OTHER_APP = 18080, 18081  # east's apps (examples/multi-cluster/east.yaml)
+REPORTS_APP = 18081  # west's reports (examples/multi-cluster/west.yaml)
 
 
 @dataclass
@@ -59,21 +64,32 @@ class Meshes:
         answer = json.loads(run_py(self.net[host], GET, "127.0.0.1", str(port), path))
         return answer["status"], answer["body"]
 
-    def call_until(self, port: int, status: int) -> str:
-        """The body of east's app at ``port`` calling api, once it answers ``status``."""
+    def call_until(self, port: int, status: int, host: str = "east", upstream: str = "api") -> str:
+        """The body of ``host``'s app at ``port`` calling ``upstream``, once it answers
+        ``status``."""
         last: list[tuple[int | None, str]] = []
 
         def answered() -> bool:
-            last[:] = [self.call("east", port, "/call/api")]
+            last[:] = [self.call(host, port, f"/call/{upstream}")]
             return last[0][0] == status
 
         try:
-            wait_for(f"{status} from api through {port}", answered, timeout=60)
+            wait_for(f"{status} from {upstream} through {host}'s {port}", answered, timeout=60)
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}: {last}\n{self.logs('east')}\n{self.logs('west')}"
             ) from None
         return last[0][1]
+
+    def service(self, mesh: str, name: str) -> dict[str, Any]:
+        """``name``'s entry in ``meshtrust status --json`` of ``mesh`` (serial, rotations...)."""
+        code, out = self.cli(mesh, "status", f"{mesh}.yaml", "--host", mesh, "--json")
+        assert code == 0, out
+        (svc,) = [
+            s for s in json.loads(out[: out.rindex("}") + 1])["services"] if s["name"] == name
+        ]
+        found: dict[str, Any] = svc
+        return found
 
     def stats(self, mesh: str, service: str) -> str:
         """The non-zero TLS and RBAC stats of ``service``'s Envoy (its admin Unix socket is a
@@ -94,7 +110,7 @@ class Meshes:
         return "\n".join(out)
 
 
-def _copy_example(directory: Path) -> Path:
+def copy_example(directory: Path) -> Path:
     """examples/multi-cluster beside a copy of the quickstart app (its commands name
     ../quickstart/app.py), so that workDir and ca.dir land in the test's directory."""
     mine = directory / "multi-cluster"
@@ -104,12 +120,16 @@ def _copy_example(directory: Path) -> Path:
     return mine
 
 
-@pytest.fixture(scope="module")
-def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meshes]:
-    directory = _copy_example(tmp_path_factory.mktemp("multicluster"))
+@contextlib.contextmanager
+def running_meshes(
+    directory: Path, before_up: Callable[[Meshes], None] | None = None
+) -> Iterator[Meshes]:
+    """The example in ``directory`` (a :func:`copy_example`) up on hosts east and west: the
+    offline root and one intermediate per mesh, as its README says (then ``before_up``, to
+    change the CA directories), then one ``meshtrust up`` per host; both brought down at the
+    end."""
     with network(["east", "west"]) as net:
         m = Meshes(net, directory)
-        # The offline root and one intermediate per mesh, as the example's README says.
         for args in (
             ("ca", "root", "init", "--dir", "ca/root", "--trust-domain", "mesh.test"),
             ("ca", "init", "--dir", "ca/east", "--root", "ca/root", "--trust-domain", "east.test"),
@@ -117,6 +137,8 @@ def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meshes]:
         ):
             code, out = m.cli("east", *args)
             assert code == 0, out
+        if before_up is not None:
+            before_up(m)
         try:
             for mesh in ("west", "east"):
                 code, out = m.cli(mesh, "up", f"{mesh}.yaml", "--host", mesh, "--detach")
@@ -128,11 +150,24 @@ def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meshes]:
                     m.cli(mesh, "down", f"{mesh}.yaml", "--host", mesh, timeout=60)
 
 
+@pytest.fixture(scope="module")
+def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meshes]:
+    with running_meshes(copy_example(tmp_path_factory.mktemp("multicluster"))) as m:
+        yield m
+
+
 def test_easts_web_calls_wests_api_through_the_service_entry(meshes: Meshes) -> None:
     # east's web app -> its sidecar's port for api.external.com -> mTLS across the bridge to
     # 198.18.0.2:443 (west's api sidecar, which checks east's web against west's policy).
     body = meshes.call_until(WEB_APP, 200)
     assert f"web -> api: 200 (api saw {EAST_WEB})" in body, body
+
+
+def test_wests_reports_calls_easts_web_the_other_way(meshes: Meshes) -> None:
+    # west's reports app -> its sidecar's port for web.east.internal -> mTLS to 198.18.0.1:16080
+    # (east's web sidecar, which takes it on its peer chain by SNI west.test.peer.meshtrust).
+    body = meshes.call_until(REPORTS_APP, 200, host="west", upstream="web")
+    assert f"reports -> web: 200 (web saw {WEST_REPORTS})" in body, body
 
 
 def test_wests_policy_refuses_another_identity_of_east(meshes: Meshes) -> None:

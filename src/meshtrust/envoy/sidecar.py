@@ -19,6 +19,10 @@ One YAML file per workload (keys may be written ``app_port`` or ``app-port``)::
         address: 10.0.0.7:15006   # required; HOST:PORT of the peer sidecar's inbound port
         spiffe_id: spiffe://example.org/ns/default/sa/api  # required; who the peer must be
         protocol: http        #   optional, http (default) or tcp: what the app speaks to it
+        # extra_addresses: [10.0.0.8:15006]   optional; more endpoints of the same peer
+                              #   (a ServiceEntry's other endpoints): Envoy balances new
+                              #   connections over address and these, each must be spiffe_id;
+                              #   all IPs or all DNS names (as address is), none given twice
 
 All ports are 1-65535 and the ports this host listens on (app, inbound, every upstream's
 local port) are all different. There is no admin port: Envoy's admin API is a Unix socket
@@ -211,7 +215,11 @@ class Upstream:
 
     The app connects in plain text to 127.0.0.1:``local_port``; Envoy opens mTLS to
     ``address`` (``HOST:PORT``, the peer sidecar's inbound port) and accepts the peer only if
-    its URI SAN is ``spiffe_id``. Raises :class:`ConfigError` on a bad field.
+    its URI SAN is ``spiffe_id``. ``extra_addresses`` are further endpoints of the same peer
+    (a ServiceEntry's other endpoints): Envoy balances new connections over all of them, and
+    every one must present ``spiffe_id``. They are of the same kind as ``address`` (all IP
+    addresses, or all DNS names: the cluster is STATIC or STRICT_DNS as a whole) and no
+    endpoint is listed twice. Raises :class:`ConfigError` on a bad field.
     """
 
     name: str
@@ -219,6 +227,7 @@ class Upstream:
     address: str
     spiffe_id: SpiffeId
     protocol: Protocol = Protocol.HTTP
+    extra_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_dns_label(self.name, "name")
@@ -227,6 +236,7 @@ class Upstream:
         if not isinstance(self.spiffe_id, SpiffeId):
             raise ConfigError(f"expected a SpiffeId, not {self.spiffe_id!r}", field="spiffe_id")
         object.__setattr__(self, "protocol", _check_protocol(self.protocol, "protocol"))
+        object.__setattr__(self, "extra_addresses", _check_extra_addresses(self))
 
     @property
     def host(self) -> str:
@@ -236,6 +246,40 @@ class Upstream:
     @property
     def port(self) -> int:
         return _split_address(self.address, "address")[1]
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every endpoint Envoy dials, ``(host, port)``: ``address`` first, then the extra
+        ones in their order."""
+        return ((self.host, self.port),) + tuple(
+            _split_address(a, f"extra_addresses[{i}]") for i, a in enumerate(self.extra_addresses)
+        )
+
+
+def _check_extra_addresses(upstream: Upstream) -> tuple[str, ...]:
+    """``upstream.extra_addresses`` as a tuple of valid ``HOST:PORT``\\ s, or ConfigError."""
+    value: object = upstream.extra_addresses
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError("expected a list of HOST:PORT", field="extra_addresses")
+    seen = {_split_address(upstream.address, "address"): "address"}
+    kind = _is_ip(upstream.host)
+    for i, address in enumerate(value):
+        key = f"extra_addresses[{i}]"
+        if not isinstance(address, str):
+            raise ConfigError(f"expected HOST:PORT, got {address!r}", field=key)
+        endpoint = _split_address(address, key)
+        if endpoint in seen:
+            raise ConfigError(f"{address} is already given as {seen[endpoint]}", field=key)
+        seen[endpoint] = key
+        if _is_ip(endpoint[0]) != kind:
+            ip, name = "an IP address", "a DNS name"
+            this, first = (name, ip) if kind else (ip, name)
+            raise ConfigError(
+                f"{address} is {this} and address ({upstream.address}) {first}: the "
+                "endpoints of one upstream are all IP addresses or all DNS names",
+                field=key,
+            )
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -340,6 +384,12 @@ def _as_address(value: object, key: str) -> str:
     return check_host_port(value, key, zero=False)
 
 
+def _as_addresses(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of HOST:PORT", field=key)
+    return tuple(_as_address(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
 def _as_upstreams(value: object, key: str) -> tuple[Upstream, ...]:
     if value is None:
         return ()
@@ -435,6 +485,7 @@ _UPSTREAM_KEYS: dict[str, _Field] = {
     "address": _as_address,
     "spiffe_id": check_spiffe_id,
     "protocol": _check_protocol,
+    "extra_addresses": _as_addresses,
 }
 
 _TOP_KEYS: dict[str, _Field] = {
@@ -612,7 +663,7 @@ def _outbound_cluster(
         "type": "STATIC" if is_ip else "STRICT_DNS",
         "connect_timeout": "5s",
         "circuit_breakers": _NO_CIRCUIT_BREAKING,
-        "load_assignment": _endpoints(name, upstream.host, upstream.port),
+        "load_assignment": _endpoints(name, upstream.host, upstream.port, upstream.endpoints[1:]),
         # Finds a dead peer host under an idle pooled connection in a few minutes, and keeps
         # NAT/conntrack state alive between sidecars on different hosts.
         "upstream_connection_options": {
@@ -673,7 +724,11 @@ def _http_options(*, idle_timeout: str | None) -> dict[str, Any]:
     return {_HTTP_OPTIONS: options}
 
 
-def _endpoints(cluster: str, host: str, port: int) -> dict[str, Any]:
+def _endpoints(
+    cluster: str, host: str, port: int, more: Sequence[tuple[str, int]] = ()
+) -> dict[str, Any]:
+    """A load assignment of one locality: ``host:port``, then ``more`` ((host, port)s)."""
+    endpoints = ((host, port), *more)
     return {
         "cluster_name": cluster,
         "endpoints": [
@@ -684,6 +739,7 @@ def _endpoints(cluster: str, host: str, port: int) -> dict[str, Any]:
                             "address": {"socket_address": {"address": host, "port_value": port}}
                         }
                     }
+                    for host, port in endpoints
                 ]
             }
         ],

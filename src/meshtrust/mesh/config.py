@@ -61,8 +61,9 @@ ServiceEntry and DestinationRule objects of the policy files
 (:meth:`~meshtrust.policy.PolicySet.remote_service`): the endpoint to dial and the one
 identity to accept. It is refused, at the upstream's line, when no ServiceEntry has the
 host or the port, when its DestinationRule is not ISTIO_MUTUAL, when there is no identity
-to expect or several (the sidecar checks one), when the entry has several endpoints (the
-sidecar dials one) or the DestinationRule sets ``sni`` (the sidecar sends none yet). A
+to expect or several (the sidecar checks one), when the entry's endpoints mix IP addresses
+and DNS names or list one twice (the sidecar balances over all of them, as one STATIC or
+STRICT_DNS cluster) or the DestinationRule sets ``sni`` (the sidecar sends none yet). A
 ``trustDomainAliases`` entry must be a trust domain, not the mesh's own, and not repeated.
 """
 
@@ -96,6 +97,7 @@ from meshtrust.config import (
     parse_host_port,
 )
 from meshtrust.config.federation import FederationConfig, check_federation
+from meshtrust.envoy.sidecar import Upstream
 from meshtrust.errors import InvalidSpiffeId
 from meshtrust.policy import PolicySet, Protocol, load_policy_files
 from meshtrust.policy.networking import RemoteService, UnknownHost
@@ -196,6 +198,9 @@ class RemoteUpstreamSpec:
     protocol: Protocol
     index: int  # its place in the service's ``upstreams`` list (for messages)
     entry: str = ""  # "ServiceEntry ns/name (file:line)", for messages
+    # The entry's other endpoints, HOST:PORT, in its order: the sidecar balances over
+    # ``address`` and these (all IPs or all DNS names, checked when the file is loaded).
+    extra_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -719,13 +724,6 @@ def _remote_spec(
     where = entry.obj + (
         f" ({entry.file}" + (f":{entry.line}" if entry.line else "") + ")" if entry.file else ""
     )
-    if len(resolved.addresses) != 1:
-        listed = ", ".join(host_port(a, p) for a, p in resolved.addresses)
-        raise ConfigError(
-            f"{where} has {len(resolved.addresses)} endpoints ({listed}); an upstream dials "
-            "one endpoint: give this host an entry of its own with one endpoint",
-            field=f"{uk}.host",
-        )
     if len(resolved.expected) != 1:
         names = ", ".join(str(i) for i in resolved.expected)
         raise ConfigError(
@@ -740,18 +738,31 @@ def _remote_spec(
             field=f"{uk}.host",
         )
     port = next(p for p in entry.ports if p.number == resolved.port)
-    ((address, target),) = resolved.addresses
-    return RemoteUpstreamSpec(
+    first, *others = (host_port(address, target) for address, target in resolved.addresses)
+    spec = RemoteUpstreamSpec(
         name=name,
         host=resolved.host,
         port=resolved.port,
         local_port=local_port,
-        address=host_port(address, target),
+        address=first,
         spiffe_id=resolved.expected[0],
         protocol=_SE_PROTOCOL.get(port.protocol, Protocol.TCP),
         index=index,
         entry=where,
+        extra_addresses=tuple(others),
     )
+    try:  # what the sidecar will check of the endpoints, checked now, at the upstream's line
+        Upstream(
+            name=spec.name,
+            local_port=spec.local_port,
+            address=spec.address,
+            spiffe_id=spec.spiffe_id,
+            protocol=spec.protocol,
+            extra_addresses=spec.extra_addresses,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}'s endpoints: {exc.problem}", field=f"{uk}.host") from None
+    return spec
 
 
 def _service(item: object, field: str, td: TrustDomain, policies: PolicySet) -> ServiceSpec:

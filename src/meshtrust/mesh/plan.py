@@ -25,10 +25,10 @@ hand: a token per service and the trust bundle (``"provisioned"``).
 
 An upstream naming a ServiceEntry host (a service of another mesh) was resolved when the
 mesh file was loaded (:class:`~meshtrust.mesh.config.RemoteUpstreamSpec`): its sidecar
-upstream dials the entry's endpoint and accepts only the identity the DestinationRule's
-``subjectAltNames`` (else the entry's service account) names. The mesh's
-``trustDomainAliases`` go to every agent (``trust-domain-aliases``), which compiles its
-sidecar's policies with them.
+upstream dials the entry's endpoints (``address``, then ``extra_addresses``: Envoy balances
+over them) and accepts there only the identity the DestinationRule's ``subjectAltNames``
+(else the entry's service account) names. The mesh's ``trustDomainAliases`` go to every
+agent (``trust-domain-aliases``), which compiles its sidecar's policies with them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import yaml
 from meshtrust.config.federation import federation_settings
 from meshtrust.envoy.admin import ADMIN_SOCKET
 from meshtrust.errors import ConfigError
-from meshtrust.mesh.config import MeshConfig, ServiceSpec, host_port
+from meshtrust.mesh.config import MeshConfig, RemoteUpstreamSpec, ServiceSpec, host_port
 from meshtrust.mesh.state import CaState, MeshState, ServiceState
 
 __all__ = [
@@ -321,18 +321,23 @@ def _sidecar_yaml(config: MeshConfig, svc: ServiceSpec, inbound: Mapping[str, in
             }
             for up in svc.upstreams
         ]
-        + [
-            {
-                "name": remote.name,
-                "local_port": remote.local_port,
-                "address": remote.address,
-                "spiffe_id": str(remote.spiffe_id),
-                "protocol": remote.protocol.value,
-            }
-            for remote in svc.remote_upstreams
-        ],
+        + [_remote_upstream(remote) for remote in svc.remote_upstreams],
     }
     return yaml.safe_dump(sidecar, sort_keys=False)
+
+
+def _remote_upstream(remote: RemoteUpstreamSpec) -> dict[str, object]:
+    """The sidecar upstream of a ServiceEntry host: every endpoint, the one identity."""
+    upstream: dict[str, object] = {
+        "name": remote.name,
+        "local_port": remote.local_port,
+        "address": remote.address,
+        "spiffe_id": str(remote.spiffe_id),
+        "protocol": remote.protocol.value,
+    }
+    if remote.extra_addresses:
+        upstream["extra_addresses"] = list(remote.extra_addresses)
+    return upstream
 
 
 def _agent_yaml(
