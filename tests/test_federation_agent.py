@@ -34,9 +34,10 @@ from meshtrust.ca.federation import FederationStore
 from meshtrust.clock import SystemClock
 from meshtrust.envoy.trust_domains import peer_sni
 from meshtrust.pki import format_serial, generate_key, make_root
+from meshtrust.pki.profile import Signer
 from meshtrust.spiffe import SpiffeId, TrustDomain
 from meshtrust.spiffe.bundle import SpiffeBundle
-from tests.badcerts import CaFixture, Leaf, make_ca, svid_leaf
+from tests.badcerts import CaFixture, Leaf, leaf_with_two_uri_sans, make_ca, svid_leaf
 from tests.gobuild import build_go_program
 from tests.revocation_rig import Client
 from tests.test_workload_api import make_secret
@@ -224,7 +225,12 @@ async def test_each_trust_domain_has_its_own_validation_context_and_only_the_mes
     assert _context("ROOTCA:west.test", secret) == ([west.root], b"")
     # Another trust domain under east's roots (a shared root): east's roots, no CRL.
     assert _context("ROOTCA:other.test", secret) == ([east.root], b"")
-    assert _context("ROOTCA:peer", secret) == ([east.root], b"")
+    assert _context("ROOTCA~shared-root", secret) == ([east.root], b"")
+    # A trust domain whose federation ended while the agent runs is trusted by nobody,
+    # not by the mesh's roots as an unknown one would be.
+    ended = dataclasses.replace(secret, federated={}, dropped_federated=frozenset({WEST}))
+    (gone,), _ = _context("ROOTCA:west.test", ended)
+    assert gone not in (east.root, west.root)
     assert _context("ROOTCA:east.test", secret) == ([east.root], own_crl)
     # A federated trust domain held without roots trusts nobody (empty roots would be
     # "verify nothing" to Envoy).
@@ -318,6 +324,29 @@ async def _until_threaded(condition: Callable[[], bool], what: str, timeout: flo
         await asyncio.sleep(0.1)
 
 
+def _with_dns_san(signer: Signer, identity: SpiffeId, dns: str, now: dt.datetime) -> Leaf:
+    """An SVID of ``identity`` with a DNS SAN too (Envoy's principal matchers read it)."""
+    key = generate_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(signer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=2))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(str(identity)), x509.DNSName(dns)]
+            ),
+            critical=True,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(signer.key, hashes.SHA256())
+    )
+    return Leaf(cert, key, (signer.cert,))
+
+
 def _leaf_client(directory: Path, leaf: Leaf, identity: SpiffeId) -> Client:
     directory.mkdir()
     (directory / "chain.pem").write_bytes(leaf.chain_pem)
@@ -373,6 +402,16 @@ async def test_envoy_takes_each_trust_domain_only_from_its_own_root_and_keeps_th
             assert rig.agent.sidecar is not None and rig.agent.sidecar.federated == (WEST,)
             await check(west_web, None, False)  # the mesh chain: the mesh's roots only
             await check(west_web, own_sni, False)
+            # West's CA posing as the mesh: a second URI SAN (or a DNS SAN) naming the mesh's
+            # own identity passes Envoy's any-SAN matcher; the chain's RBAC DENY closes it.
+            api_id = SpiffeId.for_workload(TD, "default", "api")
+            posing = [
+                leaf_with_two_uri_sans(west.signer, west_id, api_id, now=now),
+                leaf_with_two_uri_sans(west.signer, api_id, west_id, now=now),
+                _with_dns_san(west.signer, west_id, str(api_id), now),
+            ]
+            for i, leaf in enumerate(posing):
+                await check(_leaf_client(workdir / f"p{i}", leaf, west_id), west_sni, False)
             for sni in (None, west_sni, own_sni, "other.test.peer.meshtrust"):
                 await check(forged, sni, False)
             await check(good, None, True)

@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -16,7 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from meshtrust.agent.federated import verify_federated
 from meshtrust.agent.sds import secret_resource
-from meshtrust.ca.federation import bundle_changed
+from meshtrust.ca.federated_push import read_federated
+from meshtrust.ca.federation import FederationStore, bundle_changed
+from meshtrust.ca.ledger import SqlLedger
 from meshtrust.pki.profile import Signer
 from meshtrust.spiffe import TrustDomain
 from meshtrust.spiffe.bundle import (
@@ -194,3 +197,22 @@ def test_crls_are_not_enforced_while_a_root_has_no_crl_issuer_under_it(
     crls = (crl(west.signer, 7).public_bytes(DER), crl(other.signer).public_bytes(DER))
     verdict = verify_federated({"west.test": der}, EAST, {}, NOW, {"west.test": (crls, both)})
     assert verdict.refused == () and len(verdict.crls[WEST]) == 2
+
+
+def test_the_ca_stops_pushing_a_federated_crl_past_its_next_update(
+    tmp_path: Path, west: CaFixture
+) -> None:
+    """The CA's periodic read of the ledger is the timer: a CRL the peer stopped renewing
+    (its endpoint down) leaves the push at its nextUpdate, and the agents drop it."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    SqlLedger(url).close()
+    store = FederationStore(url)
+    try:
+        store.save(bundle(west, crl(west.signer, 7)), "static: t", NOW)
+        fresh = read_federated(store.engine, EAST, NOW)
+        stale = read_federated(store.engine, EAST, NOW + dt.timedelta(hours=25))
+    finally:
+        store.close()
+    assert len(fresh.bundles[WEST].crls) == 1 and stale.bundles[WEST].crls == ()
+    assert fresh.digest != stale.digest  # a change: pushed to every agent
+    assert stale.bundles[WEST].x509_authorities == (west.root,)

@@ -89,9 +89,9 @@ def test_proxy_config_secret_shows_what_envoy_serves(live: tuple[MeshState, Path
         before = int(agent_status(state, name)["serial"], 16)
         rows = run_json("proxy-config", "secret", name, "--mesh", path)
         after = int(agent_status(state, name)["serial"], 16)
-        # ROOTCA:peer: the validation context of the chain for other trust domains under
+        # ROOTCA~shared-root: the validation context of the chain for other trust domains under
         # the mesh's roots (envoy/trust_domains.py), the same roots without the CRLs.
-        assert [r["resource_name"] for r in rows] == ["default", "ROOTCA", "ROOTCA:peer"]
+        assert [r["resource_name"] for r in rows] == ["default", "ROOTCA", "ROOTCA~shared-root"]
         leaf, root, peer = rows
         assert peer["serial_number"] == root["serial_number"]
         assert leaf["type"] == "Cert Chain" and root["type"] == "CA"

@@ -121,7 +121,7 @@ class Hosts:
         leaf = _leaf(material, identity)
         cache = SecretCache()
         # Each mesh's own CRL, as its CA publishes one; the other mesh's callers go to the
-        # peer chain (ROOTCA:peer) by the SNI its sidecars send.
+        # shared-root chain (ROOTCA~shared-root) by the SNI its sidecars send.
         await cache.publish(
             WorkloadSecret(
                 identity, leaf.key, tuple(leaf.chain), material.roots, NOW, crl=_crl(material)

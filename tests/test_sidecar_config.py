@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import textwrap
 from pathlib import Path
@@ -662,6 +663,7 @@ def test_policies_compiled_by_the_policy_package_fit_the_listener(
 
 OWN = TrustDomain.parse("example.org")
 WEST = TrustDomain.parse("west.test")
+EAST = TrustDomain.parse("east.test")
 OLD = TrustDomain.parse("old.example")
 
 
@@ -677,55 +679,103 @@ def _denied_prefixes(chain: dict[str, Any]) -> list[str]:
     ]
 
 
+def _san_matcher(chain: dict[str, Any]) -> dict[str, Any] | None:
+    common = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    if "combined_validation_context" not in common:
+        return None
+    (only,) = common["combined_validation_context"]["default_validation_context"][
+        "match_typed_subject_alt_names"
+    ]
+    assert only["san_type"] == "URI"
+    return dict(only["matcher"])
+
+
+def _regex_takes(matcher: dict[str, Any] | None, uri: str) -> bool:
+    assert matcher is not None
+    return re.fullmatch(matcher["safe_regex"]["regex"], uri) is not None
+
+
 @pytest.mark.parametrize("protocol", list(Protocol))
 def test_the_inbound_listener_has_a_chain_per_kind_of_peer(protocol: Protocol) -> None:
-    peers = PeerDomains(OWN, aliases=(OLD,), federated=(WEST, OLD, OWN))
-    assert peers.federated == (WEST,)  # the mesh's own and its aliases are never federated
+    peers = PeerDomains(OWN, aliases=(OLD,), federated=(WEST, OLD, OWN, EAST))
+    assert peers.federated == (EAST, WEST)  # the mesh's own and its aliases never are
     (listener,) = inbound_listeners(
         config(protocol), InboundPolicy(MtlsMode.PERMISSIVE), peers=peers, revocation_epoch=2
     )
     as_listener(listener)  # Envoy's own schema takes it
     chains = {c["name"]: c for c in listener["filter_chains"]}
-    assert list(chains) == ["tls", "tls-west.test", "tls-peer", "plaintext"]
+    assert list(chains) == [
+        "tls", "tls-td-east.test", "tls-td-west.test", "tls-shared-root", "plaintext",
+    ]  # fmt: skip
     sds = {
-        name: c["transport_socket"]["typed_config"]["common_tls_context"]
+        name: c["transport_socket"]["typed_config"]["common_tls_context"][
+            "combined_validation_context"
+        ]["validation_context_sds_secret_config"]["name"]
         for name, c in chains.items()
         if "transport_socket" in c
     }
-    # The mesh's chain: any SNI but the peer ones, ROOTCA (the CRLs), no federated caller.
+    assert sds == {
+        "tls": "ROOTCA",
+        "tls-td-east.test": "ROOTCA:east.test",
+        "tls-td-west.test": "ROOTCA:west.test",
+        "tls-shared-root": "ROOTCA~shared-root",
+    }
+    # The mesh's chain: any SNI but the peer ones; refuses federated callers at the
+    # handshake (SAN matcher) and, for a certificate with several SANs, by RBAC.
     assert chains["tls"]["filter_chain_match"] == {"transport_protocol": "tls"}
-    assert sds["tls"]["validation_context_sds_secret_config"]["name"] == "ROOTCA"
-    assert _denied_prefixes(chains["tls"]) == ["spiffe://west.test/"]
-    # West's callers: west's roots, and a west.test URI SAN.
-    assert chains["tls-west.test"]["filter_chain_match"]["server_names"] == [
-        "west.test.peer.meshtrust"
+    mesh = _san_matcher(chains["tls"])
+    assert _regex_takes(mesh, "spiffe://example.org/ns/a/sa/b")
+    assert _regex_takes(mesh, "spiffe://west.test.evil/ns/a/sa/b")
+    assert not _regex_takes(mesh, "spiffe://west.test/ns/a/sa/b")
+    assert not _regex_takes(mesh, "spiffe://east.test/ns/a/sa/b")
+    assert _denied_prefixes(chains["tls"]) == ["spiffe://east.test/", "spiffe://west.test/"]
+    # West's callers: west's roots, a west.test URI SAN, and no SAN of anyone else.
+    west = chains["tls-td-west.test"]
+    assert west["filter_chain_match"]["server_names"] == ["west.test.peer.meshtrust"]
+    assert _san_matcher(west) == {"prefix": "spiffe://west.test/"}
+    assert sorted(_denied_prefixes(west)) == [
+        "spiffe://east.test/",
+        "spiffe://example.org/",
+        "spiffe://old.example/",
     ]
-    combined = sds["tls-west.test"]["combined_validation_context"]
-    assert combined["validation_context_sds_secret_config"]["name"] == "ROOTCA:west.test"
-    assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
-        {"san_type": "URI", "matcher": {"prefix": "spiffe://west.test/"}}
-    ]
-    assert _denied_prefixes(chains["tls-west.test"]) == []
-    # Other trust domains under the mesh's roots: never the mesh's own, an alias or west.
-    assert chains["tls-peer"]["filter_chain_match"]["server_names"] == ["*.peer.meshtrust"]
-    assert sds["tls-peer"]["validation_context_sds_secret_config"]["name"] == "ROOTCA:peer"
-    assert _denied_prefixes(chains["tls-peer"]) == [
+    # Other trust domains under the mesh's roots: never the mesh's own, an alias or a
+    # federated one, at the handshake and by RBAC.
+    shared = chains["tls-shared-root"]
+    assert shared["filter_chain_match"]["server_names"] == ["*.peer.meshtrust"]
+    for uri, taken in (
+        ("spiffe://other.test/ns/a/sa/b", True),
+        ("spiffe://example.org/ns/a/sa/b", False),
+        ("spiffe://old.example/ns/a/sa/b", False),
+        ("spiffe://west.test/ns/a/sa/b", False),
+    ):
+        assert _regex_takes(_san_matcher(shared), uri) is taken, uri
+    assert sorted(_denied_prefixes(shared)) == [
+        "spiffe://east.test/",
         "spiffe://example.org/",
         "spiffe://old.example/",
         "spiffe://west.test/",
     ]
     # A revocation drains every TLS chain.
-    for name in ("tls", "tls-west.test", "tls-peer"):
+    for name in sds:
         assert chains[name]["metadata"]["filter_metadata"]["meshtrust"]["revocation_epoch"] == 2
 
 
-def test_without_federated_bundles_the_mesh_chain_denies_nobody() -> None:
+def test_without_federated_bundles_the_mesh_chain_takes_every_trust_domain() -> None:
     (listener,) = inbound_listeners(
         config(), InboundPolicy(MtlsMode.STRICT), peers=PeerDomains(OWN)
     )
     chains = {c["name"]: c for c in listener["filter_chains"]}
-    assert list(chains) == ["tls", "tls-peer"]
-    assert _denied_prefixes(chains["tls"]) == []
+    assert list(chains) == ["tls", "tls-shared-root"]
+    assert _denied_prefixes(chains["tls"]) == [] and _san_matcher(chains["tls"]) is None
+
+
+def test_a_federated_trust_domain_named_peer_gets_its_own_context() -> None:
+    peer = TrustDomain.parse("peer")
+    (listener,) = inbound_listeners(
+        config(), InboundPolicy(MtlsMode.STRICT), peers=PeerDomains(OWN, federated=(peer,))
+    )
+    names = [c["name"] for c in listener["filter_chains"]]
+    assert len(set(names)) == len(names) == 3
 
 
 def test_an_upstream_of_another_trust_domain_is_called_with_the_peer_sni() -> None:

@@ -56,6 +56,9 @@ class WorkloadSecret:
     federated_crls: Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]] = field(
         default_factory=dict
     )
+    #: Trust domains federated earlier in this agent's life and dropped since: their peers
+    #: are trusted by nobody (not by the mesh's roots, as another trust domain would be).
+    dropped_federated: frozenset[TrustDomain] = frozenset()
     _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -165,6 +168,7 @@ class SecretCache:
         self._bundle: tuple[int, tuple[x509.Certificate, ...]] | None = None
         self._federated: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = {}
         self._federated_crls: Mapping[TrustDomain, tuple[x509.CertificateRevocationList, ...]] = {}
+        self._dropped_federated: frozenset[TrustDomain] = frozenset()
         self._generation = 0
         self._changed = asyncio.Condition()
 
@@ -223,6 +227,9 @@ class SecretCache:
         """Hold ``federated`` and, when there is a secret, republish it carrying them as a
         new generation; returns that secret."""
         async with self._changed:
+            self._dropped_federated = (
+                self._dropped_federated | (set(self._federated) - set(federated))
+            ) - set(federated)
             self._federated = dict(federated)
             self._federated_crls = {td: c for td, c in (crls or {}).items() if td in federated}
             if self._secret is None:
@@ -233,6 +240,7 @@ class SecretCache:
                 generation=self._generation,
                 federated=self._federated,
                 federated_crls=self._federated_crls,
+                dropped_federated=self._dropped_federated,
             )
             self._changed.notify_all()
             return self._secret
@@ -268,6 +276,7 @@ class SecretCache:
                 other_crls=self._other_crls,
                 federated=self._federated,
                 federated_crls=self._federated_crls,
+                dropped_federated=self._dropped_federated,
             )
             if self._bundle is not None:
                 stamped = _with_bundle(stamped, self._bundle, self._generation)

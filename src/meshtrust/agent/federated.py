@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -52,6 +51,7 @@ from meshtrust.spiffe.bundle import (
     SpiffeBundle,
     bundle_document,
     check_revocation,
+    issuer_roots,
     parse_bundle_document,
 )
 
@@ -107,35 +107,15 @@ def _crls(
         issuers, crls = check_revocation(td, roots, issuer_ders, crl_ders)
     except MeshTrustError as exc:
         raise SvidVerificationError(f"its CRLs: {exc}") from None
-    if not all(any(_under(i, root, issuers) for i in issuers) for root in roots):
-        # Envoy refuses a leaf whose issuer has no CRL once it holds any: a root with no
-        # CRL issuer under it (a new root whose CA has not published yet, or a CA outside
-        # meshtrust) would make every leaf under it refused. Not enforced until covered.
+    fresh = [c for c in crls if c.next_update_utc is None or c.next_update_utc > now]
+    # Envoy refuses a leaf whose issuer has no CRL once it holds any: enforce them only
+    # while every root has an issuer under it that has a fresh CRL (a new root whose CA has
+    # not published yet, a CA outside meshtrust, an expired CRL: none, until covered).
+    with_crl = [i for i in issuers if any(c.issuer == i.subject for c in fresh)]
+    covered = {r for r in issuer_roots(roots, with_crl) if r is not None}
+    if not fresh or any(root not in covered for root in roots):
         return ()
-    return tuple(c for c in crls if c.next_update_utc is None or c.next_update_utc > now)
-
-
-def _under(
-    cert: x509.Certificate, root: x509.Certificate, issuers: Sequence[x509.Certificate]
-) -> bool:
-    """Whether ``cert`` chains to ``root`` through ``issuers`` (checked acyclic already)."""
-    seen: set[bytes] = set()
-    while True:
-        if cert == root or _issued_by(cert, root):
-            return True
-        parent = next((i for i in issuers if i != cert and _issued_by(cert, i)), None)
-        if parent is None or (key := parent.public_bytes(_DER)) in seen:
-            return False
-        seen.add(key)
-        cert = parent
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    return tuple(fresh)
 
 
 def _roots(

@@ -8,10 +8,11 @@ here) and names what it wants in each ``DiscoveryRequest``. We answer from the a
 
 * ``default`` -- ``Secret.tls_certificate``: leaf + intermediates + roots, and the private key;
 * ``ROOTCA``  -- ``Secret.validation_context.trusted_ca``: the trusted roots, and the CRLs;
-* ``ROOTCA:<td>`` and ``ROOTCA:peer`` -- the validation contexts for peers of another trust
-  domain (:mod:`meshtrust.envoy.trust_domains`): a federated trust domain's roots (never
-  the mesh's) and the CRLs its CA publishes with its bundle, or for any other trust domain
-  the mesh's roots without the mesh's CRLs.
+* ``ROOTCA:<td>`` and ``ROOTCA~shared-root`` -- the validation contexts for peers of
+  another trust domain (:mod:`meshtrust.envoy.trust_domains`): a federated trust domain's
+  roots (never the mesh's) and the CRLs its CA publishes with its bundle; nobody for a
+  trust domain whose federation ended while the agent runs; for any other trust domain the
+  mesh's roots without the mesh's CRLs (a shared root).
 
 What to send is decided by :class:`SdsStream`, a small socket-free state machine fed with two
 kinds of events, and nothing else:
@@ -120,7 +121,7 @@ KNOWN_SECRETS = frozenset({DEFAULT_SECRET, ROOT_SECRET, PEER_ROOT_SECRET})
 
 
 def is_known_secret(name: str) -> bool:
-    """Whether SDS serves ``name``: ``default``, ``ROOTCA``, ``ROOTCA:peer`` or
+    """Whether SDS serves ``name``: ``default``, ``ROOTCA``, ``ROOTCA~shared-root`` or
     ``ROOTCA:<trust domain>``."""
     return name in KNOWN_SECRETS or trust_domain_of_root_secret(name) is not None
 #: The gRPC service (envoy/service/secret/v3/sds.proto).
@@ -235,6 +236,8 @@ def _validation(name: str, secret: WorkloadSecret) -> tuple[bytes | None, bytes 
         return None, None
     if td == secret.trust_domain:
         return secret.roots_pem(), secret.crl_pem()
+    if td in secret.dropped_federated:
+        return certs_pem((nobody_root(),)), None  # federation with it ended
     if td in secret.federated:
         federated = secret.federated[td]
         if not federated:

@@ -396,14 +396,18 @@ class EnvoySidecar:
         tds = tuple(sorted(set(federated), key=lambda t: t.name))
         if tds == self.federated:
             return False
-        self.federated = tds
         if self.policy is None:
+            self.federated = tds
             return False  # start() writes the listener with them
+        held = self.federated
+        self.federated = tds
         self.federated_updates += 1
         version = self._lds_version(self.policy_version)
         try:
             write_lds_file(self.lds_path, self._listeners(self.policy), version)
         except OSError as exc:
+            # Kept as before, so the next secret tries again.
+            self.federated, self.federated_updates = held, self.federated_updates - 1
             log.error("cannot write Envoy's listener file %s: %s", self.lds_path, exc)
             return False
         log.info(

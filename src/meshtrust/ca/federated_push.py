@@ -17,6 +17,8 @@ never in the map: a row for it (hand-written) is skipped too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -78,9 +80,13 @@ class FederatedSet:
 EMPTY = FederatedSet.of({})
 
 
-def read_federated(engine: Engine, own: TrustDomain) -> FederatedSet:
+def read_federated(
+    engine: Engine, own: TrustDomain, now: dt.datetime | None = None
+) -> FederatedSet:
     """Every federated bundle in the ledger that still passes the bundle document checks,
-    except one for ``own``. Raises :class:`LedgerError`."""
+    except one for ``own``; with ``now``, without the CRLs past their nextUpdate (the
+    periodic read is then what drops a CRL the peer stopped renewing, and the change
+    reaches the agents). Raises :class:`LedgerError`."""
     try:
         with engine.connect() as conn:
             rows = conn.execute(
@@ -94,7 +100,13 @@ def read_federated(engine: Engine, own: TrustDomain) -> FederatedSet:
             td = TrustDomain.parse(name)
             if td == own:
                 raise LedgerError(f"a federated bundle for {own}, the CA's own trust domain")
-            found[td] = parse_bundle_document(document.encode(), td, source=f"ledger row {name}")
+            bundle = parse_bundle_document(document.encode(), td, source=f"ledger row {name}")
+            if now is not None:
+                fresh = tuple(
+                    c for c in bundle.crls if c.next_update_utc is None or c.next_update_utc > now
+                )
+                bundle = dataclasses.replace(bundle, crls=fresh)
+            found[td] = bundle
         except MeshTrustError as exc:
             log.warning("not pushing a stored federated bundle: %s", exc)
     return FederatedSet.of(found)
@@ -130,7 +142,7 @@ class FederatedWatch:
 
     def load(self) -> None:
         """Read the ledger now (at start, so the first update carries them)."""
-        self.held = read_federated(self._engine, self._own)
+        self.held = read_federated(self._engine, self._own, self._clock.now())
 
     async def wait_newer(self, digest: str) -> None:
         async with self._changed:
@@ -138,7 +150,9 @@ class FederatedWatch:
 
     async def poll_once(self) -> bool:
         try:
-            found = await asyncio.to_thread(read_federated, self._engine, self._own)
+            found = await asyncio.to_thread(
+                read_federated, self._engine, self._own, self._clock.now()
+            )
         except LedgerError as exc:
             if not self._failing:
                 log.error("cannot read federated bundles (keeping the last ones): %s", exc)

@@ -618,6 +618,18 @@ class RootRotation:
                 late = await asyncio.to_thread(self.behind, rec)
                 if not late and waited >= min_phase:
                     break
+                if late and not forced:
+                    forced = True
+                    names = "\n".join(sorted({*rec.excluded, *(b.spiffe_id for b in late)}))
+                    await asyncio.to_thread(
+                        self.rotations.update, rec.id, now, self.driver, excluded=names
+                    )
+                    rec = dataclasses.replace(rec, excluded=tuple(names.split("\n")))
+                    for b in late:
+                        self._say(f"--force: going on without {b.spiffe_id} ({b.why})")
+                    late = []
+                    if waited >= min_phase:
+                        break
                 if not late:
                     if not holding:
                         holding = True
@@ -628,16 +640,6 @@ class RootRotation:
                     await self._clock.sleep(POLL)
                     waited += POLL
                     continue
-                if not forced:
-                    forced = True
-                    names = "\n".join(sorted({*rec.excluded, *(b.spiffe_id for b in late)}))
-                    await asyncio.to_thread(
-                        self.rotations.update, rec.id, now, self.driver, excluded=names
-                    )
-                    rec = dataclasses.replace(rec, excluded=tuple(names.split("\n")))
-                    for b in late:
-                        self._say(f"--force: going on without {b.spiffe_id} ({b.why})")
-                    break
                 report = ", ".join(b.spiffe_id for b in late)
                 if report != last_report:
                     self._say(f"  behind: {report}")

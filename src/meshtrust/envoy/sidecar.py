@@ -114,6 +114,7 @@ from meshtrust.envoy.trust_domains import (
     ROOT_SECRET,
     PeerDomains,
     deny_trust_domains_filter,
+    not_trust_domains_regex,
     peer_root_secret,
     peer_sni,
 )
@@ -555,6 +556,11 @@ def listener_problems(config: SidecarConfig, active: Iterable[str]) -> list[str]
 # --- the bootstrap --------------------------------------------------------------------------
 
 
+#: Envoy's limit on a regex's RE2 program size (its default is 100): room for the
+#: trust-domain matchers of a few hundred federated trust domains.
+RE2_MAX_PROGRAM_SIZE = 100_000
+
+
 def sidecar_bootstrap(
     config: SidecarConfig,
     *,
@@ -583,6 +589,20 @@ def sidecar_bootstrap(
     return {
         "node": node(node_id, f"{config.name}.{config.namespace}"),
         "admin": admin(Path(os.path.abspath(admin_socket))),
+        # The URI SAN matchers of the inbound chains spell out "none of these trust
+        # domains" as an RE2 regex (envoy/trust_domains.py), whose program outgrows Envoy's
+        # default limit of 100 with the first federated trust domain.
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "meshtrust",
+                    "static_layer": {
+                        "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
+                        "re2.max_program_size.warn_level": RE2_MAX_PROGRAM_SIZE,
+                    },
+                }
+            ]
+        },
         "static_resources": {
             "clusters": clusters,
             "listeners": [_outbound_listener(u) for u in config.upstreams],
@@ -850,23 +870,40 @@ def _tls_chains(
     config: SidecarConfig, rbac: tuple[Mapping[str, Any], ...], peers: PeerDomains | None
 ) -> list[dict[str, Any]]:
     """The inbound TLS chains: one without ``peers``; with them, the mesh's chain, one per
-    federated trust domain and one for other trust domains under the mesh's roots."""
+    federated trust domain and one for other trust domains under the mesh's roots.
+
+    Each chain refuses, at the handshake (a URI SAN matcher on its validation context), a
+    caller whose SPIFFE ID is of a trust domain that chain does not serve; and, as the
+    matcher passes a certificate when *any* of its SANs matches (an SVID has one, a forged
+    certificate may have several), a network RBAC DENY before every other filter closes a
+    connection when any SAN names such a trust domain."""
     prefix = inbound_stat_prefix(config)
+    if peers is None:
+        mesh = _inbound_chain(config, rbac, tls=True, name="tls")
+        mesh["filter_chain_match"] = {"transport_protocol": "tls"}
+        return [mesh]
+    own = (peers.own, *peers.aliases)
     mesh = _inbound_chain(
         config,
         rbac,
         tls=True,
         name="tls",
-        deny=peers.federated if peers is not None else (),
+        san=_not_of(peers.federated),
+        deny=peers.federated,
         deny_prefix=f"{prefix}_federated_td",
     )
     mesh["filter_chain_match"] = {"transport_protocol": "tls"}
-    if peers is None:
-        return [mesh]
     chains = [mesh]
     for td in peers.federated:
         chain = _inbound_chain(
-            config, rbac, tls=True, name=f"tls-{td.name}", roots=peer_root_secret(td), only=td
+            config,
+            rbac,
+            tls=True,
+            name=f"tls-td-{td.name}",
+            roots=peer_root_secret(td),
+            san={"prefix": f"spiffe://{td.name}/"},
+            deny=(*own, *(f for f in peers.federated if f != td)),
+            deny_prefix=f"{prefix}_td_{td.name.replace('.', '_')}",
         )
         chain["filter_chain_match"] = {
             "transport_protocol": "tls",
@@ -877,10 +914,11 @@ def _tls_chains(
         config,
         rbac,
         tls=True,
-        name="tls-peer",
+        name="tls-shared-root",
         roots=PEER_ROOT_SECRET,
-        deny=(peers.own, *peers.aliases, *peers.federated),
-        deny_prefix=f"{prefix}_peer_td",
+        san=_not_of((*own, *peers.federated)),
+        deny=(*own, *peers.federated),
+        deny_prefix=f"{prefix}_shared_root_td",
     )
     shared["filter_chain_match"] = {
         "transport_protocol": "tls",
@@ -890,6 +928,13 @@ def _tls_chains(
     return chains
 
 
+def _not_of(tds: Sequence[TrustDomain]) -> dict[str, Any] | None:
+    """A string matcher for SPIFFE IDs of none of ``tds`` (None: every ID)."""
+    if not tds:
+        return None
+    return {"safe_regex": {"regex": not_trust_domains_regex(tds)}}
+
+
 def _inbound_chain(
     config: SidecarConfig,
     rbac: tuple[Mapping[str, Any], ...],
@@ -897,13 +942,14 @@ def _inbound_chain(
     tls: bool,
     name: str | None = None,
     roots: str = ROOT_SECRET,
-    only: TrustDomain | None = None,
+    san: Mapping[str, Any] | None = None,
     deny: Sequence[TrustDomain] = (),
     deny_prefix: str = "",
 ) -> dict[str, Any]:
-    """One inbound chain. A TLS chain validates the caller with SDS ``roots``; ``only``
-    adds that the caller's URI SAN must be in that trust domain, ``deny`` a network RBAC
-    filter (first of all) closing connections of callers in those trust domains."""
+    """One inbound chain. A TLS chain validates the caller with SDS ``roots``; ``san``
+    adds a URI SAN matcher the caller must pass at the handshake, ``deny`` a network RBAC
+    filter (first of all) closing connections of callers with a SAN in those trust
+    domains."""
     prefix = inbound_stat_prefix(config)
     cluster = app_cluster_name(config)
     if config.protocol is Protocol.HTTP:
@@ -920,14 +966,12 @@ def _inbound_chain(
             "tls_params": tls_params(config),
             "tls_certificate_sds_secret_configs": [sds_secret_config("default")],
         }
-        if only is None:
+        if san is None:
             common["validation_context_sds_secret_config"] = sds_secret_config(roots)
         else:
             common["combined_validation_context"] = {
                 "default_validation_context": {
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "URI", "matcher": {"prefix": f"spiffe://{only.name}/"}}
-                    ]
+                    "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": dict(san)}]
                 },
                 "validation_context_sds_secret_config": sds_secret_config(roots),
             }

@@ -18,15 +18,24 @@ A sidecar calling an upstream of another trust domain sends SNI ``<own td>.peer.
 (:func:`peer_root_secret`). The inbound listener has, for its TLS chains:
 
 * the mesh chain (no SNI, or any other SNI): SDS ``ROOTCA`` -- the mesh's roots and CRLs.
-  When federated bundles are held, a network RBAC filter first closes connections whose
-  peer names a federated trust domain: the mesh's roots never vouch for those.
+  When federated bundles are held, the chain refuses callers of a federated trust domain:
+  the mesh's roots never vouch for those.
 * one chain per federated trust domain B (SNI ``B.peer.meshtrust``): SDS ``ROOTCA:B`` --
-  B's roots and the CRLs B's CA publishes, and the peer's URI SAN must be in B.
+  B's roots and the CRLs B's CA publishes; the caller must be of B: B's roots never vouch
+  for the mesh, an alias or another federated trust domain.
 * one chain for other trust domains under the mesh's roots (shared root; SNI
-  ``*.peer.meshtrust``): SDS ``ROOTCA:peer`` -- the mesh's roots, no CRL (the mesh does not
-  hold the CRLs of another mesh's CA, and Envoy refuses a leaf whose issuer has no CRL once
-  it has any); an RBAC filter closes connections naming the mesh's own trust domain, its
-  aliases or a federated one, so a revoked certificate of the mesh cannot pass here.
+  ``*.peer.meshtrust``): SDS ``ROOTCA~shared-root`` -- the mesh's roots, no CRL (the mesh
+  does not hold the CRLs of another mesh's CA, and Envoy refuses a leaf whose issuer has
+  no CRL once it has any); the caller must not be of the mesh's own trust domain, an alias
+  or a federated one, so a revoked certificate of the mesh cannot pass here.
+
+"Refuses" is twice over: at the handshake, by a URI SAN matcher on the chain's validation
+context (a prefix, or for "none of these" an RE2 regex spelling out the complement,
+:func:`not_trust_domains_regex`), which passes a certificate when *any* of its SANs
+matches; and, for a forged certificate with several SANs, by a network RBAC DENY before
+every other filter, which closes the connection when any SAN is of a refused trust domain
+(:func:`deny_trust_domains_filter`; on a TCP chain Envoy has connected to the app by then,
+so a server-first app may have sent its greeting).
 
 A certificate is thus checked against a CRL whenever its issuer publishes one to the mesh,
 whichever chain the caller picks by its SNI.
@@ -34,6 +43,7 @@ whichever chain the caller picks by its SNI.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +61,7 @@ __all__ = [
     "ROOT_SECRET",
     "SPIFFE_VALIDATOR",
     "deny_trust_domains_filter",
+    "not_trust_domains_regex",
     "peer_root_secret",
     "peer_sni",
     "spiffe_validation_context",
@@ -59,8 +70,9 @@ __all__ = [
 
 #: SDS name of the mesh's own validation context (roots + CRLs), as istio-agent names it.
 ROOT_SECRET = "ROOTCA"
-#: SDS name of the validation context for other trust domains under the mesh's roots.
-PEER_ROOT_SECRET = "ROOTCA:peer"
+#: SDS name of the validation context for other trust domains under the mesh's roots
+#: (``~``: never the ``ROOTCA:<td>`` of a trust domain, whatever its name).
+PEER_ROOT_SECRET = "ROOTCA~shared-root"
 #: The SNI a calling sidecar sends is ``<its trust domain>.`` + this.
 PEER_SNI_SUFFIX = "peer.meshtrust"
 
@@ -79,7 +91,7 @@ def trust_domain_of_root_secret(name: str) -> TrustDomain | None:
     """The trust domain a ``ROOTCA:<td>`` name is for; None for any other name (``ROOTCA``,
     :data:`PEER_ROOT_SECRET`, or a name that is not a trust domain)."""
     prefix = f"{ROOT_SECRET}:"
-    if not name.startswith(prefix) or name == PEER_ROOT_SECRET:
+    if not name.startswith(prefix):
         return None
     try:
         return TrustDomain.parse(name[len(prefix) :])
@@ -112,6 +124,31 @@ def _unique(tds: Iterable[TrustDomain]) -> tuple[TrustDomain, ...]:
 
 
 _NETWORK_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+
+
+def not_trust_domains_regex(tds: Sequence[TrustDomain]) -> str:
+    """An RE2 regex (Envoy's ``safe_regex``, a whole-string match) for a SPIFFE ID whose
+    trust domain is none of ``tds``: RE2 has no negative look-ahead, so the complement of
+    the finite set of names is spelled out over their trie."""
+    trie: dict[str, Any] = {}
+    for td in tds:
+        node = trie
+        for char in td.name:
+            node = node.setdefault(char, {})
+        node[""] = {}  # the end of a name
+    return f"spiffe://(?:{_not_in(trie, root=True)})/.*"
+
+
+def _not_in(node: dict[str, Any], *, root: bool = False) -> str:
+    """The names that leave the trie at ``node`` or end where no name of the set ends."""
+    children = sorted(c for c in node if c)
+    alternatives = []
+    if not root and "" not in node:
+        alternatives.append("")  # ends here: a proper prefix of a name, not a name
+    excluded = "".join(re.escape(c) for c in children)
+    alternatives.append(f"[^/{excluded}][^/]*")
+    alternatives += [f"{re.escape(c)}(?:{_not_in(node[c])})" for c in children]
+    return "|".join(alternatives)
 
 
 def deny_trust_domains_filter(

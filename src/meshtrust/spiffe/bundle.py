@@ -56,6 +56,7 @@ __all__ = [
     "SpiffeBundle",
     "bundle_document",
     "check_revocation",
+    "issuer_roots",
     "parse_bundle_document",
 ]
 
@@ -318,17 +319,16 @@ def check_revocation(
         _check_trust_domain(cert, trust_domain, at.removesuffix(".x5c[0]"))
         issuers.append(cert)
     # Every issuer must chain to a root of the bundle, through other issuers at most.
-    trusted = list(roots)
-    pending = list(enumerate(issuers))
-    while pending:
-        rest = [(i, c) for i, c in pending if not any(_issued_by(c, t) for t in trusted)]
-        if len(rest) == len(pending):
-            index = rest[0][0]
+    if len(roots) > MAX_REVOCATION_ITEMS:
+        raise InvalidBundle(
+            f"{where}: CRLs are read for bundles of at most {MAX_REVOCATION_ITEMS} "
+            f"authorities, not {len(roots)}"
+        )
+    for index, found in enumerate(issuer_roots(roots, issuers)):
+        if found is None:
             raise InvalidBundle(
                 f"{where}.issuers[{index}]: not issued by an authority of the bundle"
             )
-        trusted += [c for i, c in pending if (i, c) not in rest]
-        pending = rest
     crls: list[x509.CertificateRevocationList] = []
     seen: set[bytes] = set()
     for index, der in enumerate(crl_ders):
@@ -355,7 +355,39 @@ def check_revocation(
     return tuple(issuers), tuple(crls)
 
 
+def issuer_roots(
+    roots: Sequence[x509.Certificate], issuers: Sequence[x509.Certificate]
+) -> list[x509.Certificate | None]:
+    """For each of ``issuers``, the root of ``roots`` it chains to through other
+    ``issuers`` (None: none). Each issuer's parent is looked up once, by name and then
+    signature, so the cost is at most ``len(issuers) * (len(roots) + len(issuers))``
+    signature checks whatever the certificates are."""
+    parent: list[tuple[str, int] | None] = []
+    for cert in issuers:
+        found: tuple[str, int] | None = None
+        for i, root in enumerate(roots):
+            if cert == root or _issued_by(cert, root):
+                found = ("root", i)
+                break
+        if found is None:
+            for j, other in enumerate(issuers):
+                if other is not cert and _issued_by(cert, other):
+                    found = ("issuer", j)
+                    break
+        parent.append(found)
+    out: list[x509.Certificate | None] = []
+    for start in range(len(issuers)):
+        at, seen = parent[start], {start}
+        while at is not None and at[0] == "issuer" and at[1] not in seen:
+            seen.add(at[1])
+            at = parent[at[1]]
+        out.append(roots[at[1]] if at is not None and at[0] == "root" else None)
+    return out
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
