@@ -812,8 +812,8 @@ def inbound_listeners(
     With ``peers``, the TLS chain is one chain per kind of peer, chosen by the SNI the
     caller sends (:mod:`meshtrust.envoy.trust_domains`): the mesh's own (no peer SNI), each
     federated trust domain's, and other trust domains under the mesh's roots. A change of
-    ``peers.federated`` adds or removes chains and leaves the others, and their
-    connections, alone.
+    ``peers.federated`` adds or removes a chain and changes what the others refuse, so
+    Envoy drains their connections (the callers reconnect).
 
     ``revocation_epoch`` (counted by the agent, one per CRL that revoked something new) is
     written into the mTLS chain's metadata: a new epoch is a new chain to Envoy, so it
