@@ -43,6 +43,8 @@ def test_postgresql_stopped_agents_keep_serving_and_renew_when_it_returns(
             agent = AgentProcess(ca_dir, work, port, hosts=["127.0.0.1"], ttl=TTL)
             until(agent.ready, 60, "agent ready")
             until(lambda: len(agent.serials()) >= 1, 30, "first certificate")
+            # The files follow the log line "serial ... valid until" a moment later.
+            until(lambda: (work / "certs" / "cert-chain.pem").exists(), 30, "the files")
             held = _served(agent, work)
             failed_before = agent.metric(FAILED)
 
