@@ -47,6 +47,7 @@ from meshtrust.ca import load_token_signing_key, mint_token, token_issuer_for
 from meshtrust.ca.cadir import init_ca_dir
 from meshtrust.ca.ledger import SqlLedger
 from meshtrust.clock import SystemClock
+from meshtrust.envoy.trust_domains import peer_sni
 from meshtrust.pki import certs_pem, generate_key, make_root, private_key_pem
 from meshtrust.pki.profile import LeafIssuer, Signer
 from meshtrust.spiffe import SpiffeId, TrustDomain
@@ -185,19 +186,22 @@ def start_agent(ca: Ca, service_account: str, sidecar: str, policy: str) -> subp
 
 
 def accepted(port: int, cert: Path, key: Path) -> bool:
-    """One new mTLS connection to a sidecar's inbound port and one request: 200?"""
+    """One new mTLS connection to a sidecar's inbound port and one request: 200? It sends
+    the SNI a sidecar of west.test sends (envoy/trust_domains.py), which picks the chain
+    that validates west's callers by west's roots."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.load_cert_chain(cert, key)
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    sni = peer_sni(TrustDomain.parse("west.test"))
     try:
-        conn.request("GET", "/")
-        return conn.getresponse().status == 200
-    except (OSError, ssl.SSLError, http.client.HTTPException):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=sni) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+                head = tls.recv(64)
+        return head.startswith(b"HTTP/1.1 200")
+    except (OSError, ssl.SSLError):
         return False
-    finally:
-        conn.close()
 
 
 def latencies(port: int, count: int) -> list[float]:
