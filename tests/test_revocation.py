@@ -15,9 +15,11 @@ from meshtrust.ca import IssuedRecord, SqlLedger
 from meshtrust.ca.revocation import REASONS, parse_reason, parse_serial
 from meshtrust.cli import cli
 from meshtrust.cli.ca import REASON_NAMES
+from meshtrust.clock import SystemClock
 from meshtrust.errors import InvalidInput
 
-NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+# The CLI judges "unexpired" by the real clock: the certificates are made around now.
+NOW = SystemClock().now().replace(second=0, microsecond=0)
 WEB = "spiffe://example.org/ns/shop/sa/web"
 API = "spiffe://example.org/ns/shop/sa/api"
 
