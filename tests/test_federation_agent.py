@@ -29,8 +29,10 @@ from meshtrust.agent.files import CertificateFiles
 from meshtrust.agent.sds import ROOT_SECRET, is_known_secret, secret_resource
 from meshtrust.agent.workload_api import WorkloadApiServer
 from meshtrust.ca.cadir import load_ca_dir
+from meshtrust.ca.crl import build_crl
 from meshtrust.ca.federated_push import FederatedWatch, federated_field, read_federated
 from meshtrust.ca.federation import FederationStore
+from meshtrust.ca.revocation import RevocationState
 from meshtrust.clock import SystemClock
 from meshtrust.envoy.trust_domains import peer_sni
 from meshtrust.pki import format_serial, generate_key, make_root
@@ -244,13 +246,7 @@ async def test_each_trust_domain_has_its_own_validation_context_and_only_the_mes
 
 
 def east_crl(ca: CaFixture) -> x509.CertificateRevocationList:
-    return (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.signer.cert.subject)
-        .last_update(NOW)
-        .next_update(NOW + dt.timedelta(hours=1))
-        .sign(ca.signer.key, hashes.SHA256())
-    )
+    return build_crl(ca.signer, RevocationState(1, {}), NOW, dt.timedelta(hours=1))
 
 
 # --- the CA's side --------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from meshtrust.agent.federated import verify_federated
 from meshtrust.agent.sds import secret_resource
+from meshtrust.ca.crl import build_crl
 from meshtrust.ca.federated_push import read_federated
 from meshtrust.ca.federation import FederationStore, bundle_changed
 from meshtrust.ca.ledger import SqlLedger
+from meshtrust.ca.revocation import Revocation, RevocationState
+from meshtrust.pki import format_serial
 from meshtrust.pki.profile import Signer
 from meshtrust.spiffe import TrustDomain
 from meshtrust.spiffe.bundle import (
@@ -51,20 +54,14 @@ def east() -> CaFixture:
 def crl(
     signer: Signer, *serials: int, next_update: dt.timedelta = dt.timedelta(hours=24)
 ) -> x509.CertificateRevocationList:
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(signer.cert.subject)
-        .last_update(NOW - dt.timedelta(minutes=1))
-        .next_update(NOW + next_update)
-    )
-    for serial in serials:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(NOW - dt.timedelta(minutes=1))
-            .build()
-        )
-    return builder.sign(signer.key, hashes.SHA256())
+    """The CA's own CRL builder, signed a minute before NOW, next update ``next_update``
+    after NOW (negative: stale)."""
+    signed = NOW - dt.timedelta(minutes=1)
+    revoked = {
+        format_serial(n): Revocation(format_serial(n), "", x509.ReasonFlags.key_compromise, signed)
+        for n in serials
+    }
+    return build_crl(signer, RevocationState(1, revoked), signed, next_update + (NOW - signed))
 
 
 def bundle(ca: CaFixture, *crls: x509.CertificateRevocationList) -> SpiffeBundle:

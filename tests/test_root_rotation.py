@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from cryptography import x509
 
 from meshtrust.ca import SqlLedger, init_ca_dir, load_ca_dir
 from meshtrust.ca.cadir import load_root_signer
@@ -88,6 +89,18 @@ class Rig:
 
     def serve(self, version: int, *ids: SpiffeId) -> None:
         self.trust.record_served([ServedReport(str(i), version, "01", self.now) for i in ids])
+
+    def keep_up(self, spiffe_id: SpiffeId, new_root: x509.Certificate) -> None:
+        """What a live agent of ``spiffe_id`` does during a rotation to ``new_root``: report
+        the phase's bundle version, and once the CA signs under the new root, re-issue."""
+        current = self.rotation.rotations.current()
+        if current is not None and current.target_version is not None:
+            self.serve(current.target_version, spiffe_id)
+        if current is not None and current.phase is Phase.SIGN:
+            slots = SlotLedger(self.sql.engine).slots()
+            if slots.active is not None and slots.active.roots == (new_root,):
+                key = load_slot_key(self.ca_dir, slots.active)
+                self.issue(spiffe_id, Signer(slots.active.cert, key), SystemClock().now())
 
     def issue(self, spiffe_id: SpiffeId, signer: Signer, at: dt.datetime) -> None:
         key = generate_key(KeyType.EC_P256)
@@ -213,14 +226,7 @@ async def test_a_workload_behind_holds_the_phase_then_force_goes_on_naming_it(ri
     # (WEB keeps up: it reports each version and re-issues under B).
     async def web_keeps_up() -> None:
         while True:
-            current = rig.rotation.rotations.current()
-            if current is not None and current.target_version is not None:
-                rig.serve(current.target_version, WEB)
-            if current is not None and current.phase is Phase.SIGN:
-                slots = SlotLedger(rig.sql.engine).slots()
-                if slots.active is not None and slots.active.roots == (root_b.cert,):
-                    key = load_slot_key(rig.ca_dir, slots.active)
-                    rig.issue(WEB, Signer(slots.active.cert, key), SystemClock().now())
+            rig.keep_up(WEB, root_b.cert)
             await asyncio.sleep(0.1)
 
     helper = asyncio.create_task(web_keeps_up())
@@ -305,14 +311,7 @@ async def test_min_phase_holds_each_phase_after_every_workload_is_through(rig: R
     root_b = generate_root(rig.ca_dir, TD.name, rig.now, KeyType.EC_P256)
 
     def web_keeps_up() -> None:  # between two polls of the driver
-        current = rotation.rotations.current()
-        if current is not None and current.target_version is not None:
-            rig.serve(current.target_version, WEB)
-        if current is not None and current.phase is Phase.SIGN:
-            slots = SlotLedger(rig.sql.engine).slots()
-            if slots.active is not None and slots.active.roots == (root_b.cert,):
-                key = load_slot_key(rig.ca_dir, slots.active)
-                rig.issue(WEB, Signer(slots.active.cert, key), SystemClock().now())
+        rig.keep_up(WEB, root_b.cert)
 
     rotation = RootRotation(
         rig.sql.engine,

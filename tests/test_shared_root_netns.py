@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from meshtrust.agent.cache import SecretCache, WorkloadSecret
 from meshtrust.agent.sds import SdsServer
 from meshtrust.ca.cadir import CaMaterial, load_ca_dir
+from meshtrust.ca.crl import build_crl
+from meshtrust.ca.revocation import RevocationState
 from meshtrust.ca.shared_root import init_ca_dir_under_root, init_root_dir
 from meshtrust.clock import SystemClock
 from meshtrust.envoy import EnvoyProcess, envoy_binary
@@ -82,13 +83,7 @@ def _leaf(material: CaMaterial, identity: SpiffeId) -> Leaf:
 
 
 def _crl(material: CaMaterial) -> x509.CertificateRevocationList:
-    return (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(material.signer.cert.subject)
-        .last_update(NOW)
-        .next_update(NOW + dt.timedelta(hours=1))
-        .sign(material.signer.key, hashes.SHA256())
-    )
+    return build_crl(material.signer, RevocationState(1, {}), NOW, dt.timedelta(hours=1))
 
 
 class Hosts:

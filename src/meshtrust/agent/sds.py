@@ -160,8 +160,6 @@ class _SdsProto:
     DiscoveryResponse: Any
     DeltaDiscoveryRequest: Any
     DeltaDiscoveryResponse: Any
-    TypedExtensionConfig: Any
-    SpiffeValidatorConfig: Any
 
 
 def _load_sds_proto() -> _SdsProto:
@@ -184,8 +182,6 @@ def _load_sds_proto() -> _SdsProto:
         DiscoveryResponse=message(f"{discovery}.DiscoveryResponse"),
         DeltaDiscoveryRequest=message(f"{discovery}.DeltaDiscoveryRequest"),
         DeltaDiscoveryResponse=message(f"{discovery}.DeltaDiscoveryResponse"),
-        TypedExtensionConfig=message("envoy.config.core.v3.TypedExtensionConfig"),
-        SpiffeValidatorConfig=message(f"{_TLS}.SPIFFECertValidatorConfig"),
     )
 
 
